@@ -1,0 +1,12 @@
+"""NorMuon: Muon with neuron-wise normalization, as one PyTorch optimizer from one CPU to FSDP2.
+
+>>> from normuon import NorMuon, param_groups
+>>> opt = NorMuon(param_groups(model), lr=0.02)  # doctest: +SKIP
+"""
+
+from .functional import newton_schulz, polar_express_coefficients
+from .grouping import param_groups
+from .optimizer import Muon, NorMuon
+
+__all__ = ["NorMuon", "Muon", "param_groups", "newton_schulz", "polar_express_coefficients"]
+__version__ = "0.1.0"

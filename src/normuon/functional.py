@@ -1,0 +1,335 @@
+"""Pure tensor math of NorMuon and Muon: no optimizer state, no ``torch.distributed``.
+
+Every function here takes tensors and numbers and returns tensors; the optimizer class keeps
+the state and calls them, and the distributed layer only moves the tensors they consume.
+
+Notation (SPEC section 1): a weight matrix W has shape (m, n) = (out_features, in_features), so
+row i belongs to output neuron i. Batched functions take a stack (B, m, n) of same-shaped
+matrices.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "MUON_COEFFICIENTS",
+    "adam_rms_target",
+    "apply_matrix_update",
+    "muon_scale",
+    "newton_schulz",
+    "normuon_row_factors",
+    "normuon_partial_sums",
+    "inverse_rms",
+    "reduce_dim",
+    "neuron_mean_square",
+    "polar_express_coefficients",
+    "resolve_ns_coefficients",
+    "scalar_ns_map",
+]
+
+Coefficients = tuple[float, float, float]
+
+#: Keller Jordan's fixed quintic for Muon: a steep slope at 0 so that small singular values grow
+#: fast, at the price of never converging exactly (outputs land in roughly [0.7, 1.2]).
+MUON_COEFFICIENTS: Coefficients = (3.4445, -4.7750, 2.0315)
+
+#: Update RMS of the ``adam_rms`` convention (NorMuon paper, Algorithm 1; Moonlight's 0.2).
+adam_rms_target = 0.2
+
+#: Added to the Frobenius norm before the first Newton-Schulz step (so a zero input stays zero).
+NS_NORM_EPS = 1e-7
+
+
+# --------------------------------------------------------------------------------------------
+# Newton-Schulz coefficient schedules
+# --------------------------------------------------------------------------------------------
+
+
+def _quintic(coeffs: Sequence[float], x: float) -> float:
+    a, b, c = coeffs
+    return a * x + b * x**3 + c * x**5
+
+
+def _quintic_critical_points(coeffs: Sequence[float], lo: float, hi: float) -> list[float]:
+    """Positive x in (lo, hi) where p'(x) = a + 3 b x^2 + 5 c x^4 vanishes."""
+    a, b, c = coeffs
+    # p'(x) is a quadratic in y = x^2: 5c y^2 + 3b y + a = 0.
+    if abs(c) < 1e-300:
+        roots_y = [-a / (3 * b)] if b != 0 else []
+    else:
+        disc = 9 * b * b - 20 * a * c
+        if disc < 0:
+            return []
+        sq = math.sqrt(disc)
+        roots_y = [(-3 * b - sq) / (10 * c), (-3 * b + sq) / (10 * c)]
+    xs = sorted(math.sqrt(y) for y in roots_y if y > 0)
+    return [x for x in xs if lo < x < hi]
+
+
+def _minimax_quintic(lo: float, hi: float, iters: int = 100) -> Coefficients:
+    """Odd quintic p(x) = a x + b x^3 + c x^5 minimizing max |1 - p(x)| over [lo, hi].
+
+    Remez exchange with four alternation points: lo (p = 1 - E), the interior maximum (1 + E),
+    the interior minimum (1 - E) and hi (1 + E). Solved in float64 on the host.
+    """
+    if not 0 < lo < hi:
+        raise ValueError(f"need 0 < lo < hi, got lo={lo}, hi={hi}")
+    # Start from Chebyshev-like points of the interval.
+    span = hi - lo
+    points = [lo, lo + span * 0.15, lo + span * 0.6, hi]
+    coeffs: Coefficients = MUON_COEFFICIENTS
+    for _ in range(iters):
+        rows = [[x, x**3, x**5, (1.0 if i % 2 == 0 else -1.0)] for i, x in enumerate(points)]
+        # p(x_i) + s_i E = 1 with s = (+, -, +, -): p(lo) = 1 - E, p(x1) = 1 + E, ...
+        sol = torch.linalg.solve(
+            torch.tensor(rows, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+        ).tolist()
+        coeffs = (sol[0], sol[1], sol[2])
+        crit = _quintic_critical_points(coeffs, lo, hi)
+        if len(crit) != 2:
+            break
+        new_points = [lo, crit[0], crit[1], hi]
+        if max(abs(p - q) for p, q in zip(points, new_points)) < 1e-15 * hi:
+            points = new_points
+            break
+        points = new_points
+    return coeffs
+
+
+@functools.lru_cache(maxsize=64)
+def polar_express_coefficients(
+    steps: int, safety: float = 0.01, lower: float = 1e-3, cushion: float = 0.02407327424182761
+) -> tuple[Coefficients, ...]:
+    """Compute a Polar Express schedule (Amsel, Persson, Musco, Gower, arXiv 2505.16932).
+
+    Greedy composition of minimax quintics: step t maps the current singular-value interval
+    [l_t, u_t] as close to 1 as a quintic can, and the image of that interval becomes the next
+    one. Starting interval [``lower``, 1] (singular values of U / ||U||_F lie in (0, 1]).
+
+    ``cushion`` keeps each polynomial's lower end at least ``cushion * u_t`` (bounded slope at 0,
+    which keeps bfloat16 round-off from being amplified); the polynomial is then rescaled so the
+    image of the true interval is centred on 1. ``safety`` shrinks the input of every step except
+    the last by (1 + safety), so singular values pushed slightly above the interval by round-off
+    are not blown up by the x^5 term.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not 0 <= safety < 1:
+        raise ValueError(f"safety must be in [0, 1), got {safety!r}")
+    if not 0 < lower < 1:
+        raise ValueError(f"lower must be in (0, 1), got {lower!r}")
+    lo, hi = float(lower), 1.0
+    schedule: list[Coefficients] = []
+    for _ in range(steps):
+        a, b, c = _minimax_quintic(max(lo, cushion * hi), hi)
+        # Image of the true interval [lo, hi] under p: extremes at the ends and critical points.
+        candidates = [lo, hi, *_quintic_critical_points((a, b, c), lo, hi)]
+        values = [_quintic((a, b, c), x) for x in candidates]
+        img_lo, img_hi = min(values), max(values)
+        recenter = 2.0 / (img_lo + img_hi)
+        a, b, c = a * recenter, b * recenter, c * recenter
+        schedule.append((a, b, c))
+        lo, hi = img_lo * recenter, img_hi * recenter
+    if safety > 0:
+        shrink = 1.0 + safety
+        schedule = [
+            (a / shrink, b / shrink**3, c / shrink**5) for (a, b, c) in schedule[:-1]
+        ] + schedule[-1:]
+    return tuple(schedule)
+
+
+def resolve_ns_coefficients(spec: object, steps: int) -> tuple[Coefficients, ...]:
+    """Turn the ``ns_coefficients`` option into one (a, b, c) per Newton-Schulz step.
+
+    Accepted: ``"muon"`` (the fixed quintic every step), ``"polar_express"`` (a schedule computed
+    for ``steps``), one (a, b, c) triple (used every step) or a list of ``steps`` triples.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"ns_steps must be a positive int, got {steps!r}")
+    if spec == "muon":
+        return (MUON_COEFFICIENTS,) * steps
+    if spec == "polar_express":
+        return polar_express_coefficients(steps)
+    if isinstance(spec, str):
+        raise ValueError(
+            f"ns_coefficients must be 'muon', 'polar_express', an (a, b, c) tuple or a list of "
+            f"them, got {spec!r}"
+        )
+
+    def as_triple(item: object) -> Coefficients:
+        if (
+            isinstance(item, (tuple, list))
+            and len(item) == 3
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in item)
+        ):
+            return (float(item[0]), float(item[1]), float(item[2]))
+        raise ValueError(f"ns_coefficients entry must be three finite numbers, got {item!r}")
+
+    if isinstance(spec, (tuple, list)) and len(spec) == 3 and all(
+        isinstance(v, (int, float)) for v in spec
+    ):
+        return (as_triple(spec),) * steps
+    if isinstance(spec, (tuple, list)):
+        triples = tuple(as_triple(item) for item in spec)
+        if len(triples) != steps:
+            raise ValueError(
+                f"ns_coefficients lists {len(triples)} steps but ns_steps={steps}; give one "
+                f"(a, b, c) per step"
+            )
+        return triples
+    raise ValueError(
+        f"ns_coefficients must be 'muon', 'polar_express', an (a, b, c) tuple or a list of them, "
+        f"got {spec!r}"
+    )
+
+
+def scalar_ns_map(x: torch.Tensor, coefficients: Sequence[Coefficients]) -> torch.Tensor:
+    """What Newton-Schulz does to one singular value: the composed odd polynomials at ``x``."""
+    for a, b, c in coefficients:
+        x2 = x * x
+        x = x * (a + x2 * (b + c * x2))
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Newton-Schulz orthogonalization
+# --------------------------------------------------------------------------------------------
+
+
+def newton_schulz(
+    u: torch.Tensor,
+    coefficients: Sequence[Coefficients],
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Approximate polar factor of every matrix in ``u``.
+
+    Args:
+        u: (B, m, n) stack of matrices (any floating dtype). Never modified.
+        coefficients: one (a, b, c) per step; step t computes X <- a X + (b A + c A^2) X with
+            A = X X^T.
+        dtype: dtype the iteration runs in (bfloat16 is ~2x faster and what the authors use).
+
+    Returns:
+        (B, m, n) tensor in ``dtype``: X_0 = U / (||U||_F + 1e-7) after the steps, i.e. singular
+        values mapped by :func:`scalar_ns_map` and singular vectors kept.
+    """
+    if u.ndim != 3:
+        raise ValueError(f"newton_schulz expects a (B, m, n) stack, got shape {tuple(u.shape)}")
+    m, n = u.shape[-2], u.shape[-1]
+    # Work on the wide orientation so that A = X X^T is the small (min, min) Gram matrix.
+    x = u.mT if m > n else u
+    # The norm is taken in at least float32 so a bf16 input is not scaled by a rounded norm.
+    norm_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else None
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
+    x = (x / (norm + NS_NORM_EPS)).to(dtype)
+    for a, b, c in coefficients:
+        gram = torch.bmm(x, x.mT)  # (B, k, k), k = min(m, n)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A A
+        x = torch.baddbmm(x, poly, x, beta=a, alpha=1.0)  # a X + (b A + c A A) X
+    return x.mT if m > n else x
+
+
+# --------------------------------------------------------------------------------------------
+# Neuron-wise normalization and update scale
+# --------------------------------------------------------------------------------------------
+
+
+def reduce_dim(m: int, n: int, normalize: str) -> int:
+    """Axis of a (B, m, n) stack averaged to get one second-moment entry per neuron.
+
+    ``"rows"`` (paper): one entry per row (output neuron), so average over columns (dim -1).
+    ``"larger_dim"`` (modded-nanogpt): one entry per element of the larger dimension; rows win
+    ties.
+    """
+    if normalize == "rows" or m >= n:
+        return -1
+    return -2
+
+
+def neuron_mean_square(o: torch.Tensor, dim: int) -> torch.Tensor:
+    """r = mean of O*O along ``dim`` of a (B, m, n) stack, in float32 or wider: (B, m) or (B, n)."""
+    return o.to(accum_dtype(o.dtype)).square().mean(dim=dim)
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, the dtype itself otherwise: the precision of statistics."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def normuon_row_factors(
+    r: torch.Tensor,
+    v: torch.Tensor,
+    eps: float,
+    m: int,
+    n: int,
+    dim: int,
+    update_scale: str,
+    sum_r: torch.Tensor | None = None,
+    sum_rf2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-neuron multipliers g so that the NorMuon update is D = O * g (broadcast along ``dim``).
+
+    With f = 1 / (sqrt(v) + eps) (B, L) and k elements per neuron (k = n when ``dim`` is -1, m
+    when it is -2), the two norms of the update-scale rule follow from r without touching O:
+    ||O||_F^2 = k * sum(r) and ||O f||_F^2 = k * sum(r f^2).
+
+    ``sum_r`` / ``sum_rf2`` (B,) let a caller that holds only some neurons (a row shard) pass the
+    whole-matrix sums (see :func:`normuon_partial_sums`); by default they are summed here.
+
+    ``"preserve_norm"``: D = Oh * ||O|| / ||Oh|| * sqrt(max(1, m/n)) (authors' code).
+    ``"adam_rms"``: D = Oh * 0.2 * sqrt(m n) / ||Oh|| (paper, Algorithm 1).
+    """
+    f = inverse_rms(v, eps)
+    if sum_r is None or sum_rf2 is None:
+        sum_r, sum_rf2 = normuon_partial_sums(r, f)
+    tiny = torch.finfo(torch.float32).tiny
+    if update_scale == "preserve_norm":
+        scale = (sum_r / sum_rf2.clamp_min(tiny)).sqrt() * math.sqrt(max(1.0, m / n))
+    elif update_scale == "adam_rms":
+        per_neuron = n if dim == -1 else m
+        scale = adam_rms_target * math.sqrt(m * n) / (per_neuron * sum_rf2).clamp_min(tiny).sqrt()
+    else:
+        raise ValueError(f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}")
+    return f * scale.unsqueeze(-1)
+
+
+def normuon_partial_sums(r: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum r, sum r f^2) over the neurons held here: (B,) each. Summed across shards, they give
+    the whole-matrix norms of :func:`normuon_row_factors`."""
+    return r.sum(dim=-1), (r * f.square()).sum(dim=-1)
+
+
+def inverse_rms(v: torch.Tensor, eps: float) -> torch.Tensor:
+    """f = 1 / (sqrt(v) + eps): the per-neuron rescale of NorMuon."""
+    return 1.0 / (v.sqrt() + eps)
+
+
+def muon_scale(o: torch.Tensor, update_scale: str, sum_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-matrix multiplier s (B,) of the Muon update D = O * s for a (B, m, n) stack.
+
+    ``"preserve_norm"``: Muon's shape factor sqrt(max(1, m/n)). ``"adam_rms"``: update RMS 0.2.
+    ``sum_sq`` (B,) is ||O||_F^2 when the caller computed it over a whole sharded matrix.
+    """
+    m, n = o.shape[-2], o.shape[-1]
+    if update_scale == "preserve_norm":
+        return torch.full(
+            (o.shape[0],), math.sqrt(max(1.0, m / n)), dtype=accum_dtype(o.dtype), device=o.device
+        )
+    if update_scale == "adam_rms":
+        if sum_sq is None:
+            sum_sq = o.to(accum_dtype(o.dtype)).square().sum(dim=(-2, -1))
+        tiny = torch.finfo(torch.float32).tiny
+        return adam_rms_target * math.sqrt(m * n) / sum_sq.clamp_min(tiny).sqrt()
+    raise ValueError(f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}")
+
+
+def apply_matrix_update(
+    param_blocks: torch.Tensor, o: torch.Tensor, g: torch.Tensor, dim: int, lr: float
+) -> None:
+    """param_blocks -= lr * O * g, with g (B, L) broadcast along ``dim`` of the (B, m, n) O."""
+    param_blocks.addcmul_(o, g.unsqueeze(dim), value=-lr)

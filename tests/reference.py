@@ -1,0 +1,129 @@
+"""Slow, obvious float64 NorMuon / Muon / AdamW written straight from SPEC.md section 1.
+
+One matrix at a time, no batching, no masking, no foreach: the thing every fast path is
+compared against. Nothing here imports normuon except the coefficient schedule (a number table).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MUON_ABC = (3.4445, -4.7750, 2.0315)
+
+
+def ns_reference(u: torch.Tensor, coefficients) -> torch.Tensor:
+    """Newton-Schulz on one (m, n) matrix in float64."""
+    x = u.double()
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:
+        x = x.T
+    x = x / (torch.linalg.norm(x) + 1e-7)
+    for a, b, c in coefficients:
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.T if transposed else x
+
+
+def as_matrices(t: torch.Tensor, layout: str = "auto") -> torch.Tensor:
+    """(B, m, n) view of a parameter-shaped tensor (SPEC: conv flattened, 3-D stacked)."""
+    if layout == "conv" or (layout == "auto" and t.ndim >= 4):
+        return t.reshape(1, t.shape[0], -1)
+    if t.ndim == 2:
+        return t.reshape(1, *t.shape)
+    return t.reshape(-1, t.shape[-2], t.shape[-1])
+
+
+class ReferenceMatrixOptimizer:
+    """NorMuon (neuron_norm=True) or Muon (False) on a list of float64 tensors."""
+
+    def __init__(
+        self,
+        params,
+        *,
+        neuron_norm=True,
+        lr=0.02,
+        momentum=0.95,
+        beta2=0.95,
+        nesterov=True,
+        eps=1e-10,
+        weight_decay=0.0,
+        coefficients=(MUON_ABC,) * 5,
+        update_scale="preserve_norm",
+        normalize="rows",
+        split_sizes=None,
+        layout="auto",
+    ):
+        self.params = [p.detach().double().clone() for p in params]
+        self.momentum = [torch.zeros_like(p) for p in self.params]
+        self.v: list[list[torch.Tensor | None]] = [[] for _ in self.params]
+        self.__dict__.update(
+            neuron_norm=neuron_norm, lr=lr, beta1=momentum, beta2=beta2, nesterov=nesterov,
+            eps=eps, wd=weight_decay, coefficients=coefficients, update_scale=update_scale,
+            normalize=normalize, split_sizes=split_sizes, layout=layout,
+        )  # fmt: skip
+
+    def _blocks(self, m):
+        if self.split_sizes is None:
+            return [(0, m)]
+        out, start = [], 0
+        for s in self.split_sizes:
+            out.append((start, start + s))
+            start += s
+        return out
+
+    def step(self, grads):
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            g = g.double()
+            M = self.momentum[i]
+            M.mul_(self.beta1).add_((1 - self.beta1) * g)
+            U = (1 - self.beta1) * g + self.beta1 * M if self.nesterov else M.clone()
+            U3 = as_matrices(U, self.layout)
+            D3 = torch.zeros_like(U3)
+            B, m_full, n = U3.shape
+            blocks = self._blocks(m_full)
+            if not self.v[i]:
+                self.v[i] = [None] * (B * len(blocks))
+            for b in range(B):
+                for k, (r0, r1) in enumerate(blocks):
+                    O = ns_reference(U3[b, r0:r1], self.coefficients)
+                    m = r1 - r0
+                    D3[b, r0:r1] = self._scale(O, m, n, i, b * len(blocks) + k)
+            D = D3.reshape(p.shape)
+            p.mul_(1 - self.lr * self.wd).sub_(self.lr * D)
+
+    def _scale(self, O, m, n, i, slot):
+        if not self.neuron_norm:
+            if self.update_scale == "preserve_norm":
+                return O * math.sqrt(max(1.0, m / n))
+            return O * 0.2 * math.sqrt(m * n) / torch.linalg.norm(O)
+        rows = self.normalize == "rows" or m >= n
+        r = (O * O).mean(dim=1) if rows else (O * O).mean(dim=0)
+        if self.v[i][slot] is None:
+            self.v[i][slot] = torch.zeros_like(r)
+        v = self.v[i][slot]
+        v.mul_(self.beta2).add_((1 - self.beta2) * r)
+        denom = v.sqrt() + self.eps
+        Oh = O / denom[:, None] if rows else O / denom[None, :]
+        if self.update_scale == "preserve_norm":
+            return Oh * torch.linalg.norm(O) / torch.linalg.norm(Oh) * math.sqrt(max(1.0, m / n))
+        return Oh * 0.2 * math.sqrt(m * n) / torch.linalg.norm(Oh)
+
+
+def adamw_reference(params, grads_per_step, lr, betas, eps, weight_decay):
+    """Textbook AdamW (decoupled decay, bias correction) in float64; returns final params."""
+    params = [p.detach().double().clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    b1, b2 = betas
+    for t, grads in enumerate(grads_per_step, start=1):
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g = g.double()
+            p.mul_(1 - lr * weight_decay)
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            mhat = m[i] / (1 - b1**t)
+            vhat = v[i] / (1 - b2**t)
+            p.sub_(lr * mhat / (vhat.sqrt() + eps))
+    return params

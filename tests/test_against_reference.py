@@ -1,0 +1,128 @@
+"""The optimizer against the float64 reference of tests/reference.py, option by option."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from normuon import Muon, NorMuon
+from normuon.functional import resolve_ns_coefficients
+from reference import ReferenceMatrixOptimizer
+
+STEPS = 10
+
+# name -> (shapes, extra options)
+CASES = {
+    "square": ([(16, 16)], {}),
+    "tall_wide": ([(24, 8), (8, 24), (24, 8)], {}),  # two same-shape matrices share a batch
+    "conv": ([(6, 3, 3, 3)], {}),
+    "stacked3d": ([(3, 10, 6)], {}),
+    "split": ([(24, 8)], {"split_sizes": (8, 4, 12)}),
+    "conv1d": ([(12, 4, 3)], {"layout": "conv"}),
+}
+
+
+def _grads(shapes, steps, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen, dtype=dtype) for s in shapes] for _ in range(steps)]
+
+
+def _run(cls, shapes, opts, dtype, ns_dtype, seed=0, steps=STEPS):
+    gen = torch.Generator().manual_seed(seed + 1)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) * 0.1 for s in shapes]
+    params = [torch.nn.Parameter(t.to(dtype).clone()) for t in init]
+    opt = cls(params, ns_dtype=ns_dtype, **opts)
+    ref_opts = {k: v for k, v in opts.items() if k not in ("ns_coefficients", "ns_steps")}
+    coeffs = resolve_ns_coefficients(opts.get("ns_coefficients", "muon"), opts.get("ns_steps", 5))
+    ref = ReferenceMatrixOptimizer(
+        [p.detach() for p in params], neuron_norm=cls is NorMuon, coefficients=coeffs, **ref_opts
+    )
+    for grads in _grads(shapes, steps, seed, dtype):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref.step(grads)
+    return params, ref, opt
+
+
+def _rel_err(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+OPTION_GRID = list(
+    itertools.product(
+        ["preserve_norm", "adam_rms"], ["rows", "larger_dim"], [True, False], [0.0, 0.1]
+    )
+)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("update_scale,normalize,nesterov,weight_decay", OPTION_GRID)
+def test_normuon_matches_reference_fp32(case, update_scale, normalize, nesterov, weight_decay):
+    shapes, extra = CASES[case]
+    opts = dict(
+        lr=0.02, update_scale=update_scale, normalize=normalize, nesterov=nesterov,
+        weight_decay=weight_decay, **extra,
+    )  # fmt: skip
+    params, ref, _ = _run(NorMuon, shapes, opts, torch.float32, torch.float32)
+    for p, r in zip(params, ref.params):
+        assert _rel_err(p.detach(), r) < 2e-6
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("update_scale,nesterov", [("preserve_norm", True), ("adam_rms", False)])
+def test_muon_matches_reference_fp32(case, update_scale, nesterov):
+    shapes, extra = CASES[case]
+    opts = dict(lr=0.02, update_scale=update_scale, nesterov=nesterov, weight_decay=0.05, **extra)
+    params, ref, _ = _run(Muon, shapes, opts, torch.float32, torch.float32)
+    for p, r in zip(params, ref.params):
+        assert _rel_err(p.detach(), r) < 2e-6
+
+
+@pytest.mark.parametrize("case", ["square", "tall_wide", "split", "stacked3d"])
+def test_float64_pipeline_is_exact(case):
+    """With float64 parameters and NS, only summation order separates us from the reference."""
+    shapes, extra = CASES[case]
+    opts = dict(lr=0.02, normalize="larger_dim", update_scale="adam_rms", weight_decay=0.1, **extra)
+    params, ref, opt = _run(NorMuon, shapes, opts, torch.float64, torch.float64)
+    for p, r in zip(params, ref.params):
+        assert _rel_err(p.detach(), r) < 1e-12
+    # State holds what the reference holds.
+    for p, m in zip(params, ref.momentum):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], m, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("coeffs", ["polar_express", (3.0, -3.2, 1.2)])
+def test_coefficient_options_match_reference(coeffs):
+    opts = dict(lr=0.02, ns_coefficients=coeffs, ns_steps=6)
+    params, ref, _ = _run(NorMuon, [(20, 12), (12, 20)], opts, torch.float32, torch.float32)
+    for p, r in zip(params, ref.params):
+        assert _rel_err(p.detach(), r) < 2e-6
+
+
+@pytest.mark.parametrize("cls", [NorMuon, Muon])
+def test_bf16_newton_schulz_close_to_reference(cls):
+    """bf16 NS carries ~3 significant digits; the updates stay within that of the reference."""
+    shapes = [(32, 32), (32, 64)]
+    params, ref, _ = _run(cls, shapes, {"lr": 0.02}, torch.float32, torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) * 0.1 for s in shapes]
+    for p, r, p0 in zip(params, ref.params, init):
+        moved_ref = r - p0  # compare the total update, not the parameter (which is mostly p0)
+        moved = p.detach().double() - p0
+        err = (moved - moved_ref).norm() / moved_ref.norm()
+        assert err < 0.03, err
+
+
+def test_bf16_parameters_follow_fp32_run():
+    """bf16 parameters with float32 momentum track the float32 run to bf16 resolution."""
+    shapes = [(32, 48)]
+    p32, _, _ = _run(NorMuon, shapes, {"lr": 0.02}, torch.float32, torch.float32)
+    p16, _, opt = _run(NorMuon, shapes, {"lr": 0.02}, torch.bfloat16, torch.float32)
+    assert p16[0].dtype == torch.bfloat16
+    assert opt.state[p16[0]]["momentum_buffer"].dtype == torch.float32
+    assert opt.state[p16[0]]["neuron_second_moment"].dtype == torch.float32
+    err = (p16[0].double() - p32[0].double()).abs().max() / p32[0].double().abs().max()
+    assert err < 2e-2
