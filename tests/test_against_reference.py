@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 import torch
+from reference import ReferenceMatrixOptimizer
 
 from normuon import Muon, NorMuon
 from normuon.functional import resolve_ns_coefficients
-from reference import ReferenceMatrixOptimizer
 
 STEPS = 10
 

@@ -21,7 +21,11 @@ __all__ = [
     "adam_rms_target",
     "apply_matrix_update",
     "muon_scale",
+    "muon_scale_from_sum",
+    "native_half_matmul",
     "newton_schulz",
+    "newton_schulz_gram",
+    "ns_compute_dtype",
     "normuon_row_factors",
     "normuon_partial_sums",
     "inverse_rms",
@@ -94,7 +98,7 @@ def _minimax_quintic(lo: float, hi: float, iters: int = 100) -> Coefficients:
         if len(crit) != 2:
             break
         new_points = [lo, crit[0], crit[1], hi]
-        if max(abs(p - q) for p, q in zip(points, new_points)) < 1e-15 * hi:
+        if max(abs(p - q) for p, q in zip(points, new_points, strict=True)) < 1e-15 * hi:
             points = new_points
             break
         points = new_points
@@ -201,10 +205,41 @@ def scalar_ns_map(x: torch.Tensor, coefficients: Sequence[Coefficients]) -> torc
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=16)
+def native_half_matmul(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` matrix products on ``device_type`` run on fast hardware paths.
+
+    On a CPU, PyTorch multiplies bfloat16/float16 matrices quickly only through oneDNN, which
+    needs AVX512-BF16/AMX (or AVX512-FP16) instructions; otherwise it falls back to a scalar
+    loop that is 50-200x slower than its own float32 GEMM (measured on an AVX2-only AMD EPYC:
+    ~1 GFLOP/s bf16 against ~180 GFLOP/s fp32). Accelerators are assumed to be fast.
+    """
+    if dtype not in (torch.bfloat16, torch.float16) or device_type != "cpu":
+        return True
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - very old or stripped builds
+        return True
+
+
+def ns_compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """dtype that :func:`newton_schulz` actually multiplies in when asked for ``dtype``.
+
+    ``dtype`` itself, except a half type on a CPU without fast half matrix products (see
+    :func:`native_half_matmul`), where float32 is both faster and more accurate.
+    """
+    device_type = torch.device(device).type
+    return dtype if native_half_matmul(device_type, dtype) else torch.float32
+
+
 def newton_schulz(
     u: torch.Tensor,
     coefficients: Sequence[Coefficients],
     dtype: torch.dtype = torch.bfloat16,
+    *,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Approximate polar factor of every matrix in ``u``.
 
@@ -212,7 +247,12 @@ def newton_schulz(
         u: (B, m, n) stack of matrices (any floating dtype). Never modified.
         coefficients: one (a, b, c) per step; step t computes X <- a X + (b A + c A^2) X with
             A = X X^T.
-        dtype: dtype the iteration runs in (bfloat16 is ~2x faster and what the authors use).
+        dtype: dtype of the result, and of the iteration wherever that dtype is fast (bfloat16
+            is ~2x faster than float32 on GPUs and what the authors use).
+        compute_dtype: dtype of the iteration. None (default) picks :func:`ns_compute_dtype`:
+            ``dtype``, except a bfloat16/float16 request on a CPU without native half matrix
+            products, which iterates in float32 and rounds only the result to ``dtype`` (there
+            the half-precision GEMM is a scalar fallback 50-200x slower than float32).
 
     Returns:
         (B, m, n) tensor in ``dtype``: X_0 = U / (||U||_F + 1e-7) after the steps, i.e. singular
@@ -220,18 +260,68 @@ def newton_schulz(
     """
     if u.ndim != 3:
         raise ValueError(f"newton_schulz expects a (B, m, n) stack, got shape {tuple(u.shape)}")
+    work = ns_compute_dtype(dtype, u.device) if compute_dtype is None else compute_dtype
     m, n = u.shape[-2], u.shape[-1]
     # Work on the wide orientation so that A = X X^T is the small (min, min) Gram matrix.
     x = u.mT if m > n else u
-    # The norm is taken in at least float32 so a bf16 input is not scaled by a rounded norm.
-    norm_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else None
-    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
-    x = (x / (norm + NS_NORM_EPS)).to(dtype)
+    x = _ns_normalize(x, work)
     for a, b, c in coefficients:
         gram = torch.bmm(x, x.mT)  # (B, k, k), k = min(m, n)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A A
         x = torch.baddbmm(x, poly, x, beta=a, alpha=1.0)  # a X + (b A + c A A) X
+    x = x.to(dtype)
     return x.mT if m > n else x
+
+
+def newton_schulz_gram(
+    u: torch.Tensor,
+    coefficients: Sequence[Coefficients],
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Same result as :func:`newton_schulz` (in exact arithmetic), iterating on the Gram matrix.
+
+    Every step multiplies X by a polynomial P_t of the current Gram matrix A_t = X_t X_t^T, so
+    X_t = Q_t X_0 with Q_t = P_{t-1} ... P_0, and all these k x k matrices (k = min(m, n)) are
+    polynomials of A_0, hence commute: A_{t+1} = P_t A_t P_t. The loop therefore runs on k x k
+    matrices only, and the long side N = max(m, n) is touched twice (A_0 = X_0 X_0^T and
+    Q X_0) instead of twice per step. Multiply-adds with s steps: 2 k^2 N + (4 s - 3) k^3,
+    against s (2 k^2 N + k^3) for the plain loop: 0.56x at N = 4k and s = 5, break-even at
+    N = 1.5 k, and 1.27x (a loss) for square matrices.
+
+    Rounding: A is re-symmetrized every step; in float32 the result matches the plain loop to
+    ~1e-5 relative (benchmarks/ns_quality.py); in bfloat16 the error of A_t feeds forward
+    through every later step. Arguments and result as for :func:`newton_schulz`.
+    """
+    if u.ndim != 3:
+        raise ValueError(
+            f"newton_schulz_gram expects a (B, m, n) stack, got shape {tuple(u.shape)}"
+        )
+    work = ns_compute_dtype(dtype, u.device) if compute_dtype is None else compute_dtype
+    m, n = u.shape[-2], u.shape[-1]
+    x = _ns_normalize(u.mT if m > n else u, work)
+    gram = torch.bmm(x, x.mT)  # A_0, (B, k, k)
+    q: torch.Tensor | None = None
+    last = len(coefficients) - 1
+    for t, (a, b, c) in enumerate(coefficients):
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A A
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)  # P = a I + b A + c A A
+        q = poly if q is None else torch.bmm(poly, q)
+        if t < last:
+            gram = torch.bmm(torch.bmm(poly, gram), poly)  # A <- P A P
+            gram = (gram + gram.mT).mul_(0.5)
+    x = x if q is None else torch.bmm(q, x)
+    x = x.to(dtype)
+    return x.mT if m > n else x
+
+
+def _ns_normalize(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """X / (||X||_F + 1e-7) in ``work``, contiguous (a transposed operand slows baddbmm ~20%)."""
+    # The norm is taken in at least float32 so a bf16 input is not scaled by a rounded norm.
+    norm_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else None
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
+    return (x / (norm + NS_NORM_EPS)).to(work, memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +384,9 @@ def normuon_row_factors(
         per_neuron = n if dim == -1 else m
         scale = adam_rms_target * math.sqrt(m * n) / (per_neuron * sum_rf2).clamp_min(tiny).sqrt()
     else:
-        raise ValueError(f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}")
+        raise ValueError(
+            f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}"
+        )
     return f * scale.unsqueeze(-1)
 
 
@@ -309,7 +401,9 @@ def inverse_rms(v: torch.Tensor, eps: float) -> torch.Tensor:
     return 1.0 / (v.sqrt() + eps)
 
 
-def muon_scale(o: torch.Tensor, update_scale: str, sum_sq: torch.Tensor | None = None) -> torch.Tensor:
+def muon_scale(
+    o: torch.Tensor, update_scale: str, sum_sq: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-matrix multiplier s (B,) of the Muon update D = O * s for a (B, m, n) stack.
 
     ``"preserve_norm"``: Muon's shape factor sqrt(max(1, m/n)). ``"adam_rms"``: update RMS 0.2.
@@ -323,6 +417,16 @@ def muon_scale(o: torch.Tensor, update_scale: str, sum_sq: torch.Tensor | None =
     if update_scale == "adam_rms":
         if sum_sq is None:
             sum_sq = o.to(accum_dtype(o.dtype)).square().sum(dim=(-2, -1))
+        tiny = torch.finfo(torch.float32).tiny
+        return adam_rms_target * math.sqrt(m * n) / sum_sq.clamp_min(tiny).sqrt()
+    raise ValueError(f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}")
+
+
+def muon_scale_from_sum(sum_sq: torch.Tensor, m: int, n: int, update_scale: str) -> torch.Tensor:
+    """Per-matrix Muon multiplier (B,) from ||O||_F^2 (B,) of whole (m, n) matrices."""
+    if update_scale == "preserve_norm":
+        return torch.full_like(sum_sq, math.sqrt(max(1.0, m / n)))
+    if update_scale == "adam_rms":
         tiny = torch.finfo(torch.float32).tiny
         return adam_rms_target * math.sqrt(m * n) / sum_sq.clamp_min(tiny).sqrt()
     raise ValueError(f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}")

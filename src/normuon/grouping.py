@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
 __all__ = ["param_groups", "HEAD_NAMES", "EMBEDDING_NAME_HINTS"]
@@ -78,7 +77,7 @@ def param_groups(
     names_of: dict[int, list[str]] = {}
     for name, p in named:
         names_of.setdefault(id(p), []).append(name)
-    for name, p in named:
+    for _name, p in named:
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))

@@ -13,8 +13,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from . import distributed as D
 from . import functional as F
+
+try:  # DTensor parameters (FSDP2); absent from torch builds without distributed support
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover
+
+    class DTensor:  # type: ignore[no-redef]
+        """Stand-in so isinstance checks are False when torch has no DTensor."""
+
+    Replicate = None  # type: ignore[assignment]
 
 __all__ = ["NorMuon", "Muon"]
 
@@ -57,7 +68,8 @@ def matrix_geometry(
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise ValueError(
-            f"a parameter of shape {shape} is not a matrix: NorMuon/Muon groups take 2-D and larger "
+            f"a parameter of shape {shape} is not a matrix: NorMuon/Muon groups take 2-D and "
+            f"larger "
             f"tensors; put scalars and vectors in an algorithm='adamw' group (normuon.param_groups "
             f"does this for a whole model)"
         )
@@ -112,7 +124,12 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         matrix_defaults: dict[str, Any],
         adamw_defaults: dict[str, Any],
         nonfinite_grads: str,
+        process_group: Any = "auto",
+        comm_dtype: Any = "auto",
     ) -> None:
+        D.wire_dtype_for(torch.device("cpu"), comm_dtype)  # validates the option
+        self.process_group = process_group
+        self.comm_dtype = comm_dtype
         if nonfinite_grads not in _NONFINITE_POLICIES:
             raise ValueError(
                 f"nonfinite_grads must be one of {_NONFINITE_POLICIES}, got {nonfinite_grads!r}"
@@ -314,12 +331,24 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         """How many (parameter, step) updates were skipped for a NaN/Inf gradient (host sync)."""
         return 0 if self._skip_counter is None else int(self._skip_counter.item())
 
-    def _finite_flags(self, grads: list[torch.Tensor], what: list[str]) -> list[torch.Tensor]:
-        """One 0-d bool tensor per gradient, True when every entry is finite (no host sync)."""
+    def _finite_flags(
+        self, grads: list[torch.Tensor], what: list[str], infos: list | None = None
+    ) -> list[torch.Tensor]:
+        """One 0-d bool tensor per gradient, True when every entry is finite (no host sync).
+
+        ``infos``: per gradient the ShardInfo of a row-sharded parameter (or None); the flags of
+        those are combined over the shard group so that all shards skip together.
+        """
         if not grads:
             return []
         # The max-abs norm is NaN/Inf exactly when some entry is (one fused reduction per list).
         flags = [n.isfinite() for n in torch._foreach_norm(grads, ord=math.inf)]
+        shared = [i for i, info in enumerate(infos or []) if info is not None and info.world > 1]
+        if shared:
+            stacked = torch.stack([flags[i] for i in shared]).to(torch.float32)
+            D.all_reduce_(stacked, infos[shared[0]].group, op=dist.ReduceOp.MIN)
+            for k, i in enumerate(shared):
+                flags[i] = stacked[k] > 0
         if self.nonfinite_grads == "raise":
             bad = [name for name, ok in zip(what, flags) if not bool(ok)]
             if bad:
@@ -354,24 +383,29 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 self._adamw_step(gi, group)
             else:
                 self._matrix_step(gi, group)
+            self._sync_replicated(gi, group)
         return loss
 
     def _adamw_step(self, gi: int, group: dict[str, Any]) -> None:
-        params, grads, names = [], [], []
-        for pi, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
+        params, grads, names, infos, states = [], [], [], [], []
+        for pi, p, _ in self._owned_params(gi, group):
             name = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
-            grads.append(self._grad_of(p, name))
-            params.append(p)
+            grads.append(self._local(self._grad_of(p, name)))
+            params.append(self._local(p))
             names.append(name)
+            infos.append(D.shard_info(p, name) if isinstance(p, DTensor) else None)
+            states.append(self._init_adamw_state(p))
         if not params:
             return
-        ok = self._finite_flags(grads, names)
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        states = [self._init_adamw_state(p) for p in params]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        ok = self._finite_flags(grads, names, infos)
+        lr, (beta1, beta2), eps, wd = (
+            group["lr"],
+            group["betas"],
+            group["eps"],
+            group["weight_decay"],
+        )
+        exp_avgs = [self._local(s["exp_avg"]) for s in states]
+        exp_avg_sqs = [self._local(s["exp_avg_sq"]) for s in states]
         steps = [s["step"] for s in states]
         # A skipped parameter sees its own state as the "gradient": lerp then leaves it unchanged.
         g_safe = [torch.where(f, g, m) for f, g, m in zip(ok, grads, exp_avgs)]
@@ -394,24 +428,180 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         torch._foreach_mul_(update, [-lr * f / bc for f, bc in zip(okf, bias_correction1)])
         torch._foreach_add_(params, update)
 
-    def _matrix_step(self, gi: int, group: dict[str, Any]) -> None:
-        params, grads, names = [], [], []
+    # ---------------------------------------------------------------- distribution
+
+    def _replication_group(self):
+        """The process group of replicated (DDP-style) parameters, or None for one process."""
+        option = self.process_group
+        if option is None or not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD if option == "auto" else option
+        return group if dist.get_world_size(group) > 1 else None
+
+    def _plan(self, p: torch.Tensor, group: dict[str, Any], name: str) -> _ParamPlan:
+        """Decide how one matrix parameter is held: all rows here, or rows spread over ranks."""
+        if isinstance(p, DTensor):
+            info = D.shard_info(p, name)
+            local = p.to_local()
+            stacked = self._geometry(p, group).batch > 1 or (
+                group["layout"] == "stacked" and p.ndim > 2
+            )
+            if info.shard_mesh_dim is None or info.world == 1 or stacked:
+                # Dim 0 unsharded, or sharded over a stack of whole matrices: all local.
+                geo = matrix_geometry(
+                    local.shape,
+                    group["layout"],
+                    group["split_sizes"],
+                    group.get("normalize", "rows"),
+                )
+                return _ParamPlan(p, local, geo, None, None, 0, geo.rows)
+            geo = self._geometry(p, group)
+            offsets = D.dim0_offsets(p.shape[0], info.world)
+            lo, hi = offsets[info.rank], offsets[info.rank + 1]
+            if self._neuron_norm:
+                dims = {
+                    F.reduce_dim(e - s, geo.cols, group["normalize"]) for s, e in geo.row_blocks
+                }
+                if -2 in dims and len(geo.row_blocks) > 1:
+                    raise ValueError(
+                        f"{name}: normalize='larger_dim' with split_sizes on a row-sharded "
+                        f"parameter gives some blocks per-column statistics; use "
+                        f"normalize='rows' or no split_sizes for sharded parameters"
+                    )
+            return _ParamPlan(p, local, geo, info, offsets, lo, hi)
+        geo = self._geometry(p, group)
+        return _ParamPlan(p, p, geo, None, None, 0, geo.rows)
+
+    def _init_dtensor_state(self, plan: _ParamPlan, group: dict[str, Any]) -> None:
+        """State of a DTensor parameter: DTensors with the parameter's mesh and placements."""
+        p = plan.param
+        state = self.state[p]
+        if state:
+            return
+        dtype = self._state_dtype(p)
+        state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
+        if not self._neuron_norm:
+            return
+        geo = self._geometry(p, group)
+        mesh, placements = p.device_mesh, p.placements
+        if plan.info is not None and any(
+            F.reduce_dim(e - s, geo.cols, group["normalize"]) == -2 for s, e in geo.row_blocks
+        ):
+            # Per-column statistics of a row-sharded matrix: every rank holds all n entries.
+            placements = tuple(Replicate() for _ in placements)
+            local_shape = geo.state_shape
+        elif plan.info is not None:
+            local_shape = (plan.hi - plan.lo,)  # rows of this shard
+        else:
+            local_shape = (*plan.local.shape[: len(geo.state_shape) - 1], geo.state_shape[-1])
+        local = torch.zeros(local_shape, dtype=dtype, device=plan.local.device)
+        shape = torch.Size(geo.state_shape)
+        stride = torch.empty(shape, device="meta").stride()
+        state["neuron_second_moment"] = DTensor.from_local(
+            local, mesh, placements, run_check=False, shape=shape, stride=stride
+        )
+
+    @staticmethod
+    def _local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    def init_state(self) -> None:
+        """Create every parameter's state now (zeros), as the first step would.
+
+        Needed before loading a sharded checkpoint (every rank must hold the same keys) and done
+        automatically for DTensor parameters. In replicated (DDP) mode only the owned
+        parameters get state.
+        """
+        for gi, group in enumerate(self.param_groups):
+            plans = self._owned_params(gi, group, need_grad=False)
+            for _, p, plan in plans:
+                if group["algorithm"] == "adamw":
+                    self._init_adamw_state(p)
+                elif isinstance(p, DTensor):
+                    self._init_dtensor_state(plan, group)
+                else:
+                    self._init_matrix_state(p, group)
+
+    def _owned_params(self, gi: int, group: dict[str, Any], need_grad: bool = True):
+        """(index, param, plan) of the parameters this rank updates in ``group``.
+
+        Replicated mode keeps only this rank's share (balanced by Newton-Schulz cost for
+        matrices, by size for AdamW); every other setting keeps all of them.
+        """
+        out = []
         for pi, p in enumerate(group["params"]):
-            if p.grad is None:
+            if need_grad and p.grad is None:
                 continue
             name = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
-            grads.append(self._grad_of(p, name))
-            params.append(p)
-            names.append(name)
-        if not params:
+            plan = None if group["algorithm"] == "adamw" else self._plan(p, group, name)
+            out.append((pi, p, plan))
+        rgroup = self._replication_group()
+        if rgroup is None or any(isinstance(p, DTensor) for _, p, _ in out):
+            return out
+        owners = self._replicated_owners(gi, group, rgroup)
+        rank = dist.get_rank(rgroup)
+        return [(pi, p, plan) for pi, p, plan in out if owners[pi] == rank]
+
+    def _replicated_owners(self, gi: int, group: dict[str, Any], rgroup) -> list[int]:
+        world = dist.get_world_size(rgroup)
+        if group["algorithm"] == "adamw":
+            costs = [float(p.numel()) for p in group["params"]]
+        else:
+            costs = []
+            for p in group["params"]:
+                geo = self._geometry(p, group)
+                costs.append(sum(D.ns_cost(e - s, geo.cols, geo.batch) for s, e in geo.row_blocks))
+        # Offsetting by the group index spreads small groups over different ranks.
+        owners = D.assign_owners(costs, world)
+        return [(o + gi) % world for o in owners]
+
+    def _sync_replicated(self, gi: int, group: dict[str, Any]) -> None:
+        """Replicated mode: every rank receives the parameters the other ranks updated."""
+        rgroup = self._replication_group()
+        if rgroup is None or not group["params"]:
             return
-        ok = self._finite_flags(grads, names)
-        states = [self._init_matrix_state(p, group) for p in params]
-        bufs = [s["momentum_buffer"] for s in states]
-        beta1 = group["momentum"]
+        if any(isinstance(p, DTensor) for p in group["params"]):
+            return
+        params = list(group["params"])
+        owners = self._replicated_owners(gi, group, rgroup)
+        has_grad = [p.grad is not None for p in params]
+        idx = [i for i, g in enumerate(has_grad) if g]
+        D.all_gather_owned(
+            [params[i] for i in idx],
+            [owners[i] for i in idx],
+            rgroup,
+            dist.get_rank(rgroup),
+            dist.get_world_size(rgroup),
+        )
+
+    # ---------------------------------------------------------------- the matrix step
+
+    def _matrix_step(self, gi: int, group: dict[str, Any]) -> None:
+        entries = self._owned_params(gi, group)
+        if any(isinstance(p, DTensor) for p in group["params"]):
+            # Every rank must hold the same state keys (DCP), whether or not a grad arrived.
+            for _, _, plan in self._owned_params(gi, group, need_grad=False):
+                self._init_dtensor_state(plan, group)
+        if not entries:
+            return
+        plans = [plan for _, _, plan in entries]
+        names = [
+            f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})" for pi, p, _ in entries
+        ]
+        grads = [self._local(self._grad_of(p, name)) for (_, p, _), name in zip(entries, names)]
+        ok = self._finite_flags(grads, names, [plan.info for plan in plans])
+        states = []
+        for plan in plans:
+            if isinstance(plan.param, DTensor):
+                states.append(self.state[plan.param])
+            else:
+                states.append(self._init_matrix_state(plan.param, group))
+        bufs = [self._local(s["momentum_buffer"]) for s in states]
+        params = [plan.local for plan in plans]
+        beta1, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
 
         # A skipped matrix uses its own momentum as the gradient: lerp leaves it unchanged and
-        # the Newton-Schulz input stays finite. (B, ...) like the parameter, state dtype.
+        # the Newton-Schulz input stays finite. Shapes are the local shards' (== param's here).
         g_safe = [torch.where(f, g, b) for f, g, b in zip(ok, grads, bufs)]
         torch._foreach_lerp_(bufs, g_safe, 1.0 - beta1)  # M <- beta1 M + (1 - beta1) G
         if group["nesterov"]:
@@ -419,78 +609,225 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             updates = g_safe
         else:
             updates = bufs  # read only from here on: Newton-Schulz never writes its input
+        ortho = self._orthogonalize(group, plans, updates)  # per param (B, rows_local, n)
 
-        geos = [self._geometry(p, group) for p in params]
-        # Bucket every row block by shape so that same-shaped matrices share one batched NS.
-        buckets: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for i, geo in enumerate(geos):
-            for bi, (start, stop) in enumerate(geo.row_blocks):
-                buckets.setdefault((stop - start, geo.cols), []).append((i, bi))
-
-        coefficients = F.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
-        lr, wd = group["lr"], group["weight_decay"]
         if wd != 0:
-            decay = [
-                1.0 - (lr * wd) * f.to(F.accum_dtype(p.dtype)) for f, p in zip(ok, params)
-            ]
+            decay = [1.0 - (lr * wd) * f.to(F.accum_dtype(p.dtype)) for f, p in zip(ok, params)]
             torch._foreach_mul_(params, decay)
+        if self._neuron_norm:
+            self._apply_normuon(group, plans, states, ok, ortho)
+        else:
+            self._apply_muon(group, plans, ok, ortho)
 
-        for (m, n), members in buckets.items():
-            blocks = []
-            for i, bi in members:
-                geo = geos[i]
-                start, stop = geo.row_blocks[bi]
-                blocks.append(updates[i].view(geo.batch, geo.rows, geo.cols)[:, start:stop])
+    def _orthogonalize(self, group, plans: list[_ParamPlan], updates) -> list[torch.Tensor]:
+        """Newton-Schulz of every row block; returns per param its local rows of O (B, r, n).
+
+        Row-sharded matrices are first assembled on one owner rank each (balanced by cost),
+        orthogonalized there, and their row blocks sent back.
+        """
+        coefficients = F.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
+        ns_dtype = group["ns_dtype"]
+        # Full matrices to orthogonalize here: key -> (B, m, n) tensor.
+        full: dict[tuple[str, int], torch.Tensor] = {}
+        geos: dict[tuple[str, int], MatrixGeometry] = {}
+        sharded = [i for i, plan in enumerate(plans) if plan.info is not None]
+        for i, plan in enumerate(plans):
+            if plan.info is None:
+                geo = plan.geometry
+                full[("local", i)] = updates[i].view(geo.batch, geo.rows, geo.cols)
+                geos[("local", i)] = geo
+        exchanges = []
+        by_group: dict[int, list[int]] = {}
+        for i in sharded:
+            by_group.setdefault(id(plans[i].info.group), []).append(i)
+        for members in by_group.values():
+            info = plans[members[0]].info
+            costs = [
+                sum(
+                    D.ns_cost(e - s, plans[i].geometry.cols)
+                    for s, e in plans[i].geometry.row_blocks
+                )
+                for i in members
+            ]
+            owners = D.assign_owners(costs, info.world)
+            offsets = [plans[i].offsets for i in members]
+            local_rows = [
+                updates[i].view(plans[i].hi - plans[i].lo, plans[i].geometry.cols) for i in members
+            ]
+            wire = (
+                D.wire_dtype_for(local_rows[0].device, self.comm_dtype) or updates[members[0]].dtype
+            )
+            assembled = D.rows_to_owners(local_rows, offsets, owners, info, wire)
+            for k, mat in assembled.items():
+                i = members[k]
+                full[("owned", i)] = mat.view(1, *mat.shape)
+                geos[("owned", i)] = plans[i].geometry
+            exchanges.append((members, info, owners, offsets))
+
+        # Bucket every row block by shape so that same-shaped matrices share one batched NS.
+        buckets: dict[tuple[int, int], list[tuple[tuple[str, int], int]]] = {}
+        for key, geo in geos.items():
+            for bi, (s, e) in enumerate(geo.row_blocks):
+                buckets.setdefault((e - s, geo.cols), []).append((key, bi))
+        results: dict[tuple[str, int], torch.Tensor] = {}
+        for key, geo in geos.items():
+            if len(geo.row_blocks) > 1:
+                results[key] = torch.empty(full[key].shape, dtype=ns_dtype, device=full[key].device)
+        for members in buckets.values():
+            blocks = [
+                full[key][:, s:e] for key, bi in members for s, e in [geos[key].row_blocks[bi]]
+            ]
             stacked = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # (sum B, m, n)
-            ortho = F.newton_schulz(stacked, coefficients, group["ns_dtype"])
-            sizes = [geos[i].batch for i, _ in members]
-            okf = torch.cat(
-                [ok[i].to(F.accum_dtype(ortho.dtype)).expand(geos[i].batch) for i, _ in members]
-            )  # (sum B,)
-            if self._neuron_norm:
-                factors, dim = self._normuon_factors(group, members, geos, states, ok, ortho, m, n)
-            else:
-                scale = F.muon_scale(ortho, group["update_scale"])  # (sum B,)
-                factors, dim = scale.unsqueeze(-1), -1
-            factors = factors * okf.unsqueeze(-1)
-            for (i, bi), o_part, g_part in zip(
-                members, ortho.split(sizes), factors.split(sizes)
-            ):
-                geo = geos[i]
-                start, stop = geo.row_blocks[bi]
-                target = params[i].view(geo.batch, geo.rows, geo.cols)[:, start:stop]
-                F.apply_matrix_update(target, o_part, g_part, dim, lr)
+            out = F.newton_schulz(stacked, coefficients, ns_dtype)
+            for (key, bi), part in zip(members, out.split([b.shape[0] for b in blocks])):
+                if key in results:
+                    s, e = geos[key].row_blocks[bi]
+                    results[key][:, s:e] = part
+                else:
+                    results[key] = part
 
-    def _normuon_factors(self, group, members, geos, states, ok, ortho, m, n):
-        """Update v for a bucket and return the per-neuron factors g (sum B, L) and the axis."""
-        dim = F.reduce_dim(m, n, group["normalize"])
-        r = F.neuron_mean_square(ortho, dim)  # (sum B, L)
-        v_views, ok_rows = [], []
-        for i, bi in members:
-            v_views.append(self._neuron_slice(states[i], geos[i], bi, group["normalize"]))
-            ok_rows.append(ok[i].expand(geos[i].batch, 1))
-        v = torch.cat(v_views) if len(v_views) > 1 else v_views[0].clone()
-        okb = torch.cat(ok_rows)  # (sum B, 1)
-        v = torch.lerp(v, torch.where(okb, r, v), 1.0 - group["beta2"])  # v <- beta2 v + (1-beta2) r
-        offset = 0
-        for view in v_views:
-            view.copy_(v[offset : offset + view.shape[0]])
-            offset += view.shape[0]
-        factors = F.normuon_row_factors(r, v, group["eps"], m, n, dim, group["update_scale"])
-        return factors, (-1 if dim == -1 else -2)
+        ortho: list[torch.Tensor | None] = [results.get(("local", i)) for i in range(len(plans))]
+        for members, info, owners, offsets in exchanges:
+            owned = {
+                k: results[("owned", members[k])][0]
+                for k in range(len(members))
+                if ("owned", members[k]) in results
+            }
+            cols = [plans[i].geometry.cols for i in members]
+            back = D.rows_from_owners(owned, offsets, owners, cols, info, ns_dtype)
+            for k, i in enumerate(members):
+                ortho[i] = back[k].view(1, *back[k].shape)
+        return ortho  # type: ignore[return-value]
 
     @staticmethod
-    def _neuron_slice(state, geo: MatrixGeometry, block: int, normalize: str) -> torch.Tensor:
-        """View (B, L_block) of the second moment belonging to one row block."""
-        v = state["neuron_second_moment"].view(geo.batch, geo.neurons)
-        offset = 0
-        for bi, (start, stop) in enumerate(geo.row_blocks):
-            m_block = stop - start
-            length = m_block if F.reduce_dim(m_block, geo.cols, normalize) == -1 else geo.cols
-            if bi == block:
-                return v[:, offset : offset + length]
-            offset += length
-        raise IndexError(block)
+    def _units(plan: _ParamPlan, normalize: str):
+        """(local rows, slice of v's local (B, L) view, reduce dim, m_block) per row block.
+
+        Sharded parameters list every block, even with no local rows, so that the partial
+        statistics of all ranks line up in the collectives.
+        """
+        geo = plan.geometry
+        units = []
+        neuron_offset = 0
+        for s, e in geo.row_blocks:
+            m_block = e - s
+            dim = F.reduce_dim(m_block, geo.cols, normalize)
+            a = min(max(s, plan.lo), plan.hi) - plan.lo
+            b = min(max(e, plan.lo), plan.hi) - plan.lo
+            length = m_block if dim == -1 else geo.cols
+            if plan.info is not None and dim == -1:
+                v_slice = slice(a, b)  # v is sharded like the rows
+            else:
+                v_slice = slice(neuron_offset, neuron_offset + length)
+            units.append((slice(a, b), v_slice, dim, m_block))
+            neuron_offset += length
+        return units
+
+    def _apply_normuon(self, group, plans, states, ok, ortho) -> None:
+        beta2, eps, lr = group["beta2"], group["eps"], group["lr"]
+        scale_rule, normalize = group["update_scale"], group["normalize"]
+        work = []  # (plan index, rows slice, v view, dim, m_block, O rows)
+        col_partials, col_work = [], []
+        for i, plan in enumerate(plans):
+            v_full = self._local(states[i]["neuron_second_moment"])
+            batch = ortho[i].shape[0]
+            v2 = v_full.view(batch, -1)
+            for rows, v_slice, dim, m_block in self._units(plan, normalize):
+                o = ortho[i][:, rows]
+                item = [i, rows, v2[:, v_slice], dim, m_block, o, None]
+                if dim == -2:
+                    # Column statistics: partial column sums of O^2 over the rows held here.
+                    part = o.to(F.accum_dtype(o.dtype)).square().sum(dim=-2)  # (B, n)
+                    if plan.info is not None:
+                        col_partials.append(part)
+                        col_work.append(item)
+                    item[6] = part
+                work.append(item)
+        if col_partials:
+            flat = torch.cat([t.reshape(-1) for t in col_partials])
+            D.all_reduce_(flat, plans[col_work[0][0]].info.group)
+            pos = 0
+            for item, part in zip(col_work, col_partials):
+                item[6] = flat[pos : pos + part.numel()].view_as(part)
+                pos += part.numel()
+        # v update and partial sums for the update scale.
+        sums, sharded_sums = [], []
+        for item in work:
+            i, rows, v, dim, m_block, o, colsum = item
+            r = colsum / m_block if dim == -2 else F.neuron_mean_square(o, -1)  # (B, L)
+            okb = ok[i].view(1, 1)
+            v.lerp_(torch.where(okb, r, v), 1.0 - beta2)  # v <- beta2 v + (1 - beta2) r
+            f = F.inverse_rms(v, eps)
+            s_r, s_rf2 = F.normuon_partial_sums(r, f)
+            entry = [s_r, s_rf2, f, item]
+            sums.append(entry)
+            if plans[i].info is not None and dim == -1:
+                sharded_sums.append(entry)
+        if sharded_sums:
+            flat = torch.cat([torch.stack([e[0], e[1]]).reshape(-1) for e in sharded_sums])
+            D.all_reduce_(flat, plans[sharded_sums[0][3][0]].info.group)
+            pos = 0
+            for e in sharded_sums:
+                n = e[0].numel()
+                e[0], e[1] = flat[pos : pos + n], flat[pos + n : pos + 2 * n]
+                pos += 2 * n
+        for s_r, s_rf2, _, (i, rows, v, dim, m_block, o, _) in sums:
+            if o.shape[-2] == 0:
+                continue
+            n = plans[i].geometry.cols
+            g = F.normuon_row_factors(
+                None, v, eps, m_block, n, dim, scale_rule, sum_r=s_r, sum_rf2=s_rf2
+            )
+            g = g * ok[i].to(g.dtype)
+            geo = plans[i].geometry
+            target = plans[i].local.view(o.shape[0], -1, geo.cols)[:, rows]
+            F.apply_matrix_update(target, o, g, -1 if dim == -1 else -2, lr)
+
+    def _apply_muon(self, group, plans, ok, ortho) -> None:
+        lr, rule = group["lr"], group["update_scale"]
+        work, partials, shared = [], [], []
+        for i, plan in enumerate(plans):
+            for rows, _, _, m_block in self._units(plan, "rows"):
+                o = ortho[i][:, rows]
+                part = o.to(F.accum_dtype(o.dtype)).square().sum(dim=(-2, -1))  # (B,)
+                item = [i, rows, m_block, o, part]
+                work.append(item)
+                if rule == "adam_rms" and plan.info is not None:
+                    partials.append(part)
+                    shared.append(item)
+        if partials:
+            flat = torch.cat(partials)
+            D.all_reduce_(flat, plans[shared[0][0]].info.group)
+            pos = 0
+            for item in shared:
+                n = item[4].numel()
+                item[4] = flat[pos : pos + n]
+                pos += n
+        for i, rows, m_block, o, sum_sq in work:
+            if o.shape[-2] == 0:
+                continue
+            geo = plans[i].geometry
+            scale = F.muon_scale_from_sum(sum_sq, m_block, geo.cols, rule)  # (B,)
+            g = (scale * ok[i].to(scale.dtype)).unsqueeze(-1)  # (B, 1)
+            target = plans[i].local.view(o.shape[0], -1, geo.cols)[:, rows]
+            F.apply_matrix_update(target, o, g, -1, lr)
+
+
+@dataclass
+class _ParamPlan:
+    """One matrix parameter in one step: its local tensor and where its rows live.
+
+    ``info``/``offsets`` are None when all rows are here; else rows ``lo:hi`` of the (global)
+    ``geometry`` are local and ``offsets`` gives every rank's rows.
+    """
+
+    param: torch.Tensor
+    local: torch.Tensor
+    geometry: MatrixGeometry
+    info: D.ShardInfo | None
+    offsets: tuple[int, ...] | None
+    lo: int
+    hi: int
 
 
 class NorMuon(_MatrixOptimizer):
@@ -538,6 +875,12 @@ class NorMuon(_MatrixOptimizer):
         nonfinite_grads: ``"skip"`` (default): a parameter whose gradient has NaN/Inf is left
             untouched that step (parameter and state), counted in :attr:`nonfinite_skips`,
             without a host sync; ``"raise"``: FloatingPointError before anything is changed.
+        process_group: replicated (DDP-style) parameters: ``"auto"`` uses the default process
+            group when one is initialized with more than one rank (each rank updates ~1/W of the
+            matrices and the results are all-gathered); None keeps every rank independent; or a
+            ProcessGroup. DTensor (FSDP2) parameters use their own mesh whatever this says.
+        comm_dtype: dtype of the momentum sent to a row-sharded matrix's owner: ``"auto"``
+            (bfloat16 on CUDA, exact elsewhere), None (exact) or a torch.dtype.
     """
 
     _matrix_algorithm = "normuon"
@@ -571,6 +914,8 @@ class NorMuon(_MatrixOptimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
         nonfinite_grads: str = "skip",
+        process_group: Any = "auto",
+        comm_dtype: Any = "auto",
     ) -> None:
         matrix_defaults = dict(
             lr=lr, momentum=momentum, beta2=beta2, nesterov=nesterov, eps=eps,
@@ -581,7 +926,9 @@ class NorMuon(_MatrixOptimizer):
         adamw_defaults = dict(
             lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay
         )
-        super().__init__(params, matrix_defaults, adamw_defaults, nonfinite_grads)
+        super().__init__(
+            params, matrix_defaults, adamw_defaults, nonfinite_grads, process_group, comm_dtype
+        )
 
 
 class Muon(_MatrixOptimizer):
@@ -627,6 +974,8 @@ class Muon(_MatrixOptimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
         nonfinite_grads: str = "skip",
+        process_group: Any = "auto",
+        comm_dtype: Any = "auto",
     ) -> None:
         matrix_defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
@@ -636,4 +985,6 @@ class Muon(_MatrixOptimizer):
         adamw_defaults = dict(
             lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay
         )
-        super().__init__(params, matrix_defaults, adamw_defaults, nonfinite_grads)
+        super().__init__(
+            params, matrix_defaults, adamw_defaults, nonfinite_grads, process_group, comm_dtype
+        )
