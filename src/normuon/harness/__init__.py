@@ -1,0 +1,6 @@
+"""Comparison harness: train a GPT with AdamW, Muon and NorMuon on real text and compare.
+
+Uses only the library's public API (``NorMuon``, ``Muon``, ``param_groups``). Needs the
+``harness`` extra (tqdm, matplotlib), imported lazily where used. Entry point: ``normuon``
+(:mod:`normuon.cli`) with the subcommands ``compare``, ``sweep`` and ``train``.
+"""

@@ -1,0 +1,290 @@
+"""Typed configuration of a harness run: model shape, training recipe, per-optimizer settings.
+
+A :class:`RunConfig` fully determines a run (with the data and the seed); it is written as JSON
+next to every run's results and read back by ``--resume`` to check that nothing changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ModelConfig",
+    "TrainConfig",
+    "OptimizerConfig",
+    "RunConfig",
+    "PRESETS",
+    "DEFAULT_PRESET",
+    "OPTIMIZERS",
+    "get_preset",
+    "config_from_dict",
+]
+
+#: The optimizers the harness knows, in the order tables and plots list them.
+OPTIMIZERS = ("adamw", "muon", "normuon")
+SCHEDULES = ("wsd", "cosine", "linear", "constant")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the modded-nanogpt-style GPT (see :mod:`normuon.harness.model`)."""
+
+    vocab_size: int = 256
+    """Token vocabulary. Overwritten from the data: 256 for bytes, 50257 for GPT-2 shards."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Query heads per attention layer; ``d_model`` must be divisible by it."""
+    n_kv_head: int = 4
+    """Key/value heads (grouped-query attention when < ``n_head``); divides ``n_head``."""
+    d_model: int = 128
+    """Residual stream width (hidden size)."""
+    mlp_ratio: int = 4
+    """MLP hidden width as a multiple of ``d_model`` (ReLU^2 activation)."""
+    max_seq_len: int = 128
+    """Longest sequence the rotary tables cover; at least the training sequence length."""
+    rope_base: float = 10000.0
+    """Base of the rotary position embedding frequencies."""
+
+
+@dataclass
+class OptimizerConfig:
+    """Learning rates and options of one optimizer in a comparison."""
+
+    lr: float
+    """AdamW: the learning rate of every parameter. Muon/NorMuon: of the hidden matrices."""
+    adamw_lr: float = 3e-3
+    """Muon/NorMuon only: AdamW learning rate of embeddings, output head and vectors."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of the hidden matrices (never on embeddings, head or vectors)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (the AdamW baseline and the AdamW part of Muon/NorMuon)."""
+    momentum: float = 0.95
+    """Muon/NorMuon momentum (beta1)."""
+    beta2: float = 0.95
+    """NorMuon per-neuron second-moment EMA factor."""
+    update_scale: str = "preserve_norm"
+    """Muon/NorMuon update scale: ``preserve_norm`` (Muon lrs) or ``adam_rms`` (AdamW lrs)."""
+    ns_dtype: str = "auto"
+    """Newton-Schulz dtype: ``auto`` = bfloat16 on CUDA, float32 on CPU (CPU bf16 is slow)."""
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe: batch, length, schedule, evaluation and bookkeeping."""
+
+    batch_size: int = 32
+    """Sequences per optimizer step, over all ranks and micro-batches."""
+    seq_len: int = 128
+    """Tokens per sequence (context length during training)."""
+    steps: int = 500
+    """Optimizer steps."""
+    grad_accum: int = 1
+    """Micro-batches per step and rank (gradient accumulation); divides the per-rank batch."""
+    schedule: str = "wsd"
+    """LR schedule: ``wsd`` (warmup-stable-decay), ``cosine``, ``linear`` (warmup, linear to 0)
+    or ``constant`` (warmup then flat)."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many steps."""
+    cooldown_frac: float = 0.4
+    """``wsd``: fraction of the steps (at the end) over which the lr decays linearly."""
+    min_lr_frac: float = 0.0
+    """Floor of the decay as a fraction of the peak lr (``wsd``, ``cosine``, ``linear``)."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    val_every: int = 50
+    """Evaluate every this many steps (and at step 0 and at the last step)."""
+    val_batches: int = 8
+    """Fixed validation batches (of ``batch_size`` sequences) averaged per evaluation."""
+    val_fraction: float = 0.05
+    """Fraction of a single text/token stream held out (the end) for validation."""
+    log_every: int = 10
+    """Write a train-loss metrics line every this many steps."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many steps (0: only at the end of the run)."""
+    autocast_bf16: bool = True
+    """On CUDA, run the forward pass under bfloat16 autocast (ignored on CPU)."""
+    compile: bool = False
+    """Wrap the model in torch.compile (worth it on GPUs, not for CPU smoke runs)."""
+    parallel: str = "ddp"
+    """Under torchrun with WORLD_SIZE > 1: ``ddp`` (``fsdp2`` is planned, not yet built)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run apart from data, seed and optimizer name."""
+
+    preset: str
+    """Name of the preset this config was derived from."""
+    description: str
+    """What the preset is for."""
+    model: ModelConfig
+    """Model shape."""
+    train: TrainConfig
+    """Training recipe."""
+    optimizers: dict[str, OptimizerConfig] = field(default_factory=dict)
+    """Settings per optimizer name (``adamw``, ``muon``, ``normuon``)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        m, t = self.model, self.train
+        for name, value in (("n_layer", m.n_layer), ("n_head", m.n_head),
+                            ("n_kv_head", m.n_kv_head), ("d_model", m.d_model),
+                            ("batch_size", t.batch_size), ("seq_len", t.seq_len),
+                            ("steps", t.steps), ("grad_accum", t.grad_accum),
+                            ("val_every", t.val_every), ("val_batches", t.val_batches),
+                            ("log_every", t.log_every)):  # fmt: skip
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if m.d_model % m.n_head or (m.d_model // m.n_head) % 2:
+            raise ValueError(
+                f"d_model={m.d_model} must be divisible by n_head={m.n_head} into an even head "
+                f"dimension (rotary embeddings rotate pairs)"
+            )
+        if m.n_head % m.n_kv_head:
+            raise ValueError(f"n_kv_head={m.n_kv_head} must divide n_head={m.n_head}")
+        if t.seq_len > m.max_seq_len:
+            raise ValueError(f"seq_len={t.seq_len} exceeds the model's max_seq_len={m.max_seq_len}")
+        if t.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {t.schedule!r}")
+        if not 0 <= t.warmup_steps <= t.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={t.steps}], got {t.warmup_steps}")
+        if not 0.0 <= t.cooldown_frac <= 1.0:
+            raise ValueError(f"cooldown_frac must be in [0, 1], got {t.cooldown_frac}")
+        if not 0.0 < t.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {t.val_fraction}")
+        if t.parallel not in ("ddp", "fsdp2"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp2', got {t.parallel!r}")
+        for name, opt in self.optimizers.items():
+            if name not in OPTIMIZERS:
+                raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+            if not opt.lr > 0 or not opt.adamw_lr > 0:
+                raise ValueError(f"{name}: learning rates must be > 0, got {opt}")
+            if opt.ns_dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
+                raise ValueError(f"{name}: unknown ns_dtype {opt.ns_dtype!r}")
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a :class:`RunConfig` from :meth:`RunConfig.to_dict` output (e.g. config.json)."""
+    try:
+        optimizers = {
+            k: OptimizerConfig(**{**v, "betas": tuple(v.get("betas", (0.9, 0.95)))})
+            for k, v in data["optimizers"].items()
+        }
+        return RunConfig(
+            preset=data["preset"],
+            description=data["description"],
+            model=ModelConfig(**data["model"]),
+            train=TrainConfig(**data["train"]),
+            optimizers=optimizers,
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a harness run config: {exc}") from exc
+
+
+def _cpu_optimizers(
+    adamw_lr: float, muon_lr: float, normuon_lr: float
+) -> dict[str, OptimizerConfig]:
+    # Muon/NorMuon train embeddings and head with AdamW at the AdamW baseline's (tuned) lr.
+    return {
+        "adamw": OptimizerConfig(lr=adamw_lr),
+        "muon": OptimizerConfig(lr=muon_lr, adamw_lr=adamw_lr),
+        "normuon": OptimizerConfig(lr=normuon_lr, adamw_lr=adamw_lr),
+    }
+
+
+def _presets() -> dict[str, RunConfig]:
+    presets = {}
+    presets["cpu-smoke"] = RunConfig(
+        preset="cpu-smoke",
+        description="A few seconds on a CPU: checks that everything runs and the loss falls.",
+        model=ModelConfig(n_layer=2, n_head=2, n_kv_head=2, d_model=32, max_seq_len=32),
+        train=TrainConfig(batch_size=8, seq_len=32, steps=40, warmup_steps=0, val_every=10,
+                          val_batches=2, log_every=5),  # fmt: skip
+        optimizers=_cpu_optimizers(adamw_lr=1e-2, muon_lr=0.05, normuon_lr=0.05),
+    )
+    # The default: the 3-optimizer comparison (one seed each) in well under 10 minutes on a
+    # 2-core CPU. Learning rates from `normuon sweep --preset cpu-small` (docs/results.md).
+    presets["cpu-small"] = RunConfig(
+        preset="cpu-small",
+        description="Default: byte-level GPT on Shakespeare, ~2 minutes per run on 2 CPU cores.",
+        model=ModelConfig(n_layer=4, n_head=4, n_kv_head=4, d_model=128, max_seq_len=128),
+        train=TrainConfig(batch_size=16, seq_len=128, steps=300, warmup_steps=20,
+                          cooldown_frac=0.5, val_every=25, val_batches=8, log_every=10),
+        optimizers=_cpu_optimizers(adamw_lr=4e-3, muon_lr=0.04, normuon_lr=0.04),
+    )  # fmt: skip
+    presets["cpu-medium"] = RunConfig(
+        preset="cpu-medium",
+        description="A larger CPU run (tens of minutes per optimizer on 2 cores).",
+        model=ModelConfig(n_layer=6, n_head=4, n_kv_head=4, d_model=256, max_seq_len=256),
+        train=TrainConfig(batch_size=32, seq_len=256, steps=1500, warmup_steps=50,
+                          cooldown_frac=0.5, val_every=100, val_batches=8, log_every=20),
+        optimizers=_cpu_optimizers(adamw_lr=3e-3, muon_lr=0.03, normuon_lr=0.03),
+    )  # fmt: skip
+    # GPU presets. Shapes of modded-nanogpt's GPT-2 small/medium (head dim 128/64, seq 1024,
+    # batch 512 sequences as in the paper, warmup-stable-decay). Step counts and lrs are
+    # starting points in modded-nanogpt's range, not values published in the paper.
+    gpt2_opts = {
+        "adamw": OptimizerConfig(lr=1.5e-3, weight_decay=0.1),
+        "muon": OptimizerConfig(lr=0.05, adamw_lr=6e-3),
+        "normuon": OptimizerConfig(lr=0.05, adamw_lr=6e-3),
+    }
+    presets["gpt2-124m"] = RunConfig(
+        preset="gpt2-124m",
+        description="GPT-2 small shape (modded-nanogpt): use FineWeb .bin shards on GPUs.",
+        model=ModelConfig(vocab_size=50257, n_layer=12, n_head=6, n_kv_head=6, d_model=768,
+                          max_seq_len=1024),
+        train=TrainConfig(batch_size=512, seq_len=1024, steps=5000, grad_accum=8,
+                          warmup_steps=0, cooldown_frac=0.4, val_every=250, val_batches=20,
+                          log_every=10, checkpoint_every=1000, compile=True),
+        optimizers=copy.deepcopy(gpt2_opts),
+    )  # fmt: skip
+    presets["gpt2-350m"] = RunConfig(
+        preset="gpt2-350m",
+        description="GPT-2 medium shape (modded-nanogpt): use FineWeb .bin shards on GPUs.",
+        model=ModelConfig(vocab_size=50257, n_layer=24, n_head=16, n_kv_head=16, d_model=1024,
+                          max_seq_len=1024),
+        train=TrainConfig(batch_size=512, seq_len=1024, steps=7000, grad_accum=16,
+                          warmup_steps=0, cooldown_frac=0.4, val_every=250, val_batches=20,
+                          log_every=10, checkpoint_every=1000, compile=True),
+        optimizers=copy.deepcopy(gpt2_opts),
+    )  # fmt: skip
+    # The paper's 1.1B: hidden 2048, 16 layers, 16 query / 4 KV heads, MLP 4x, seq 4096, batch
+    # 2M tokens (512 x 4096), 50B tokens (~23.8k steps), 1B-token warmup (~477 steps) then
+    # linear decay to 0, lr 4e-4 and weight decay 0.1 for every optimizer: NorMuon/Muon use the
+    # "adam_rms" update scale (paper's Algorithm 1) so that AdamW's lr carries over.
+    paper = {
+        "adamw": OptimizerConfig(lr=4e-4, weight_decay=0.1),
+        "muon": OptimizerConfig(lr=4e-4, adamw_lr=4e-4, weight_decay=0.1,
+                                update_scale="adam_rms"),
+        "normuon": OptimizerConfig(lr=4e-4, adamw_lr=4e-4, weight_decay=0.1,
+                                   update_scale="adam_rms"),
+    }  # fmt: skip
+    presets["paper-1.1b"] = RunConfig(
+        preset="paper-1.1b",
+        description="The paper's 1.1B shape and recipe (SlimPajama in the paper): multi-GPU.",
+        model=ModelConfig(vocab_size=50257, n_layer=16, n_head=16, n_kv_head=4, d_model=2048,
+                          max_seq_len=4096),
+        train=TrainConfig(batch_size=512, seq_len=4096, steps=23842, grad_accum=64,
+                          schedule="linear", warmup_steps=477, val_every=500, val_batches=20,
+                          log_every=10, checkpoint_every=1000, grad_clip=1.0, compile=True),
+        optimizers=paper,
+    )  # fmt: skip
+    return presets
+
+
+PRESETS: dict[str, RunConfig] = _presets()
+DEFAULT_PRESET = "cpu-small"
+
+
+def get_preset(name: str) -> RunConfig:
+    """A fresh (deep) copy of a preset. Raises ValueError for an unknown name."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
