@@ -342,7 +342,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         if not grads:
             return []
         # The max-abs norm is NaN/Inf exactly when some entry is (one fused reduction per list).
-        flags = [n.isfinite() for n in torch._foreach_norm(grads, ord=math.inf)]
+        nonempty = [i for i, g in enumerate(grads) if g.numel() > 0]  # empty shards are finite
+        norms = torch._foreach_norm([grads[i] for i in nonempty], ord=math.inf) if nonempty else []
+        flags = [torch.ones((), dtype=torch.bool, device=g.device) for g in grads]
+        for i, norm in zip(nonempty, norms):
+            flags[i] = norm.isfinite()
         shared = [i for i, info in enumerate(infos or []) if info is not None and info.world > 1]
         if shared:
             stacked = torch.stack([flags[i] for i in shared]).to(torch.float32)

@@ -1,0 +1,249 @@
+"""Worker functions for the distributed tests (spawned processes, gloo, CPU).
+
+Each worker builds the same small model on every rank, trains it a few steps with NorMuon under
+FSDP2 (or replicated, DDP-style), and checks the result against the single-process optimizer
+run on a plain copy of the model in the same process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from normuon import Muon, NorMuon, param_groups
+
+STEPS = 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+class Experts(nn.Module):
+    """A stacked (E, m, n) expert weight: a batch of matrices, sharded by FSDP2 on E."""
+
+    def __init__(self, experts: int, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, d_out, d_in) / d_in**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, d_in) -> (B, d_out)
+        return torch.einsum("eoi,bi->bo", self.weight, x) / self.weight.shape[0]
+
+
+class SmallNet(nn.Module):
+    """GPT-ish pieces with awkward row counts: 10, 7, 3 rows (uneven and < 4 ranks), a conv, a
+    stacked 3-D weight, an embedding and a head (AdamW)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 12)
+        self.conv = nn.Conv1d(12, 6, kernel_size=3, padding=1)
+        self.up = nn.Linear(6, 10)
+        self.mid = nn.Linear(10, 7, bias=False)
+        self.narrow = nn.Linear(7, 3, bias=False)
+        self.wide = nn.Linear(3, 9, bias=False)
+        self.experts = Experts(4, 9, 9)
+        self.norm = nn.RMSNorm(9)
+        self.lm_head = nn.Linear(9, 16, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, 16)
+        h = self.embed(tokens)  # (B, T, 12)
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)  # (B, T, 6)
+        h = torch.relu(self.up(h)).square()
+        h = self.wide(self.narrow(self.mid(h)))  # (B, T, 9)
+        b, t, d = h.shape
+        h = h + self.experts(h.reshape(b * t, d)).reshape(b, t, d)
+        return self.lm_head(self.norm(h))
+
+
+def make_model(seed: int = 0) -> SmallNet:
+    torch.manual_seed(seed)
+    return SmallNet()
+
+
+def batch(step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, 16, (4, 8), generator=gen)
+
+
+def loss_fn(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, 16), tokens[:, 1:].reshape(-1))
+
+
+def make_opt(model: nn.Module, cls=NorMuon, **opts):
+    groups = param_groups(model, lr=0.02, weight_decay=0.1, adamw_lr=1e-2)
+    return cls(groups, ns_dtype=torch.float32, comm_dtype=None, **opts)
+
+
+def train(model, opt, steps, start=0):
+    for step in range(start, start + steps):
+        loss_fn(model, batch(step)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard(model: nn.Module, mesh) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for module in (model.conv, model.up, model.mid, model.narrow, model.wide, model.experts):
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def compare(model, opt, ref_model, ref_opt, tol=2e-6, state_tol=1e-5, what=""):
+    for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+        a, b = full(p.detach()), q.detach()
+        err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+        assert err < tol, f"{what} param {name}: relative error {err:.3g}"
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        s, r = opt.state.get(p, {}), ref_opt.state.get(q, {})
+        if not r:
+            continue
+        for key, value in r.items():
+            if key == "step":
+                continue
+            a = full(s[key])
+            err = ((a - value).abs().max() / value.abs().max().clamp_min(1e-12)).item()
+            assert err < state_tol, f"{what} state {key} of shape {tuple(value.shape)}: {err:.3g}"
+
+
+OPTION_SETS = [
+    dict(update_scale="preserve_norm", normalize="rows"),
+    dict(update_scale="adam_rms", normalize="rows"),
+    dict(update_scale="preserve_norm", normalize="larger_dim"),
+    dict(update_scale="adam_rms", normalize="larger_dim"),
+]
+
+
+def fsdp_matches_single(rank: int, world: int, port: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    setup(rank, world, port)
+    mesh = init_device_mesh("cpu", (world,))
+    cases = [(NorMuon, o) for o in OPTION_SETS] + [(Muon, dict(update_scale="adam_rms"))]
+    for cls, opts in cases:
+        ref_model = make_model()
+        ref_opt = make_opt(ref_model, cls, process_group=None, **opts)
+        train(ref_model, ref_opt, STEPS)
+        model = shard(make_model(), mesh)
+        opt = make_opt(model, cls, **opts)
+        train(model, opt, STEPS)
+        compare(model, opt, ref_model, ref_opt, what=f"W={world} {cls.__name__} {opts}")
+    dist.destroy_process_group()
+
+
+def ddp_matches_single(rank: int, world: int, port: int) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    setup(rank, world, port)
+    for cls, opts in [(NorMuon, o) for o in OPTION_SETS[:2]] + [(Muon, {})]:
+        ref_model = make_model()
+        ref_opt = make_opt(ref_model, cls, process_group=None, **opts)
+        train(ref_model, ref_opt, STEPS)
+        model = make_model()
+        ddp = DDP(model)
+        opt = make_opt(model, cls, **opts)
+        for step in range(STEPS):
+            loss_fn(ddp, batch(step)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        # Bit-identical replicas: every rank holds the same parameters.
+        for p in model.parameters():
+            gathered = [torch.empty_like(p) for _ in range(world)]
+            dist.all_gather(gathered, p.detach().contiguous())
+            assert all(torch.equal(g, gathered[0]) for g in gathered), "replicas diverged"
+        for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+            err = ((p - q).abs().max() / q.abs().max()).item()
+            assert err < 2e-6, f"DDP {cls.__name__} {name}: {err:.3g}"
+        # State lives only with the owner: each matrix has momentum on exactly one rank.
+        has = torch.tensor([1.0 if opt.state.get(p) else 0.0 for p in model.parameters()])
+        dist.all_reduce(has)
+        assert torch.all(has == 1), has
+    dist.destroy_process_group()
+
+
+def ns_counts(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Count the matrices each rank orthogonalizes in one step."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import normuon.functional as F
+
+    setup(rank, world, port)
+    mesh = init_device_mesh("cpu", (world,))
+    model = shard(make_model(), mesh)
+    opt = make_opt(model)
+    count = [0]
+    original = F.newton_schulz
+
+    def counting(u, *args, **kwargs):
+        count[0] += u.shape[0]
+        return original(u, *args, **kwargs)
+
+    F.newton_schulz = counting
+    try:
+        train(model, opt, 1)
+    finally:
+        F.newton_schulz = original
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as fh:
+        fh.write(str(count[0]))
+    dist.destroy_process_group()
+
+
+def dcp_save(rank: int, world: int, port: int, ckpt: str, steps: int) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    setup(rank, world, port)
+    mesh = init_device_mesh("cpu", (world,))
+    model = shard(make_model(), mesh)
+    opt = make_opt(model)
+    train(model, opt, steps)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
+    dist.destroy_process_group()
+
+
+def dcp_load_and_continue(
+    rank: int, world: int, port: int, ckpt: str, done: int, more: int
+) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    setup(rank, world, port)
+    mesh = init_device_mesh("cpu", (world,))
+    model = shard(make_model(seed=123), mesh)  # different init: everything must come from disk
+    opt = make_opt(model)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, opt, more, start=done)
+
+    ref_model = make_model()
+    ref_opt = make_opt(ref_model, process_group=None)
+    train(ref_model, ref_opt, done + more)
+    compare(model, opt, ref_model, ref_opt, what=f"DCP -> W={world}")
+    dist.destroy_process_group()
