@@ -186,3 +186,20 @@ def test_torchrun_ddp_matches_one_process(tmp_path):
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
     assert a["val_losses"] == pytest.approx(b["val_losses"], abs=1e-4)
     assert a["final_val_loss"] < a["val_losses"][0] - 1.0
+    # Interrupted and resumed under DDP: the checkpoint must hold every rank's optimizer
+    # state (NorMuon updates each matrix on one owner rank), or the curve changes.
+    for extra in (["--stop-at-step", "6"], ["--resume"]):
+        split = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+             "2", *base, "--out", str(tmp_path / "split"), *extra],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert split.returncode == 0, split.stderr[-3000:]
+    c = json.loads((tmp_path / "split" / "result.json").read_text())
+    assert c["val_losses"] == a["val_losses"]
+    full = torch.load(tmp_path / "ddp" / CHECKPOINT_NAME, weights_only=True)
+    resumed = torch.load(tmp_path / "split" / CHECKPOINT_NAME, weights_only=True)
+    assert len(full["optimizer"]["state"]) == len(list(GPT(get_preset("cpu-smoke").model)
+                                                       .parameters()))  # fmt: skip
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key

@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", default="normuon", choices=["adamw", "muon", "normuon"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--stop-at-step", type=_positive_int, default=None,
+                   help="checkpoint and stop after this step (continue later with --resume)")
     return parser
 
 
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             say(summary["table"])
         else:
             r = train_run(cfg, args.optimizer, data, seed=args.seed, out_dir=args.out,
-                          device=args.device, resume=args.resume, progress=progress)
+                          device=args.device, resume=args.resume, progress=progress,
+                          stop_at_step=args.stop_at_step)
             say(f"{r.optimizer} seed {r.seed}: {r.steps} steps, final val loss "
                   f"{r.final_val_loss:.4f}, {r.train_time_s:.1f}s")
         say(f"total wall time {time.perf_counter() - start:.1f}s; outputs in {args.out}")

@@ -235,6 +235,30 @@ def _atomic_save(obj: Any, path: Path) -> None:
             os.close(dir_fd)
 
 
+def _full_optimizer_state(opt: torch.optim.Optimizer, d: _Dist) -> dict[str, Any]:
+    """``opt.state_dict()`` with every parameter's state, also under replicated DDP.
+
+    With several ranks, Muon/NorMuon keep a matrix's momentum only on the rank that owns its
+    update, so rank 0's state_dict alone would lose the other ranks' matrices. The per-rank
+    states (CPU copies) are gathered and merged by parameter index; every rank loads the merged
+    dict on resume (non-owners then hold state they do not use).
+    """
+    sd = opt.state_dict()
+    if d.world == 1:
+        return sd
+    local = {
+        index: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+        for index, st in sd["state"].items()
+    }
+    parts: list[Any] = [None] * d.world
+    dist.all_gather_object(parts, local)
+    merged: dict[int, Any] = {}
+    for part in parts:
+        for index, st in part.items():
+            merged.setdefault(index, st)
+    return {**sd, "state": dict(sorted(merged.items()))}
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -361,13 +385,14 @@ def train_run(
         return float(total) / (len(val_set) * tcfg.grad_accum * d.world)
 
     def save_checkpoint() -> None:
+        opt_state = _full_optimizer_state(opt, d)  # a collective under torchrun: every rank
         if not d.main:
             return
         _atomic_save(
             {
                 "step": step,  # also the data position: batch s depends only on (seed, s)
                 "model": raw_model.state_dict(),
-                "optimizer": opt.state_dict(),
+                "optimizer": opt_state,
                 "scheduler": sched.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
