@@ -64,6 +64,16 @@ def test_sweep_end_to_end(tmp_path, capsys):
     assert summary["best_lr"]["muon"] in (0.01, 0.05)
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "**best**" in capsys.readouterr().out
+    # A second sweep (more lrs) merges with the first into one table and plot.
+    more = tmp_path / "more"
+    assert main(["sweep", "--preset", "cpu-smoke", "--steps", "10", "--lrs", "muon=0.02",
+                 "--out", str(more), "--no-progress"]) == 0  # fmt: skip
+    merged = tmp_path / "merged"
+    assert main(["sweep", "--merge", str(out), str(more), "--out", str(merged)]) == 0
+    both = json.loads((merged / "sweep.json").read_text())
+    assert [p["lr"] for p in both["points"]["muon"]] == [0.01, 0.02, 0.05]
+    assert len(both["points"]["adamw"]) == 2 and (merged / "sweep.png").exists()
+    assert main(["sweep", "--merge", str(tmp_path / "nothing"), "--out", str(merged)]) == 2
 
 
 def test_train_command_and_resume(tmp_path, capsys):

@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="learning rates: 'OPT=V1,V2,...' (repeatable) or 'M1x,M2x,...' "
                         "multipliers of each preset lr (default 0.25x,0.5x,1x,2x,4x)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="train nothing: combine the sweep.json of these sweep folders into OUT")
     t = sub.add_parser("train", help="one run: one optimizer, one seed (resumable)")
     _common(t, "runs/train")
     t.add_argument("--optimizer", default="normuon", choices=["adamw", "muon", "normuon"])
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from .harness.compare import run_compare, run_sweep
+    from .harness.compare import merge_sweeps, run_compare, run_sweep
     from .harness.config import get_preset
     from .harness.data import load_data
     from .harness.train import train_run
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_compare(cfg, data, optimizers=optimizers, seeds=args.seeds,
                                   out=args.out, device=args.device, progress=progress)
             say(summary["table"])
+        elif args.command == "sweep" and args.merge:
+            say(merge_sweeps(args.merge, args.out)["table"])
         elif args.command == "sweep":
             optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
             lrs = _parse_lrs(args.lrs, optimizers, cfg)

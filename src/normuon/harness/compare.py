@@ -32,6 +32,7 @@ __all__ = [
     "OptimizerSummary",
     "run_compare",
     "run_sweep",
+    "merge_sweeps",
     "summarize",
     "steps_to_reach",
     "format_table",
@@ -295,16 +296,26 @@ def run_sweep(
                 loss = math.inf
             log(f"{name:8s} lr {lr:g}: final val loss {loss:.4f}")
             points[name].append({"lr": lr, "final_val_loss": loss})
+    return write_sweep(points, out, preset=cfg.preset, seed=seed)
+
+
+def write_sweep(
+    points: dict[str, list[dict[str, float]]], out: str | Path, *, preset: str, seed: int
+) -> dict[str, Any]:
+    """Table, sweep.json and sweep.png for {optimizer: [{"lr", "final_val_loss"}, ...]}."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     lines = ["| optimizer | lr | final val loss | best |", "|---|---|---|---|"]
     best: dict[str, float] = {}
     for name, pts in points.items():
+        pts.sort(key=lambda p: p["lr"])
         top = min(pts, key=lambda p: p["final_val_loss"])
         best[name] = top["lr"]
         for p in pts:
             mark = "**best**" if p is top else ""
             lines.append(f"| {name} | {p['lr']:g} | {p['final_val_loss']:.4f} | {mark} |")
     table = "\n".join(lines)
-    summary = {"preset": cfg.preset, "environment": _environment(), "seed": seed,
+    summary = {"preset": preset, "environment": _environment(), "seed": seed,
                "points": points, "best_lr": best, "table": table}  # fmt: skip
     # json cannot hold inf: a diverged run is written as null.
     safe = json.loads(json.dumps(summary).replace("Infinity", "null"))
@@ -317,10 +328,30 @@ def run_sweep(
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (AdamW: all params; Muon/NorMuon: hidden matrices)")
     ax.set_ylabel("final validation loss")
-    ax.set_title(f"lr sweep, {cfg.preset}, seed {seed}")
+    ax.set_title(f"lr sweep, {preset}, seed {seed}")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=120)
     plt.close(fig)
     return summary
+
+
+def merge_sweeps(folders: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+    """Combine the sweep.json of several ``normuon sweep`` runs (same preset and seed)."""
+    points: dict[str, list[dict[str, float]]] = {}
+    meta: set[tuple[str, int]] = set()
+    for folder in folders:
+        path = Path(folder) / "sweep.json"
+        if not path.is_file():
+            raise ValueError(f"--merge: {path} does not exist (not a sweep output folder)")
+        data = json.loads(path.read_text())
+        meta.add((data["preset"], data["seed"]))
+        for name, pts in data["points"].items():
+            for p in pts:
+                loss = math.inf if p["final_val_loss"] is None else p["final_val_loss"]
+                points.setdefault(name, []).append({"lr": p["lr"], "final_val_loss": loss})
+    if len(meta) != 1:
+        raise ValueError(f"--merge: the sweeps differ in (preset, seed): {sorted(meta)}")
+    preset, seed = meta.pop()
+    return write_sweep(points, out, preset=preset, seed=seed)
