@@ -105,6 +105,10 @@ def _minimax_quintic(lo: float, hi: float, iters: int = 100) -> Coefficients:
     return coeffs
 
 
+#: Newton-Schulz's degree-5 step: fixes 1 with zero first and second derivative.
+_CONVERGED_QUINTIC: Coefficients = (15 / 8, -10 / 8, 3 / 8)
+
+
 @functools.lru_cache(maxsize=64)
 def polar_express_coefficients(
     steps: int, safety: float = 0.01, lower: float = 1e-3, cushion: float = 0.02407327424182761
@@ -130,6 +134,11 @@ def polar_express_coefficients(
     lo, hi = float(lower), 1.0
     schedule: list[Coefficients] = []
     for _ in range(steps):
+        if lo > hi * (1.0 - 1e-9):
+            # Converged to float64 resolution: keep the classical quintic with p(1) = 1 and
+            # p'(1) = p''(1) = 0 (the minimax problem on a point has no unique answer).
+            schedule.append(_CONVERGED_QUINTIC)
+            continue
         a, b, c = _minimax_quintic(max(lo, cushion * hi), hi)
         # Image of the true interval [lo, hi] under p: extremes at the ends and critical points.
         candidates = [lo, hi, *_quintic_critical_points((a, b, c), lo, hi)]
