@@ -1,0 +1,349 @@
+"""Newton-Schulz orthogonalization and its coefficient schedules (normuon.functional).
+
+The central property: NS_k maps U = P diag(sigma) Q^T to P diag(phi(sigma / (||U||_F + 1e-7))) Q^T,
+where phi is ``scalar_ns_map`` (the composed odd quintics). Everything is checked against
+``torch.linalg.svd`` in float64; bands are derived from ``scalar_ns_map`` over the interval the
+normalized singular values can occupy, never copied from a run of the code.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from normuon.functional import (
+    MUON_COEFFICIENTS,
+    NS_NORM_EPS,
+    newton_schulz,
+    newton_schulz_gram,
+    polar_express_coefficients,
+    resolve_ns_coefficients,
+    scalar_ns_map,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Small tensors: intra-op threads only add contention (100x slower under pytest -n 2)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+HYP = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+# Classical, provably convergent Newton-Schulz iterations for the polar factor on (0, 1].
+CUBIC_NS = (1.5, -0.5, 0.0)
+QUINTIC_NS = (15 / 8, -10 / 8, 3 / 8)
+
+# (label, ns_coefficients option, ns_steps)
+COEFFICIENT_SETS = [
+    ("muon5", "muon", 5),
+    ("muon3", "muon", 3),
+    ("pe3", "polar_express", 3),
+    ("pe5", "polar_express", 5),
+    ("pe6", "polar_express", 6),
+    ("pe8", "polar_express", 8),
+    ("cubic", CUBIC_NS, 6),
+    ("quintic", QUINTIC_NS, 5),
+    ("mixed", [MUON_COEFFICIENTS] * 3 + [QUINTIC_NS] * 2, 5),
+]
+SET_IDS = [c[0] for c in COEFFICIENT_SETS]
+
+
+def _coeffs(spec, steps):
+    return resolve_ns_coefficients(spec, steps)
+
+
+@st.composite
+def matrices(draw, max_dim=20, max_batch=3):
+    """(B, m, n) float64 stacks: 1xN, Nx1, tall, wide, square, rank-deficient, any scale."""
+    kind = draw(st.sampled_from(["row", "col", "tall", "wide", "square", "any"]))
+    if kind == "row":
+        m, n = 1, draw(st.integers(1, max_dim))
+    elif kind == "col":
+        m, n = draw(st.integers(1, max_dim)), 1
+    elif kind == "tall":
+        n = draw(st.integers(1, max_dim // 2))
+        m = draw(st.integers(n + 1, max_dim))
+    elif kind == "wide":
+        m = draw(st.integers(1, max_dim // 2))
+        n = draw(st.integers(m + 1, max_dim))
+    elif kind == "square":
+        m = n = draw(st.integers(1, max_dim))
+    else:
+        m, n = draw(st.integers(1, max_dim)), draw(st.integers(1, max_dim))
+    batch = draw(st.integers(1, max_batch))
+    rank = draw(st.integers(1, min(m, n)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    log_scale = draw(st.floats(-3.0, 3.0))
+    gen = torch.Generator().manual_seed(seed)
+    left = torch.randn(batch, m, rank, generator=gen, dtype=torch.float64)
+    right = torch.randn(batch, rank, n, generator=gen, dtype=torch.float64)
+    return (left @ right) * 10.0**log_scale
+
+
+def _expected_ns(u: torch.Tensor, coeffs) -> torch.Tensor:
+    """P diag(phi(sigma / (||U||_F + 1e-7))) Q^T from an SVD, in float64."""
+    p, s, qh = torch.linalg.svd(u, full_matrices=False)
+    norm = torch.linalg.vector_norm(u, dim=(-2, -1), keepdim=True).squeeze(-1)
+    mapped = scalar_ns_map(s / (norm + NS_NORM_EPS), coeffs)
+    return p @ torch.diag_embed(mapped) @ qh, mapped
+
+
+# ------------------------------------------------------------------ generic properties
+
+
+@pytest.mark.parametrize("label,spec,steps", COEFFICIENT_SETS, ids=SET_IDS)
+@HYP
+@given(u=matrices())
+def test_shape_dtype_finite_and_input_untouched(label, spec, steps, u):
+    coeffs = _coeffs(spec, steps)
+    before = u.clone()
+    for dtype, compute in [
+        (torch.float64, None),
+        (torch.float32, None),
+        (torch.bfloat16, None),
+        (torch.bfloat16, torch.bfloat16),  # the half-precision iteration itself
+    ]:
+        out = newton_schulz(u, coeffs, dtype, compute_dtype=compute)
+        assert out.shape == u.shape
+        assert out.dtype == dtype
+        assert torch.isfinite(out).all()
+    assert torch.equal(u, before), "newton_schulz modified its input"
+
+
+@pytest.mark.parametrize("label,spec,steps", COEFFICIENT_SETS, ids=SET_IDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1, 7), (1, 7, 1), (2, 5, 3), (3, 4, 9)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_zero_input_gives_zero_output(label, spec, steps, shape, dtype):
+    out = newton_schulz(
+        torch.zeros(shape, dtype=dtype), _coeffs(spec, steps), dtype, compute_dtype=dtype
+    )
+    assert out.shape == shape
+    assert torch.equal(out, torch.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("fn", [newton_schulz, newton_schulz_gram], ids=["plain", "gram"])
+@pytest.mark.parametrize("label,spec,steps", COEFFICIENT_SETS, ids=SET_IDS)
+@HYP
+@given(u=matrices())
+def test_float64_matches_scalar_map_on_singular_values(fn, label, spec, steps, u):
+    """Singular values are mapped by scalar_ns_map, singular vectors are kept."""
+    coeffs = _coeffs(spec, steps)
+    out = fn(u, coeffs, torch.float64)
+    expected, mapped = _expected_ns(u, coeffs)
+    # Whole-matrix comparison checks values and vectors at once (robust to sign/degeneracy).
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-8)
+    # And the singular values alone (phi need not be monotone: compare sorted).
+    got = torch.linalg.svdvals(out).sort(dim=-1).values
+    want = mapped.sort(dim=-1).values
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-8)
+
+
+@HYP
+@given(
+    u=matrices(max_dim=12),
+    a=st.floats(0.5, 4.0),
+    b=st.floats(-6.0, 1.0),
+    c=st.floats(-1.0, 3.0),
+    steps=st.integers(1, 6),
+)
+def test_random_custom_triple_matches_scalar_map(u, a, b, c, steps):
+    coeffs = ((a, b, c),) * steps
+    # Only triples whose composed map stays bounded on [0, 1] (where the normalized singular
+    # values live); the others legitimately blow up.
+    grid = torch.linspace(0.0, 1.0, 4001, dtype=torch.float64)
+    assume(scalar_ns_map(grid, coeffs).abs().max().item() < 4.0)
+    out = newton_schulz(u, coeffs, torch.float64)
+    assert torch.isfinite(out).all()
+    expected, _ = _expected_ns(u, coeffs)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("label,spec,steps", COEFFICIENT_SETS, ids=SET_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(4, 6, 6), (3, 9, 4), (5, 2, 11), (3, 1, 8), (2, 8, 1)])
+def test_batched_equals_per_matrix(label, spec, steps, dtype, shape):
+    coeffs = _coeffs(spec, steps)
+    gen = torch.Generator().manual_seed(7)
+    # Very different scales per matrix: each must be normalized by its own norm.
+    scales = torch.logspace(-2, 2, shape[0], dtype=torch.float64).view(-1, 1, 1)
+    u = (torch.randn(shape, generator=gen, dtype=torch.float64) * scales).to(dtype)
+    batched = newton_schulz(u, coeffs, dtype)
+    single = torch.cat([newton_schulz(u[i : i + 1], coeffs, dtype) for i in range(shape[0])])
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(batched, single, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4,), (1, 2, 3, 4)])
+def test_rejects_non_3d_input(shape):
+    with pytest.raises(ValueError, match=r"expects a \(B, m, n\) stack"):
+        newton_schulz(torch.randn(shape), _coeffs("muon", 5), torch.float32)
+
+
+# ------------------------------------------------------------------ bands
+
+
+@functools.lru_cache(maxsize=512)
+def _band(coeffs, lo: float, hi: float = 1.0) -> tuple[float, float]:
+    """[min, max] of scalar_ns_map over [lo, hi], from a dense grid plus the end points."""
+    grid = torch.cat(
+        [
+            torch.logspace(math.log10(lo), math.log10(hi), 20001, dtype=torch.float64),
+            torch.linspace(lo, hi, 20001, dtype=torch.float64),
+        ]
+    )
+    values = scalar_ns_map(grid, coeffs)
+    return values.min().item(), values.max().item()
+
+
+def _with_singular_values(sigma: torch.Tensor, m: int, n: int, gen) -> torch.Tensor:
+    k = sigma.shape[-1]
+    p, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
+    q, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    return (p * sigma) @ q.T
+
+
+@pytest.mark.parametrize("label,spec,steps", COEFFICIENT_SETS, ids=SET_IDS)
+@pytest.mark.parametrize("dtype,slack", [(torch.float64, 1e-4), (torch.float32, 3e-3)])
+@HYP
+@given(
+    m=st.integers(1, 24),
+    n=st.integers(1, 24),
+    log_ratios=st.lists(st.floats(-3.0, 0.0), min_size=24, max_size=24),
+    log_scale=st.floats(-4.0, 4.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_singular_values_inside_promised_band(
+    label, spec, steps, dtype, slack, m, n, log_ratios, log_scale, seed
+):
+    """Condition number <= 1e3 means normalized singular values lie in [1e-3/sqrt(k), 1];
+    the output singular values must lie in phi's image of that interval."""
+    coeffs = _coeffs(spec, steps)
+    k = min(m, n)
+    ratios = torch.tensor(log_ratios[:k], dtype=torch.float64)
+    ratios[0] = 0.0  # sigma_max is the reference, sigma_min / sigma_max >= 1e-3
+    sigma = 10.0 ** (ratios + log_scale)
+    gen = torch.Generator().manual_seed(seed)
+    u = _with_singular_values(sigma, m, n, gen).unsqueeze(0)
+    lo, hi = _band(tuple(coeffs), 1e-3 / math.sqrt(k) * 0.999, 1.0)
+    out = newton_schulz(u.to(dtype), coeffs, dtype).double()
+    sv = torch.linalg.svdvals(out)
+    assert sv.min().item() >= lo - slack, (sv, lo)
+    assert sv.max().item() <= hi + slack, (sv, hi)
+
+
+def test_muon_quintic_band_from_scalar_map():
+    """The Muon quintic does not converge: once singular values are past the steep start,
+    iterates keep oscillating in a fixed band (module docstring: roughly [0.7, 1.2])."""
+    coeffs = _coeffs("muon", 5)
+    lo, hi = _band(coeffs, 0.05, 1.0)
+    assert 0.6 < lo < 0.8 and 1.1 < hi < 1.3
+    # The fixed quintic leaves a worst-case error that more steps do not remove.
+    err5 = max(1 - lo, hi - 1)
+    lo10, hi10 = _band(_coeffs("muon", 10), 0.05, 1.0)
+    assert max(1 - lo10, hi10 - 1) > 0.5 * err5
+
+
+# ------------------------------------------------------------------ Polar Express schedule
+
+
+def _worst_error(coeffs, lo=1e-3, hi=1.0) -> float:
+    band_lo, band_hi = _band(coeffs, lo, hi)
+    return max(1.0 - band_lo, band_hi - 1.0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_polar_express_schedule_well_formed(steps):
+    sched = polar_express_coefficients(steps)
+    assert len(sched) == steps
+    assert all(len(t) == 3 and all(math.isfinite(v) for v in t) for t in sched)
+    assert resolve_ns_coefficients("polar_express", steps) == sched
+    # Odd quintics with positive slope at 0: small singular values grow.
+    assert all(a > 0 for a, _, _ in sched)
+
+
+def test_polar_express_eight_steps_tight_around_one():
+    err = _worst_error(polar_express_coefficients(8))
+    assert err < 1e-6, err
+
+
+@pytest.mark.parametrize("steps", [3, 4, 5, 6, 7, 8])
+def test_polar_express_beats_muon_worst_case(steps):
+    pe = _worst_error(polar_express_coefficients(steps))
+    muon = _worst_error(_coeffs("muon", steps))
+    assert pe < muon, (pe, muon)
+
+
+def test_polar_express_error_decreases_with_steps():
+    errors = [_worst_error(polar_express_coefficients(s)) for s in range(1, 9)]
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+
+
+@pytest.mark.parametrize("steps", [9, 10, 12])
+def test_polar_express_many_steps(steps):
+    """More steps than needed to converge must still give a valid (converged) schedule."""
+    sched = polar_express_coefficients(steps)
+    assert len(sched) == steps
+    assert _worst_error(sched) < 1e-6
+
+
+@pytest.mark.parametrize("m,n", [(16, 16), (24, 8), (8, 24), (1, 12), (12, 1)])
+def test_polar_express_8_is_polar_factor(m, n):
+    """Well-conditioned input (normalized singular values >= 1e-3): 8 Polar Express steps in
+    float64 give the polar factor P Q^T of the SVD."""
+    gen = torch.Generator().manual_seed(m * 100 + n)
+    k = min(m, n)
+    sigma = torch.logspace(0, -2, k, dtype=torch.float64)
+    u = _with_singular_values(sigma, m, n, gen).unsqueeze(0)
+    p, s, qh = torch.linalg.svd(u, full_matrices=False)
+    assert (s / torch.linalg.vector_norm(u)).min() > 1e-3
+    out = newton_schulz(u, polar_express_coefficients(8), torch.float64)
+    torch.testing.assert_close(out, p @ qh, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 2.0, "5"])
+def test_polar_express_rejects_bad_steps(steps):
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        polar_express_coefficients(steps)
+
+
+# ------------------------------------------------------------------ low precision
+
+
+@pytest.mark.parametrize("label,spec,steps", COEFFICIENT_SETS, ids=SET_IDS)
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 32), (1, 32, 1), (2, 16, 16), (1, 48, 12), (1, 12, 48), (3, 8, 40)]
+)
+@pytest.mark.parametrize("input_bf16", [False, True])
+@pytest.mark.parametrize("compute", [None, torch.bfloat16], ids=["auto", "bf16_iter"])
+def test_bf16_close_to_float64(label, spec, steps, shape, input_bf16, compute):
+    """bf16 has a unit roundoff of 2**-8 ~ 0.0039; 3-8 chained bf16 matmul steps may amplify it
+    by a small factor (Polar Express's first step has slope ~20 at sigma = 1), so allow 20 ulps
+    in relative Frobenius norm."""
+    coeffs = _coeffs(spec, steps)
+    gen = torch.Generator().manual_seed(sum(shape))
+    u = torch.randn(shape, generator=gen, dtype=torch.float64)
+    exact = newton_schulz(u, coeffs, torch.float64)
+    low = newton_schulz(
+        u.bfloat16() if input_bf16 else u, coeffs, torch.bfloat16, compute_dtype=compute
+    )
+    assert low.dtype == torch.bfloat16
+    low = low.double()
+    if input_bf16:  # bf16 rounding of the input is part of the error: compare on the same input
+        exact = newton_schulz(u.bfloat16().double(), coeffs, torch.float64)
+    unit = 2.0**-8
+    rel = ((low - exact).norm() / exact.norm()).item()
+    assert rel < 20 * unit, rel

@@ -1,0 +1,389 @@
+"""normuon.param_groups: every parameter in exactly one group, the right one per the docstring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from normuon import Muon, NorMuon, param_groups
+
+BOTH = [NorMuon, Muon]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------------ models
+
+
+class RMSNormGain(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gain
+
+
+class Block(nn.Module):
+    def __init__(self, d, use_rms):
+        super().__init__()
+        self.ln1 = RMSNormGain(d) if use_rms else nn.LayerNorm(d)
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, d, bias=False)
+        self.v = nn.Linear(d, d)
+        self.o = nn.Linear(d, d)
+        self.ln2 = nn.RMSNorm(d) if use_rms else nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.d = d
+
+    def forward(self, x):
+        h = self.ln1(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        att = torch.softmax((q @ k.transpose(-1, -2)) / self.d**0.5, dim=-1)
+        x = x + self.o(att @ v)
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab=17, d=8, ctx=6, layers=2, tied=False):
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, d)
+        self.pos_emb = nn.Parameter(torch.randn(ctx, d) * 0.02)
+        self.blocks = nn.ModuleList([Block(d, use_rms=i % 2 == 1) for i in range(layers)])
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def forward(self, idx):
+        x = self.tok_emb(idx) + self.pos_emb[: idx.shape[-1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, head_name="classifier"):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 6, 3, padding=1, bias=False),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.hidden = nn.Linear(6, 6)
+        self.head_name = head_name
+        setattr(self, head_name, nn.Linear(6, 5))
+
+    def forward(self, x):
+        return getattr(self, self.head_name)(torch.relu(self.hidden(self.features(x))))
+
+
+class MoEConv1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 5, kernel_size=3, padding=1)
+        self.experts = nn.Parameter(torch.randn(4, 6, 5) * 0.1)  # (E, m, n) stack
+        self.router = nn.Linear(5, 4, bias=False)
+        self.norm = nn.LayerNorm(5)
+        self.scale = nn.Parameter(torch.tensor(1.0))  # 0-D scalar
+
+    def forward(self, x):  # x: (B, 3, L)
+        h = self.norm(self.conv(x).transpose(1, 2))  # (B, L, 5)
+        gate = torch.softmax(self.router(h), dim=-1)  # (B, L, E)
+        out = torch.einsum("ble,emn,bln->blm", gate, self.experts, h)
+        return self.scale * out
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _assignment(model, groups):
+    """name -> 'matrix' | 'conv' | 'adamw', asserting every parameter is in exactly one group."""
+    where: dict[int, str] = {}
+    for g in groups:
+        kind = "adamw" if g.get("algorithm") == "adamw" else (
+            "conv" if g.get("layout") == "conv" else "matrix"
+        )
+        for p in g["params"]:
+            assert id(p) not in where, "parameter in more than one group"
+            where[id(p)] = kind
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert set(where) == trainable, "groups do not cover exactly the trainable parameters"
+    return {name: where[id(p)] for name, p in model.named_parameters() if id(p) in where}
+
+
+def _expected_gpt(model):
+    expected = {}
+    for name, p in model.named_parameters():
+        if name in ("tok_emb.weight", "pos_emb", "lm_head.weight") or p.ndim < 2:
+            expected[name] = "adamw"
+        else:
+            expected[name] = "matrix"
+    return expected
+
+
+# ------------------------------------------------------------------ GPT
+
+
+def test_gpt_untied():
+    model = TinyGPT()
+    got = _assignment(model, param_groups(model))
+    assert got == _expected_gpt(model)
+    # spot checks, spelled out
+    assert got["blocks.0.q.weight"] == "matrix"
+    assert got["blocks.1.mlp.2.weight"] == "matrix"
+    assert got["blocks.0.v.bias"] == "adamw"
+    assert got["blocks.0.ln1.weight"] == "adamw" and got["blocks.1.ln2.weight"] == "adamw"
+    assert got["blocks.1.ln1.gain"] == "adamw"
+    assert got["lm_head.weight"] == "adamw"
+    assert got["pos_emb"] == "adamw"
+
+
+def test_gpt_tied_head():
+    model = TinyGPT(tied=True)
+    assert model.lm_head.weight is model.tok_emb.weight
+    groups = param_groups(model)
+    got = _assignment(model, groups)
+    assert got["tok_emb.weight"] == "adamw"
+    adamw = next(g for g in groups if g.get("algorithm") == "adamw")
+    assert sum(p is model.tok_emb.weight for p in adamw["params"]) == 1
+    matrix_count = sum(len(g["params"]) for g in groups if g.get("algorithm") != "adamw")
+    assert matrix_count == 2 * 6  # q, k, v, o, mlp.0, mlp.2 per block
+
+
+def test_tied_head_with_unhinted_names():
+    """A head tied to an embedding goes to AdamW whatever the names are."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lookup = nn.Embedding(11, 6)
+            self.hidden = nn.Linear(6, 6)
+            self.decoder = nn.Linear(6, 11, bias=False)
+            self.decoder.weight = self.lookup.weight
+
+    model = Model()
+    got = _assignment(model, param_groups(model))
+    assert got == {"lookup.weight": "adamw", "hidden.weight": "matrix", "hidden.bias": "adamw"}
+
+
+@pytest.mark.parametrize("pos_name", ["wpe", "position_embedding", "pos_emb", "cls_token"])
+def test_free_embedding_parameters_by_name(pos_name):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            setattr(self, pos_name, nn.Parameter(torch.randn(5, 4)))
+            self.proj = nn.Linear(4, 4, bias=False)
+
+    model = Model()
+    got = _assignment(model, param_groups(model))
+    assert got == {pos_name: "adamw", "proj.weight": "matrix"}
+
+
+def test_three_d_position_embedding_goes_to_adamw():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_emb = nn.Parameter(torch.randn(1, 5, 4))
+            self.proj = nn.Linear(4, 4, bias=False)
+
+    model = Model()
+    assert _assignment(model, param_groups(model))["pos_emb"] == "adamw"
+
+
+@pytest.mark.parametrize("head", ["lm_head", "head", "output", "classifier", "fc_out", "score"])
+def test_head_names(head):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            setattr(self, head, nn.Linear(4, 3))
+
+    model = Model()
+    got = _assignment(model, param_groups(model))
+    assert got[f"{head}.weight"] == "adamw" and got[f"{head}.bias"] == "adamw"
+    assert got["body.weight"] == "matrix"
+
+
+def test_head_name_matches_own_name_only():
+    """Only the module's own name counts: 'head' inside a longer name is not a head."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.multihead = nn.Linear(4, 4, bias=False)
+            self.heads = nn.ModuleDict({"head": nn.Linear(4, 2, bias=False)})
+
+    model = Model()
+    got = _assignment(model, param_groups(model))
+    assert got == {"multihead.weight": "matrix", "heads.head.weight": "adamw"}
+
+
+# ------------------------------------------------------------------ CNN, MoE, Conv1d
+
+
+def test_cnn_classifier():
+    model = TinyCNN("classifier")
+    groups = param_groups(model)
+    got = _assignment(model, groups)
+    assert got["features.0.weight"] == "conv" and got["features.3.weight"] == "conv"
+    assert got["features.0.bias"] == "adamw"
+    assert got["features.1.weight"] == "adamw" and got["features.1.bias"] == "adamw"
+    assert got["hidden.weight"] == "matrix" and got["hidden.bias"] == "adamw"
+    assert got["classifier.weight"] == "adamw" and got["classifier.bias"] == "adamw"
+    conv_group = next(g for g in groups if g.get("layout") == "conv")
+    assert "algorithm" not in conv_group
+    # BatchNorm buffers are not parameters and appear nowhere.
+    all_params = [p for g in groups for p in g["params"]]
+    assert not any(p is model.features[1].running_mean for p in all_params)
+
+
+def test_cnn_fc_head_routed_by_extra_adamw():
+    """'fc' is not in HEAD_NAMES (hidden layers are often called fc); extra_adamw moves it."""
+    model = TinyCNN("fc")
+    assert _assignment(model, param_groups(model))["fc.weight"] == "matrix"
+    got = _assignment(model, param_groups(model, extra_adamw=["fc."]))
+    assert got["fc.weight"] == "adamw" and got["hidden.weight"] == "matrix"
+
+
+def test_moe_and_conv1d():
+    model = MoEConv1d()
+    groups = param_groups(model)
+    got = _assignment(model, groups)
+    assert got == {
+        "conv.weight": "conv",
+        "conv.bias": "adamw",
+        "experts": "matrix",
+        "router.weight": "matrix",
+        "norm.weight": "adamw",
+        "norm.bias": "adamw",
+        "scale": "adamw",
+    }
+    matrix_group = next(g for g in groups if g.get("algorithm") is None and "layout" not in g)
+    assert any(p is model.experts for p in matrix_group["params"])
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_conv1d_group_uses_conv_layout_in_optimizer(cls):
+    """Conv1d weights (out, in, k) must be flattened per output channel, not stacked."""
+    model = MoEConv1d()
+    opt = cls(param_groups(model), ns_dtype=torch.float32)
+    model(torch.randn(2, 3, 7)).square().mean().backward()
+    opt.step()
+    state = opt.state[model.conv.weight]
+    assert state["momentum_buffer"].shape == model.conv.weight.shape
+    if cls is NorMuon:
+        assert state["neuron_second_moment"].shape == (5,)  # one per output channel
+        assert opt.state[model.experts]["neuron_second_moment"].shape == (4, 6)
+
+
+def test_requires_grad_false_excluded():
+    model = TinyGPT()
+    model.blocks[0].q.weight.requires_grad_(False)
+    model.ln_f.weight.requires_grad_(False)
+    groups = param_groups(model)
+    listed = [p for g in groups for p in g["params"]]
+    assert not any(p is model.blocks[0].q.weight for p in listed)
+    assert not any(p is model.ln_f.weight for p in listed)
+    _assignment(model, groups)
+
+
+def test_extra_adamw_by_qualified_name():
+    model = TinyGPT()
+    got = _assignment(model, param_groups(model, extra_adamw=["blocks.0.mlp"]))
+    assert got["blocks.0.mlp.0.weight"] == "adamw" and got["blocks.0.mlp.2.weight"] == "adamw"
+    assert got["blocks.1.mlp.0.weight"] == "matrix"
+
+
+# ------------------------------------------------------------------ overrides and errors
+
+
+def test_overrides_are_routed():
+    model = MoEConv1d()
+    groups = param_groups(
+        model, lr=0.05, weight_decay=0.1, ns_steps=4, adamw_lr=1e-3, adamw_betas=(0.8, 0.9)
+    )
+    for g in groups:
+        if g.get("algorithm") == "adamw":
+            assert g["lr"] == 1e-3 and g["betas"] == (0.8, 0.9)
+            assert "weight_decay" not in g and "ns_steps" not in g
+            assert not any(k.startswith("adamw_") for k in g)
+        else:
+            assert g["lr"] == 0.05 and g["weight_decay"] == 0.1 and g["ns_steps"] == 4
+            assert "betas" not in g
+    opt = NorMuon(groups, adamw_weight_decay=0.3)
+    adamw = next(g for g in opt.param_groups if g["algorithm"] == "adamw")
+    assert adamw["lr"] == 1e-3 and adamw["weight_decay"] == 0.3
+    matrix = next(g for g in opt.param_groups if g["algorithm"] == "normuon")
+    assert matrix["lr"] == 0.05 and matrix["momentum"] == 0.95
+
+
+def test_adamw_override_changes_adamw_step():
+    """adamw_lr really sets the AdamW group's step size (first AdamW step moves by ~lr)."""
+    model = TinyGPT()
+    opt = Muon(param_groups(model, adamw_lr=1e-3))
+    before = model.ln_f.bias.detach().clone()
+    model(torch.randint(0, 17, (2, 6))).square().mean().backward()
+    opt.step()
+    moved = (model.ln_f.bias.detach() - before).abs()
+    nonzero = model.ln_f.bias.grad.abs() > 1e-6
+    assert nonzero.any()
+    torch.testing.assert_close(moved[nonzero], torch.full_like(moved[nonzero], 1e-3), rtol=1e-3,
+                               atol=0)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4)),
+        nn.ModuleDict({"head": nn.Linear(4, 3), "norm": nn.LayerNorm(4)}),
+        nn.Linear(4, 3).requires_grad_(False),
+    ],
+    ids=["embedding_norm", "head_only", "frozen"],
+)
+def test_nothing_for_matrix_optimizer_raises(model):
+    with pytest.raises(ValueError, match=r"has no hidden matrix for NorMuon/Muon"):
+        param_groups(model)
+
+
+@pytest.mark.parametrize("cls", BOTH)
+@pytest.mark.parametrize("kind", ["gpt", "gpt_tied", "cnn", "moe"])
+def test_groups_work_with_optimizer(cls, kind):
+    torch.manual_seed(0)
+    if kind.startswith("gpt"):
+        model = TinyGPT(tied=kind == "gpt_tied")
+        loss_fn = lambda: model(torch.randint(0, 17, (2, 6))).square().mean()
+    elif kind == "cnn":
+        model = TinyCNN()
+        loss_fn = lambda: model(torch.randn(2, 3, 5, 5)).square().mean()
+    else:
+        model = MoEConv1d()
+        loss_fn = lambda: model(torch.randn(2, 3, 7)).square().mean()
+    opt = cls(param_groups(model, weight_decay=0.01), ns_dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        if p.grad is not None and p.grad.abs().max() > 0:
+            assert not torch.equal(p, before[name]), f"{name} did not move"
+        state = opt.state[p]
+        if p.ndim < 2 or name in ("pos_emb", "tok_emb.weight", "lm_head.weight",
+                                  "classifier.weight"):
+            assert "exp_avg" in state, name
+        else:
+            assert "momentum_buffer" in state, name
