@@ -406,8 +406,12 @@ def normuon_partial_sums(r: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor
 
 
 def inverse_rms(v: torch.Tensor, eps: float) -> torch.Tensor:
-    """f = 1 / (sqrt(v) + eps): the per-neuron rescale of NorMuon."""
-    return 1.0 / (v.sqrt() + eps)
+    """f = 1 / (sqrt(v) + eps): the per-neuron rescale of NorMuon.
+
+    A neuron with v = 0 has had an all-zero row of O so far (its row of O is zero now too), so
+    its factor is 0 rather than 1/eps: with eps = 0 that would be inf, and inf * 0 = NaN.
+    """
+    return torch.where(v > 0, 1.0 / (v.sqrt() + eps), 0.0)
 
 
 def muon_scale(

@@ -364,6 +364,19 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             self._skip_counter += bad_count.to(self._skip_counter.device)
         return flags
 
+    def _raise_on_nonfinite(self) -> None:
+        """``nonfinite_grads="raise"``: check every gradient of every group before any change."""
+        grads, names, infos = [], [], []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                name = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+                grads.append(self._local(self._grad_of(p, name)))
+                names.append(name)
+                infos.append(D.shard_info(p, name) if isinstance(p, DTensor) else None)
+        self._finite_flags(grads, names, infos)
+
     @staticmethod
     def _grad_of(p: torch.Tensor, where: str) -> torch.Tensor:
         g = p.grad
@@ -382,6 +395,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.nonfinite_grads == "raise":
+            self._raise_on_nonfinite()
         for gi, group in enumerate(self.param_groups):
             if group["algorithm"] == "adamw":
                 self._adamw_step(gi, group)
@@ -413,7 +428,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         steps = [s["step"] for s in states]
         # A skipped parameter sees its own state as the "gradient": lerp then leaves it unchanged.
         g_safe = [torch.where(f, g, m) for f, g, m in zip(ok, grads, exp_avgs)]
-        g2_safe = [torch.where(f, g.square(), v) for f, g, v in zip(ok, grads, exp_avg_sqs)]
+        # Squares formed in the state dtype: a bf16 g*g would round every EMA term to 8 bits.
+        g2_safe = [torch.where(f, g.square(), v) for f, g, v in zip(ok, g_safe, exp_avg_sqs)]
         okf = [f.to(F.accum_dtype(p.dtype)) for f, p in zip(ok, params)]
         torch._foreach_add_(steps, [f.to(torch.float32) for f in ok])
         if wd != 0:
@@ -428,6 +444,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, eps)
+        if eps == 0:
+            # A skipped parameter may hold exp_avg = exp_avg_sq = 0: keep 0 / 0 out of it.
+            denom = [torch.where(f, d, 1.0) for f, d in zip(ok, denom)]
         update = torch._foreach_div(exp_avgs, denom)
         torch._foreach_mul_(update, [-lr * f / bc for f, bc in zip(okf, bias_correction1)])
         torch._foreach_add_(params, update)
