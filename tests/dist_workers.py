@@ -247,3 +247,33 @@ def dcp_load_and_continue(
     train(ref_model, ref_opt, done + more)
     compare(model, opt, ref_model, ref_opt, what=f"DCP -> W={world}")
     dist.destroy_process_group()
+
+
+def hsdp_and_bf16_wire(rank: int, world: int, port: int) -> None:
+    """HSDP (2-D mesh: replicate x shard) equals the single process; bf16 on the wire stays
+    within bf16 accuracy of it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    setup(rank, world, port)
+    ref_model = make_model()
+    ref_opt = make_opt(ref_model, process_group=None)
+    train(ref_model, ref_opt, STEPS)
+
+    mesh2 = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    model = shard(make_model(), mesh2)
+    opt = make_opt(model)
+    train(model, opt, STEPS)
+    compare(model, opt, ref_model, ref_opt, what="HSDP")
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = shard(make_model(), mesh)
+    groups = param_groups(model, lr=0.02, weight_decay=0.1, adamw_lr=1e-2)
+    opt = NorMuon(groups, ns_dtype=torch.float32, comm_dtype=torch.bfloat16)
+    train(model, opt, STEPS)
+    init = make_model()
+    triples = zip(model.named_parameters(), ref_model.parameters(), init.parameters())
+    for (name, p), q, p0 in triples:
+        moved, moved_ref = full(p.detach()) - p0.detach(), q.detach() - p0.detach()
+        err = ((moved - moved_ref).norm() / moved_ref.norm()).item()
+        assert err < 0.1, f"bf16 wire {name}: {err:.3g}"  # U rounded to bf16 before NS
+    dist.destroy_process_group()

@@ -41,3 +41,7 @@ def test_dcp_checkpoint_across_world_sizes(tmp_path, save_world, load_world):
     ckpt = str(tmp_path / "ckpt")
     spawn(W.dcp_save, save_world, ckpt, 3)
     spawn(W.dcp_load_and_continue, load_world, ckpt, 3, 2)
+
+
+def test_hsdp_mesh_and_bf16_wire():
+    spawn(W.hsdp_and_bf16_wire, 4)

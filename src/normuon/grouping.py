@@ -17,8 +17,10 @@ HEAD_NAMES = frozenset(
 #: Name fragments of free-standing 2-D parameters that are embeddings, not hidden matrices.
 EMBEDDING_NAME_HINTS = ("embed", "wte", "wpe", "pos_emb", "tok_emb", "position", "cls_token")
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-               nn.ConvTranspose3d)  # fmt: skip
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Transposed convolutions store (in, out / groups, *k): dim 0 is not the output neuron, so the
+# per-row statistics would be per input channel. They go to AdamW.
+_CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
 
@@ -40,6 +42,7 @@ def param_groups(
       contains one of :data:`EMBEDDING_NAME_HINTS`);
     - the output head: modules whose own name is in :data:`HEAD_NAMES` (``lm_head``, ``head``,
       ``output``, ``classifier``, ...), and any weight tied to an embedding;
+    - transposed-convolution weights (their dim 0 is the input channel, not the neuron);
     - parameters whose qualified name contains a string of ``extra_adamw``.
 
     Matrix groups carry no ``algorithm`` key, so the same groups serve NorMuon and Muon.
@@ -58,6 +61,7 @@ def param_groups(
     embedding_ids: set[int] = set()
     head_ids: set[int] = set()
     conv_ids: set[int] = set()
+    transposed_ids: set[int] = set()
     for module_name, module in model.named_modules():
         own_name = module_name.rsplit(".", 1)[-1]
         if isinstance(module, _EMBEDDING_TYPES):
@@ -66,6 +70,8 @@ def param_groups(
             head_ids.update(id(p) for p in module.parameters(recurse=False))
         if isinstance(module, _CONV_TYPES):
             conv_ids.add(id(module.weight))
+        if isinstance(module, _CONV_TRANSPOSE_TYPES):
+            transposed_ids.add(id(module.weight))
 
     matrices: list[nn.Parameter] = []
     convs: list[nn.Parameter] = []
@@ -86,6 +92,7 @@ def param_groups(
             p.ndim < 2
             or id(p) in embedding_ids
             or id(p) in head_ids
+            or id(p) in transposed_ids
             or any(hint in n.rsplit(".", 1)[-1] for n in all_names for hint in EMBEDDING_NAME_HINTS)
             or any(s in n for n in names_of[id(p)] for s in extra_adamw)
         )

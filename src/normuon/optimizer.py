@@ -138,6 +138,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         self._matrix_defaults = matrix_defaults
         self._adamw_defaults = adamw_defaults
         self._skip_counter: torch.Tensor | None = None
+        # Validate the adamw_* defaults now, even if no AdamW group exists yet.
+        self._validate_adamw_group({"params": [], **adamw_defaults})
         defaults = dict(matrix_defaults)
         defaults.update({f"adamw_{k}": v for k, v in adamw_defaults.items()})
         super().__init__(params, defaults)
