@@ -86,6 +86,17 @@ def test_train_command_and_resume(tmp_path, capsys):
     assert text.count("muon seed 0: 6 steps") == 2
 
 
+def test_compare_in_worker_processes_matches_sequential(tmp_path):
+    args = ["compare", "--preset", "cpu-smoke", "--steps", "6", "--optimizers", "muon,normuon",
+            "--no-progress"]  # fmt: skip
+    assert main(args + ["--out", str(tmp_path / "seq")]) == 0
+    assert main(args + ["--out", str(tmp_path / "par"), "--jobs", "2"]) == 0
+    seq = json.loads((tmp_path / "seq" / "results.json").read_text())
+    par = json.loads((tmp_path / "par" / "results.json").read_text())
+    for name in ("muon", "normuon"):
+        assert seq["runs"][name][0]["val_losses"] == par["runs"][name][0]["val_losses"]
+
+
 def test_steps_to_reach_interpolates():
     steps, losses = [0, 10, 20, 30], [5.0, 3.0, 2.0, 1.5]
     assert steps_to_reach(steps, losses, 2.5) == pytest.approx(15.0)

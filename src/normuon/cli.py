@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     _common(c, "runs/compare")
     c.add_argument("--seeds", type=_positive_int, default=1, help="seeds per optimizer")
     c.add_argument("--optimizers", default="adamw,muon,normuon", help="comma-separated list")
+    c.add_argument("--jobs", type=_positive_int, default=1,
+                   help="runs trained at once in worker processes, one thread each (default 1)")
     s = sub.add_parser("sweep", help="learning-rate sweep per optimizer")
     _common(s, "runs/sweep")
     s.add_argument("--optimizers", default="adamw,muon,normuon", help="comma-separated list")
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
             summary = run_compare(cfg, data, optimizers=optimizers, seeds=args.seeds,
-                                  out=args.out, device=args.device, progress=progress)
+                                  out=args.out, device=args.device, progress=progress,
+                                  jobs=args.jobs)
             say(summary["table"])
         elif args.command == "sweep" and args.merge:
             say(merge_sweeps(args.merge, args.out)["table"])

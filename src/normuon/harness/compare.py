@@ -219,9 +219,13 @@ def run_compare(
     out: str | Path,
     device: str | None = None,
     progress: bool | None = None,
+    jobs: int = 1,
     log=print,
 ) -> dict[str, Any]:
-    """Train each optimizer for seeds 0..seeds-1; write results.json, config.json, loss.png."""
+    """Train each optimizer for seeds 0..seeds-1; write results.json, config.json, loss.png.
+
+    ``jobs > 1`` runs that many trainings at once in worker processes (one thread each).
+    """
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     out = Path(out)
@@ -229,18 +233,44 @@ def run_compare(
     _check_optimizers(cfg, optimizers)
     (out / "config.json").write_text(json.dumps(_resolved(cfg, data), indent=2) + "\n")
     results: dict[str, list[RunResult]] = {name: [] for name in optimizers}
-    for seed in range(seeds):
-        for name in optimizers:
-            r = train_run(cfg, name, data, seed=seed, out_dir=out / name / f"seed{seed}",
-                          device=device, progress=progress)  # fmt: skip
-            log(f"{name:8s} seed {seed}: final val loss {r.final_val_loss:.4f}, "
-                f"{r.train_time_s:.1f}s, optimizer step {100 * r.optimizer_share:.1f}%")
-            results[name].append(r)
+    jobs_list = [(seed, name) for seed in range(seeds) for name in optimizers]
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+
+    def report(r: RunResult) -> None:
+        log(f"{r.optimizer:8s} seed {r.seed}: final val loss {r.final_val_loss:.4f}, "
+            f"{r.train_time_s:.1f}s, optimizer step {100 * r.optimizer_share:.1f}%")
+
+    done: dict[tuple[int, str], RunResult] = {}
+    if jobs == 1:
+        for seed, name in jobs_list:
+            done[seed, name] = train_run(cfg, name, data, seed=seed,
+                                         out_dir=out / name / f"seed{seed}", device=device,
+                                         progress=progress)  # fmt: skip
+            report(done[seed, name])
+    else:
+        # Independent runs in worker processes, one torch thread each (CPU machines with
+        # several cores). Each run's timings then include the other workers' contention.
+        import concurrent.futures
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            futures = {
+                pool.submit(_worker_run, cfg, name, data, seed, str(out / name / f"seed{seed}"),
+                            device): (seed, name)
+                for seed, name in jobs_list
+            }  # fmt: skip
+            for future in concurrent.futures.as_completed(futures):
+                done[futures[future]] = future.result()
+                report(done[futures[future]])
+    for seed, name in jobs_list:
+        results[name].append(done[seed, name])
     rows = summarize(results)
     table = format_table(rows)
     summary = {
         "preset": cfg.preset,
-        "environment": _environment(),
+        "environment": {**_environment(), "jobs": jobs},
         "target": "AdamW mean final validation loss",
         "table": table,
         "rows": [dataclasses.asdict(r) for r in rows],
@@ -249,6 +279,11 @@ def run_compare(
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_compare(rows, out / "loss.png", f"{cfg.preset}: {data.source}")
     return summary
+
+
+def _worker_run(cfg, name, data, seed, out_dir, device) -> RunResult:
+    torch.set_num_threads(1)
+    return train_run(cfg, name, data, seed=seed, out_dir=out_dir, device=device, progress=False)
 
 
 def _check_optimizers(cfg: RunConfig, optimizers: Sequence[str]) -> None:
