@@ -651,7 +651,10 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         orthogonalized there, and their row blocks sent back.
         """
         coefficients = F.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
-        ns_dtype = group["ns_dtype"]
+        device = plans[0].local.device
+        # Where a bf16 request iterates in float32 (CPUs without bf16 GEMMs), keep the float32
+        # result rather than rounding it to bf16 and converting it back for every use.
+        ns_dtype = F.ns_compute_dtype(group["ns_dtype"], device)
         # Full matrices to orthogonalize here: key -> (B, m, n) tensor.
         full: dict[tuple[str, int], torch.Tensor] = {}
         geos: dict[tuple[str, int], MatrixGeometry] = {}
@@ -703,7 +706,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 full[key][:, s:e] for key, bi in members for s, e in [geos[key].row_blocks[bi]]
             ]
             stacked = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # (sum B, m, n)
-            out = F.newton_schulz(stacked, coefficients, ns_dtype)
+            out = F.newton_schulz(stacked, coefficients, ns_dtype, method="auto")
             for (key, bi), part in zip(members, out.split([b.shape[0] for b in blocks])):
                 if key in results:
                     s, e = geos[key].row_blocks[bi]
