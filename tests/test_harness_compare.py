@@ -74,6 +74,11 @@ def test_sweep_end_to_end(tmp_path, capsys):
     assert [p["lr"] for p in both["points"]["muon"]] == [0.01, 0.02, 0.05]
     assert len(both["points"]["adamw"]) == 2 and (merged / "sweep.png").exists()
     assert main(["sweep", "--merge", str(tmp_path / "nothing"), "--out", str(merged)]) == 2
+    # An interrupted sweep (no sweep.json) contributes its finished runs.
+    (more / "sweep.json").unlink()
+    assert main(["sweep", "--merge", str(out), str(more), "--out", str(merged)]) == 0
+    again = json.loads((merged / "sweep.json").read_text())
+    assert again["points"]["muon"] == both["points"]["muon"]
 
 
 def test_train_command_and_resume(tmp_path, capsys):

@@ -373,16 +373,34 @@ def write_sweep(
 
 
 def merge_sweeps(folders: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
-    """Combine the sweep.json of several ``normuon sweep`` runs (same preset and seed)."""
+    """Combine several ``normuon sweep`` folders (same preset and seed) into one.
+
+    A folder without sweep.json (an interrupted sweep) contributes its finished runs.
+    """
     points: dict[str, list[dict[str, float]]] = {}
     meta: set[tuple[str, int]] = set()
     for folder in folders:
         path = Path(folder) / "sweep.json"
-        if not path.is_file():
-            raise ValueError(f"--merge: {path} does not exist (not a sweep output folder)")
-        data = json.loads(path.read_text())
-        meta.add((data["preset"], data["seed"]))
-        for name, pts in data["points"].items():
+        if path.is_file():
+            data = json.loads(path.read_text())
+            meta.add((data["preset"], data["seed"]))
+            found = data["points"]
+        else:
+            # An interrupted sweep has no sweep.json: read its finished runs instead.
+            found = {}
+            for result in sorted(Path(folder).glob("*/lr*/result.json")):
+                run = json.loads(result.read_text())
+                run_cfg = json.loads((result.parent / "config.json").read_text())
+                if run["steps"] != run_cfg["config"]["train"]["steps"]:
+                    continue  # stopped early: not comparable
+                meta.add((run_cfg["config"]["preset"], run["seed"]))
+                lr = run_cfg["config"]["optimizers"][run["optimizer"]]["lr"]
+                found.setdefault(run["optimizer"], []).append(
+                    {"lr": lr, "final_val_loss": run["final_val_loss"]}
+                )
+            if not found:
+                raise ValueError(f"--merge: {folder} has neither sweep.json nor finished runs")
+        for name, pts in found.items():
             for p in pts:
                 loss = math.inf if p["final_val_loss"] is None else p["final_val_loss"]
                 points.setdefault(name, []).append({"lr": p["lr"], "final_val_loss": loss})

@@ -189,13 +189,13 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def _cpu_optimizers(
-    adamw_lr: float, muon_lr: float, normuon_lr: float
+    adamw_lr: float, muon_lr: float, normuon_lr: float, aux_lr: float
 ) -> dict[str, OptimizerConfig]:
-    # Muon/NorMuon train embeddings and head with AdamW at the AdamW baseline's (tuned) lr.
+    # aux_lr: the AdamW lr of Muon/NorMuon's embeddings, head and vectors.
     return {
         "adamw": OptimizerConfig(lr=adamw_lr),
-        "muon": OptimizerConfig(lr=muon_lr, adamw_lr=adamw_lr),
-        "normuon": OptimizerConfig(lr=normuon_lr, adamw_lr=adamw_lr),
+        "muon": OptimizerConfig(lr=muon_lr, adamw_lr=aux_lr),
+        "normuon": OptimizerConfig(lr=normuon_lr, adamw_lr=aux_lr),
     }
 
 
@@ -207,17 +207,19 @@ def _presets() -> dict[str, RunConfig]:
         model=ModelConfig(n_layer=2, n_head=2, n_kv_head=2, d_model=32, max_seq_len=32),
         train=TrainConfig(batch_size=8, seq_len=32, steps=40, warmup_steps=0, val_every=10,
                           val_batches=2, log_every=5),  # fmt: skip
-        optimizers=_cpu_optimizers(adamw_lr=1e-2, muon_lr=0.05, normuon_lr=0.05),
+        optimizers=_cpu_optimizers(adamw_lr=1e-2, muon_lr=0.05, normuon_lr=0.05, aux_lr=1e-2),
     )
     # The default: the 3-optimizer comparison (one seed each) in well under 10 minutes on a
-    # 2-core CPU. Learning rates from `normuon sweep --preset cpu-small` (docs/results.md).
+    # 2-core CPU. Learning rates from `normuon sweep --preset cpu-small` (docs/results.md):
+    # AdamW swept 0.002-0.064 (best 0.032), Muon and NorMuon 0.01-0.08 (best 0.04 each), with
+    # Muon/NorMuon's embeddings and head at AdamW lr 0.004 during the sweep and here.
     presets["cpu-small"] = RunConfig(
         preset="cpu-small",
         description="Default: byte-level GPT on Shakespeare, ~2 minutes per run on 2 CPU cores.",
         model=ModelConfig(n_layer=4, n_head=4, n_kv_head=4, d_model=128, max_seq_len=128),
         train=TrainConfig(batch_size=16, seq_len=128, steps=300, warmup_steps=20,
                           cooldown_frac=0.5, val_every=25, val_batches=8, log_every=10),
-        optimizers=_cpu_optimizers(adamw_lr=4e-3, muon_lr=0.04, normuon_lr=0.04),
+        optimizers=_cpu_optimizers(adamw_lr=0.032, muon_lr=0.04, normuon_lr=0.04, aux_lr=4e-3),
     )  # fmt: skip
     presets["cpu-medium"] = RunConfig(
         preset="cpu-medium",
@@ -225,7 +227,7 @@ def _presets() -> dict[str, RunConfig]:
         model=ModelConfig(n_layer=6, n_head=4, n_kv_head=4, d_model=256, max_seq_len=256),
         train=TrainConfig(batch_size=32, seq_len=256, steps=1500, warmup_steps=50,
                           cooldown_frac=0.5, val_every=100, val_batches=8, log_every=20),
-        optimizers=_cpu_optimizers(adamw_lr=3e-3, muon_lr=0.03, normuon_lr=0.03),
+        optimizers=_cpu_optimizers(adamw_lr=0.02, muon_lr=0.04, normuon_lr=0.04, aux_lr=4e-3),
     )  # fmt: skip
     # GPU presets. Shapes of modded-nanogpt's GPT-2 small/medium (head dim 128/64, seq 1024,
     # batch 512 sequences as in the paper, warmup-stable-decay). Step counts and lrs are
