@@ -5,12 +5,18 @@
 # torch==2.13.0 is installed (PyPI's default Linux wheel is a multi-GB CUDA build; for CUDA,
 # install torch from pytorch.org first and this script leaves it alone).
 #
-#   bash scripts/install.sh          # the library
-#   bash scripts/install.sh --dev    # plus test, lint, harness and plotting extras
+#   bash scripts/install.sh            # the library
+#   bash scripts/install.sh --harness  # plus the comparison harness (tqdm, matplotlib)
+#   bash scripts/install.sh --dev      # plus test, lint, harness and plotting extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
-if [[ "${1:-}" == "--dev" ]]; then extras="[dev]"; fi
+case "${1:-}" in
+  --dev) extras="[dev]" ;;
+  --harness) extras="[harness]" ;;
+  "") ;;
+  *) echo "usage: bash scripts/install.sh [--dev|--harness]" >&2; exit 2 ;;
+esac
 if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install --quiet "torch==2.13.0" \
     || python -m pip install --quiet "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
