@@ -361,6 +361,7 @@ def write_sweep(
         ok = [p for p in pts if math.isfinite(p["final_val_loss"])]
         ax.plot([p["lr"] for p in ok], [p["final_val_loss"] for p in ok], "o-", label=name)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels overlap on a log axis
     ax.set_xlabel("learning rate (AdamW: all params; Muon/NorMuon: hidden matrices)")
     ax.set_ylabel("final validation loss")
     ax.set_title(f"lr sweep, {preset}, seed {seed}")
