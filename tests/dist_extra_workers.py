@@ -1,0 +1,139 @@
+"""Spawned workers for tests/test_distributed_extra.py (gloo, CPU). Reuses dist_workers' model,
+batches and optimizer settings. Each worker writes what it saw to ``out_dir`` so that the test
+process can assert on it (an exception in a worker fails the spawn as well)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import dist_workers as W
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from normuon import NorMuon
+
+
+def teardown() -> None:
+    """destroy_process_group can deadlock when gloo's work thread still needs the GIL to free
+    a finished collective (the destructor joins it while holding the GIL; pytorch/pytorch#56297,
+    seen here once after dcp.save at W=2). A barrier and a short GIL-free sleep first."""
+    dist.barrier()
+    time.sleep(0.2)
+    dist.destroy_process_group()
+
+
+def shard_dim1_error(rank: int, world: int, port: int, out_dir: str) -> None:
+    """A DTensor parameter sharded on dim 1: where and how NorMuon refuses it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    W.setup(rank, world, port)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    p = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
+    result = {"at": None, "type": None, "message": None}
+    try:
+        opt = NorMuon([p], ns_dtype=torch.float32)
+        p.grad = distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)])
+        result["at"] = "step"
+        opt.step()
+        result["at"] = "no error"
+    except Exception as exc:  # noqa: BLE001 - recorded for the test to judge
+        result["at"] = result["at"] or "constructor"
+        result["type"] = type(exc).__name__
+        result["message"] = str(exc)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+    teardown()
+
+
+def _ddp_train(ddp, opt, steps, start):
+    for step in range(start, start + steps):
+        W.loss_fn(ddp, W.batch(step)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def ddp_dcp_save(rank: int, world: int, port: int, ckpt: str, steps: int) -> None:
+    """Replicated (DDP) mode, where each rank holds the optimizer state of its own matrices
+    only: train, then save model + optimizer with DCP from the DDP-wrapped model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    W.setup(rank, world, port)
+    model = W.make_model()
+    ddp = DDP(model)
+    opt = W.make_opt(model)
+    _ddp_train(ddp, opt, steps, 0)
+    model_sd, optim_sd = get_state_dict(ddp, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
+    teardown()
+
+
+def ddp_dcp_load(
+    rank: int, world: int, port: int, ckpt: str, done: int, more: int, out_dir: str
+) -> None:
+    """Load the DDP checkpoint at ``world`` ranks (DDP-wrapped when world > 1), continue, and
+    compare with one uninterrupted single-process run of done + more steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    W.setup(rank, world, port)
+    model = W.make_model(seed=123)  # a different init: everything must come from the checkpoint
+    wrapped = DDP(model) if world > 1 else model
+    opt = W.make_opt(model)
+    model_sd, optim_sd = get_state_dict(wrapped, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=ckpt)
+    strict_error = None
+    try:
+        set_state_dict(
+            wrapped, opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+    except RuntimeError as exc:
+        # torch's set_state_dict (strict by default) wants state for every parameter that
+        # requires grad; in replicated mode a rank holds only its own matrices' state.
+        strict_error = str(exc)
+        set_state_dict(
+            wrapped,
+            opt,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(strict=False),
+        )
+    _ddp_train(wrapped, opt, more, done)
+
+    ref_model = W.make_model()
+    ref_opt = W.make_opt(ref_model, process_group=None)
+    W.train(ref_model, ref_opt, done + more)
+    param_err, state_err, states = 0.0, 0.0, 0
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        scale = q.abs().max().clamp_min(1e-12)
+        param_err = max(param_err, ((p.detach() - q.detach()).abs().max() / scale).item())
+        mine = opt.state.get(p, {})
+        for key, value in ref_opt.state.get(q, {}).items():
+            if key == "step" or key not in mine:
+                continue  # replicated mode: only the owner holds a matrix's state
+            scale = value.abs().max().clamp_min(1e-12)
+            state_err = max(state_err, ((mine[key] - value).abs().max() / scale).item())
+            states += 1
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(
+            {
+                "param_err": param_err,
+                "state_err": state_err,
+                "states": states,
+                "strict_error": strict_error,
+            },
+            fh,
+        )
+    teardown()
