@@ -80,11 +80,7 @@ def ddp_dcp_load(
     """Load the DDP checkpoint at ``world`` ranks (DDP-wrapped when world > 1), continue, and
     compare with one uninterrupted single-process run of done + more steps."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_state_dict,
-        set_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     W.setup(rank, world, port)
@@ -94,22 +90,10 @@ def ddp_dcp_load(
     model_sd, optim_sd = get_state_dict(wrapped, opt)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=ckpt)
+    # Strict (torch's default): every parameter needs state in the checkpoint, which holds it
+    # because NorMuon.state_dict() gathers the owners' shares on every rank.
+    set_state_dict(wrapped, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     strict_error = None
-    try:
-        set_state_dict(
-            wrapped, opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
-    except RuntimeError as exc:
-        # torch's set_state_dict (strict by default) wants state for every parameter that
-        # requires grad; in replicated mode a rank holds only its own matrices' state.
-        strict_error = str(exc)
-        set_state_dict(
-            wrapped,
-            opt,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-            options=StateDictOptions(strict=False),
-        )
     _ddp_train(wrapped, opt, more, done)
 
     ref_model = W.make_model()

@@ -138,6 +138,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         self._matrix_defaults = matrix_defaults
         self._adamw_defaults = adamw_defaults
         self._skip_counter: torch.Tensor | None = None
+        # ids of the parameters that have had a gradient (replicated mode: so that every rank
+        # knows which ones have state somewhere).
+        self._stepped: set[int] = set()
         # Validate the adamw_* defaults now, even if no AdamW group exists yet.
         self._validate_adamw_group({"params": [], **adamw_defaults})
         defaults = dict(matrix_defaults)
@@ -209,6 +212,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             self._validate_adamw_group(group)
         else:
             self._validate_matrix_group(group)
+        for i, p in enumerate(params):
+            if isinstance(p, DTensor):  # unsupported placements fail here, not at step()
+                D.shard_info(p, f"params[{i}] (shape {tuple(p.shape)})")
 
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         if len({id(p) for p in params}) != len(params) or any(id(p) in seen for p in params):
@@ -310,6 +316,40 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- checkpointing
 
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state, as torch.optim.Optimizer returns it.
+
+        Replicated (DDP) mode keeps a matrix's state on its owner only; here every rank gathers
+        the whole state (a collective: call it on all ranks), so the result does not depend on
+        the world size and loads anywhere, with or without ``torch.distributed.checkpoint``.
+        """
+        rgroup = self._replication_group()
+        dtensors = any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"])
+        if rgroup is None or dtensors:
+            return super().state_dict()
+        rank = dist.get_rank(rgroup)
+        borrowed = []
+        for gi, group in enumerate(self.param_groups):
+            owners = self._replicated_owners(gi, group, rgroup)
+            idx = [i for i, p in enumerate(group["params"]) if id(p) in self._stepped]
+            tensors, tensor_owners = [], []
+            for i in idx:
+                p = group["params"][i]
+                if owners[i] != rank:
+                    borrowed.append(p)
+                    if group["algorithm"] == "adamw":
+                        self._init_adamw_state(p)
+                    else:
+                        self._init_matrix_state(p, group)
+                for key in sorted(self.state[p]):
+                    tensors.append(self.state[p][key])
+                    tensor_owners.append(owners[i])
+            D.all_gather_owned(tensors, tensor_owners, rgroup, rank, dist.get_world_size(rgroup))
+        result = super().state_dict()
+        for p in borrowed:  # the returned dict keeps them; this rank does not
+            del self.state[p]
+        return result
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict, keeping every state tensor's saved dtype.
 
@@ -325,6 +365,17 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             for key, value in saved_state.get(pid, {}).items():
                 if isinstance(value, torch.Tensor) and key != "step":
                     self.state[p][key] = value.to(device=p.device, copy=True)
+            if pid in saved_state:
+                self._stepped.add(id(p))
+        rgroup = self._replication_group()
+        if rgroup is not None and not any(isinstance(p, DTensor) for p in current):
+            # Replicated mode: keep only the state of the parameters this rank owns now.
+            rank = dist.get_rank(rgroup)
+            for gi, group in enumerate(self.param_groups):
+                owners = self._replicated_owners(gi, group, rgroup)
+                for i, p in enumerate(group["params"]):
+                    if owners[i] != rank and p in self.state:
+                        del self.state[p]
 
     # ---------------------------------------------------------------- non-finite gradients
 
@@ -557,6 +608,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         for pi, p in enumerate(group["params"]):
             if need_grad and p.grad is None:
                 continue
+            if need_grad:
+                self._stepped.add(id(p))  # every replica sees the same gradients
             name = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
             plan = None if group["algorithm"] == "adamw" else self._plan(p, group, name)
             out.append((pi, p, plan))
@@ -722,7 +775,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 if ("owned", members[k]) in results
             }
             cols = [plans[i].geometry.cols for i in members]
-            back = D.rows_from_owners(owned, offsets, owners, cols, info, ns_dtype)
+            back_wire = D.wire_dtype_for(device, self.comm_dtype) or ns_dtype
+            back = D.rows_from_owners(owned, offsets, owners, cols, info, back_wire)
             for k, i in enumerate(members):
                 ortho[i] = back[k].view(1, *back[k].shape)
         return ortho  # type: ignore[return-value]
