@@ -239,9 +239,11 @@ def _full_optimizer_state(opt: torch.optim.Optimizer, d: _Dist) -> dict[str, Any
     """``opt.state_dict()`` with every parameter's state, also under replicated DDP.
 
     With several ranks, Muon/NorMuon keep a matrix's momentum only on the rank that owns its
-    update, so rank 0's state_dict alone would lose the other ranks' matrices. The per-rank
-    states (CPU copies) are gathered and merged by parameter index; every rank loads the merged
-    dict on resume (non-owners then hold state they do not use).
+    update. Since normuon commit 5d745d3 their ``state_dict()`` (called on every rank here, as
+    it is a collective) gathers the owners' state itself; before it, rank 0's state_dict lacked
+    the other ranks' matrices. The per-rank states (CPU copies) are still gathered and merged by
+    parameter index, a no-op with the current library that keeps checkpoints complete whatever
+    the optimizer does; every rank loads the merged dict on resume.
     """
     sd = opt.state_dict()
     if d.world == 1:
