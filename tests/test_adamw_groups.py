@@ -18,14 +18,6 @@ HYPER = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _params(shapes, seed, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=gen).to(dtype) for s in shapes]

@@ -15,14 +15,6 @@ from normuon import Muon, NorMuon, param_groups
 BOTH = [NorMuon, Muon]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ------------------------------------------------------------------ helpers
 
 # (name, shape, group) -- w1/w2 share a Newton-Schulz bucket; conv is 4-D; b* are AdamW.

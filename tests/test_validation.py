@@ -12,14 +12,6 @@ from normuon import Muon, NorMuon
 BOTH = [NorMuon, Muon]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _w(*shape):
     return torch.nn.Parameter(torch.randn(shape))
 
