@@ -521,10 +521,8 @@ def report(per_world: dict[int, list[dict]], cfg: dict) -> list[str]:
         "- NS GFLOP/rank: Newton-Schulz work each rank did (4 k^2 N + 2 k^3 per step and "
         "matrix, k = min(m, n)): the split of the work, independent of machine load. n/a for "
         "torch's Muon, whose DTensor matmuls split the work by sharding rules.",
-        "- `comm_dtype` applies to the momentum sent to the owner; the orthogonalized rows come "
-        "back in `ns_dtype` (float32 here), so `normuon-bf16wire` moves 2 + 4 bytes per element "
-        "(1.5x its all-bf16 floor). With the GPU default `ns_dtype=torch.bfloat16` both ways "
-        "are bf16.",
+        "- `comm_dtype` applies both ways: the momentum sent to the owner and the orthogonalized "
+        "rows sent back, so `normuon-bf16wire` moves 2 + 2 bytes per element.",
         "- collectives: ops counted by `torch.distributed.tensor.debug.CommDebugMode` per step "
         "(rank 0).",
         "- step per rank / NS per rank: medians of rank 0 / 1 / ... . For `torch-muon*` the NS "
