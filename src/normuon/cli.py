@@ -34,6 +34,8 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
                         "(default: the embedded Shakespeare corpus)")
     p.add_argument("--out", default=default_out, help="output folder (default %(default)s)")
     p.add_argument("--steps", type=_positive_int, default=None, help="override the preset's steps")
+    p.add_argument("--parallel", choices=["ddp", "fsdp2"], default=None,
+                   help="under torchrun: replicate (ddp, default) or shard (fsdp2)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is more robust on a "
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps is not None:
             cfg.train.steps = args.steps
             cfg.train.warmup_steps = min(cfg.train.warmup_steps, args.steps)
+        if args.parallel is not None:
+            cfg.train.parallel = args.parallel
         data = load_data(args.data, cfg.train.val_fraction)
         start = time.perf_counter()
         # Under torchrun every rank runs this; only rank 0 prints.

@@ -241,10 +241,17 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             raise ValueError(f"nesterov must be True or False, got {group['nesterov']!r}")
         # Resolving the coefficients validates ns_steps and ns_coefficients together.
         F.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
-        if group["ns_dtype"] not in _NS_DTYPES:
+        # Stored by name ("bfloat16"): torch.distributed.checkpoint's full state dicts accept
+        # only plain values in param_groups, and a name reads the same in JSON.
+        dtype = group["ns_dtype"]
+        if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+            dtype = getattr(torch, dtype)
+        if dtype not in _NS_DTYPES:
             raise ValueError(
-                f"ns_dtype must be one of {[str(d) for d in _NS_DTYPES]}, got {group['ns_dtype']!r}"
+                f"ns_dtype must be one of {[str(d) for d in _NS_DTYPES]} (or their names), "
+                f"got {group['ns_dtype']!r}"
             )
+        group["ns_dtype"] = str(dtype).removeprefix("torch.")
         if group["update_scale"] not in ("preserve_norm", "adam_rms"):
             raise ValueError(
                 f"update_scale must be 'preserve_norm' or 'adam_rms', got {group['update_scale']!r}"
@@ -707,7 +714,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         device = plans[0].local.device
         # Where a bf16 request iterates in float32 (CPUs without bf16 GEMMs), keep the float32
         # result rather than rounding it to bf16 and converting it back for every use.
-        ns_dtype = F.ns_compute_dtype(group["ns_dtype"], device)
+        requested = group["ns_dtype"]  # a name; a torch.dtype in state_dicts of 0.1.0 betas
+        requested = getattr(torch, requested) if isinstance(requested, str) else requested
+        ns_dtype = F.ns_compute_dtype(requested, device)
         # Full matrices to orthogonalize here: key -> (B, m, n) tensor.
         full: dict[tuple[str, int], torch.Tensor] = {}
         geos: dict[tuple[str, int], MatrixGeometry] = {}

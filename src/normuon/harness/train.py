@@ -185,25 +185,65 @@ def _init_distributed(device_arg: str | None) -> tuple[_Dist, torch.device]:
 
 
 def _wrap_model(model: nn.Module, cfg: TrainConfig, d: _Dist, device: torch.device) -> nn.Module:
-    """The module the training loop calls: DDP under torchrun, optionally compiled.
+    """The module the training loop calls: DDP or FSDP2 under torchrun, optionally compiled.
 
-    FSDP2 (``parallel="fsdp2"``: ``torch.distributed.fsdp.fully_shard`` per block, then on the
-    root, with NorMuon's DTensor path) plugs in here; the optimizer is built after this call on
-    the (then sharded) parameters, and checkpoints would move to torch.distributed.checkpoint.
+    FSDP2 (``parallel="fsdp2"``) shards every block and then the root with
+    ``torch.distributed.fsdp.fully_shard`` on a 1-D mesh; the parameters become DTensors in
+    place, so the optimizer built afterwards on ``model`` takes NorMuon's DTensor path.
     """
     if d.world > 1:
         if cfg.parallel == "fsdp2":
-            raise NotImplementedError(
-                "parallel='fsdp2' is not built yet in the harness; use parallel='ddp'"
-            )
-        from torch.nn.parallel import DistributedDataParallel
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
 
-        model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+            mesh = init_device_mesh(device.type, (d.world,))
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
     if cfg.compile:
         model = torch.compile(model)
     return model
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _full_state(model: nn.Module, opt: torch.optim.Optimizer, d: _Dist) -> tuple[Any, Any]:
+    """Model and optimizer state with whole tensors on the CPU, whatever the parallelism.
+
+    A collective under torchrun (call it on every rank). Sharded (FSDP2) models go through
+    torch.distributed.checkpoint.state_dict, which keys the optimizer state by parameter name.
+    """
+    if d.world > 1 and _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(model, opt, options=options)
+    return model.state_dict(), _full_optimizer_state(opt, d)
+
+
+def _load_full_state(
+    model: nn.Module, opt: torch.optim.Optimizer, model_sd: Any, opt_sd: Any, d: _Dist
+) -> None:
+    """Inverse of :func:`_full_state`: every rank passes the whole saved state."""
+    if d.world > 1 and _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=opt_sd,
+                       options=options)  # fmt: skip
+        return
+    model.load_state_dict(model_sd)
+    opt.load_state_dict(opt_sd)
 
 
 def _sync(device: torch.device) -> None:
@@ -347,8 +387,7 @@ def train_run(
                 f"--resume: {ckpt_path} was written by a different run (config, optimizer, seed, "
                 f"data or world size differ); start a fresh run in another --out folder"
             )
-        raw_model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        _load_full_state(raw_model, opt, ckpt["model"], ckpt["optimizer"], d)
         sched.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng_cpu"])
         if dev.type == "cuda" and ckpt.get("rng_cuda") is not None:
@@ -387,13 +426,13 @@ def train_run(
         return float(total) / (len(val_set) * tcfg.grad_accum * d.world)
 
     def save_checkpoint() -> None:
-        opt_state = _full_optimizer_state(opt, d)  # a collective under torchrun: every rank
+        model_state, opt_state = _full_state(raw_model, opt, d)  # collective under torchrun
         if not d.main:
             return
         _atomic_save(
             {
                 "step": step,  # also the data position: batch s depends only on (seed, s)
-                "model": raw_model.state_dict(),
+                "model": model_state,
                 "optimizer": opt_state,
                 "scheduler": sched.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
