@@ -178,10 +178,18 @@ def test_bad_ns_coefficients(cls, coeffs, steps, pattern):
 
 
 @pytest.mark.parametrize("cls", BOTH)
-@pytest.mark.parametrize("dtype", ["bfloat16", torch.int32, torch.complex64, None, torch.bool])
+@pytest.mark.parametrize("dtype", ["bf16", "int32", torch.int32, torch.complex64, None, torch.bool])
 def test_bad_ns_dtype(cls, dtype):
     with pytest.raises(ValueError, match=r"ns_dtype must be one of"):
         cls([_w(4, 4)], ns_dtype=dtype)
+
+
+@pytest.mark.parametrize("cls", BOTH)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16", torch.float32, "float32"])
+def test_ns_dtype_is_kept_by_name(cls, dtype):
+    """Groups store the dtype's name (DCP full state dicts take only plain values)."""
+    opt = cls([_w(4, 4)], ns_dtype=dtype)
+    assert opt.param_groups[0]["ns_dtype"] == str(dtype).removeprefix("torch.")
 
 
 @pytest.mark.parametrize("cls", BOTH)
