@@ -228,7 +228,9 @@ def _full_state(model: nn.Module, opt: torch.optim.Optimizer, d: _Dist) -> tuple
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_state_dict(model, opt, options=options)
-    return model.state_dict(), _full_optimizer_state(opt, d)
+    # NorMuon/Muon's state_dict() gathers the owners' shares under replicated DDP (a
+    # collective, hence called on every rank), so it is whole here too.
+    return model.state_dict(), opt.state_dict()
 
 
 def _load_full_state(
@@ -273,32 +275,6 @@ def _atomic_save(obj: Any, path: Path) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-
-
-def _full_optimizer_state(opt: torch.optim.Optimizer, d: _Dist) -> dict[str, Any]:
-    """``opt.state_dict()`` with every parameter's state, also under replicated DDP.
-
-    With several ranks, Muon/NorMuon keep a matrix's momentum only on the rank that owns its
-    update. Since normuon commit 5d745d3 their ``state_dict()`` (called on every rank here, as
-    it is a collective) gathers the owners' state itself; before it, rank 0's state_dict lacked
-    the other ranks' matrices. The per-rank states (CPU copies) are still gathered and merged by
-    parameter index, a no-op with the current library that keeps checkpoints complete whatever
-    the optimizer does; every rank loads the merged dict on resume.
-    """
-    sd = opt.state_dict()
-    if d.world == 1:
-        return sd
-    local = {
-        index: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-        for index, st in sd["state"].items()
-    }
-    parts: list[Any] = [None] * d.world
-    dist.all_gather_object(parts, local)
-    merged: dict[int, Any] = {}
-    for part in parts:
-        for index, st in part.items():
-            merged.setdefault(index, st)
-    return {**sd, "state": dict(sorted(merged.items()))}
 
 
 def _write_json(path: Path, obj: Any) -> None:
