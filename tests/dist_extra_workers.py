@@ -6,23 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import dist_workers as W
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from normuon import NorMuon
 
-
-def teardown() -> None:
-    """destroy_process_group can deadlock when gloo's work thread still needs the GIL to free
-    a finished collective (the destructor joins it while holding the GIL; pytorch/pytorch#56297,
-    seen here once after dcp.save at W=2). A barrier and a short GIL-free sleep first."""
-    dist.barrier()
-    time.sleep(0.2)
-    dist.destroy_process_group()
+teardown = W.teardown  # barrier + pause before destroy_process_group (gloo shutdown race)
 
 
 def shard_dim1_error(rank: int, world: int, port: int, out_dir: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def teardown() -> None:
+    """Leave the process group without tripping gloo's shutdown race (pytorch/pytorch#56297:
+    destroying it while its work thread still finishes a collective aborts the process with
+    "terminate called without an active exception"): a barrier and a short pause first."""
+    dist.barrier()
+    time.sleep(0.2)
+    dist.destroy_process_group()
 
 
 def setup(rank: int, world: int, port: int) -> None:
@@ -150,7 +160,7 @@ def fsdp_matches_single(rank: int, world: int, port: int) -> None:
         opt = make_opt(model, cls, **opts)
         train(model, opt, STEPS)
         compare(model, opt, ref_model, ref_opt, what=f"W={world} {cls.__name__} {opts}")
-    dist.destroy_process_group()
+    teardown()
 
 
 def ddp_matches_single(rank: int, world: int, port: int) -> None:
@@ -180,7 +190,7 @@ def ddp_matches_single(rank: int, world: int, port: int) -> None:
         has = torch.tensor([1.0 if opt.state.get(p) else 0.0 for p in model.parameters()])
         dist.all_reduce(has)
         assert torch.all(has == 1), has
-    dist.destroy_process_group()
+    teardown()
 
 
 def ns_counts(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -207,7 +217,7 @@ def ns_counts(rank: int, world: int, port: int, out_dir: str) -> None:
         F.newton_schulz = original
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as fh:
         fh.write(str(count[0]))
-    dist.destroy_process_group()
+    teardown()
 
 
 def dcp_save(rank: int, world: int, port: int, ckpt: str, steps: int) -> None:
@@ -222,7 +232,7 @@ def dcp_save(rank: int, world: int, port: int, ckpt: str, steps: int) -> None:
     train(model, opt, steps)
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
-    dist.destroy_process_group()
+    teardown()
 
 
 def dcp_load_and_continue(
@@ -246,7 +256,7 @@ def dcp_load_and_continue(
     ref_opt = make_opt(ref_model, process_group=None)
     train(ref_model, ref_opt, done + more)
     compare(model, opt, ref_model, ref_opt, what=f"DCP -> W={world}")
-    dist.destroy_process_group()
+    teardown()
 
 
 def hsdp_and_bf16_wire(rank: int, world: int, port: int) -> None:
@@ -276,4 +286,4 @@ def hsdp_and_bf16_wire(rank: int, world: int, port: int) -> None:
         moved, moved_ref = full(p.detach()) - p0.detach(), q.detach() - p0.detach()
         err = ((moved - moved_ref).norm() / moved_ref.norm()).item()
         assert err < 0.1, f"bf16 wire {name}: {err:.3g}"  # U rounded to bf16 before NS
-    dist.destroy_process_group()
+    teardown()
