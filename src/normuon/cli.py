@@ -145,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{r.optimizer} seed {r.seed}: {r.steps} steps, final val loss "
                   f"{r.final_val_loss:.4f}, {r.train_time_s:.1f}s")
         say(f"total wall time {time.perf_counter() - start:.1f}s; outputs in {args.out}")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank done with its collectives before the group goes: destroying a gloo
+            # group while its work thread finishes one can abort the process (pytorch#56297).
+            torch.distributed.barrier()
+            time.sleep(0.2)
     except ValueError as exc:
         print(f"normuon {args.command}: error: {exc}", file=sys.stderr)
         return 2
