@@ -273,7 +273,9 @@ class Zero1NorMuon:
             o = o.unsqueeze(0)  # (1, m, n)
             r = F.neuron_mean_square(o, -1)  # (1, m)
             v.lerp_(r, 1.0 - BETA2)
-            g = F.normuon_row_factors(r, v, EPS, m, n, -1, "preserve_norm")  # (1, m)
+            f = F.inverse_rms(v, EPS)
+            g = F.normuon_row_factors(f, *F.normuon_partial_sums(r, f), m, n, -1,
+                                      "preserve_norm")  # (1, m); fmt: skip
             world, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
             off = dim0_offsets(m, world)
             lo, hi = off[rank], off[rank + 1]

@@ -7,19 +7,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from normuon.cli import main
 from normuon.harness.compare import TABLE_COLUMNS, steps_to_reach
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tests run two pytest-xdist workers on 2 cores: more threads per worker only contend.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _table_rows(text: str) -> list[list[str]]:

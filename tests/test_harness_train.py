@@ -21,15 +21,6 @@ def data():
     return load_data()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tests run two pytest-xdist workers on 2 cores: more threads per worker only contend.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_smoke_training_lowers_the_loss(tmp_path, data, optimizer):
     cfg = get_preset("cpu-smoke")

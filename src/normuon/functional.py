@@ -20,7 +20,6 @@ __all__ = [
     "MUON_COEFFICIENTS",
     "adam_rms_target",
     "apply_matrix_update",
-    "muon_scale",
     "muon_scale_from_sum",
     "native_half_matmul",
     "newton_schulz",
@@ -379,31 +378,25 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def normuon_row_factors(
-    r: torch.Tensor,
-    v: torch.Tensor,
-    eps: float,
+    f: torch.Tensor,
+    sum_r: torch.Tensor,
+    sum_rf2: torch.Tensor,
     m: int,
     n: int,
     dim: int,
     update_scale: str,
-    sum_r: torch.Tensor | None = None,
-    sum_rf2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-neuron multipliers g so that the NorMuon update is D = O * g (broadcast along ``dim``).
 
-    With f = 1 / (sqrt(v) + eps) (B, L) and k elements per neuron (k = n when ``dim`` is -1, m
-    when it is -2), the two norms of the update-scale rule follow from r without touching O:
-    ||O||_F^2 = k * sum(r) and ||O f||_F^2 = k * sum(r f^2).
-
-    ``sum_r`` / ``sum_rf2`` (B,) let a caller that holds only some neurons (a row shard) pass the
-    whole-matrix sums (see :func:`normuon_partial_sums`); by default they are summed here.
+    ``f`` = :func:`inverse_rms` of the second moment (B, L). With k elements per neuron (k = n
+    when ``dim`` is -1, m when it is -2), the two norms of the update-scale rule follow from r
+    without touching O: ||O||_F^2 = k * sum(r) and ||O f||_F^2 = k * sum(r f^2); ``sum_r`` and
+    ``sum_rf2`` (B,) are those sums over the whole matrix (:func:`normuon_partial_sums`, added
+    over the shards of a row-sharded matrix).
 
     ``"preserve_norm"``: D = Oh * ||O|| / ||Oh|| * sqrt(max(1, m/n)) (authors' code).
     ``"adam_rms"``: D = Oh * 0.2 * sqrt(m n) / ||Oh|| (paper, Algorithm 1).
     """
-    f = inverse_rms(v, eps)
-    if sum_r is None or sum_rf2 is None:
-        sum_r, sum_rf2 = normuon_partial_sums(r, f)
     tiny = torch.finfo(torch.float32).tiny
     if update_scale == "preserve_norm":
         scale = (sum_r / sum_rf2.clamp_min(tiny)).sqrt() * math.sqrt(max(1.0, m / n))
@@ -430,27 +423,6 @@ def inverse_rms(v: torch.Tensor, eps: float) -> torch.Tensor:
     its factor is 0 rather than 1/eps: with eps = 0 that would be inf, and inf * 0 = NaN.
     """
     return torch.where(v > 0, 1.0 / (v.sqrt() + eps), 0.0)
-
-
-def muon_scale(
-    o: torch.Tensor, update_scale: str, sum_sq: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-matrix multiplier s (B,) of the Muon update D = O * s for a (B, m, n) stack.
-
-    ``"preserve_norm"``: Muon's shape factor sqrt(max(1, m/n)). ``"adam_rms"``: update RMS 0.2.
-    ``sum_sq`` (B,) is ||O||_F^2 when the caller computed it over a whole sharded matrix.
-    """
-    m, n = o.shape[-2], o.shape[-1]
-    if update_scale == "preserve_norm":
-        return torch.full(
-            (o.shape[0],), math.sqrt(max(1.0, m / n)), dtype=accum_dtype(o.dtype), device=o.device
-        )
-    if update_scale == "adam_rms":
-        if sum_sq is None:
-            sum_sq = o.to(accum_dtype(o.dtype)).square().sum(dim=(-2, -1))
-        tiny = torch.finfo(torch.float32).tiny
-        return adam_rms_target * math.sqrt(m * n) / sum_sq.clamp_min(tiny).sqrt()
-    raise ValueError(f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}")
 
 
 def muon_scale_from_sum(sum_sq: torch.Tensor, m: int, n: int, update_scale: str) -> torch.Tensor:

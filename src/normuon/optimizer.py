@@ -391,37 +391,39 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         """How many (parameter, step) updates were skipped for a NaN/Inf gradient (host sync)."""
         return 0 if self._skip_counter is None else int(self._skip_counter.item())
 
-    def _finite_flags(
-        self, grads: list[torch.Tensor], what: list[str], infos: list | None = None
-    ) -> list[torch.Tensor]:
+    def _finite_flags(self, grads: list[torch.Tensor], infos: list) -> list[torch.Tensor]:
         """One 0-d bool tensor per gradient, True when every entry is finite (no host sync).
 
-        ``infos``: per gradient the ShardInfo of a row-sharded parameter (or None); the flags of
-        those are combined over the shard group so that all shards skip together.
+        ``infos``: per gradient the ShardInfo of a DTensor parameter (or None); the flags of
+        row-sharded ones are combined over the shard group so that all shards skip together.
         """
-        if not grads:
-            return []
         # The max-abs norm is NaN/Inf exactly when some entry is (one fused reduction per list).
         nonempty = [i for i, g in enumerate(grads) if g.numel() > 0]  # empty shards are finite
         norms = torch._foreach_norm([grads[i] for i in nonempty], ord=math.inf) if nonempty else []
         flags = [torch.ones((), dtype=torch.bool, device=g.device) for g in grads]
         for i, norm in zip(nonempty, norms):
             flags[i] = norm.isfinite()
-        shared = [i for i, info in enumerate(infos or []) if info is not None and info.world > 1]
+        shared = [i for i, info in enumerate(infos) if info is not None and info.world > 1]
         if shared:
             stacked = torch.stack([flags[i] for i in shared]).to(torch.float32)
             D.all_reduce_(stacked, infos[shared[0]].group, op=dist.ReduceOp.MIN)
             for k, i in enumerate(shared):
                 flags[i] = stacked[k] > 0
-        if self.nonfinite_grads == "raise":
-            bad = [name for name, ok in zip(what, flags) if not bool(ok)]
-            if bad:
-                raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}")
-        else:
-            bad_count = torch.stack([~f for f in flags]).sum()
-            if self._skip_counter is None:
-                self._skip_counter = torch.zeros((), dtype=torch.int64, device=bad_count.device)
-            self._skip_counter += bad_count.to(self._skip_counter.device)
+        return flags
+
+    def _step_flags(self, grads: list[torch.Tensor], infos: list) -> list[torch.Tensor]:
+        """The finite flags a group's update is masked with.
+
+        ``"raise"`` mode checked every gradient before the step began, so all are finite;
+        ``"skip"`` mode computes them and counts the skipped parameters.
+        """
+        if not grads or self.nonfinite_grads == "raise":
+            return [torch.ones((), dtype=torch.bool, device=g.device) for g in grads]
+        flags = self._finite_flags(grads, infos)
+        bad_count = torch.stack([~f for f in flags]).sum()
+        if self._skip_counter is None:
+            self._skip_counter = torch.zeros((), dtype=torch.int64, device=bad_count.device)
+        self._skip_counter += bad_count.to(self._skip_counter.device)
         return flags
 
     def _raise_on_nonfinite(self) -> None:
@@ -435,7 +437,10 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 grads.append(self._local(self._grad_of(p, name)))
                 names.append(name)
                 infos.append(D.shard_info(p, name) if isinstance(p, DTensor) else None)
-        self._finite_flags(grads, names, infos)
+        flags = self._finite_flags(grads, infos)
+        bad = [name for name, ok in zip(names, flags) if not bool(ok)]
+        if bad:
+            raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}")
 
     @staticmethod
     def _grad_of(p: torch.Tensor, where: str) -> torch.Tensor:
@@ -458,6 +463,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         if self.nonfinite_grads == "raise":
             self._raise_on_nonfinite()
         for gi, group in enumerate(self.param_groups):
+            # Every replica sees the same gradients, so every rank knows which params have state.
+            self._stepped.update(id(p) for p in group["params"] if p.grad is not None)
             if group["algorithm"] == "adamw":
                 self._adamw_step(gi, group)
             else:
@@ -468,6 +475,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     def _adamw_step(self, gi: int, group: dict[str, Any]) -> None:
         params, grads, names, infos, states = [], [], [], [], []
         for pi, p, _ in self._owned_params(gi, group):
+            if p.grad is None:
+                continue
             name = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
             grads.append(self._local(self._grad_of(p, name)))
             params.append(self._local(p))
@@ -476,7 +485,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             states.append(self._init_adamw_state(p))
         if not params:
             return
-        ok = self._finite_flags(grads, names, infos)
+        ok = self._step_flags(grads, infos)
         lr, (beta1, beta2), eps, wd = (
             group["lr"],
             group["betas"],
@@ -596,7 +605,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         parameters get state.
         """
         for gi, group in enumerate(self.param_groups):
-            plans = self._owned_params(gi, group, need_grad=False)
+            plans = self._owned_params(gi, group)
             for _, p, plan in plans:
                 if group["algorithm"] == "adamw":
                     self._init_adamw_state(p)
@@ -605,18 +614,15 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 else:
                     self._init_matrix_state(p, group)
 
-    def _owned_params(self, gi: int, group: dict[str, Any], need_grad: bool = True):
-        """(index, param, plan) of the parameters this rank updates in ``group``.
+    def _owned_params(self, gi: int, group: dict[str, Any]):
+        """(index, param, plan) of the parameters this rank updates in ``group``, with or
+        without a gradient.
 
         Replicated mode keeps only this rank's share (balanced by Newton-Schulz cost for
         matrices, by size for AdamW); every other setting keeps all of them.
         """
         out = []
         for pi, p in enumerate(group["params"]):
-            if need_grad and p.grad is None:
-                continue
-            if need_grad:
-                self._stepped.add(id(p))  # every replica sees the same gradients
             name = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
             plan = None if group["algorithm"] == "adamw" else self._plan(p, group, name)
             out.append((pi, p, plan))
@@ -662,11 +668,12 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     # ---------------------------------------------------------------- the matrix step
 
     def _matrix_step(self, gi: int, group: dict[str, Any]) -> None:
-        entries = self._owned_params(gi, group)
+        owned = self._owned_params(gi, group)
         if any(isinstance(p, DTensor) for p in group["params"]):
             # Every rank must hold the same state keys (DCP), whether or not a grad arrived.
-            for _, _, plan in self._owned_params(gi, group, need_grad=False):
+            for _, _, plan in owned:
                 self._init_dtensor_state(plan, group)
+        entries = [e for e in owned if e[1].grad is not None]
         if not entries:
             return
         plans = [plan for _, _, plan in entries]
@@ -674,7 +681,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})" for pi, p, _ in entries
         ]
         grads = [self._local(self._grad_of(p, name)) for (_, p, _), name in zip(entries, names)]
-        ok = self._finite_flags(grads, names, [plan.info for plan in plans])
+        ok = self._step_flags(grads, [plan.info for plan in plans])
         states = []
         for plan in plans:
             if isinstance(plan.param, DTensor):
@@ -862,13 +869,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 n = e[0].numel()
                 e[0], e[1] = flat[pos : pos + n], flat[pos + n : pos + 2 * n]
                 pos += 2 * n
-        for s_r, s_rf2, _, (i, rows, v, dim, m_block, o, _) in sums:
+        for s_r, s_rf2, f, (i, rows, _, dim, m_block, o, _) in sums:
             if o.shape[-2] == 0:
                 continue
             n = plans[i].geometry.cols
-            g = F.normuon_row_factors(
-                None, v, eps, m_block, n, dim, scale_rule, sum_r=s_r, sum_rf2=s_rf2
-            )
+            g = F.normuon_row_factors(f, s_r, s_rf2, m_block, n, dim, scale_rule)
             g = g * ok[i].to(g.dtype)
             geo = plans[i].geometry
             target = plans[i].local.view(o.shape[0], -1, geo.cols)[:, rows]
