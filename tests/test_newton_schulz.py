@@ -347,3 +347,21 @@ def test_bf16_close_to_float64(label, spec, steps, shape, input_bf16, compute):
     unit = 2.0**-8
     rel = ((low - exact).norm() / exact.norm()).item()
     assert rel < 20 * unit, rel
+
+
+@pytest.mark.parametrize("gram", [False, True], ids=["standard", "gram"])
+@pytest.mark.parametrize("b, c", [(-0.5, 0.0), (0.0, 0.0), (-1.25, 0.375)])
+def test_half_precision_polynomial_step_matches_float64(gram, b, c):
+    """One step (a, b, c) in bfloat16 against float64, whatever GEMM backend this machine has.
+
+    Regression: oneDNN's bfloat16 baddbmm ignores beta when alpha == 0 (cubic steps, c = 0),
+    so b A was dropped on CPUs with native bf16 GEMMs.
+    """
+    torch.manual_seed(3)
+    u = torch.randn(3, 24, 40, dtype=torch.float64)
+    coefficients = [(1.5, b, c)]
+    expected = newton_schulz(u, coefficients, torch.float64)
+    fn = newton_schulz_gram if gram else newton_schulz
+    got = fn(u.to(torch.bfloat16), coefficients, torch.bfloat16, compute_dtype=torch.bfloat16)
+    err = (got.double() - expected).norm() / expected.norm()
+    assert err < 2e-2, f"relative error {float(err):.3g} for (a, b, c) = (1.5, {b}, {c})"

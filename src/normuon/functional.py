@@ -293,7 +293,7 @@ def newton_schulz(
     x = _ns_normalize(x, work)
     for a, b, c in coefficients:
         gram = torch.bmm(x, x.mT)  # (B, k, k), k = min(m, n)
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A A
+        poly = _gram_polynomial(gram, b, c)  # b A + c A A
         x = torch.baddbmm(x, poly, x, beta=a, alpha=1.0)  # a X + (b A + c A A) X
     x = x.to(dtype)
     return x.mT if m > n else x
@@ -331,7 +331,7 @@ def newton_schulz_gram(
     q: torch.Tensor | None = None
     last = len(coefficients) - 1
     for t, (a, b, c) in enumerate(coefficients):
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A A
+        poly = _gram_polynomial(gram, b, c)  # b A + c A A
         poly.diagonal(dim1=-2, dim2=-1).add_(a)  # P = a I + b A + c A A
         q = poly if q is None else torch.bmm(poly, q)
         if t < last:
@@ -340,6 +340,18 @@ def newton_schulz_gram(
     x = x if q is None else torch.bmm(q, x)
     x = x.to(dtype)
     return x.mT if m > n else x
+
+
+def _gram_polynomial(gram: torch.Tensor, b: float, c: float) -> torch.Tensor:
+    """b A + c A A for a (B, k, k) stack, as a new tensor.
+
+    A cubic step (c = 0) is computed without a GEMM: oneDNN's bfloat16 ``baddbmm`` ignores
+    ``beta`` when ``alpha`` is 0 and returns A unscaled (seen with torch 2.13 on CPUs with
+    AVX512-BF16), so a degenerate BLAS parameter is never passed to a half-precision GEMM.
+    """
+    if c == 0:
+        return gram * b
+    return torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
 
 
 def _ns_normalize(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
