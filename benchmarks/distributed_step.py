@@ -23,7 +23,7 @@ Measured per rank and step:
 
 - step: wall time of ``opt.step()`` after a barrier (median over reps);
 - NS: time inside ``normuon.functional.newton_schulz`` (the optimizer calls it as
-  ``F.newton_schulz``, so replacing the module attribute wraps every call) or inside
+  ``orthogonalizer`` option, so the counted function sees every call) or inside
   ``torch.optim._muon._zeropower_via_newtonschulz`` (for torch's Muon on DTensors that includes
   the collectives DTensor issues inside the iteration);
 - collectives: number of collective ops seen by ``CommDebugMode`` (c10d ops such as
@@ -63,6 +63,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import normuon.functional as F
+import normuon.newton_schulz as NS
 from normuon import NorMuon
 from normuon.distributed import dim0_offsets
 
@@ -149,7 +150,7 @@ def _timed(fn):
 
 
 def _counted(fn):
-    """Time ``normuon.functional.newton_schulz`` and count its flops: per step and matrix
+    """Time normuon's Newton-Schulz and count its flops: per step and matrix
     4 k^2 N + 2 k^3 for k = min(m, n), N = max(m, n)."""
     timed = _timed(fn)
 
@@ -159,6 +160,10 @@ def _counted(fn):
         return timed(u, coefficients, *args, **kwargs)
 
     return wrapper
+
+
+#: normuon's Newton-Schulz, timed and flop-counted; given to the optimizers as ``orthogonalizer``.
+COUNTED_NS = _counted(NS.default_orthogonalizer)
 
 
 def _fp32_zeropower():
@@ -203,7 +208,6 @@ def _count_payload(name: str, fn):
 
 
 def install_hooks() -> None:
-    F.newton_schulz = _counted(F.newton_schulz)
     import torch.optim._muon as tmuon
 
     tmuon._zeropower_via_newtonschulz = _timed(tmuon._zeropower_via_newtonschulz)
@@ -238,7 +242,7 @@ class Zero1NorMuon:
     def __init__(self, params: list[nn.Parameter], ns_dtype: torch.dtype = torch.float32):
         self.params = params
         self.ns_dtype = ns_dtype
-        self.coefficients = F.resolve_ns_coefficients("muon", 5)
+        self.coefficients = NS.resolve_ns_coefficients("muon", 5)
         self.momentum = [torch.zeros_like(p.to_local()) for p in params]
         self.v = [torch.zeros(1, p.shape[0]) for p in params]
 
@@ -264,7 +268,7 @@ class Zero1NorMuon:
             buckets.setdefault(tuple(u.shape), []).append(i)
         ortho: list[torch.Tensor | None] = [None] * len(full)
         for idx in buckets.values():
-            out = F.newton_schulz(torch.stack([full[i] for i in idx]), self.coefficients,
+            out = COUNTED_NS(torch.stack([full[i] for i in idx]), self.coefficients,
                                   self.ns_dtype)  # fmt: skip
             for i, o in zip(idx, out):
                 ortho[i] = o
@@ -292,9 +296,14 @@ class Zero1NorMuon:
 def make_optimizer(method: str, model: nn.Module):
     params = list(model.parameters())
     if method == "normuon":
-        return NorMuon(params, lr=LR, ns_dtype=torch.float32, comm_dtype=None)
+        return NorMuon(
+            params, lr=LR, ns_dtype=torch.float32, comm_dtype=None, orthogonalizer=COUNTED_NS
+        )
     if method == "normuon-bf16wire":
-        return NorMuon(params, lr=LR, ns_dtype=torch.float32, comm_dtype=torch.bfloat16)
+        return NorMuon(
+            params, lr=LR, ns_dtype=torch.float32, comm_dtype=torch.bfloat16,
+            orthogonalizer=COUNTED_NS,
+        )
     if method == "zero1":
         return Zero1NorMuon(params)
     if method.startswith("torch-muon"):

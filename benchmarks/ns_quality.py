@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_lines, md_table, median, timed, today  # noqa: E402
 
-from normuon import functional as F  # noqa: E402
+from normuon import newton_schulz as F  # noqa: E402
 
 MODES = [
     ("muon 5", "muon", 5, False),

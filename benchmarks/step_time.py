@@ -39,7 +39,7 @@ from _common import (  # noqa: E402
 )
 
 from normuon import Muon, NorMuon  # noqa: E402
-from normuon import functional as F  # noqa: E402
+from normuon import newton_schulz as F  # noqa: E402
 
 # ------------------------------------------------------------------------------ shapes
 

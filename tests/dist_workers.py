@@ -197,24 +197,19 @@ def ns_counts(rank: int, world: int, port: int, out_dir: str) -> None:
     """Count the matrices each rank orthogonalizes in one step."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    import normuon.functional as F
+    from normuon.newton_schulz import default_orthogonalizer
 
     setup(rank, world, port)
     mesh = init_device_mesh("cpu", (world,))
     model = shard(make_model(), mesh)
-    opt = make_opt(model)
     count = [0]
-    original = F.newton_schulz
 
-    def counting(u, *args, **kwargs):
+    def counting(u, coefficients, dtype):
         count[0] += u.shape[0]
-        return original(u, *args, **kwargs)
+        return default_orthogonalizer(u, coefficients, dtype)
 
-    F.newton_schulz = counting
-    try:
-        train(model, opt, 1)
-    finally:
-        F.newton_schulz = original
+    opt = make_opt(model, orthogonalizer=counting)
+    train(model, opt, 1)
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as fh:
         fh.write(str(count[0]))
     teardown()

@@ -9,7 +9,7 @@ import torch
 from reference import ReferenceMatrixOptimizer
 
 from normuon import Muon, NorMuon
-from normuon.functional import resolve_ns_coefficients
+from normuon.newton_schulz import resolve_ns_coefficients
 
 STEPS = 10
 

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from normuon.functional import (
+from normuon.newton_schulz import (
     MUON_COEFFICIENTS,
     NS_NORM_EPS,
     newton_schulz,

@@ -4,8 +4,8 @@
 >>> opt = NorMuon(param_groups(model), lr=0.02)  # doctest: +SKIP
 """
 
-from .functional import newton_schulz, polar_express_coefficients
 from .grouping import param_groups
+from .newton_schulz import newton_schulz, polar_express_coefficients
 from .optimizer import Muon, NorMuon
 
 __all__ = ["NorMuon", "Muon", "param_groups", "newton_schulz", "polar_express_coefficients"]

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from . import distributed as D
 from . import functional as F
+from . import newton_schulz as NS
 
 try:  # DTensor parameters (FSDP2); absent from torch builds without distributed support
     from torch.distributed.tensor import DTensor, Replicate
@@ -126,7 +127,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         nonfinite_grads: str,
         process_group: Any = "auto",
         comm_dtype: Any = "auto",
+        orthogonalizer: NS.Orthogonalizer | None = None,
     ) -> None:
+        if orthogonalizer is not None and not callable(orthogonalizer):
+            raise TypeError(f"orthogonalizer must be callable, got {orthogonalizer!r}")
+        self.orthogonalizer = orthogonalizer or NS.default_orthogonalizer
         D.wire_dtype_for(torch.device("cpu"), comm_dtype)  # validates the option
         self.process_group = process_group
         self.comm_dtype = comm_dtype
@@ -240,7 +245,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         if not isinstance(group["nesterov"], bool):
             raise ValueError(f"nesterov must be True or False, got {group['nesterov']!r}")
         # Resolving the coefficients validates ns_steps and ns_coefficients together.
-        F.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
+        NS.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
         # Stored by name ("bfloat16"): torch.distributed.checkpoint's full state dicts accept
         # only plain values in param_groups, and a name reads the same in JSON.
         dtype = group["ns_dtype"]
@@ -717,13 +722,13 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         Row-sharded matrices are first assembled on one owner rank each (balanced by cost),
         orthogonalized there, and their row blocks sent back.
         """
-        coefficients = F.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
+        coefficients = NS.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
         device = plans[0].local.device
         # Where a bf16 request iterates in float32 (CPUs without bf16 GEMMs), keep the float32
         # result rather than rounding it to bf16 and converting it back for every use.
         requested = group["ns_dtype"]  # a name; a torch.dtype in state_dicts of 0.1.0 betas
         requested = getattr(torch, requested) if isinstance(requested, str) else requested
-        ns_dtype = F.ns_compute_dtype(requested, device)
+        ns_dtype = NS.ns_compute_dtype(requested, device)
         # Full matrices to orthogonalize here: key -> (B, m, n) tensor.
         full: dict[tuple[str, int], torch.Tensor] = {}
         geos: dict[tuple[str, int], MatrixGeometry] = {}
@@ -775,7 +780,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 full[key][:, s:e] for key, bi in members for s, e in [geos[key].row_blocks[bi]]
             ]
             stacked = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # (sum B, m, n)
-            out = F.newton_schulz(stacked, coefficients, ns_dtype, method="auto")
+            out = self.orthogonalizer(stacked, coefficients, ns_dtype)
             for (key, bi), part in zip(members, out.split([b.shape[0] for b in blocks])):
                 if key in results:
                     s, e = geos[key].row_blocks[bi]
@@ -1012,6 +1017,7 @@ class NorMuon(_MatrixOptimizer):
         nonfinite_grads: str = "skip",
         process_group: Any = "auto",
         comm_dtype: Any = "auto",
+        orthogonalizer: NS.Orthogonalizer | None = None,
     ) -> None:
         matrix_defaults = dict(
             lr=lr, momentum=momentum, beta2=beta2, nesterov=nesterov, eps=eps,
@@ -1023,7 +1029,13 @@ class NorMuon(_MatrixOptimizer):
             lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay
         )
         super().__init__(
-            params, matrix_defaults, adamw_defaults, nonfinite_grads, process_group, comm_dtype
+            params,
+            matrix_defaults,
+            adamw_defaults,
+            nonfinite_grads,
+            process_group,
+            comm_dtype,
+            orthogonalizer,
         )
 
 
@@ -1072,6 +1084,7 @@ class Muon(_MatrixOptimizer):
         nonfinite_grads: str = "skip",
         process_group: Any = "auto",
         comm_dtype: Any = "auto",
+        orthogonalizer: NS.Orthogonalizer | None = None,
     ) -> None:
         matrix_defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
@@ -1082,5 +1095,11 @@ class Muon(_MatrixOptimizer):
             lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay
         )
         super().__init__(
-            params, matrix_defaults, adamw_defaults, nonfinite_grads, process_group, comm_dtype
+            params,
+            matrix_defaults,
+            adamw_defaults,
+            nonfinite_grads,
+            process_group,
+            comm_dtype,
+            orthogonalizer,
         )
