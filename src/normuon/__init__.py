@@ -1,12 +1,20 @@
-"""NorMuon: Muon with neuron-wise normalization, as one PyTorch optimizer from one CPU to FSDP2.
+"""normuon: NorMuon (neuron-wise normalized Muon) for PyTorch.
 
->>> from normuon import NorMuon, param_groups
->>> opt = NorMuon(param_groups(model), lr=0.02)  # doctest: +SKIP
+``NorMuon`` and ``Muon`` are torch.optim optimizers that also run AdamW on the parameter groups
+marked ``algorithm="adamw"``; ``param_groups`` splits a model that way. ``normuon.newton_schulz``
+holds the orthogonalization (coefficients, iterations, the ``orthogonalizer`` option's default).
 """
 
+from importlib import metadata as _metadata
+
+from . import newton_schulz
 from .grouping import param_groups
-from .newton_schulz import newton_schulz, polar_express_coefficients
+from .newton_schulz import polar_express_coefficients
 from .optimizer import Muon, NorMuon
 
 __all__ = ["NorMuon", "Muon", "param_groups", "newton_schulz", "polar_express_coefficients"]
-__version__ = "0.1.0"
+
+try:  # one source of the version: pyproject.toml, through the installed package's metadata
+    __version__ = _metadata.version("normuon")
+except _metadata.PackageNotFoundError:  # pragma: no cover - imported from a source tree
+    __version__ = "0+unknown"
