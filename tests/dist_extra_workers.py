@@ -16,19 +16,19 @@ from normuon import NorMuon
 teardown = W.teardown  # barrier + pause before destroy_process_group (gloo shutdown race)
 
 
-def shard_dim1_error(rank: int, world: int, port: int, out_dir: str) -> None:
-    """A DTensor parameter sharded on dim 1: where and how NorMuon refuses it."""
+def partial_placement_error(rank: int, world: int, port: int, out_dir: str) -> None:
+    """A DTensor parameter with a Partial placement (unreduced sums): how NorMuon refuses it."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial
 
     W.setup(rank, world, port)
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)
-    p = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
+    p = nn.Parameter(DTensor.from_local(torch.randn(8, 6), mesh, [Partial()]))
     result = {"at": None, "type": None, "message": None}
     try:
         opt = NorMuon([p], ns_dtype=torch.float32)
-        p.grad = distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)])
+        p.grad = DTensor.from_local(torch.randn(8, 6), mesh, [Partial()])
         result["at"] = "step"
         opt.step()
         result["at"] = "no error"

@@ -33,12 +33,13 @@ def read(tmp_path, world):
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 
-def test_dtensor_sharded_on_dim1_is_a_clear_value_error(tmp_path):
-    spawn(X.shard_dim1_error, 2, str(tmp_path))
+def test_partial_placement_is_a_clear_value_error_at_construction(tmp_path):
+    spawn(X.partial_placement_error, 2, str(tmp_path))
     for result in read(tmp_path, 2):
+        assert result["at"] == "constructor", result
         assert result["type"] == "ValueError", result
-        assert "Shard(dim=1)" in result["message"], result
-        assert "dim 0" in result["message"], result
+        assert "param_groups[0]['params'][0]" in result["message"], result
+        assert "Partial" in result["message"], result
 
 
 @pytest.fixture(scope="module")

@@ -1,54 +1,38 @@
-"""Pure tensor math of NorMuon and Muon: no optimizer state, no ``torch.distributed``.
+"""The step math of NorMuon, Muon and AdamW: no optimizer state, no ``torch.distributed``.
 
-Every function here takes tensors and numbers and returns tensors; the optimizer class keeps
-the state and calls them, and the distributed layer only moves the tensors they consume.
+Functions take tensors and numbers; those ending in ``_`` update the tensors they are given in
+place, like torch.optim's functional forms. The optimizer class decides which tensors they run
+on (``normuon.optimizer``) and the distributed layer only moves those tensors
+(``normuon.distributed``). The equations are written down in ``docs/algorithm.md``.
 
-Notation (SPEC section 1): a weight matrix W has shape (m, n) = (out_features, in_features), so
-row i belongs to output neuron i. Batched functions take a stack (B, m, n) of same-shaped
-matrices.
+Shapes: a stack of same-shaped matrices is (B, m, n), rows are output neurons. ``ok`` is a 0-d
+bool tensor per parameter, False when its gradient had a NaN/Inf: every function then leaves
+the state and parameter as they were, without a host sync.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
+from .newton_schulz import Coefficients, Orthogonalizer
+
 __all__ = [
+    "ADAM_RMS_TARGET",
     "accum_dtype",
-    "adam_rms_target",
-    "apply_matrix_update",
+    "adamw_step_",
+    "apply_update_",
     "inverse_rms",
-    "muon_scale_from_sum",
-    "neuron_mean_square",
-    "normuon_partial_sums",
-    "normuon_row_factors",
-    "reduce_dim",
+    "momentum_step_",
+    "muon_factors",
+    "normuon_factors_",
+    "orthogonalize_blocks",
 ]
 
 #: Update RMS of the ``adam_rms`` convention (NorMuon paper, Algorithm 1; Moonlight's 0.2).
-adam_rms_target = 0.2
-
-# --------------------------------------------------------------------------------------------
-# Neuron-wise normalization and update scale
-# --------------------------------------------------------------------------------------------
-
-
-def reduce_dim(m: int, n: int, normalize: str) -> int:
-    """Axis of a (B, m, n) stack averaged to get one second-moment entry per neuron.
-
-    ``"rows"`` (paper): one entry per row (output neuron), so average over columns (dim -1).
-    ``"larger_dim"`` (modded-nanogpt): one entry per element of the larger dimension; rows win
-    ties.
-    """
-    if normalize == "rows" or m >= n:
-        return -1
-    return -2
-
-
-def neuron_mean_square(o: torch.Tensor, dim: int) -> torch.Tensor:
-    """r = mean of O*O along ``dim`` of a (B, m, n) stack, in float32 or wider: (B, m) or (B, n)."""
-    return o.to(accum_dtype(o.dtype)).square().mean(dim=dim)
+ADAM_RMS_TARGET = 0.2
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,43 +40,63 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def normuon_row_factors(
-    f: torch.Tensor,
-    sum_r: torch.Tensor,
-    sum_rf2: torch.Tensor,
-    m: int,
-    n: int,
-    dim: int,
-    update_scale: str,
-) -> torch.Tensor:
-    """Per-neuron multipliers g so that the NorMuon update is D = O * g (broadcast along ``dim``).
+def momentum_step_(
+    momentum_buffers: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    ok: list[torch.Tensor],
+    beta1: float,
+    nesterov: bool,
+) -> list[torch.Tensor]:
+    """M <- beta1 M + (1 - beta1) G, in place; returns the Newton-Schulz inputs U.
 
-    ``f`` = :func:`inverse_rms` of the second moment (B, L). With k elements per neuron (k = n
-    when ``dim`` is -1, m when it is -2), the two norms of the update-scale rule follow from r
-    without touching O: ||O||_F^2 = k * sum(r) and ||O f||_F^2 = k * sum(r f^2); ``sum_r`` and
-    ``sum_rf2`` (B,) are those sums over the whole matrix (:func:`normuon_partial_sums`, added
-    over the shards of a row-sharded matrix).
-
-    ``"preserve_norm"``: D = Oh * ||O|| / ||Oh|| * sqrt(max(1, m/n)) (authors' code).
-    ``"adam_rms"``: D = Oh * 0.2 * sqrt(m n) / ||Oh|| (paper, Algorithm 1).
+    U = G.lerp(M, beta1) with ``nesterov``, else M itself (callers never write U). A skipped
+    parameter uses its own momentum as the gradient, so M stays and U stays finite.
     """
-    tiny = torch.finfo(torch.float32).tiny
-    if update_scale == "preserve_norm":
-        scale = (sum_r / sum_rf2.clamp_min(tiny)).sqrt() * math.sqrt(max(1.0, m / n))
-    elif update_scale == "adam_rms":
-        per_neuron = n if dim == -1 else m
-        scale = adam_rms_target * math.sqrt(m * n) / (per_neuron * sum_rf2).clamp_min(tiny).sqrt()
-    else:
-        raise ValueError(
-            f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}"
-        )
-    return f * scale.unsqueeze(-1)
+    safe = [torch.where(f, g, m) for f, g, m in zip(ok, grads, momentum_buffers)]
+    torch._foreach_lerp_(momentum_buffers, safe, 1.0 - beta1)
+    if not nesterov:
+        return list(momentum_buffers)
+    torch._foreach_lerp_(safe, momentum_buffers, beta1)  # U = (1 - beta1) G + beta1 M
+    return safe
 
 
-def normuon_partial_sums(r: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum r, sum r f^2) over the neurons held here: (B,) each. Summed across shards, they give
-    the whole-matrix norms of :func:`normuon_row_factors`."""
-    return r.sum(dim=-1), (r * f.square()).sum(dim=-1)
+def orthogonalize_blocks(
+    blocks: Sequence[torch.Tensor],
+    orthogonalizer: Orthogonalizer,
+    coefficients: Sequence[Coefficients],
+    dtype: torch.dtype,
+    memory_budget: int | None,
+) -> list[torch.Tensor]:
+    """Orthogonalize every (B_i, m_i, n_i) block; same-shaped blocks share batched calls.
+
+    Blocks of one shape are concatenated into batches of at most ``memory_budget`` bytes of
+    input (at least one block per batch; None: one batch per shape), which bounds the transient
+    memory of Newton-Schulz (its working set is a few times its input). A lone block is passed
+    as it is (no copy).
+    """
+    out: list[torch.Tensor | None] = [None] * len(blocks)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, block in enumerate(blocks):
+        by_shape.setdefault(tuple(block.shape[-2:]), []).append(i)
+    itemsize = max(torch.finfo(dtype).bits // 8, 4)
+    for (m, n), members in by_shape.items():
+        batch: list[int] = []
+        size = 0
+        for i in members + [-1]:
+            bytes_i = 0 if i < 0 else blocks[i].shape[0] * m * n * itemsize
+            full = memory_budget is not None and batch and size + bytes_i > memory_budget
+            if batch and (i < 0 or full):
+                stacked = blocks[batch[0]] if len(batch) == 1 else torch.cat(
+                    [blocks[j] for j in batch]
+                )
+                result = orthogonalizer(stacked, coefficients, dtype)
+                for j, part in zip(batch, result.split([blocks[j].shape[0] for j in batch])):
+                    out[j] = part
+                batch, size = [], 0
+            if i >= 0:
+                batch.append(i)
+                size += bytes_i
+    return out  # type: ignore[return-value]
 
 
 def inverse_rms(v: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,18 +108,123 @@ def inverse_rms(v: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(v > 0, 1.0 / (v.sqrt() + eps), 0.0)
 
 
-def muon_scale_from_sum(sum_sq: torch.Tensor, m: int, n: int, update_scale: str) -> torch.Tensor:
-    """Per-matrix Muon multiplier (B,) from ||O||_F^2 (B,) of whole (m, n) matrices."""
+def normuon_factors_(
+    o: torch.Tensor,
+    second_moment: torch.Tensor,
+    ok: torch.Tensor,
+    beta2: float,
+    eps: float,
+    dim: int,
+    update_scale: str,
+) -> torch.Tensor:
+    """Update NorMuon's second moment in place and return per-neuron multipliers g.
+
+    ``o`` is a (B, m, n) stack of orthogonalized updates, ``second_moment`` its (B, L) state with
+    one entry per neuron along ``dim`` (-1: rows, L = m; -2: columns, L = n). The update is
+    D = O * g, g broadcast along ``dim``:
+
+        r  = mean of O*O per neuron;  v <- beta2 v + (1 - beta2) r;  f = 1 / (sqrt(v) + eps)
+        preserve_norm: g = f * ||O|| / ||O f|| * sqrt(max(1, m/n))   (authors' code)
+        adam_rms:      g = f * 0.2 sqrt(m n) / ||O f||                (paper, Algorithm 1)
+
+    Both norms follow from r without another pass over O: with k entries per neuron,
+    ||O||^2 = k sum(r) and ||O f||^2 = k sum(r f^2). g is 0 where ``ok`` is False.
+    """
+    m, n = o.shape[-2], o.shape[-1]
+    r = o.to(accum_dtype(o.dtype)).square().mean(dim=dim)  # (B, L)
+    second_moment.lerp_(torch.where(ok, r, second_moment), 1.0 - beta2)
+    f = inverse_rms(second_moment, eps)
+    sum_r = r.sum(dim=-1)
+    sum_rf2 = (r * f.square()).sum(dim=-1)
+    tiny = torch.finfo(torch.float32).tiny
     if update_scale == "preserve_norm":
-        return torch.full_like(sum_sq, math.sqrt(max(1.0, m / n)))
+        scale = (sum_r / sum_rf2.clamp_min(tiny)).sqrt() * math.sqrt(max(1.0, m / n))
+    elif update_scale == "adam_rms":
+        per_neuron = n if dim == -1 else m
+        scale = ADAM_RMS_TARGET * math.sqrt(m * n) / (per_neuron * sum_rf2).clamp_min(tiny).sqrt()
+    else:
+        raise ValueError(
+            f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}"
+        )
+    return f * (scale * ok).unsqueeze(-1)
+
+
+def muon_factors(o: torch.Tensor, ok: torch.Tensor, update_scale: str) -> torch.Tensor:
+    """Per-matrix Muon multiplier (B, 1): D = O * g.
+
+    ``preserve_norm``: sqrt(max(1, m/n)) (Keller Jordan's Muon); ``adam_rms``: 0.2 sqrt(m n) /
+    ||O|| (update RMS 0.2, Moonlight). 0 where ``ok`` is False.
+    """
+    m, n = o.shape[-2], o.shape[-1]
+    okf = ok.to(accum_dtype(o.dtype))
+    if update_scale == "preserve_norm":
+        scale = torch.full((o.shape[0], 1), math.sqrt(max(1.0, m / n)), device=o.device)
+        return scale * okf
     if update_scale == "adam_rms":
         tiny = torch.finfo(torch.float32).tiny
-        return adam_rms_target * math.sqrt(m * n) / sum_sq.clamp_min(tiny).sqrt()
+        sum_sq = o.to(accum_dtype(o.dtype)).square().sum(dim=(-2, -1))
+        return (ADAM_RMS_TARGET * math.sqrt(m * n) / sum_sq.clamp_min(tiny).sqrt() * okf)[:, None]
     raise ValueError(f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}")
 
 
-def apply_matrix_update(
-    param_blocks: torch.Tensor, o: torch.Tensor, g: torch.Tensor, dim: int, lr: float
+def apply_update_(
+    param_matrices: torch.Tensor, o: torch.Tensor, g: torch.Tensor, dim: int, lr: float
 ) -> None:
-    """param_blocks -= lr * O * g, with g (B, L) broadcast along ``dim`` of the (B, m, n) O."""
-    param_blocks.addcmul_(o, g.unsqueeze(dim), value=-lr)
+    """W -= lr * O * g, with g (B, L) broadcast along ``dim`` of the (B, m, n) stacks."""
+    param_matrices.addcmul_(o, g.unsqueeze(dim), value=-lr)
+
+
+def decay_(params: list[torch.Tensor], ok: list[torch.Tensor], lr: float, weight_decay: float):
+    """Decoupled weight decay W *= 1 - lr * weight_decay, skipped where ``ok`` is False."""
+    if weight_decay != 0 and params:
+        factors = [
+            1.0 - (lr * weight_decay) * f.to(accum_dtype(p.dtype)) for f, p in zip(ok, params)
+        ]
+        torch._foreach_mul_(params, factors)
+
+
+def adamw_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    ok: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Bias-corrected AdamW with decoupled weight decay, as torch.optim.AdamW, in place.
+
+    The second moment is formed as beta2 v + (1 - beta2) g^2 (not a lerp) so that a gradient
+    whose square overflows gives v = inf and a zero update, as torch.optim.AdamW does, instead
+    of inf - inf = NaN. Squares are taken in the state dtype (a bf16 g*g would round every EMA
+    term to 8 bits).
+    """
+    # A skipped parameter sees its own state as the "gradient", so its first moment stays.
+    g_safe = [torch.where(f, g.to(m.dtype), m) for f, g, m in zip(ok, grads, exp_avgs)]
+    okf = [f.to(accum_dtype(p.dtype)) for f, p in zip(ok, params)]
+    torch._foreach_add_(steps, [f.to(torch.float32) for f in ok])
+    decay_(params, ok, lr, weight_decay)
+    torch._foreach_lerp_(exp_avgs, g_safe, 1.0 - beta1)
+    # v <- beta2 v + (1 - beta2) g^2, or v where skipped (factor 1, square masked to 0).
+    squares = [g * (g * f) for g, f in zip(g_safe, okf)]
+    torch._foreach_mul_(exp_avg_sqs, [torch.where(f, beta2, 1.0) for f in ok])
+    torch._foreach_add_(exp_avg_sqs, squares, alpha=1.0 - beta2)
+    # step is 0 only for a parameter skipped since its first step; clamp keeps 1 - beta^0
+    # away from a division by zero (its update is multiplied by 0 anyway).
+    safe_steps = [s.clamp_min(1.0) for s in steps]
+    bias_correction1 = [1.0 - torch.pow(beta1, s) for s in safe_steps]
+    bias_correction2_sqrt = [(1.0 - torch.pow(beta2, s)).sqrt() for s in safe_steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    if eps == 0:
+        # A skipped parameter may hold exp_avg = exp_avg_sq = 0: keep 0 / 0 out of it.
+        denom = [torch.where(f, d, 1.0) for f, d in zip(ok, denom)]
+    update = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(update, [-lr * f / bc for f, bc in zip(okf, bias_correction1)])
+    torch._foreach_add_(params, update)
