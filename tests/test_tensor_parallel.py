@@ -1,0 +1,67 @@
+"""Tensor parallelism and 2-D meshes against the single-process optimizer (gloo, CPU).
+
+torch's own ``parallelize_module`` plans on a small transformer block: tp = 2 alone
+(ColwiseParallel rows ``Shard(0)``, RowwiseParallel columns ``Shard(1)``) and FSDP2 on top of
+it on a (dp 2, tp 2) mesh (``_StridedShard(0)`` x ``Shard(0)`` and ``Shard(0)`` x ``Shard(1)``).
+Both normalizations, both update scales, Muon, ``split_sizes`` and uneven shards; Newton-Schulz
+once per matrix in the mesh; traffic at the floor; DCP checkpoints across mesh shapes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch.multiprocessing as mp
+import tp_workers as T
+
+pytestmark = pytest.mark.distributed
+
+#: Matrices of tp_workers.Block, counted as orthogonalized blocks: 9 whole matrices and the
+#: fused projection, which is one matrix or three row blocks depending on the case.
+MATRICES = 10
+
+
+def spawn(fn, world, *args):
+    mp.start_processes(fn, args=(world, T.free_port(), *args), nprocs=world, start_method="spawn")
+
+
+@pytest.mark.parametrize("mesh_shape", [(2,), (2, 2)], ids=["tp2", "dp2xtp2"])
+def test_tensor_parallel_matches_single_process(tmp_path, mesh_shape):
+    world = 1
+    for size in mesh_shape:
+        world *= size
+    spawn(T.tp_matches_single, world, list(mesh_shape), str(tmp_path))
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    placements = reports[0]["placements"]
+    if len(mesh_shape) == 1:
+        assert placements["q.weight"] == ["Shard(dim=0)"]
+        assert placements["o.weight"] == ["Shard(dim=1)"]
+    else:
+        assert placements["q.weight"][0].startswith("_StridedShard(dim=0"), placements
+        assert placements["q.weight"][1] == "Shard(dim=0)"
+        assert placements["o.weight"] == ["Shard(dim=0)", "Shard(dim=1)"]
+    # Newton-Schulz once per matrix in the whole mesh, and every rank takes a share.
+    counts = [r["ns_matrices"] for r in reports]
+    assert sum(counts) == MATRICES, counts
+    assert all(c > 0 for c in counts), counts
+    # Traffic at the floor (aligned segments may add a few bytes), a bounded collective count.
+    for r, report in enumerate(reports):
+        sent, floor = report["sent_bytes"], report["floor_bytes"]
+        assert floor > 0, report
+        assert floor <= sent <= floor + 64 * MATRICES, (r, sent, floor)
+        assert report["collectives"] <= 12, report
+
+
+def test_dcp_checkpoints_move_across_mesh_shapes(tmp_path):
+    """(dp 2, tp 2) -> one process -> (dp 4) FSDP2 -> (tp 2), each stage equal to the
+    uninterrupted single process after it."""
+    stages = [([("dp", 2), ("tp", 2)], 2), ([], 1), ([("dp", 4)], 1), ([("tp", 2)], 1)]
+    done, previous = 0, None
+    for k, (mesh, steps) in enumerate(stages):
+        world = 1
+        for _, size in mesh:
+            world *= size
+        path = str(tmp_path / f"stage{k}")
+        spawn(T.dcp_stage, world, mesh, previous, path, done, steps)
+        done, previous = done + steps, path
