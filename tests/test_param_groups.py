@@ -102,7 +102,7 @@ class MoEConv1d(nn.Module):
 
 
 def _assignment(model, groups):
-    """name -> 'matrix' | 'conv' | 'transposed' | 'adamw', asserting every parameter is in exactly one group."""
+    """name -> 'matrix' | 'conv' | 'transposed' | 'adamw'; every parameter in exactly one group."""
     where: dict[int, str] = {}
     for g in groups:
         kind = "adamw" if g.get("algorithm") == "adamw" else {
@@ -394,7 +394,9 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.downsample = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out)
+        )
         self.fc = nn.Linear(c_out, c_out)  # squeeze-excitation style gate: a hidden matrix
 
     def forward(self, x):  # x: (B, c_in, H, W)
