@@ -64,3 +64,31 @@ def linear_twin(model: nn.Module) -> nn.Module:
 def token_batches(count: int, batch: int = 4, seq: int = 12, seed: int = 1) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (batch, seq), generator=generator) for _ in range(count)]
+
+
+def optimizer_supports_transposed_layout() -> bool:
+    """Whether the installed optimizer accepts group layout='transposed' (GPT-2's Conv1D)."""
+    from normuon import NorMuon
+
+    try:
+        NorMuon([{"params": [nn.Parameter(torch.zeros(2, 3))], "layout": "transposed"}])
+    except ValueError:
+        return False
+    return True
+
+
+class PatternTokens(torch.utils.data.Dataset):
+    """Learnable synthetic sequences: token[t + 1] = (token[t] + stride) % VOCAB, random start and
+    stride per sequence. Items are dicts as Trainer and Lightning collate them."""
+
+    def __init__(self, count: int, seq: int = 12, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        start = torch.randint(0, VOCAB, (count, 1), generator=generator)
+        stride = torch.randint(1, 4, (count, 1), generator=generator)
+        self.tokens = (start + stride * torch.arange(seq)) % VOCAB  # (count, seq)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.tokens[index], "labels": self.tokens[index]}
