@@ -79,3 +79,14 @@ def test_bad_checkpoint_step_is_rejected(example, tmp_path):
         example.run(_config(example, ckpt_at=4), str(tmp_path))
     with pytest.raises(ValueError, match=r"algorithm must be 'normuon' or 'muon', got 'sgd'"):
         example.fit(_config(example, algorithm="sgd", steps=1))
+
+
+def test_command_line(example, tmp_path, capsys):
+    log = tmp_path / "losses.json"
+    argv = ["--steps", "6", "--ckpt-at", "3", "--precision", "bf16-mixed",
+            "--ckpt-dir", str(tmp_path / "ckpt"), "--log-json", str(log)]  # fmt: skip
+    result = example.main(argv)
+    out = capsys.readouterr().out
+    assert "resume check: max |loss difference| 0, max |weight difference| 0" in out, out
+    assert len(result["losses"]) == 6 and log.is_file()
+    assert (tmp_path / "ckpt" / "step=3.ckpt").is_file()
