@@ -143,3 +143,22 @@ def test_gpt2_conv1d_updates_equal_linear_twin(cls, split_qkv):
     if cls is NorMuon:  # one second-moment entry per output neuron, as for the Linear twin
         weight = model.transformer.h[0].mlp.c_fc.weight  # (16, 64): 64 neurons
         assert opt.state[weight]["neuron_second_moment"].shape == (64,)
+
+
+def test_normuon_first_update_is_even_across_gpt2_output_neurons():
+    """NorMuon normalizes per output neuron: a Conv1D weight (in, out) has one neuron per column,
+    so the first update's RMS is the same in every column (coefficient of variation ~0)."""
+    model = tiny_gpt2(n_layer=1)
+    opt = NorMuon(param_groups(model, weight_decay=0.0), ns_dtype=torch.float32)
+    block = model.transformer.h[0]
+    weights = {"c_attn": block.attn.c_attn.weight, "c_proj": block.attn.c_proj.weight,
+               "c_fc": block.mlp.c_fc.weight, "mlp.c_proj": block.mlp.c_proj.weight}  # fmt: skip
+    before = {name: w.detach().clone() for name, w in weights.items()}
+    tokens = token_batches(1)[0]
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    opt.step()
+    for name, w in weights.items():
+        update = w.detach() - before[name]  # (in, out)
+        column_rms = update.square().mean(dim=0).sqrt()  # (out,): one per output neuron
+        spread = (column_rms.std() / column_rms.mean()).item()
+        assert spread < 1e-3, (name, spread)
