@@ -193,17 +193,18 @@ def run(config: ExampleConfig, ckpt_dir: str) -> dict:
             f"between 0 and steps ({config.steps}), got {config.ckpt_at}"
         )
     os.makedirs(ckpt_dir, exist_ok=True)
+    # Checkpoints of an earlier run in the same folder would make ModelCheckpoint write
+    # "step=6-v1.ckpt" beside them; start clean (only this script's file names).
+    for name in os.listdir(ckpt_dir):
+        if name.startswith("step=") and name.endswith(".ckpt"):
+            os.remove(os.path.join(ckpt_dir, name))
     checkpoint = os.path.join(ckpt_dir, f"step={config.ckpt_at}.ckpt")
-    if os.path.exists(checkpoint):  # ModelCheckpoint would write "step=6-v1.ckpt" beside it
-        os.remove(checkpoint)
     full_module, losses = fit(config, ckpt_dir=ckpt_dir)
     if not os.path.isfile(checkpoint):
         raise RuntimeError(f"no checkpoint written at step {config.ckpt_at} in {ckpt_dir}")
-    # The resumed run gets the same callbacks (Lightning restores their state), in a folder of
-    # its own so that its checkpoints do not collide with the first run's.
-    resumed_module, resumed = fit(
-        config, ckpt_dir=os.path.join(ckpt_dir, "resumed"), resume_from=checkpoint
-    )
+    # The resumed run gets the same callbacks, as Lightning asks (it restores their state); its
+    # own checkpoints get versioned names ("step=12-v1.ckpt").
+    resumed_module, resumed = fit(config, ckpt_dir=ckpt_dir, resume_from=checkpoint)
     weight_gap = max(
         (a.float() - b.float()).abs().max().item()
         for a, b in zip(full_module.model.parameters(), resumed_module.model.parameters())
