@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from normuon import Muon, NorMuon, param_groups
+from normuon.grouping import describe_groups
 
 BOTH = [NorMuon, Muon]
 
@@ -701,3 +702,34 @@ def test_split_qkv_multihead_attention_in_proj():
     x = torch.randn(3, 2, 8)
     model.attn(x, x, x)[0].square().mean().backward()
     opt.step()
+
+
+# ------------------------------------------------------------------ describe_groups
+
+
+def test_describe_groups_layouts_and_neurons():
+    model = MoEConv1d()
+    rows = {r.name: r for r in describe_groups(model, param_groups(model)).rows}
+    assert (rows["conv.weight"].layout, rows["conv.weight"].neurons) == ("conv", 5)
+    assert (rows["experts"].layout, rows["experts"].neurons) == ("auto", 4 * 6)  # E x m
+    assert (rows["router.weight"].algorithm, rows["router.weight"].neurons) == ("matrix", 4)
+    assert (rows["scale"].algorithm, rows["scale"].shape, rows["scale"].neurons) == (
+        "adamw", (), None)  # fmt: skip
+    assert "scalar" in str(describe_groups(model, param_groups(model)))
+    opt = NorMuon(param_groups(model), ns_dtype=torch.float32)
+    model(torch.randn(2, 3, 7)).square().mean().backward()
+    opt.step()
+    # The neuron count is the size of NorMuon's second moment for these layouts.
+    rows = {r.name: r for r in describe_groups(model, opt).rows}
+    for name in ["conv.weight", "experts", "router.weight"]:
+        p = dict(model.named_parameters())[name]
+        assert rows[name].algorithm == "normuon"
+        assert opt.state[p]["neuron_second_moment"].numel() == rows[name].neurons, name
+
+
+def test_describe_groups_bad_input():
+    model = MoEConv1d()
+    with pytest.raises(TypeError, match=r"group 0 is not a dict with 'params'"):
+        describe_groups(model, [[model.experts]])
+    with pytest.raises(ValueError, match=r"a parameter of shape \(4, 6, 5\) is in groups 0 and 1"):
+        describe_groups(model, [{"params": [model.experts]}, {"params": [model.experts]}])
