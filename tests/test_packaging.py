@@ -115,10 +115,9 @@ def test_tests_collect_and_run_from_the_sdist(unpacked_sdist):
     where = _run([sys.executable, "-c", "import normuon; print(normuon.__file__)"],
                  cwd=unpacked_sdist, env=env)  # fmt: skip
     assert Path(where.strip()).is_relative_to(unpacked_sdist), where
-    pytest_cmd = [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q"]
-    collected = _run([*pytest_cmd, "--collect-only"], cwd=unpacked_sdist, env=env)
-    files = {line.split("::")[0] for line in collected.splitlines() if "::" in line}
-    expected = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")}
-    assert files == expected, collected[-2000:]
-    ran = _run([*pytest_cmd, "tests/test_param_groups.py"], cwd=unpacked_sdist, env=env)
-    assert re.search(r"\b\d+ passed\b", ran) and "failed" not in ran and "error" not in ran, ran
+    # One run: every test file is collected (a collection error fails the run: exit code 2),
+    # and the param_groups tests are executed.
+    ran = _run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
+                "tests", "-k", "test_param_groups"], cwd=unpacked_sdist, env=env)  # fmt: skip
+    summary = ran.strip().splitlines()[-1]
+    assert re.search(r"^\d+ passed, \d+ deselected in ", summary), ran[-3000:]
