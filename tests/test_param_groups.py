@@ -733,3 +733,24 @@ def test_describe_groups_bad_input():
         describe_groups(model, [[model.experts]])
     with pytest.raises(ValueError, match=r"a parameter of shape \(4, 6, 5\) is in groups 0 and 1"):
         describe_groups(model, [{"params": [model.experts]}, {"params": [model.experts]}])
+
+
+def test_transposed_names_from_a_generator_are_checked():
+    model = nn.Module()
+    model.mixer = TransposedLinear(4, 6)
+    model.proj = nn.Linear(6, 4)
+    with pytest.raises(ValueError, match=r"no parameter name contains \['nope'\]"):
+        param_groups(model, transposed=(s for s in ["mixer.w", "nope"]))
+
+
+def test_describe_groups_stacked_layout_counts_every_matrix():
+    model = nn.Module()
+    model.kernels = nn.Parameter(torch.randn(2, 3, 4, 5))  # stacked: 2 x 3 matrices of (4, 5)
+    rows = describe_groups(model, [{"params": [model.kernels], "layout": "stacked"}]).rows
+    assert rows[0].neurons == 2 * 3 * 4
+    rows = describe_groups(model, [{"params": [model.kernels]}]).rows  # auto: a conv kernel
+    assert rows[0].neurons == 2
+    opt = NorMuon([{"params": [model.kernels], "layout": "stacked"}], ns_dtype=torch.float32)
+    model.kernels.grad = torch.randn_like(model.kernels)
+    opt.step()
+    assert opt.state[model.kernels]["neuron_second_moment"].numel() == 2 * 3 * 4

@@ -167,7 +167,7 @@ def param_groups(
         raise TypeError(f"extra_adamw must be a list of name fragments, got the string "
                         f"{extra_adamw!r}")  # fmt: skip
     extra_adamw = tuple(extra_adamw)
-    is_declared_transposed = _transposed_predicate(transposed)
+    transposed, is_declared_transposed = _transposed_predicate(transposed)
     if not isinstance(split_qkv, bool):
         raise TypeError(f"split_qkv must be True or False, got {split_qkv!r}")
     matrix_opts = {k: v for k, v in overrides.items() if not k.startswith("adamw_")}
@@ -281,10 +281,13 @@ def param_groups(
     return groups
 
 
-def _transposed_predicate(spec: TransposedSpec) -> Callable[[str, nn.Parameter], set[str]]:
-    """fn(name, param) -> the declarations that match (empty set: not declared transposed)."""
+def _transposed_predicate(
+    spec: TransposedSpec,
+) -> tuple[TransposedSpec, Callable[[str, nn.Parameter], set[str]]]:
+    """(the spec, a tuple if it was an iterable; fn(name, param) -> the declarations that match,
+    an empty set when the parameter is not declared transposed)."""
     if callable(spec):
-        return lambda name, p: {"<predicate>"} if spec(name, p) else set()
+        return spec, lambda name, p: {"<predicate>"} if spec(name, p) else set()
     if isinstance(spec, str):
         raise TypeError(f"transposed must be a list of name fragments or a predicate, got the "
                         f"string {spec!r}")  # fmt: skip
@@ -298,7 +301,7 @@ def _transposed_predicate(spec: TransposedSpec) -> Callable[[str, nn.Parameter],
     for fragment in fragments:
         if not isinstance(fragment, str) or not fragment:
             raise TypeError(f"transposed entries must be non-empty strings, got {fragment!r}")
-    return lambda name, p: {s for s in fragments if s in name}
+    return fragments, lambda name, p: {s for s in fragments if s in name}
 
 
 def _output_embeddings(model: nn.Module) -> nn.Module | None:
@@ -389,7 +392,7 @@ class RoutingSummary:
 def _neurons(shape: Sequence[int], layout: str) -> int:
     if layout == "transposed":
         return shape[1]
-    if layout == "conv" or len(shape) >= 4 or len(shape) == 2:
+    if len(shape) == 2 or layout == "conv" or (layout == "auto" and len(shape) >= 4):
         return shape[0]
     stack = 1
     for s in shape[:-2]:
