@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from normuon import Muon, NorMuon, param_groups
+from normuon.grouping import describe_groups
 
 BOTH = [NorMuon, Muon]
 
@@ -102,12 +103,12 @@ class MoEConv1d(nn.Module):
 
 
 def _assignment(model, groups):
-    """name -> 'matrix' | 'conv' | 'adamw', asserting every parameter is in exactly one group."""
+    """name -> 'matrix' | 'conv' | 'transposed' | 'adamw'; every parameter in exactly one group."""
     where: dict[int, str] = {}
     for g in groups:
-        kind = "adamw" if g.get("algorithm") == "adamw" else (
-            "conv" if g.get("layout") == "conv" else "matrix"
-        )
+        kind = "adamw" if g.get("algorithm") == "adamw" else {
+            "conv": "conv", "transposed": "transposed"
+        }.get(g.get("layout"), "matrix")
         for p in g["params"]:
             assert id(p) not in where, "parameter in more than one group"
             where[id(p)] = kind
@@ -242,12 +243,13 @@ def test_cnn_classifier():
     assert not any(p is model.features[1].running_mean for p in all_params)
 
 
-def test_cnn_fc_head_routed_by_extra_adamw():
-    """'fc' is not in HEAD_NAMES (hidden layers are often called fc); extra_adamw moves it."""
+def test_cnn_top_level_fc_is_a_head_and_extra_adamw_still_applies():
+    """A top-level 'fc' (ResNet convention) is a head; extra_adamw moves anything else."""
     model = TinyCNN("fc")
-    assert _assignment(model, param_groups(model))["fc.weight"] == "matrix"
-    got = _assignment(model, param_groups(model, extra_adamw=["fc."]))
+    got = _assignment(model, param_groups(model))
     assert got["fc.weight"] == "adamw" and got["hidden.weight"] == "matrix"
+    got = _assignment(model, param_groups(model, extra_adamw=["hidden."]))
+    assert got["hidden.weight"] == "adamw"
 
 
 def test_moe_and_conv1d():
@@ -379,3 +381,376 @@ def test_groups_work_with_optimizer(cls, kind):
             assert "exp_avg" in state, name
         else:
             assert "momentum_buffer" in state, name
+
+
+# ------------------------------------------------------------------ vision conventions
+
+
+class BasicBlock(nn.Module):
+    """ResNet block: two 3x3 convs, a 1x1 downsample, and (unusually) an fc gate inside."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out)
+        )
+        self.fc = nn.Linear(c_out, c_out)  # squeeze-excitation style gate: a hidden matrix
+
+    def forward(self, x):  # x: (B, c_in, H, W)
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        gate = torch.sigmoid(self.fc(h.mean((2, 3))))[:, :, None, None]  # (B, c_out, 1, 1)
+        return torch.relu(h * gate + self.downsample(x))
+
+
+class ResNetLike(nn.Module):
+    """torchvision naming: conv1, bn1, layerN.M, fc at the top."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.layer1 = nn.Sequential(BasicBlock(4, 6), BasicBlock(6, 6))
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, x):
+        h = self.layer1(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(h.mean((2, 3)))
+
+
+class TimmMlp(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class TimmAttention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):  # x: (B, T, d)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v)
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(d), TimmAttention(d)
+        self.norm2, self.mlp = nn.LayerNorm(d), TimmMlp(d)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TimmHead(nn.Module):
+    """ConvNeXt-style head: norm + fc."""
+
+    def __init__(self, d, classes):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.fc(self.norm(x))
+
+
+class TimmLike(nn.Module):
+    """timm ViT naming: patch_embed.proj, cls_token, pos_embed, blocks.N, head (or head.fc)."""
+
+    def __init__(self, d=8, classes=5, head_with_fc=False):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, d, 2, stride=2)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, d))
+        self.blocks = nn.Sequential(TimmBlock(d), TimmBlock(d))
+        self.norm = nn.LayerNorm(d)
+        self.head = TimmHead(d, classes) if head_with_fc else nn.Linear(d, classes)
+
+    def forward(self, x):  # x: (B, 3, 4, 4) -> 4 patches + cls token
+        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, 4, d)
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], 1)
+        return self.head(self.norm(self.blocks(tokens + self.pos_embed))[:, 0])
+
+
+class VGGLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 5))
+
+
+def test_resnet_like_routing():
+    model = ResNetLike()
+    got = _assignment(model, param_groups(model))
+    for name in ["conv1.weight", "layer1.0.conv1.weight", "layer1.1.conv2.weight",
+                 "layer1.0.downsample.0.weight"]:  # fmt: skip
+        assert got[name] == "conv", name
+    # The fc inside a block is hidden; the top-level fc is the classifier head.
+    assert got["layer1.0.fc.weight"] == "matrix" and got["layer1.1.fc.weight"] == "matrix"
+    assert got["fc.weight"] == "adamw" and got["fc.bias"] == "adamw"
+    assert all(got[n] == "adamw" for n in got if ".bn" in n or n.startswith("bn"))
+
+
+def test_top_level_fc_found_through_wrappers():
+    """A LightningModule-style holder, DDP's 'module.' and nested single wrappers keep fc a head."""
+
+    class Holder(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+    model = Holder(Holder(ResNetLike()))
+    got = _assignment(model, param_groups(model))
+    assert got["model.model.fc.weight"] == "adamw"
+    assert got["model.model.layer1.0.fc.weight"] == "matrix"
+
+
+@pytest.mark.parametrize("head_with_fc", [False, True], ids=["head", "head.fc"])
+def test_timm_like_routing(head_with_fc):
+    model = TimmLike(head_with_fc=head_with_fc)
+    groups = param_groups(model)
+    got = _assignment(model, groups)
+    head = "head.fc" if head_with_fc else "head"
+    assert got[f"{head}.weight"] == "adamw" and got[f"{head}.bias"] == "adamw"
+    assert got["patch_embed.proj.weight"] == "conv"
+    assert got["cls_token"] == "adamw" and got["pos_embed"] == "adamw"
+    for i in range(2):
+        for layer in ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]:
+            assert got[f"blocks.{i}.{layer}.weight"] == "matrix", (i, layer)
+            assert got[f"blocks.{i}.{layer}.bias"] == "adamw", (i, layer)
+    # Routing is usable as is.
+    opt = NorMuon(groups, ns_dtype=torch.float32)
+    model(torch.randn(2, 3, 4, 4)).square().mean().backward()
+    opt.step()
+
+
+def test_timm_like_split_qkv():
+    model = TimmLike(d=8)
+    groups = param_groups(model, split_qkv=True)
+    split = [g for g in groups if g.get("split_sizes") is not None]
+    assert len(split) == 1 and split[0]["split_sizes"] == (8, 8, 8)
+    assert [p.shape for p in split[0]["params"]] == [(24, 8), (24, 8)]
+    assert all(p is b.attn.qkv.weight for p, b in zip(split[0]["params"], model.blocks))
+
+
+def test_sequential_classifier_routing():
+    model = VGGLike()
+    got = _assignment(model, param_groups(model))
+    assert got["classifier.0.weight"] == "adamw" and got["classifier.3.weight"] == "adamw"
+    assert got["features.0.weight"] == "conv"
+
+
+def test_hidden_output_dense_in_bert_style_encoder_stays_matrix():
+    """'output' marks a head only as the Linear's own name: BERT's attention.output.dense is
+    hidden."""
+
+    class Output(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense = nn.Linear(4, 4)
+            self.LayerNorm = nn.LayerNorm(4)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.Module()
+            self.attention.output = Output()
+            self.output = Output()
+
+    model = nn.Module()
+    model.encoder = nn.ModuleList([Layer()])
+    model.output = nn.Linear(4, 3)
+    got = _assignment(model, param_groups(model))
+    assert got["encoder.0.attention.output.dense.weight"] == "matrix"
+    assert got["encoder.0.output.dense.weight"] == "matrix"
+    assert got["output.weight"] == "adamw"
+
+
+def test_get_output_embeddings_marks_the_head():
+    """A Hugging Face style model names its output projection through get_output_embeddings."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            self.decoder_proj = nn.Linear(4, 9)
+
+        def get_output_embeddings(self):
+            return self.decoder_proj
+
+    model = Model()
+    assert _assignment(model, param_groups(model))["decoder_proj.weight"] == "adamw"
+
+
+# ------------------------------------------------------------------ transposed weights
+
+
+class TransposedLinear(nn.Module):
+    """A user weight stored (in, out) and used as x @ W."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n_in, n_out) * 0.1)
+
+    def forward(self, x):
+        return x @ self.w
+
+
+class FakeConv1D(nn.Module):
+    """Same attributes as transformers' Conv1D (weight (nx, nf), x @ W + b): recognised by name."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+FakeConv1D.__name__ = "Conv1D"
+
+
+def test_conv1d_by_class_name_goes_to_transposed_group():
+    model = nn.Module()
+    model.c_attn = FakeConv1D(12, 4)
+    model.c_proj = FakeConv1D(4, 4)
+    model.lin = nn.Linear(4, 4)
+    groups = param_groups(model)
+    got = _assignment(model, groups)
+    assert got == {"c_attn.weight": "transposed", "c_attn.bias": "adamw",
+                   "c_proj.weight": "transposed", "c_proj.bias": "adamw",
+                   "lin.weight": "matrix", "lin.bias": "adamw"}  # fmt: skip
+    transposed = next(g for g in groups if g.get("layout") == "transposed")
+    assert "split_sizes" not in transposed  # the paper's default: the fused QKV is one matrix
+    split = param_groups(model, split_qkv=True)
+    blocks = {tuple(p.shape): g.get("split_sizes") for g in split for p in g["params"]
+              if g.get("layout") == "transposed"}  # fmt: skip
+    assert blocks == {(4, 12): (4, 4, 4), (4, 4): None}
+
+
+def test_a_module_named_conv1d_with_other_shape_is_not_transposed():
+    class Conv1D(nn.Module):  # same name, but a (out, in) weight without nx/nf
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 4))
+
+    model = nn.Module()
+    model.layer = Conv1D()
+    assert _assignment(model, param_groups(model)) == {"layer.weight": "matrix"}
+
+
+@pytest.mark.parametrize("spec", [["mixer.w"], lambda name, p: name.endswith(".w")],
+                         ids=["names", "predicate"])  # fmt: skip
+def test_user_declared_transposed(spec):
+    model = nn.Module()
+    model.mixer = TransposedLinear(4, 6)
+    model.proj = nn.Linear(6, 4)
+    got = _assignment(model, param_groups(model, transposed=spec))
+    assert got == {"mixer.w": "transposed", "proj.weight": "matrix", "proj.bias": "adamw"}
+
+
+def test_transposed_bad_input():
+    model = nn.Module()
+    model.mixer = TransposedLinear(4, 6)
+    model.stack = nn.Parameter(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match=r"transposed: no parameter name contains \['mixr'\]"):
+        param_groups(model, transposed=["mixr"])
+    with pytest.raises(ValueError, match=r"transposed: stack has shape \(2, 3, 4\)"):
+        param_groups(model, transposed=["stack"])
+    with pytest.raises(TypeError, match=r"transposed must be .* got the string 'mixer.w'"):
+        param_groups(model, transposed="mixer.w")
+    with pytest.raises(TypeError, match=r"transposed entries must be non-empty strings, got 3"):
+        param_groups(model, transposed=[3])
+    with pytest.raises(TypeError, match=r"split_qkv must be True or False, got 'yes'"):
+        param_groups(model, split_qkv="yes")
+    with pytest.raises(ValueError, match=r"param_groups sets 'layout' per group itself"):
+        param_groups(model, layout="transposed")
+    with pytest.raises(TypeError, match=r"expects an nn.Module, got list"):
+        param_groups([model.stack])
+
+
+def test_split_qkv_rejects_unequal_fused_projection():
+    model = nn.Module()
+    model.qkv_proj = nn.Linear(8, 8 + 2 * 2)  # grouped-query: q 8, k 2, v 2
+    with pytest.raises(ValueError, match=r"split_qkv=True: qkv_proj.weight has 12 outputs for 8"):
+        param_groups(model, split_qkv=True)
+    assert param_groups(model)[0]["params"][0] is model.qkv_proj.weight
+
+
+def test_split_qkv_multihead_attention_in_proj():
+    model = nn.Module()
+    model.attn = nn.MultiheadAttention(8, 2)
+    groups = param_groups(model, split_qkv=True)
+    split = next(g for g in groups if g.get("split_sizes"))
+    assert split["split_sizes"] == (8, 8, 8) and split["params"][0] is model.attn.in_proj_weight
+    opt = Muon(groups, ns_dtype=torch.float32)
+    x = torch.randn(3, 2, 8)
+    model.attn(x, x, x)[0].square().mean().backward()
+    opt.step()
+
+
+# ------------------------------------------------------------------ describe_groups
+
+
+def test_describe_groups_layouts_and_neurons():
+    model = MoEConv1d()
+    rows = {r.name: r for r in describe_groups(model, param_groups(model)).rows}
+    assert (rows["conv.weight"].layout, rows["conv.weight"].neurons) == ("conv", 5)
+    assert (rows["experts"].layout, rows["experts"].neurons) == ("auto", 4 * 6)  # E x m
+    assert (rows["router.weight"].algorithm, rows["router.weight"].neurons) == ("matrix", 4)
+    assert (rows["scale"].algorithm, rows["scale"].shape, rows["scale"].neurons) == (
+        "adamw", (), None)  # fmt: skip
+    assert "scalar" in str(describe_groups(model, param_groups(model)))
+    opt = NorMuon(param_groups(model), ns_dtype=torch.float32)
+    model(torch.randn(2, 3, 7)).square().mean().backward()
+    opt.step()
+    # The neuron count is the size of NorMuon's second moment for these layouts.
+    rows = {r.name: r for r in describe_groups(model, opt).rows}
+    for name in ["conv.weight", "experts", "router.weight"]:
+        p = dict(model.named_parameters())[name]
+        assert rows[name].algorithm == "normuon"
+        assert opt.state[p]["neuron_second_moment"].numel() == rows[name].neurons, name
+
+
+def test_describe_groups_bad_input():
+    model = MoEConv1d()
+    with pytest.raises(TypeError, match=r"group 0 is not a dict with 'params'"):
+        describe_groups(model, [[model.experts]])
+    with pytest.raises(ValueError, match=r"a parameter of shape \(4, 6, 5\) is in groups 0 and 1"):
+        describe_groups(model, [{"params": [model.experts]}, {"params": [model.experts]}])
+
+
+def test_transposed_names_from_a_generator_are_checked():
+    model = nn.Module()
+    model.mixer = TransposedLinear(4, 6)
+    model.proj = nn.Linear(6, 4)
+    with pytest.raises(ValueError, match=r"no parameter name contains \['nope'\]"):
+        param_groups(model, transposed=(s for s in ["mixer.w", "nope"]))
+
+
+def test_describe_groups_stacked_layout_counts_every_matrix():
+    model = nn.Module()
+    model.kernels = nn.Parameter(torch.randn(2, 3, 4, 5))  # stacked: 2 x 3 matrices of (4, 5)
+    rows = describe_groups(model, [{"params": [model.kernels], "layout": "stacked"}]).rows
+    assert rows[0].neurons == 2 * 3 * 4
+    rows = describe_groups(model, [{"params": [model.kernels]}]).rows  # auto: a conv kernel
+    assert rows[0].neurons == 2
+    opt = NorMuon([{"params": [model.kernels], "layout": "stacked"}], ns_dtype=torch.float32)
+    model.kernels.grad = torch.randn_like(model.kernels)
+    opt.step()
+    assert opt.state[model.kernels]["neuron_second_moment"].numel() == 2 * 3 * 4
