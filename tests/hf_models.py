@@ -66,17 +66,6 @@ def token_batches(count: int, batch: int = 4, seq: int = 12, seed: int = 1) -> l
     return [torch.randint(0, VOCAB, (batch, seq), generator=generator) for _ in range(count)]
 
 
-def optimizer_supports_transposed_layout() -> bool:
-    """Whether the installed optimizer accepts group layout='transposed' (GPT-2's Conv1D)."""
-    from normuon import NorMuon
-
-    try:
-        NorMuon([{"params": [nn.Parameter(torch.zeros(2, 3))], "layout": "transposed"}])
-    except ValueError:
-        return False
-    return True
-
-
 class PatternTokens(torch.utils.data.Dataset):
     """Learnable synthetic sequences: token[t + 1] = (token[t] + stride) % VOCAB, random start and
     stride per sequence. Items are dicts as Trainer and Lightning collate them."""

@@ -13,17 +13,8 @@ import pytest
 pytest.importorskip("lightning")
 pytest.importorskip("transformers")
 
-from hf_models import optimizer_supports_transposed_layout  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning_train.py"
-NEEDS_TRANSPOSED = pytest.mark.xfail(
-    not optimizer_supports_transposed_layout(),
-    reason="GPT-2's Conv1D weights need the optimizer's layout='transposed'",
-    raises=ValueError,
-    strict=True,
-)
-
-
 @pytest.fixture(scope="module")
 def example():
     spec = importlib.util.spec_from_file_location("lightning_train", EXAMPLE)
@@ -44,8 +35,8 @@ def _config(example, **changes):
         ("llama", "normuon", "32-true"),
         ("llama", "normuon", "bf16-mixed"),
         ("llama", "muon", "32-true"),
-        pytest.param("gpt2", "normuon", "32-true", marks=NEEDS_TRANSPOSED),
-        pytest.param("gpt2", "muon", "bf16-mixed", marks=NEEDS_TRANSPOSED),
+        ("gpt2", "normuon", "32-true"),
+        ("gpt2", "muon", "bf16-mixed"),
     ],
 )
 def test_fit_clip_checkpoint_resume(example, tmp_path, model, algorithm, precision):

@@ -9,11 +9,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from hf_models import (  # noqa: E402
-    PatternTokens,
-    build,
-    optimizer_supports_transposed_layout,
-)
+from hf_models import PatternTokens, build  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from normuon import Muon, NorMuon  # noqa: E402
@@ -22,13 +18,7 @@ from normuon.integrations.huggingface import (  # noqa: E402
     optimizer_cls_and_kwargs,
 )
 
-NEEDS_TRANSPOSED = pytest.mark.xfail(
-    not optimizer_supports_transposed_layout(),
-    reason="GPT-2's Conv1D weights need the optimizer's layout='transposed'",
-    raises=ValueError,
-    strict=True,
-)
-MODELS = [pytest.param("gpt2", marks=NEEDS_TRANSPOSED), "llama"]
+MODELS = ["gpt2", "llama"]
 STEPS, CHECKPOINT_AT = 6, 3
 
 

@@ -8,11 +8,18 @@ holds the orthogonalization (coefficients, iterations, the ``orthogonalizer`` op
 from importlib import metadata as _metadata
 
 from . import newton_schulz
-from .grouping import param_groups
+from .grouping import describe_groups, param_groups
 from .newton_schulz import polar_express_coefficients
 from .optimizer import Muon, NorMuon
 
-__all__ = ["NorMuon", "Muon", "param_groups", "newton_schulz", "polar_express_coefficients"]
+__all__ = [
+    "Muon",
+    "NorMuon",
+    "describe_groups",
+    "newton_schulz",
+    "param_groups",
+    "polar_express_coefficients",
+]
 
 try:  # one source of the version: pyproject.toml, through the installed package's metadata
     __version__ = _metadata.version("normuon")
