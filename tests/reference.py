@@ -1,4 +1,4 @@
-"""Slow, obvious float64 NorMuon / Muon / AdamW written straight from SPEC.md section 1.
+"""Slow, obvious float64 NorMuon / Muon / AdamW written straight from docs/algorithm.md.
 
 One matrix at a time, no batching, no masking, no foreach: the thing every fast path is
 compared against. Nothing here imports normuon except the coefficient schedule (a number table).
@@ -27,7 +27,10 @@ def ns_reference(u: torch.Tensor, coefficients) -> torch.Tensor:
 
 
 def as_matrices(t: torch.Tensor, layout: str = "auto") -> torch.Tensor:
-    """(B, m, n) view of a parameter-shaped tensor (SPEC: conv flattened, 3-D stacked)."""
+    """(B, m, n) copy of a parameter-shaped tensor (docs/algorithm.md "Shapes": conv flattened,
+    3-D stacked, transposed (in, out) weights read as (out, in))."""
+    if layout == "transposed":
+        return t.mT.reshape(-1, t.shape[-1], t.shape[-2])
     if layout == "conv" or (layout == "auto" and t.ndim >= 4):
         return t.reshape(1, t.shape[0], -1)
     if t.ndim == 2:
@@ -90,7 +93,7 @@ class ReferenceMatrixOptimizer:
                     O = ns_reference(U3[b, r0:r1], self.coefficients)
                     m = r1 - r0
                     D3[b, r0:r1] = self._scale(O, m, n, i, b * len(blocks) + k)
-            D = D3.reshape(p.shape)
+            D = D3.mT.reshape(p.shape) if self.layout == "transposed" else D3.reshape(p.shape)
             p.mul_(1 - self.lr * self.wd).sub_(self.lr * D)
 
     def _scale(self, O, m, n, i, slot):

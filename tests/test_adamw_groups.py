@@ -102,7 +102,7 @@ def test_adamw_only_group_and_group_order(cls):
 
 @pytest.mark.parametrize("cls", BOTH)
 def test_adamw_defaults_documented(cls):
-    """Class defaults of AdamW groups: betas (0.9, 0.95) (SPEC section 1), no weight decay."""
+    """Class defaults of AdamW groups: betas (0.9, 0.95) (docs/algorithm.md), no weight decay."""
     opt = cls([{"params": [torch.nn.Parameter(torch.randn(3, 3))]},
                {"params": [torch.nn.Parameter(torch.randn(3))], "algorithm": "adamw"}])
     group = opt.param_groups[1]

@@ -21,6 +21,9 @@ CASES = {
     "stacked3d": ([(3, 10, 6)], {}),
     "split": ([(24, 8)], {"split_sizes": (8, 4, 12)}),
     "conv1d": ([(12, 4, 3)], {"layout": "conv"}),
+    # (in, out) weights (Hugging Face Conv1D): 8 inputs, 24 output neurons split as fused QKV.
+    "transposed": ([(8, 24), (24, 8), (8, 24)], {"layout": "transposed"}),
+    "transposed_split": ([(8, 24)], {"layout": "transposed", "split_sizes": (8, 8, 8)}),
 }
 
 

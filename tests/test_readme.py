@@ -16,3 +16,13 @@ def test_readme_usage_example_runs():
     kinds = {g["algorithm"]: len(g["params"]) for g in opt.param_groups}
     assert kinds == {"normuon": 2, "adamw": 4}
     assert all(opt.state[p] for g in opt.param_groups for p in g["params"])
+
+
+def test_readme_options_table_is_generated_from_the_schema():
+    from normuon.options import markdown_table
+
+    text = README.read_text()
+    pattern = r"<!-- options-table:start -->\n(.*?)\n<!-- options-table:end -->"
+    table = re.search(pattern, text, re.S)
+    assert table, "README lost its options table markers"
+    assert table.group(1) == markdown_table(), "README table is stale: python -m normuon.options"
