@@ -15,6 +15,16 @@ from normuon import Muon, NorMuon, param_groups
 BOTH = [NorMuon, Muon]
 
 
+@pytest.fixture(params=["host_flags", "device_masks"])
+def flag_path(request, monkeypatch):
+    """Both ways a skipped parameter is left alone: flags read on the host (CPU tensors) and
+    dropped parameters, or flags kept on the device and every tensor masked (accelerators)."""
+    from normuon.optimizer import _MatrixOptimizer
+
+    monkeypatch.setattr(_MatrixOptimizer, "_host_flags_on_cpu", request.param == "host_flags")
+    return request.param
+
+
 # ------------------------------------------------------------------ helpers
 
 # (name, shape, group) -- w1/w2 share a Newton-Schulz bucket; conv is 4-D; b* are AdamW.
@@ -128,7 +138,7 @@ def _poison(shape, value, whole):
 @pytest.mark.parametrize("target", ["w1", "w3", "conv", "b1", "b2"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("bad_step", [0, 2])
-def test_nonfinite_grad_skips_only_that_param(cls, target, value, bad_step):
+def test_nonfinite_grad_skips_only_that_param(flag_path, cls, target, value, bad_step):
     """The poisoned parameter and its state stay bitwise unchanged for that step; the other
     parameters update exactly as in a run where the poisoned parameter had no gradient."""
     shape = dict((n, s) for n, s, _ in LAYOUT)[target]
@@ -167,7 +177,7 @@ def test_nonfinite_grad_skips_only_that_param(cls, target, value, bad_step):
 
 @pytest.mark.parametrize("cls", BOTH)
 @pytest.mark.parametrize("target", ["w2", "b2"])
-def test_first_step_skipped_then_normal_step_equals_fresh_first_step(cls, target):
+def test_first_step_skipped_then_normal_step_equals_fresh_first_step(flag_path, cls, target):
     """After a skipped first step, the next finite step is an ordinary first step (AdamW's
     bias correction counts only real steps; momentum and second moment start from zero)."""
     params, opt = _make(cls)
@@ -185,7 +195,7 @@ def test_first_step_skipped_then_normal_step_equals_fresh_first_step(cls, target
 
 
 @pytest.mark.parametrize("cls", BOTH)
-def test_nonfinite_skips_counts_every_skipped_param_step(cls):
+def test_nonfinite_skips_counts_every_skipped_param_step(flag_path, cls):
     params, opt = _make(cls)
     _set_grads(params, 0, override={"w1": torch.full((8, 4), math.nan),
                                     "b1": torch.full((5,), math.inf)})  # fmt: skip
@@ -201,7 +211,7 @@ def test_nonfinite_skips_counts_every_skipped_param_step(cls):
 
 @pytest.mark.parametrize("cls", BOTH)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_nonfinite_skip_low_precision(cls, dtype):
+def test_nonfinite_skip_low_precision(flag_path, cls, dtype):
     params, opt = _make(cls, dtype=dtype)
     _set_grads(params, 0, dtype=dtype)
     opt.step()
@@ -548,7 +558,7 @@ def test_normuon_eps_zero_with_dead_neuron_stays_finite(ns_dtype):
     assert torch.isfinite(w).all()
 
 
-def test_adamw_eps_zero_first_step_skip_leaves_param_unchanged():
+def test_adamw_eps_zero_first_step_skip_leaves_param_unchanged(flag_path):
     """With eps=0 (valid), a parameter whose first gradient is NaN must still be left bitwise
     unchanged, as nonfinite_grads='skip' promises."""
     w = nn.Parameter(torch.randn(4, 4))

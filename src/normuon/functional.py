@@ -24,9 +24,13 @@ __all__ = [
     "accum_dtype",
     "adamw_step_",
     "apply_update_",
+    "decay_",
+    "finite_flags",
     "inverse_rms",
+    "momentum_update_",
     "momentum_step_",
     "muon_factors",
+    "newton_schulz_input",
     "normuon_factors_",
     "orthogonalize_blocks",
 ]
@@ -38,6 +42,54 @@ ADAM_RMS_TARGET = 0.2
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half types, the dtype itself otherwise: the precision of statistics."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def finite_flags(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """One 0-d bool tensor per tensor: True when every entry is finite (no host sync).
+
+    min and max propagate NaN and are +-inf when an entry is, and unlike a sum or a 2-norm they
+    never overflow on large finite values; ``aminmax`` is one vectorized pass (the max-abs norm
+    is ~20x slower on CPUs). Empty tensors are finite.
+    """
+    flags = []
+    for t in tensors:
+        if t.numel() == 0:
+            flags.append(torch.ones((), dtype=torch.bool, device=t.device))
+            continue
+        low, high = torch.aminmax(t)
+        flags.append(torch.isfinite(low) & torch.isfinite(high))
+    return flags
+
+
+def momentum_update_(
+    momentum_buffer: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor | None, beta1: float
+) -> None:
+    """M <- beta1 M + (1 - beta1) G in place; left as it is where ``ok`` is False (None: the
+    caller knows the gradient is finite, and no masking pass is made)."""
+    grad = grad.to(momentum_buffer.dtype)  # bf16 gradients meet float32 state
+    if ok is not None:
+        grad = torch.where(ok, grad, momentum_buffer)
+    momentum_buffer.lerp_(grad, 1.0 - beta1)
+
+
+def newton_schulz_input(
+    momentum_buffer: torch.Tensor,
+    grad: torch.Tensor,
+    ok: torch.Tensor | None,
+    beta1: float,
+    nesterov: bool,
+    out: torch.Tensor,
+) -> None:
+    """Write U = G.lerp(M, beta1) (``nesterov``) or M into ``out``, from the updated momentum.
+
+    Where ``ok`` is False U is M (finite, and the update is zeroed later anyway)."""
+    if not nesterov:
+        out.copy_(momentum_buffer)
+        return
+    grad = grad.to(momentum_buffer.dtype)
+    if ok is not None:
+        grad = torch.where(ok, grad, momentum_buffer)
+    torch.lerp(grad, momentum_buffer, beta1, out=out)
 
 
 def momentum_step_(
@@ -131,8 +183,10 @@ def normuon_factors_(
     ||O||^2 = k sum(r) and ||O f||^2 = k sum(r f^2). g is 0 where ``ok`` is False.
     """
     m, n = o.shape[-2], o.shape[-1]
-    r = o.to(accum_dtype(o.dtype)).square().mean(dim=dim)  # (B, L)
-    second_moment.lerp_(torch.where(ok, r, second_moment), 1.0 - beta2)
+    # mean of O*O per neuron, accumulated in float32 without a float32 copy of O: (B, L)
+    r = torch.linalg.vector_norm(o, dim=dim, dtype=accum_dtype(o.dtype)).square_()
+    r /= o.shape[dim]
+    second_moment.lerp_(r if ok is None else torch.where(ok, r, second_moment), 1.0 - beta2)
     f = inverse_rms(second_moment, eps)
     sum_r = r.sum(dim=-1)
     sum_rf2 = (r * f.square()).sum(dim=-1)
@@ -146,24 +200,24 @@ def normuon_factors_(
         raise ValueError(
             f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}"
         )
-    return f * (scale * ok).unsqueeze(-1)
+    return f * (scale if ok is None else scale * ok).unsqueeze(-1)
 
 
-def muon_factors(o: torch.Tensor, ok: torch.Tensor, update_scale: str) -> torch.Tensor:
+def muon_factors(o: torch.Tensor, ok: torch.Tensor | None, update_scale: str) -> torch.Tensor:
     """Per-matrix Muon multiplier (B, 1): D = O * g.
 
     ``preserve_norm``: sqrt(max(1, m/n)) (Keller Jordan's Muon); ``adam_rms``: 0.2 sqrt(m n) /
     ||O|| (update RMS 0.2, Moonlight). 0 where ``ok`` is False.
     """
     m, n = o.shape[-2], o.shape[-1]
-    okf = ok.to(accum_dtype(o.dtype))
+    okf = 1.0 if ok is None else ok.to(accum_dtype(o.dtype))
     if update_scale == "preserve_norm":
         scale = torch.full((o.shape[0], 1), math.sqrt(max(1.0, m / n)), device=o.device)
         return scale * okf
     if update_scale == "adam_rms":
         tiny = torch.finfo(torch.float32).tiny
-        sum_sq = o.to(accum_dtype(o.dtype)).square().sum(dim=(-2, -1))
-        return (ADAM_RMS_TARGET * math.sqrt(m * n) / sum_sq.clamp_min(tiny).sqrt() * okf)[:, None]
+        norm = torch.linalg.vector_norm(o, dim=(-2, -1), dtype=accum_dtype(o.dtype))
+        return (ADAM_RMS_TARGET * math.sqrt(m * n) / norm.clamp_min(tiny) * okf)[:, None]
     raise ValueError(f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}")
 
 
@@ -174,9 +228,16 @@ def apply_update_(
     param_matrices.addcmul_(o, g.unsqueeze(dim), value=-lr)
 
 
-def decay_(params: list[torch.Tensor], ok: list[torch.Tensor], lr: float, weight_decay: float):
-    """Decoupled weight decay W *= 1 - lr * weight_decay, skipped where ``ok`` is False."""
-    if weight_decay != 0 and params:
+def decay_(
+    params: list[torch.Tensor], ok: list[torch.Tensor] | None, lr: float, weight_decay: float
+) -> None:
+    """Decoupled weight decay W *= 1 - lr * weight_decay, skipped where ``ok`` is False (None:
+    every parameter decays)."""
+    if weight_decay == 0 or not params:
+        return
+    if ok is None:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    else:
         factors = [
             1.0 - (lr * weight_decay) * f.to(accum_dtype(p.dtype)) for f, p in zip(ok, params)
         ]
@@ -189,7 +250,7 @@ def adamw_step_(
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor],
-    ok: list[torch.Tensor],
+    ok: list[torch.Tensor] | None,
     *,
     lr: float,
     beta1: float,
@@ -202,18 +263,27 @@ def adamw_step_(
     The second moment is formed as beta2 v + (1 - beta2) g^2 (not a lerp) so that a gradient
     whose square overflows gives v = inf and a zero update, as torch.optim.AdamW does, instead
     of inf - inf = NaN. Squares are taken in the state dtype (a bf16 g*g would round every EMA
-    term to 8 bits).
+    term to 8 bits). ``ok`` None: every gradient is finite (no masking).
     """
-    # A skipped parameter sees its own state as the "gradient", so its first moment stays.
-    g_safe = [torch.where(f, g.to(m.dtype), m) for f, g, m in zip(ok, grads, exp_avgs)]
-    okf = [f.to(accum_dtype(p.dtype)) for f, p in zip(ok, params)]
-    torch._foreach_add_(steps, [f.to(torch.float32) for f in ok])
-    decay_(params, ok, lr, weight_decay)
-    torch._foreach_lerp_(exp_avgs, g_safe, 1.0 - beta1)
-    # v <- beta2 v + (1 - beta2) g^2, or v where skipped (factor 1, square masked to 0).
-    squares = [g * (g * f) for g, f in zip(g_safe, okf)]
-    torch._foreach_mul_(exp_avg_sqs, [torch.where(f, beta2, 1.0) for f in ok])
-    torch._foreach_add_(exp_avg_sqs, squares, alpha=1.0 - beta2)
+    if ok is None:  # every gradient is known to be finite: no masking passes
+        g_cast = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+        okf: list = [1.0] * len(params)
+        torch._foreach_add_(steps, 1.0)
+        decay_(params, None, lr, weight_decay)
+        torch._foreach_lerp_(exp_avgs, g_cast, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, g_cast, g_cast, value=1.0 - beta2)
+    else:
+        # A skipped parameter sees its own state as the "gradient", so its first moment stays.
+        g_safe = [torch.where(f, g.to(m.dtype), m) for f, g, m in zip(ok, grads, exp_avgs)]
+        okf = [f.to(accum_dtype(p.dtype)) for f, p in zip(ok, params)]
+        torch._foreach_add_(steps, [f.to(torch.float32) for f in ok])
+        decay_(params, ok, lr, weight_decay)
+        torch._foreach_lerp_(exp_avgs, g_safe, 1.0 - beta1)
+        # v <- beta2 v + (1 - beta2) g^2, or v where skipped (factor 1, square masked to 0).
+        squares = [g * (g * f) for g, f in zip(g_safe, okf)]
+        torch._foreach_mul_(exp_avg_sqs, [torch.where(f, beta2, 1.0) for f in ok])
+        torch._foreach_add_(exp_avg_sqs, squares, alpha=1.0 - beta2)
     # step is 0 only for a parameter skipped since its first step; clamp keeps 1 - beta^0
     # away from a division by zero (its update is multiplied by 0 anyway).
     safe_steps = [s.clamp_min(1.0) for s in steps]
@@ -222,7 +292,7 @@ def adamw_step_(
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
-    if eps == 0:
+    if eps == 0 and ok is not None:
         # A skipped parameter may hold exp_avg = exp_avg_sq = 0: keep 0 / 0 out of it.
         denom = [torch.where(f, d, 1.0) for f, d in zip(ok, denom)]
     update = torch._foreach_div(exp_avgs, denom)

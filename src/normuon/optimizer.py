@@ -56,6 +56,10 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     _matrix_algorithm: str = ""
     _neuron_norm: bool = False
     _options: tuple[Option, ...] = ()
+    #: Read the finite-gradient flags on the host when they live on the CPU (free there) and
+    #: drop skipped parameters, instead of masking every tensor on the device. The tests turn
+    #: it off to run the accelerators' masking path on the CPU.
+    _host_flags_on_cpu: bool = True
 
     def __init__(self, params: Iterable[Any], **options: Any) -> None:
         known = {o.name for o in self._options}
@@ -389,16 +393,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         """One 0-d bool tensor per gradient, True when every entry is finite (no host sync).
 
         The flags of DTensor parameters are combined over their mesh, so that every block of a
-        parameter is skipped together.
+        parameter with a NaN/Inf gradient anywhere is skipped together.
         """
-        # The max-abs norm is NaN/Inf exactly when some entry is (one fused reduction per list).
-        nonempty = [i for i, g in enumerate(grads) if g.numel() > 0]  # empty shards are finite
-        norms = (
-            torch._foreach_norm([grads[i] for i in nonempty], ord=float("inf")) if nonempty else []
-        )
-        flags = [torch.ones((), dtype=torch.bool, device=g.device) for g in grads]
-        for i, norm in zip(nonempty, norms):
-            flags[i] = norm.isfinite()
+        flags = F.finite_flags(grads)
         by_group: dict[int, list[int]] = {}
         for i, plan in enumerate(plans):
             if plan.kind != "replicated" and plan.group is not None:
@@ -411,15 +408,27 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return flags
 
     def _step_flags(self, grads: list[torch.Tensor], plans: list[ParamPlan]):
-        """``"raise"`` mode checked every gradient before the step began, so all are finite;
-        ``"skip"`` mode computes the flags and counts the skipped parameters."""
+        """The finite flags a group's update is masked with, or None when none is needed.
+
+        ``"raise"`` mode checked every gradient before the step began: None. ``"skip"`` mode
+        computes the flags and counts the skipped parameters. On the CPU reading them costs
+        nothing, so they go to ``self._host_flags`` and the caller drops the skipped
+        parameters instead of masking every tensor (None is returned); on accelerators they
+        stay on the device (no host sync) and are returned for masking.
+        """
         if self.nonfinite_grads == "raise":
-            return [torch.ones((), dtype=torch.bool, device=g.device) for g in grads]
+            self._host_flags = [True] * len(grads)
+            return None
         flags = self._finite_flags(grads, plans)
-        bad_count = torch.stack([~f for f in flags]).sum()
+        stacked = torch.stack(flags)
+        bad_count = (~stacked).sum()
         if self._skip_counter is None:
             self._skip_counter = torch.zeros((), dtype=torch.int64, device=bad_count.device)
         self._skip_counter += bad_count.to(self._skip_counter.device)
+        on_host = self._host_flags_on_cpu and stacked.device.type == "cpu"
+        if on_host and not torch.compiler.is_compiling():
+            self._host_flags = stacked.tolist()
+            return None
         return flags
 
     def _raise_on_nonfinite(self, plans: list[list[ParamPlan]]) -> None:
@@ -483,9 +492,12 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         entries = self._collect(group, plans)
         if not entries:
             return
-        chosen = [plan for plan, _, _ in entries]
+        ok = self._step_flags([g for _, _, g in entries], [plan for plan, _, _ in entries])
+        if ok is None:  # flags read on the host (CPU): skipped parameters simply drop out
+            entries = [e for e, keep in zip(entries, self._host_flags) if keep]
+            if not entries:
+                return
         grads = [g for _, _, g in entries]
-        ok = self._step_flags(grads, chosen)
         states = [self._init_state(p, plan, group) for plan, p, _ in entries]
         beta1, beta2 = group["betas"]
         if "momentum" in group:  # a scheduler cycling momentum drives beta1 (see _ADAMW_ALIASES)
@@ -506,7 +518,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         )
 
     def _matrix_step(self, group: dict[str, Any], plans: list[ParamPlan]) -> None:
-        """Momentum (local) -> assemble owned matrices -> orthogonalize and scale -> apply."""
+        """Momentum -> assemble sharded matrices on owners -> per batch of same-shaped blocks:
+        Newton-Schulz input, orthogonalize, scale, apply -> send sharded updates back."""
         if any(is_dtensor(group["params"][plan.index]) for plan in plans):
             # Every rank must hold the same state keys (DCP), whether or not a grad arrived.
             for plan in plans:
@@ -514,55 +527,59 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         entries = self._collect(group, plans)
         if not entries:
             return
+        ok = self._step_flags([g for _, _, g in entries], [plan for plan, _, _ in entries])
+        if ok is None:  # flags read on the host (CPU): skipped parameters simply drop out
+            entries = [e for e, keep in zip(entries, self._host_flags) if keep]
+            if not entries:
+                return
         chosen = [plan for plan, _, _ in entries]
-        ok = self._step_flags([g for _, _, g in entries], chosen)
         states = [self._init_state(p, plan, group) for plan, p, _ in entries]
         lr, wd = _number(group["lr"]), _number(group["weight_decay"])
-        updates = F.momentum_step_(
-            [local_tensor(s["momentum_buffer"]) for s in states],
-            [g for _, _, g in entries],
-            ok,
-            _number(group["momentum"]),
-            group["nesterov"],
-        )
+        beta1, nesterov = _number(group["momentum"]), group["nesterov"]
+        params = [local_tensor(p) for _, p, _ in entries]
+        grads = [g for _, _, g in entries]
+        buffers = [local_tensor(s["momentum_buffer"]) for s in states]
         second_moments = [
             local_tensor(s["neuron_second_moment"]) if self._neuron_norm else None for s in states
         ]
-        params = [local_tensor(p) for _, p, _ in entries]
+        oks = ok if ok is not None else [None] * len(entries)
+        for m, g, f in zip(buffers, grads, oks):
+            F.momentum_update_(m, g, f, beta1)
 
-        # Assemble: local matrices as they are; sharded ones on their owners.
+        # Sharded matrices: their Newton-Schulz inputs go to the owners.
         sharded = [i for i, plan in enumerate(chosen) if plan.kind == "sharded"]
-        device = updates[0].device
-        wire = comm.wire_dtype_for(device, self.comm_dtype) or updates[0].dtype
-        gathered = gather_to_owners(
-            [chosen[i] for i in sharded],
-            [updates[i] for i in sharded],
-            [second_moments[i] for i in sharded],
-            wire,
-        )
-        work = [
-            (i, updates[i], second_moments[i]) for i, plan in enumerate(chosen)
-            if plan.kind != "sharded"
-        ]  # fmt: skip
-        work += [(sharded[k], u, v) for k, (u, v) in gathered.items()]
-        factors = self._orthogonalize_and_scale(group, chosen, ok, work)
+        device = buffers[0].device
+        gathered: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        if sharded:
+            inputs = []
+            for i in sharded:
+                u = torch.empty_like(buffers[i])
+                F.newton_schulz_input(buffers[i], grads[i], oks[i], beta1, nesterov, u)
+                inputs.append(u)
+            wire = comm.wire_dtype_for(device, self.comm_dtype) or inputs[0].dtype
+            gathered = gather_to_owners(
+                [chosen[i] for i in sharded], inputs, [second_moments[i] for i in sharded], wire
+            )
+            del inputs
 
         F.decay_(params, ok, lr, wd)
-        owned: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        for (i, u, v), blocks in zip(work, factors):
-            plan = chosen[i]
+        # Work items: (entry index, ready U or None (local: built per batch from G and M),
+        # second moment, where the update goes: the parameter or an owner's full update).
+        work = []
+        for i, plan in enumerate(chosen):
             if plan.kind != "sharded":
-                self._apply_local(params[i], plan, blocks, lr)
-                continue
-            # The owner materializes D = O * g in the parameter's shape for the scatter.
+                work.append((i, None, second_moments[i], None))
+        owned: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for k, (u, v) in gathered.items():
             update = torch.zeros(u.shape, dtype=F.accum_dtype(u.dtype), device=device)
-            matrices = plan.geometry.as_matrices(update)
-            for rows, o, g, dim in blocks:
-                matrices[:, rows] = o * g.unsqueeze(dim)
-            owned[sharded.index(i)] = (update, v)
+            owned[k] = (update, v)
+            work.append((sharded[k], u, v, update))
+        self._orthogonalize_scale_apply(
+            group, chosen, oks, work, params, grads, buffers, beta1, nesterov, lr
+        )
         if not sharded:
             return
-        back = comm.wire_dtype_for(device, self.comm_dtype) or F.accum_dtype(updates[0].dtype)
+        back = comm.wire_dtype_for(device, self.comm_dtype) or F.accum_dtype(buffers[0].dtype)
         state_dtype = second_moments[sharded[0]].dtype if self._neuron_norm else back
         returned = scatter_from_owners(
             [chosen[i] for i in sharded],
@@ -579,37 +596,82 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             if v_block is not None and v_block.numel():
                 second_moments[i].copy_(v_block)
 
-    def _orthogonalize_and_scale(self, group, chosen, ok, work):
-        """Per work item, (row slice, O block, factors g, broadcast dim) for each row block.
+    def _orthogonalize_scale_apply(
+        self, group, chosen, oks, work, params, grads, buffers, beta1, nesterov, lr
+    ) -> None:
+        """Newton-Schulz over batches of same-shaped row blocks, each batch at most
+        ``ns_memory_budget`` bytes of input, then the factors and the update of each block.
 
-        ``work``: (entry index, U with the parameter's (full or local) shape, second moment or
-        None). Same-shaped blocks share batched Newton-Schulz calls.
+        A batch's input U is written straight into one buffer from G and M (local matrices) or
+        copied from an owner's assembled matrix, so no per-parameter copy of U outlives its
+        batch: the step's transient memory is a few batches, not the model.
         """
         coefficients = NS.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
         requested = group["ns_dtype"]  # a name; a torch.dtype in state_dicts of 0.1.0 betas
         requested = getattr(torch, requested) if isinstance(requested, str) else requested
-        blocks, where = [], []
-        for w, (i, u, _) in enumerate(work):
+        orthogonalizer = self.orthogonalizer or NS.default_orthogonalizer
+        # (work index, block index, rows) by block shape.
+        by_shape: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+        for w, (i, _, _, _) in enumerate(work):
             geometry = chosen[i].geometry
-            if u.numel() == 0:
-                continue  # (k, 0) and empty matrices have nothing to orthogonalize
-            matrices = geometry.as_matrices(u)
+            if geometry.rows * geometry.cols == 0:
+                continue  # (k, 0) and empty matrices: nothing to orthogonalize
             for b, (start, stop) in enumerate(geometry.row_blocks):
-                one = len(geometry.row_blocks) == 1
-                blocks.append(matrices if one else matrices[:, start:stop])
-                where.append((w, b))
-        if not blocks:
-            return [[] for _ in work]
-        ns_dtype = NS.ns_compute_dtype(requested, blocks[0].device)
-        outs = F.orthogonalize_blocks(
-            blocks, self.orthogonalizer or NS.default_orthogonalizer, coefficients, ns_dtype,
-            self.ns_memory_budget,
-        )  # fmt: skip
-        result: list[list] = [[] for _ in work]
-        for (w, b), o in zip(where, outs):
-            i, _, v = work[w]
+                by_shape.setdefault((stop - start, geometry.cols, 0), []).append((w, b))
+        if not by_shape:
+            return
+        device = buffers[0].device
+        ns_dtype = NS.ns_compute_dtype(requested, device)
+        budget = self.ns_memory_budget
+        for (m, n, _), members in by_shape.items():
+            batches, batch, size = [], [], 0
+            for w, b in members:
+                bytes_wb = chosen[work[w][0]].geometry.batch * m * n * 4
+                if batch and budget is not None and size + bytes_wb > budget:
+                    batches.append(batch)
+                    batch, size = [], 0
+                batch.append((w, b))
+                size += bytes_wb
+            batches.append(batch)
+            for batch in batches:
+                self._run_batch(
+                    group, chosen, oks, work, params, grads, buffers, beta1, nesterov, lr,
+                    batch, m, n, orthogonalizer, coefficients, ns_dtype,
+                )  # fmt: skip
+
+    def _run_batch(
+        self, group, chosen, oks, work, params, grads, buffers, beta1, nesterov, lr, batch, m, n,
+        orthogonalizer, coefficients, ns_dtype,
+    ) -> None:  # fmt: skip
+        sizes = [chosen[work[w][0]].geometry.batch for w, _ in batch]
+        dtype = buffers[work[batch[0][0]][0]].dtype
+        u = torch.empty((sum(sizes), m, n), dtype=dtype, device=buffers[0].device)
+        pos = 0
+        for (w, b), size in zip(batch, sizes):
+            i, ready, _, _ = work[w]
             geometry = chosen[i].geometry
             start, stop = geometry.row_blocks[b]
+            out = u[pos : pos + size]
+            if ready is not None:
+                out.copy_(geometry.as_matrices(ready)[:, start:stop])
+            else:
+                F.newton_schulz_input(
+                    geometry.as_matrices(buffers[i])[:, start:stop],
+                    geometry.as_matrices(grads[i])[:, start:stop],
+                    oks[i], beta1, nesterov, out,
+                )  # fmt: skip
+            pos += size
+        # One cast of O to the statistics' precision serves both the per-neuron statistics and
+        # the update (each would otherwise convert a half-precision O again).
+        o = orthogonalizer(u, coefficients, ns_dtype).to(dtype)
+        del u
+        pos = 0
+        for (w, b), size in zip(batch, sizes):
+            i, _, v, target = work[w]
+            geometry = chosen[i].geometry
+            start, stop = geometry.row_blocks[b]
+            block = o[pos : pos + size]
+            pos += size
             dim = geometry.reduce_dims[b]
             if self._neuron_norm:
                 offset = sum(
@@ -619,31 +681,28 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 length = (stop - start) if dim == -1 else geometry.cols
                 v_block = v.view(geometry.batch, -1)[:, offset : offset + length]
                 g = F.normuon_factors_(
-                    o, v_block, ok[i], group["beta2"], group["eps"], dim, group["update_scale"]
-                )
+                    block, v_block, oks[i], group["beta2"], group["eps"], dim,
+                    group["update_scale"],
+                )  # fmt: skip
             else:
-                g = F.muon_factors(o, ok[i], group["update_scale"])
+                g = F.muon_factors(block, oks[i], group["update_scale"])
                 dim = -1
-            result[w].append((slice(start, stop), o, g, dim))
-        return result
+            if target is not None:  # an owner's full update of a sharded matrix
+                geometry.as_matrices(target)[:, start:stop] = block * g.unsqueeze(dim)
+            else:
+                self._apply_local(params[i], geometry, slice(start, stop), block, g, dim, lr)
 
     @staticmethod
-    def _apply_local(param: torch.Tensor, plan: ParamPlan, blocks, lr: float) -> None:
-        """W -= lr * O * g on this rank's whole matrices (through a view when W is contiguous)."""
-        if not blocks:
-            return
-        geometry = plan.geometry
+    def _apply_local(param, geometry, rows: slice, o, g, dim: int, lr: float) -> None:
+        """W -= lr * O * g on a row block (through a view when W is contiguous)."""
         if param.is_contiguous():
-            matrices = geometry.as_matrices(param)
-            for rows, o, g, dim in blocks:
-                F.apply_update_(matrices[:, rows], o, g, dim, lr)
+            F.apply_update_(geometry.as_matrices(param)[:, rows], o, g, dim, lr)
             return
         update = torch.zeros(
             (geometry.batch, geometry.rows, geometry.cols),
             dtype=F.accum_dtype(param.dtype), device=param.device,
         )  # fmt: skip
-        for rows, o, g, dim in blocks:
-            update[:, rows] = o * g.unsqueeze(dim)
+        update[:, rows] = o * g.unsqueeze(dim)
         param.add_(geometry.from_matrices(update).to(param.dtype), alpha=-lr)
 
     def _sync_replicated(self, plans: list[list[ParamPlan]]) -> None:
