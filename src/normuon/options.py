@@ -292,9 +292,10 @@ OPTIMIZER_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "ns_memory_budget",
-        64 * 2**20,
+        8 * 2**20,
         _ns_memory_budget,
-        "bytes of same-shape matrices orthogonalized in one batch (None: no limit)",
+        "bytes of Newton-Schulz input per batch of same-shaped matrices; the step's transient "
+        "memory is about 4x this (None: one batch per shape)",
     ),
 )
 
