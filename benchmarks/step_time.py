@@ -95,10 +95,11 @@ IMPLS: list[ImplSpec] = [
         _standard_ns,
     ),
     ImplSpec(
-        "normuon.NorMuon fast (polar_express 4 steps)",
+        "normuon.NorMuon fast mode (4 steps)",
         lambda ps, dt, ortho: NorMuon(
-            ps, ns_dtype=dt, ns_steps=4, ns_coefficients="polar_express", orthogonalizer=ortho
-        ),
+            ps, ns_dtype=dt, ns_steps=F.FAST_NS_STEPS,
+            ns_coefficients=F.fast_ns_coefficients(), orthogonalizer=ortho,
+        ),  # fmt: skip
         True,
         F.default_orthogonalizer,
     ),
@@ -253,10 +254,11 @@ def ns_throughput(shapes, args, log) -> list[list[str]]:
     if work == torch.bfloat16:
         rate, rate_name = (args.rate_bf16, "bf16")
     variants = []
-    for spec, steps in (("muon", 5), ("polar_express", 4)):
-        coeffs = F.resolve_ns_coefficients(spec, steps)
+    schedules = [("muon 5", F.resolve_ns_coefficients("muon", 5)),
+                 ("fast 4", F.fast_ns_coefficients())]  # fmt: skip
+    for label, coeffs in schedules:
         for method in ("standard", "auto"):
-            variants.append((f"{spec} {steps}, {method}", steps, coeffs, method))
+            variants.append((f"{label}, {method}", len(coeffs), coeffs, method))
     rows = []
     for (m, n), count in buckets.items():
         u = torch.randn(count, m, n)

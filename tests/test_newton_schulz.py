@@ -17,9 +17,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from normuon.newton_schulz import (
+    FAST_NS_LOWER,
+    FAST_NS_STEPS,
     MUON_COEFFICIENTS,
     NS_NORM_EPS,
     default_orthogonalizer,
+    fast_ns_coefficients,
     gram_restarts,
     newton_schulz,
     newton_schulz_gram,
@@ -514,3 +517,44 @@ def test_gram_restarts_leave_input_untouched_and_zero_stays_zero():
     zero = newton_schulz_gram(torch.zeros(2, 6, 18, dtype=torch.bfloat16), coeffs, torch.bfloat16,
                               compute_dtype=torch.bfloat16)  # fmt: skip
     assert torch.equal(zero, torch.zeros_like(zero))
+
+
+# ------------------------------------------------------------------ fast mode
+
+
+def test_fast_schedule_band_from_scalar_map():
+    """The fast schedule's promise, from its scalar map: normalized singular values in
+    [FAST_NS_LOWER, 1] land within 0.03 of 1 (the default Muon quintic: only within ~0.32)."""
+    fast = fast_ns_coefficients()
+    assert len(fast) == FAST_NS_STEPS < 5
+    assert resolve_ns_coefficients(list(fast), FAST_NS_STEPS) == fast
+    lo, hi = _band(fast, FAST_NS_LOWER)
+    assert 1 - lo < 0.03 and hi - 1 < 0.03, (lo, hi)
+    muon_lo, muon_hi = _band(_coeffs("muon", 5), FAST_NS_LOWER)
+    assert max(1 - muon_lo, muon_hi - 1) > 0.25
+
+
+@pytest.mark.parametrize(
+    "dtype,compute", [(torch.float32, None), (torch.bfloat16, torch.bfloat16),
+                      (torch.float16, torch.float16)], ids=["fp32", "bf16", "fp16"],
+)  # fmt: skip
+@pytest.mark.parametrize("shape", [(2, 32, 128), (2, 128, 32), (2, 48, 48)])
+def test_fast_mode_significant_directions_against_polar_factor(dtype, compute, shape):
+    """Against the float64 SVD polar factor, through the default orthogonalizer's method:
+    every direction with s_i / ||U||_F >= FAST_NS_LOWER is within the schedule's band plus
+    the dtype's rounding, and closer to 1 than the default (Muon, 5 steps) puts it."""
+    u = _gradient_like(*shape, seed=sum(shape))
+    p, s, qh = torch.linalg.svd(u, full_matrices=False)
+    keep = s / torch.linalg.vector_norm(u, dim=(-2, -1)).unsqueeze(-1) >= FAST_NS_LOWER
+    assert keep.sum() >= 4
+
+    def sigma_error(coeffs) -> float:
+        out = newton_schulz(u, coeffs, dtype, compute_dtype=compute, method="auto")
+        mapped = torch.einsum("bik,bij,bkj->bk", p, out.double(), qh)  # p_i^T O q_i
+        return (mapped - 1).abs()[keep].max().item()
+
+    fast = sigma_error(fast_ns_coefficients())
+    default = sigma_error(_coeffs("muon", 5))
+    rounding = {torch.float32: 1e-4, torch.bfloat16: 0.03, torch.float16: 0.01}[dtype]
+    assert fast < 0.03 + rounding, (fast, default)
+    assert fast < default, (fast, default)
