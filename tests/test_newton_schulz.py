@@ -17,10 +17,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from normuon.newton_schulz import (
+    CPU_CHUNK_BYTES,
     FAST_NS_LOWER,
     FAST_NS_STEPS,
     MUON_COEFFICIENTS,
     NS_NORM_EPS,
+    cpu_chunk_size,
     default_orthogonalizer,
     fast_ns_coefficients,
     gram_restarts,
@@ -558,3 +560,38 @@ def test_fast_mode_significant_directions_against_polar_factor(dtype, compute, s
     rounding = {torch.float32: 1e-4, torch.bfloat16: 0.03, torch.float16: 0.01}[dtype]
     assert fast < 0.03 + rounding, (fast, default)
     assert fast < default, (fast, default)
+
+
+# ------------------------------------------------------------------ chunked batches
+
+
+@pytest.mark.parametrize("method", ["standard", "gram", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 7, 100])
+def test_chunked_equals_whole_batch(method, dtype, chunk_size):
+    """Chunks of any size (uneven last chunk included) give the whole batch's result, each
+    matrix normalized by its own norm."""
+    coeffs = _coeffs("polar_express", 5)
+    gen = torch.Generator().manual_seed(chunk_size)
+    scales = torch.logspace(-2, 2, 7, dtype=torch.float64).view(-1, 1, 1)
+    u = (torch.randn(7, 12, 30, generator=gen, dtype=torch.float64) * scales).to(dtype)
+    whole = newton_schulz(u, coeffs, dtype, compute_dtype=dtype, method=method,
+                          chunk_size=u.shape[0])  # fmt: skip
+    chunked = newton_schulz(u, coeffs, dtype, compute_dtype=dtype, method=method,
+                            chunk_size=chunk_size)  # fmt: skip
+    assert chunked.dtype == dtype and chunked.shape == u.shape
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(chunked, whole, rtol=tol, atol=tol)
+
+
+def test_cpu_chunk_size_fits_budget():
+    assert cpu_chunk_size(384, 384, torch.bfloat16) == CPU_CHUNK_BYTES // (384 * 384 * 2)
+    assert cpu_chunk_size(4096, 4096, torch.float32) == 1  # larger than the budget: one at a time
+    assert cpu_chunk_size(8, 8, torch.float32) * 8 * 8 * 4 <= CPU_CHUNK_BYTES
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 1.5, True, "2"])
+def test_rejects_bad_chunk_size(chunk_size):
+    with pytest.raises(ValueError, match="chunk_size"):
+        newton_schulz(torch.randn(2, 4, 8), _coeffs("muon", 5), torch.float32,
+                      chunk_size=chunk_size)  # fmt: skip
