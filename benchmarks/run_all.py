@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is steadiest on a shared machine)")  # fmt: skip
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=None, help="result folder (default: benchmarks/results)")
     ap.add_argument("--reps", type=int, default=None, help="override every script's --reps")
     ap.add_argument("--distributed", action="store_true", help="also run distributed_step.py")
     args = ap.parse_args(argv)
-    common = ["--out", args.out]
+    common = ["--out", args.out] if args.out else []
     reps = ["--reps", str(args.reps)] if args.reps else []
     threads = ["--threads", str(args.threads)]
     runs = [
