@@ -171,7 +171,8 @@ def fast_ns_coefficients(steps: int = FAST_NS_STEPS) -> tuple[Coefficients, ...]
     (benchmarks/ns_quality.py, docs/performance.md): every singular direction with
     s_i / ||U||_F >= 1e-2 lands within ~0.02 of 1 (the default Muon quintic: within ~0.32),
     while directions below that are lifted less than by the default (s_i / ||U||_F = 1e-3 ends
-    near 0.15 instead of 0.47), so the relative distance to the polar factor is ~0.1 larger.
+    near 0.15 instead of 0.47), so the relative distance to the polar factor is 0.03-0.05
+    larger.
     """
     return polar_express_coefficients(steps, lower=FAST_NS_LOWER)
 
@@ -267,7 +268,7 @@ def ns_compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dt
 #: Flops with s steps and r restarts: 2(r+1)k^2N + (4s-3(r+1))k^3 against s(2k^2N + k^3) for
 #: the plain loop, break-even at N = 1.5k whatever r; measured on a CPU (docs/performance.md):
 #: 0.55x (float32) and 0.75x (bfloat16, two restarts) of the plain loop's time at N = 4k,
-#: 0.86x and 0.95x at N = 2k, 1.3x (a loss) for square matrices.
+#: 0.86x and 0.95x at N = 2k, 1.2-1.3x (a loss) for square matrices.
 GRAM_MIN_ASPECT = 2
 
 _METHODS = ("standard", "gram", "auto")
