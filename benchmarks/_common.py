@@ -1,16 +1,26 @@
-"""Helpers shared by the benchmark scripts: machine facts, timing, matmul rate, markdown."""
+"""Helpers shared by the benchmark scripts (step_time.py, distributed_step.py, ns_quality.py).
+
+Machine facts (CPU model, SIMD flags, whether this CPU multiplies bfloat16 natively), timing
+(median, matmul rate), the GPT-shaped parameter sets and their Newton-Schulz flop count,
+markdown tables and report files, and the peers' Newton-Schulz in float32 (like for like on
+CPUs without bfloat16 GEMMs) with a timer around it.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import importlib.metadata
 import os
 import platform
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+# ------------------------------------------------------------------------------ machine
 
 
 def cpu_model() -> str:
@@ -53,23 +63,44 @@ def version_of(dist: str) -> str:
         return "not installed"
 
 
-def machine_lines() -> list[str]:
-    """Markdown bullet lines describing the machine and versions."""
+def bf16_gemm_native() -> bool | None:
+    """Whether oneDNN multiplies bfloat16 matrices on this CPU with native instructions
+    (AVX512-BF16 / AMX); None when this torch build cannot tell."""
     try:
-        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        bf16 = None
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+        return None
+
+
+def default_ns_dtype() -> torch.dtype:
+    """The Newton-Schulz dtype every implementation gets by default: bfloat16 (what all of them
+    ship with) where this CPU multiplies it natively, float32 where bfloat16 GEMMs would run on
+    a scalar fallback 50-200x slower (which is not a fair opponent)."""
+    return torch.bfloat16 if bf16_gemm_native() else torch.float32
+
+
+def load_average() -> str:
+    if not hasattr(os, "getloadavg"):
+        return "n/a"
+    return "(" + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + ")"
+
+
+def machine_lines() -> list[str]:
+    """Markdown bullet lines describing the machine, its bf16 GEMM capability and versions."""
     return [
         f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores visible, "
-        f"torch threads {torch.get_num_threads()}",
-        f"- SIMD flags: {cpu_flags()}; oneDNN bf16 matmul supported: {bf16}",
-        f"- load average at start (1, 5, 15 min): {load}",
+        f"torch threads {torch.get_num_threads()}; no GPU used",
+        f"- SIMD flags: {cpu_flags()}",
+        f"- native bf16 GEMMs (oneDNN, `torch.ops.mkldnn._is_mkldnn_bf16_supported()`): "
+        f"{bf16_gemm_native()}",
+        f"- load average at start (1, 5, 15 min): {load_average()}",
         f"- Python {platform.python_version()}, torch {torch.__version__}, normuon "
-        f"{version_of('normuon')}, pytorch-optimizer {version_of('pytorch-optimizer')}, "
-        f"heavyball {version_of('heavyball')}",
+        f"{version_of('normuon')}, pytorch-optimizer {version_of('pytorch-optimizer')}",
     ]
+
+
+# ------------------------------------------------------------------------------ timing
 
 
 def today() -> str:
@@ -111,7 +142,131 @@ def matmul_rate(
     return 2.0 * size**3 / median(times) / 1e9, size
 
 
-def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+# ------------------------------------------------------------------------------ shapes, flops
+
+#: name -> (d_model, layers). Per layer: four (d, d), one (4d, d) and one (d, 4d) matrix.
+SHAPE_SETS: dict[str, tuple[int, int]] = {
+    "tiny": (32, 2),
+    "small": (128, 4),
+    "gpt-small": (384, 6),
+    "gpt2-124m": (768, 12),
+}
+
+
+def layer_shapes(d: int, layers: int = 1) -> list[tuple[int, int]]:
+    """The matrices of ``layers`` transformer layers of width d: q, k, v, o, MLP up, MLP down."""
+    return ([(d, d)] * 4 + [(4 * d, d), (d, 4 * d)]) * layers
+
+
+def ns_flops(m: int, n: int, steps: int = 5) -> float:
+    """Flops of ``steps`` standard Newton-Schulz steps on an (m, n) matrix: 4 k^2 N + 2 k^3 per
+    step for k = min(m, n), N = max(m, n). The Gram iteration does fewer (its 'rate' against
+    this count can exceed the matmul rate)."""
+    k, big = min(m, n), max(m, n)
+    return steps * (4.0 * k * k * big + 2.0 * k**3)
+
+
+# ------------------------------------------------------------------------------ reports
+
+
+def md_table(header: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return out
+
+
+def write_report(out_dir: str | Path, stem: str, lines: list[str]) -> Path:
+    """Write ``lines`` to ``out_dir/stem-DATE.md`` (directories created) and return the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}-{today()}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------ peers' NS
+
+
+def torch_muon_ns_float32(
+    grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float
+) -> torch.Tensor:
+    """torch.optim.Muon's Newton-Schulz (``torch.optim._muon._zeropower_via_newtonschulz``:
+    wide orientation, Frobenius normalization, the same (a, b, c) every step) in float32
+    instead of its hard-coded bfloat16. (m, n) in, (m, n) float32 out."""
+    a, b, c = ns_coefficients
+    x = grad.float()
+    tall = grad.size(0) > grad.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T  # (k, k)
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class PeerNewtonSchulz:
+    """Times the peers' Newton-Schulz and, when ``float32`` is set, runs it in float32.
+
+    :meth:`install` replaces ``torch.optim._muon._zeropower_via_newtonschulz`` and
+    pytorch_optimizer NorMuon's ``zero_power_via_newton_schulz_5`` (both looked up as module
+    globals at call time) by wrappers that add their wall time to :attr:`seconds`. These are
+    peers' internals; normuon itself is timed through its public ``orthogonalizer`` option.
+    """
+
+    def __init__(self) -> None:
+        self.float32 = False
+        self.seconds = 0.0
+        self.installed: list[str] = []
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        import torch.optim._muon as tmuon
+
+        original_torch = tmuon._zeropower_via_newtonschulz
+        tmuon._zeropower_via_newtonschulz = self._wrap(original_torch, torch_muon_ns_float32)
+        self.installed.append("torch.optim.Muon")
+        # pytorch_optimizer's NorMuon calls it from its own module (one matrix at a time) and,
+        # on its default foreach path, from the Muon base module (same-shape batches).
+        try:
+            import pytorch_optimizer.optimizer.muon.base as po_base
+            import pytorch_optimizer.optimizer.muon.normuon as po_normuon
+        except ImportError:
+            return
+        for module in (po_base, po_normuon):
+            shipped = getattr(module, "zero_power_via_newton_schulz_5", None)
+            if shipped is not None:
+                module.zero_power_via_newton_schulz_5 = self._wrap(
+                    shipped, functools.partial(shipped, dtype=torch.float32)
+                )
+        self.installed.append("pytorch_optimizer.NorMuon")
+
+    def _wrap(self, shipped: Callable, float32: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return (float32 if self.float32 else shipped)(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return wrapper
+
+
+class TimedOrthogonalizer:
+    """normuon's ``orthogonalizer`` option wrapped to add its wall time to :attr:`seconds`.
+
+    CPU wall time; on an accelerator the calls return before the work is done, so this would
+    need a synchronization (the benchmarks run on CPUs only).
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.seconds = 0.0
+
+    def __call__(self, u, coefficients, dtype):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(u, coefficients, dtype)
+        finally:
+            self.seconds += time.perf_counter() - t0

@@ -8,8 +8,9 @@ times ``optimizer.step()`` for:
   assembled on one owner rank, orthogonalized there, and its row blocks sent back;
 - ``normuon-bf16wire``: the same with ``comm_dtype=torch.bfloat16`` (half the bytes);
 - ``zero1``: every rank all-gathers every full momentum matrix (``DTensor.full_tensor()``),
-  runs the same Newton-Schulz on all of them and keeps its own rows (same NorMuon math, written
-  here from :mod:`normuon.functional`'s pure functions);
+  runs the same Newton-Schulz on all of them and keeps its own rows (NorMuon's math written out
+  in this file, :func:`normuon_row_update`; tests/test_benchmarks_smoke.py checks it against
+  the library);
 - ``torch-muon-fp32ns``: ``torch.optim.Muon`` on the same DTensors, with its Newton-Schulz
   patched to float32 (like for like with the others);
 - ``torch-muon``: ``torch.optim.Muon`` as shipped, whose Newton-Schulz is bfloat16 (slow on a
@@ -46,12 +47,10 @@ way, 2 (P/W)(W-1)/W x bytes per element in total.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
+import math
 import os
-import platform
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,19 +61,30 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import normuon.functional as F
-import normuon.newton_schulz as NS
-from normuon import NorMuon
-from normuon.distributed import dim0_offsets
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    SHAPE_SETS as ALL_SHAPE_SETS,
+)
+from _common import (  # noqa: E402
+    layer_shapes,
+    load_average,
+    machine_lines,
+    md_table,
+    median,
+    ns_flops,
+    today,
+    torch_muon_ns_float32,
+    write_report,
+)
 
-#: name -> (d_model, layers). Per layer: four (d, d), one (4d, d) and one (d, 4d) matrix.
-SHAPE_SETS = {"tiny": (32, 2), "small": (128, 4), "gpt-small": (384, 6)}
+import normuon.newton_schulz as NS  # noqa: E402
+from normuon import NorMuon  # noqa: E402
+
+SHAPE_SETS = {name: ALL_SHAPE_SETS[name] for name in ("tiny", "small", "gpt-small")}
 METHODS = ("normuon", "normuon-bf16wire", "zero1", "torch-muon-fp32ns", "torch-muon")
+#: NorMuon's defaults (the library's and the ZeRO-1 baseline's): lr, momentum (Nesterov), the
+#: second-moment decay beta2, eps of 1 / (sqrt(v) + eps), weight decay.
 LR, MOMENTUM, BETA2, EPS, WD = 0.02, 0.95, 0.95, 1e-10, 0.0
-
-
-def layer_shapes(d: int) -> list[tuple[int, int]]:
-    return [(d, d)] * 4 + [(4 * d, d), (d, 4 * d)]
 
 
 class Layer(nn.Module):
@@ -150,13 +160,12 @@ def _timed(fn):
 
 
 def _counted(fn):
-    """Time normuon's Newton-Schulz and count its flops: per step and matrix
-    4 k^2 N + 2 k^3 for k = min(m, n), N = max(m, n)."""
+    """Time normuon's Newton-Schulz and count its flops (standard-loop count, see
+    ``_common.ns_flops``: the split of the work between ranks, not the Gram iteration's)."""
     timed = _timed(fn)
 
     def wrapper(u, coefficients, *args, **kwargs):
-        k, big = sorted(u.shape[-2:])
-        METER.ns_flops += u.shape[0] * len(coefficients) * (4.0 * k * k * big + 2.0 * k**3)
+        METER.ns_flops += u.shape[0] * ns_flops(u.shape[-2], u.shape[-1], len(coefficients))
         return timed(u, coefficients, *args, **kwargs)
 
     return wrapper
@@ -164,23 +173,6 @@ def _counted(fn):
 
 #: normuon's Newton-Schulz, timed and flop-counted; given to the optimizers as ``orthogonalizer``.
 COUNTED_NS = _counted(NS.default_orthogonalizer)
-
-
-def _fp32_zeropower():
-    """torch.optim.Muon's Newton-Schulz with float32 instead of its hard-coded bfloat16."""
-
-    def fp32(grad, ns_coefficients, ns_steps, eps):
-        a, b, c = ns_coefficients
-        x = grad.float()
-        if grad.size(0) > grad.size(1):
-            x = x.T
-        x = x / x.norm().clamp(min=eps)
-        for _ in range(ns_steps):
-            gram = x @ x.T
-            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-        return x.T if grad.size(0) > grad.size(1) else x
-
-    return fp32
 
 
 def _count_payload(name: str, fn):
@@ -230,13 +222,32 @@ def wchar() -> int:
 # ------------------------------------------------------------------------ baseline (a): ZeRO-1
 
 
+def normuon_row_update(o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """NorMuon's update D (m, n) of one whole matrix from its orthogonalized momentum O (m, n),
+    written out here so the baseline does not depend on the library's internals; updates the
+    per-row second moment v (m,) in place.
+
+    r = mean of O*O over each row; v <- beta2 v + (1 - beta2) r; f = 1 / (sqrt(v) + eps)
+    (0 where v = 0); D = O f ||O||_F / ||O f||_F * sqrt(max(1, m / n)) ("preserve_norm").
+    """
+    m, n = o.shape
+    r = o.float().square().mean(dim=-1)  # (m,)
+    v.lerp_(r, 1.0 - BETA2)
+    f = torch.where(v > 0, 1.0 / (v.sqrt() + EPS), 0.0)  # (m,)
+    # ||O||_F^2 = n sum(r) and ||O f||_F^2 = n sum(r f^2): the n cancels in the ratio.
+    tiny = torch.finfo(torch.float32).tiny
+    scale = ((r.sum() / (r * f.square()).sum().clamp_min(tiny)).sqrt()
+             * math.sqrt(max(1.0, m / n)))  # fmt: skip
+    return o * (f * scale).unsqueeze(-1)
+
+
 class Zero1NorMuon:
     """Every rank orthogonalizes every matrix: the ZeRO-1 way to run NorMuon on row shards.
 
     Momentum and the rows of W stay sharded; each step all-gathers every full momentum matrix
     (``full_tensor()``), runs the batched Newton-Schulz on all of them on every rank, and each
-    rank applies the NorMuon update to its own rows (preserve_norm, normalize="rows", nesterov).
-    v is kept whole on every rank (it is tiny; every rank computes the same values).
+    rank applies the NorMuon update (:func:`normuon_row_update`) to its own rows. v is kept
+    whole on every rank (it is tiny; every rank computes the same values).
     """
 
     def __init__(self, params: list[nn.Parameter], ns_dtype: torch.dtype = torch.float32):
@@ -244,7 +255,7 @@ class Zero1NorMuon:
         self.ns_dtype = ns_dtype
         self.coefficients = NS.resolve_ns_coefficients("muon", 5)
         self.momentum = [torch.zeros_like(p.to_local()) for p in params]
-        self.v = [torch.zeros(1, p.shape[0]) for p in params]
+        self.v = [torch.zeros(p.shape[0]) for p in params]
 
     @torch.no_grad()
     def step(self) -> None:
@@ -254,7 +265,7 @@ class Zero1NorMuon:
         for p, buf in zip(self.params, self.momentum):
             g = p.grad.to_local()
             buf.lerp_(g, 1.0 - MOMENTUM)
-            u = g.lerp(buf, MOMENTUM)
+            u = g.lerp(buf, MOMENTUM)  # Nesterov
             dt = DTensor.from_local(
                 u, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
             )
@@ -269,25 +280,20 @@ class Zero1NorMuon:
         ortho: list[torch.Tensor | None] = [None] * len(full)
         for idx in buckets.values():
             out = COUNTED_NS(torch.stack([full[i] for i in idx]), self.coefficients,
-                                  self.ns_dtype)  # fmt: skip
+                             self.ns_dtype)  # fmt: skip
             for i, o in zip(idx, out):
                 ortho[i] = o
         for p, o, v in zip(self.params, ortho, self.v):
-            m, n = o.shape
-            o = o.unsqueeze(0)  # (1, m, n)
-            r = F.neuron_mean_square(o, -1)  # (1, m)
-            v.lerp_(r, 1.0 - BETA2)
-            f = F.inverse_rms(v, EPS)
-            g = F.normuon_row_factors(f, *F.normuon_partial_sums(r, f), m, n, -1,
-                                      "preserve_norm")  # (1, m); fmt: skip
+            update = normuon_row_update(o, v)  # (m, n)
             world, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
-            off = dim0_offsets(m, world)
-            lo, hi = off[rank], off[rank + 1]
+            # FSDP2 row shards: rank i holds rows [i * ceil(m / W), (i + 1) * ceil(m / W)).
+            rows = -(-p.shape[0] // world)
+            lo, hi = min(rank * rows, p.shape[0]), min((rank + 1) * rows, p.shape[0])
             local = p.to_local()
             if hi > lo:
                 if WD:
                     local.mul_(1.0 - LR * WD)
-                F.apply_matrix_update(local.view(1, hi - lo, n), o[:, lo:hi], g[:, lo:hi], -1, LR)
+                local.sub_(update[lo:hi], alpha=LR)
 
 
 # ------------------------------------------------------------------------ worker
@@ -323,7 +329,7 @@ def worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
     METER.world, METER.rank = world, rank
     install_hooks()
     timed_bf16 = tmuon._zeropower_via_newtonschulz
-    timed_fp32 = _timed(_fp32_zeropower())
+    timed_fp32 = _timed(torch_muon_ns_float32)
     mesh = init_device_mesh("cpu", (world,))
     d, layers = SHAPE_SETS[cfg["shapes"]]
     gen = torch.Generator().manual_seed(1)
@@ -394,12 +400,6 @@ def worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _load() -> str:
-    if not hasattr(os, "getloadavg"):
-        return "n/a"
-    return "(" + ", ".join(f"{x:.1f}" for x in os.getloadavg()) + ")"
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -407,40 +407,6 @@ def free_port() -> int:
 
 
 # ------------------------------------------------------------------------ report
-
-
-def median(xs: list[float]) -> float:
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
-
-
-def today() -> str:
-    return datetime.date.today().isoformat()
-
-
-def md_table(header: list[str], rows: list[list]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
-def machine_lines() -> list[str]:
-    model = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
-            model,
-        )
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return [
-        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- machine: {model} (lscpu), {os.cpu_count()} logical cores, no GPU",
-        f"- Python {platform.python_version()}, torch {torch.__version__}, gloo backend",
-    ]
 
 
 def fmt_bytes(x: float) -> str:
@@ -572,7 +538,7 @@ def main(argv: list[str] | None = None) -> Path:
         "reps": args.reps,
         "methods": methods,
         "argv": sys.argv[1:] if argv is None else list(argv),
-        "load_start": _load(),
+        "load_start": load_average(),
     }
     worlds = [int(w) for w in args.world.split(",")]
     per_world = {}
@@ -585,13 +551,10 @@ def main(argv: list[str] | None = None) -> Path:
                 json.loads(Path(tmp, f"w{world}_r{r}.json").read_text()) for r in range(world)
             ]
             print(f"W={world} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    cfg["load_end"] = _load()
+    cfg["load_end"] = load_average()
     lines = report(per_world, cfg)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.shapes == "gpt-small" else f"-{args.shapes}"
-    path = out / f"distributed_step{suffix}-{today()}.md"
-    path.write_text("\n".join(lines) + "\n")
+    path = write_report(args.out, f"distributed_step{suffix}", lines)
     print("\n".join(lines))
     print(f"\nwrote {path}")
     return path

@@ -1,12 +1,14 @@
-"""Optimizer step time, Newton-Schulz throughput and memory: normuon against its peers.
+"""Optimizer step time, Newton-Schulz share, transient memory: normuon against its peers.
 
 One run, one set of inputs: every implementation gets its own copy of the same float32
-parameters and the same gradients, and the timed repetitions go round-robin over the
-implementations (rep 1 of each, then rep 2 of each, ...) so that load from other processes
-hits all of them alike. Medians and ratios come from this one run.
+parameters and gradients, and the timed repetitions go round-robin over the implementations
+(rep 1 of each, then rep 2 of each, ...) so that load from other processes hits all of them
+alike. Medians and ratios come from this one run. Every implementation runs its Newton-Schulz
+in the same dtype (``--ns-dtype``; default: bfloat16 where this CPU multiplies it natively,
+float32 otherwise).
 
     python benchmarks/step_time.py [--shapes gpt-small|gpt2-124m|all] [--reps N] [--quick]
-                                   [--out benchmarks/results]
+                                   [--ns-dtype auto|bf16|fp32] [--out benchmarks/results]
 
 See benchmarks/README.md for what each column means and how memory is measured.
 """
@@ -30,77 +32,119 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    SHAPE_SETS,
+    PeerNewtonSchulz,
+    TimedOrthogonalizer,
+    default_ns_dtype,
+    layer_shapes,
     machine_lines,
     matmul_rate,
     md_table,
     median,
+    ns_flops,
     timed,
     today,
+    write_report,
 )
 
 from normuon import Muon, NorMuon  # noqa: E402
 from normuon import newton_schulz as F  # noqa: E402
 
-# ------------------------------------------------------------------------------ shapes
-
-#: name -> (d_model, layers). Per layer: four (d, d), one (4d, d) and one (d, 4d) matrix.
-SHAPE_SETS = {"tiny": (32, 2), "gpt-small": (384, 6), "gpt2-124m": (768, 12)}
-
-
-def layer_shapes(d: int, layers: int) -> list[tuple[int, int]]:
-    return [(d, d)] * 4 * layers + [(4 * d, d)] * layers + [(d, 4 * d)] * layers
-
-
-def ns_flops(m: int, n: int, steps: int = 5) -> float:
-    """Flops of `steps` Newton-Schulz steps on an (m, n) matrix: 4 k^2 N + 2 k^3 per step."""
-    k, big = min(m, n), max(m, n)
-    return steps * (4.0 * k * k * big + 2.0 * k**3)
-
+NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+#: The peers' Newton-Schulz: timed, and switched to float32 for ``--ns-dtype fp32``.
+PEER_NS = PeerNewtonSchulz()
 
 # ------------------------------------------------------------------------------ implementations
 
 
-def _po_normuon(params):
+def _standard_ns(u, coefficients, dtype):
+    return F.newton_schulz(u, coefficients, dtype, method="standard")
+
+
+def _po_normuon(params, ns_dtype):
     from pytorch_optimizer import NorMuon as PoNorMuon
 
     return PoNorMuon([dict(params=params, use_muon=True)])
 
 
-def _hb_muon(params):
-    import heavyball
+@dataclass(frozen=True)
+class ImplSpec:
+    """One implementation in the tables."""
 
-    return heavyball.Muon(params)
+    #: Row label.
+    label: str
+    #: (params, ns_dtype, orthogonalizer) -> optimizer; raises ImportError when not installed.
+    factory: Callable
+    #: Orthogonalizes matrices (counts towards the Newton-Schulz flops and the probe gate).
+    is_matrix: bool
+    #: The normuon ``orthogonalizer`` to time (None: a peer timed through PEER_NS, or AdamW).
+    orthogonalizer: Callable | None = None
 
 
-#: (label, factory, uses the matrix pipeline). Factories raise ImportError when not installed.
-IMPLS: list[tuple[str, Callable, bool]] = [
-    ("normuon.NorMuon (default)", lambda ps: NorMuon(ps), True),
-    ("normuon.NorMuon ns_dtype=fp32", lambda ps: NorMuon(ps, ns_dtype=torch.float32), True),
-    (
-        "normuon.NorMuon polar_express 4 steps",
-        lambda ps: NorMuon(ps, ns_steps=4, ns_coefficients="polar_express"),
+IMPLS: list[ImplSpec] = [
+    ImplSpec(
+        "normuon.NorMuon (default)",
+        lambda ps, dt, ortho: NorMuon(ps, ns_dtype=dt, orthogonalizer=ortho),
         True,
+        F.default_orthogonalizer,
     ),
-    ("normuon.Muon (default)", lambda ps: Muon(ps), True),
-    ("torch.optim.Muon", lambda ps: torch.optim.Muon(ps), True),
-    ("torch.optim.AdamW foreach", lambda ps: torch.optim.AdamW(ps, foreach=True), False),
-    ("pytorch_optimizer.NorMuon", _po_normuon, True),
-    ("heavyball.Muon", _hb_muon, True),
+    ImplSpec(
+        "normuon.NorMuon standard NS",
+        lambda ps, dt, ortho: NorMuon(ps, ns_dtype=dt, orthogonalizer=ortho),
+        True,
+        _standard_ns,
+    ),
+    ImplSpec(
+        "normuon.NorMuon fast mode (4 steps)",
+        lambda ps, dt, ortho: NorMuon(
+            ps, ns_dtype=dt, ns_steps=F.FAST_NS_STEPS,
+            ns_coefficients=F.fast_ns_coefficients(), orthogonalizer=ortho,
+        ),  # fmt: skip
+        True,
+        F.default_orthogonalizer,
+    ),
+    ImplSpec(
+        "normuon.Muon (default)",
+        lambda ps, dt, ortho: Muon(ps, ns_dtype=dt, orthogonalizer=ortho),
+        True,
+        F.default_orthogonalizer,
+    ),
+    ImplSpec("torch.optim.Muon", lambda ps, dt, ortho: torch.optim.Muon(ps), True),
+    ImplSpec("pytorch_optimizer.NorMuon", lambda ps, dt, ortho: _po_normuon(ps, dt), True),
+    ImplSpec(
+        "torch.optim.AdamW foreach",
+        lambda ps, dt, ortho: torch.optim.AdamW(ps, foreach=True),
+        False,
+    ),
 ]
 BASELINE = "torch.optim.Muon"
+PO_NORMUON = "pytorch_optimizer.NorMuon"
+ADAMW = "torch.optim.AdamW foreach"
 
 
 @dataclass
 class Impl:
-    label: str
-    factory: Callable
+    spec: ImplSpec
     params: list[torch.Tensor] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
     opt: object = None
+    timer: TimedOrthogonalizer | None = None
     note: str = ""
     first_step: float = float("nan")
     times: list[float] = field(default_factory=list)
+    ns_times: list[float] = field(default_factory=list)
     reps: int = 0
     warm: float = float("nan")
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    def ns_seconds(self) -> float:
+        """Newton-Schulz seconds so far (normuon: its orthogonalizer; peers: PEER_NS)."""
+        if self.timer is not None:
+            return self.timer.seconds
+        return PEER_NS.seconds if self.spec.is_matrix else 0.0
 
 
 def make_inputs(shapes, seed: int = 0):
@@ -110,150 +154,132 @@ def make_inputs(shapes, seed: int = 0):
     return init, grads
 
 
-def build(label, factory, init) -> tuple[list[torch.Tensor], object]:
-    params = [torch.nn.Parameter(t.clone()) for t in init]
+def build(spec: ImplSpec, init, grads, ns_dtype: torch.dtype) -> Impl:
+    """A fresh implementation with its own parameters and its own gradients (some optimizers,
+    pytorch_optimizer's NorMuon among them, modify ``p.grad`` in place)."""
+    impl = Impl(spec)
+    impl.params = [torch.nn.Parameter(t.clone()) for t in init]
+    impl.grads = [g.clone() for g in grads]
+    if spec.orthogonalizer is not None:
+        impl.timer = TimedOrthogonalizer(spec.orthogonalizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = factory(params)
-    return params, opt
+        impl.opt = spec.factory(impl.params, ns_dtype, impl.timer)
+    return impl
 
 
-def do_step(params, opt, grads) -> None:
-    # Some optimizers (heavyball) clear .grad after a step: set it before every step.
-    for p, g in zip(params, grads, strict=True):
+def do_step(impl: Impl) -> tuple[float, float]:
+    """One optimizer step: (seconds, seconds inside Newton-Schulz)."""
+    for p, g in zip(impl.params, impl.grads, strict=True):
         p.grad = g
+    ns0 = impl.ns_seconds()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt.step()
+        t0 = time.perf_counter()
+        impl.opt.step()
+        seconds = time.perf_counter() - t0
+    return seconds, impl.ns_seconds() - ns0
 
 
-def probe_seconds(factory) -> float:
+def probe_seconds(spec: ImplSpec, ns_dtype: torch.dtype) -> float:
     """Seconds of one (warm) step on a single 256 x 256 matrix: a gate against hour-long runs."""
     init, grads = make_inputs([(256, 256)], seed=1)
-    params, opt = build("probe", factory, init)
-    do_step(params, opt, grads)
-    return min(timed(lambda: do_step(params, opt, grads)) for _ in range(3))
+    impl = build(spec, init, grads, ns_dtype)
+    do_step(impl)
+    return min(do_step(impl)[0] for _ in range(3))
 
 
 # ------------------------------------------------------------------------------ step timing
 
 
-def time_steps(
-    shapes, reps: int, max_step_s: float, impl_budget_s: float, skip: dict[str, str], log
-) -> list[Impl]:
+def time_steps(shapes, args, log) -> list[Impl]:
     init, grads = make_inputs(shapes)
     total_flops = sum(ns_flops(m, n) for m, n in shapes)
     impls: list[Impl] = []
-    for label, factory, is_matrix in IMPLS:
-        impl = Impl(label, factory)
-        impls.append(impl)
-        if label in skip:
-            impl.note = skip[label]
-            log(f"  {label}: {impl.note}")
-            continue
+    for spec in IMPLS:
         try:
-            if is_matrix:
-                probe = probe_seconds(factory)
+            if spec.is_matrix:
+                probe = probe_seconds(spec, args.ns_dtype)
                 predicted = probe * total_flops / ns_flops(256, 256)
-                if predicted > max_step_s:
-                    impl.note = (
+                if predicted > args.max_step_seconds:
+                    impls.append(Impl(spec, note=(
                         f"not run: one 256x256 step took {probe * 1e3:.0f} ms, so one step of "
                         f"this set is predicted at ~{predicted:.0f} s (> --max-step-seconds "
-                        f"{max_step_s:.0f})"
-                    )
-                    log(f"  {label}: {impl.note}")
+                        f"{args.max_step_seconds:.0f})"
+                    )))  # fmt: skip
+                    log(f"  {spec.label}: {impls[-1].note}")
                     continue
-            impl.params, impl.opt = build(label, factory, init)
-            impl.first_step = timed(lambda i=impl: do_step(i.params, i.opt, grads))
+            impl = build(spec, init, grads, args.ns_dtype)
+            impl.first_step = do_step(impl)[0]
         except ImportError as exc:
-            impl.note = f"skipped: not importable ({exc.name or exc})"
-            log(f"  {label}: {impl.note}")
+            impls.append(Impl(spec, note=f"skipped: not importable ({exc.name or exc})"))
+            log(f"  {spec.label}: {impls[-1].note}")
             continue
         except Exception as exc:  # a peer that fails on this machine is reported, not fatal
-            impl.note = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-            impl.opt = None
-            log(f"  {label}: {impl.note}")
+            note = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            impls.append(Impl(spec, note=note))
+            log(f"  {spec.label}: {note}")
             continue
-        # A second untimed warm-up (compiled peers compile on step 1, some allocate on step 2),
-        # skipped for an implementation whose step alone eats a third of the step cap.
-        if impl.first_step > max_step_s / 3:
-            warm = impl.first_step
-        else:
-            warm = timed(lambda i=impl: do_step(i.params, i.opt, grads))
+        impls.append(impl)
+        # A second untimed warm-up (some implementations allocate on step 2), skipped for an
+        # implementation whose step alone eats a third of the step cap.
+        warm = impl.first_step if impl.first_step > args.max_step_seconds / 3 else do_step(impl)[0]
         impl.warm = warm
-        impl.reps = max(1, min(reps, int(impl_budget_s / max(warm, 1e-9))))
-        if impl.reps < reps:
-            impl.note = f"{impl.reps} reps (time budget {impl_budget_s:.0f} s)"
-        log(f"  {label}: first step {impl.first_step:.3f} s, warm {warm:.3f} s, {impl.reps} reps")
+        impl.reps = max(1, min(args.reps, int(args.impl_budget / max(warm, 1e-9))))
+        if impl.reps < args.reps:
+            impl.note = f"{impl.reps} reps (time budget {args.impl_budget:.0f} s)"
+        log(f"  {spec.label}: first step {impl.first_step:.3f} s, warm {warm:.3f} s, "
+            f"{impl.reps} reps")  # fmt: skip
     for r in range(max((i.reps for i in impls), default=0)):
         for impl in impls:
             if impl.opt is not None and r < impl.reps:
-                impl.times.append(timed(lambda i=impl: do_step(i.params, i.opt, grads)))
+                seconds, ns = do_step(impl)
+                impl.times.append(seconds)
+                impl.ns_times.append(ns)
     return impls
 
 
 # ------------------------------------------------------------------------------ NS throughput
 
 
-def ns_throughput(shapes, reps: int, rate_fp32: float, rate_bf16: float, budget_s: float, log):
-    """Time F.newton_schulz per same-shape bucket (the optimizer batches buckets the same way)."""
+def ns_throughput(shapes, args, log) -> list[list[str]]:
+    """Time the standard and the default (auto: Gram for rectangular) Newton-Schulz per
+    same-shape bucket, in the run's NS dtype (the optimizer batches buckets the same way)."""
     buckets: dict[tuple[int, int], int] = {}
     for s in shapes:
         buckets[s] = buckets.get(s, 0) + 1
-    coeffs = F.resolve_ns_coefficients("muon", 5)
-    variants = [
-        ("bf16 request (auto compute)", lambda u: F.newton_schulz(u, coeffs, torch.bfloat16)),
-        ("fp32", lambda u: F.newton_schulz(u, coeffs, torch.float32)),
-        (
-            "bf16 native compute",
-            lambda u: F.newton_schulz(u, coeffs, torch.bfloat16, compute_dtype=torch.bfloat16),
-        ),
-        ("gram fp32", lambda u: F.newton_schulz_gram(u, coeffs, torch.float32)),
-    ]
+    dtype = args.ns_dtype
+    work = F.ns_compute_dtype(dtype, "cpu")
+    rate, rate_name = (args.rate_fp32, "fp32")
+    if work == torch.bfloat16:
+        rate, rate_name = (args.rate_bf16, "bf16")
+    variants = []
+    schedules = [("muon 5", F.resolve_ns_coefficients("muon", 5)),
+                 ("fast 4", F.fast_ns_coefficients())]  # fmt: skip
+    for label, coeffs in schedules:
+        for method in ("standard", "auto"):
+            variants.append((f"{label}, {method}", len(coeffs), coeffs, method))
     rows = []
     for (m, n), count in buckets.items():
         u = torch.randn(count, m, n)
-        flops = count * ns_flops(m, n)
-        results = {}
-        for name, fn in variants:
-            rate = rate_bf16 if name == "bf16 native compute" else rate_fp32
-            if flops / (rate * 1e9) > budget_s:
-                results[name] = None  # predicted too slow at the measured rate
-                continue
-            fn(u)
-            results[name] = []
-        for _ in range(reps):
-            for name, fn in variants:
-                if results[name] is not None:
-                    results[name].append(timed(lambda f=fn, u=u: f(u)))
-        for name, _ in variants:
-            auto = F.ns_compute_dtype(torch.bfloat16, "cpu")
-            if name.startswith("bf16 native"):
-                rate, rate_name = rate_bf16, "bf16"
-            elif name.startswith("bf16 request") and auto == torch.bfloat16:
-                rate, rate_name = rate_bf16, "bf16"
-            else:
-                rate, rate_name = rate_fp32, "fp32"
-            floor_ms = flops / (rate * 1e9) * 1e3
-            ts = results[name]
-            if ts is None:
-                rows.append(
-                    [f"{count} x ({m}, {n})", name, "not run", "-", "-", f"{floor_ms:.1f}", "-"]
+        times: dict[str, list[float]] = {}
+        for name, _, coeffs, method in variants:
+            F.newton_schulz(u, coeffs, dtype, method=method)  # warm-up
+            times[name] = []
+        for _ in range(args.reps):
+            for name, _, coeffs, method in variants:
+                times[name].append(
+                    timed(lambda u=u, c=coeffs, me=method: F.newton_schulz(u, c, dtype, method=me))
                 )
-                continue
-            t = median(ts)
-            gfs = flops / t / 1e9
-            rows.append(
-                [
-                    f"{count} x ({m}, {n})",
-                    name,
-                    f"{t * 1e3:.1f}",
-                    f"{gfs:.0f}",
-                    f"{100 * gfs / rate:.0f}% of {rate_name}",
-                    f"{floor_ms:.1f}",
-                    f"{t * 1e3 / floor_ms:.2f}x",
-                ]
-            )
+        for name, steps, _, _ in variants:
+            flops = count * ns_flops(m, n, steps)
+            floor_ms = flops / (rate * 1e9) * 1e3
+            t = median(times[name])
+            rows.append([
+                f"{count} x ({m}, {n})", name, f"{t * 1e3:.1f}", f"{flops / t / 1e9:.0f}",
+                f"{100 * flops / t / 1e9 / rate:.0f}% of {rate_name}", f"{floor_ms:.1f}",
+                f"{t * 1e3 / floor_ms:.2f}x",
+            ])  # fmt: skip
         log(f"  NS bucket {count} x ({m}, {n}) done")
     return rows
 
@@ -296,45 +322,46 @@ def state_numbers(opt, params) -> tuple[int, int]:
     return numbers, nbytes
 
 
-def memory_probe(shape_set: str, labels: list[str]) -> dict:
+def memory_probe(shape_set: str, labels: list[str], ns_dtype: torch.dtype) -> dict:
     """Runs in a fresh subprocess (see measure_memory): peak RSS growth during a step."""
     d, layers = SHAPE_SETS[shape_set]
     shapes = layer_shapes(d, layers)
     init, grads = make_inputs(shapes)
-    factories = {label: factory for label, factory, _ in IMPLS}
+    specs = {spec.label: spec for spec in IMPLS}
     out = {}
     for label in labels:
         gc.collect()
+        impl = None
         try:
-            params, opt = build(label, factories[label], init)
+            impl = build(specs[label], init, grads, ns_dtype)
             gc.collect()
             rss0 = _status_kb("VmRSS")
             ok = _reset_peak()
-            do_step(params, opt, grads)
+            do_step(impl)
             first = _status_kb("VmHWM") - rss0
             gc.collect()
             rss1 = _status_kb("VmRSS")
             _reset_peak()
-            do_step(params, opt, grads)
+            do_step(impl)
             steady = _status_kb("VmHWM") - rss1
-            numbers, nbytes = state_numbers(opt, params)
+            numbers, nbytes = state_numbers(impl.opt, impl.params)
             out[label] = dict(
                 first_kb=first, step_kb=steady, state_numbers=numbers, state_bytes=nbytes,
                 reset_ok=ok,
             )  # fmt: skip
         except Exception as exc:
             out[label] = dict(error=f"{type(exc).__name__}: {exc}"[:200])
-        params = opt = None
+        impl = None
     return out
 
 
-def measure_memory(shape_set: str, labels: list[str]) -> dict:
+def measure_memory(shape_set: str, labels: list[str], args) -> dict:
     """One child process, implementations one after another. Allocations of 64 KiB and more
     are mmap'd there (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves RSS at once and the
     peak RSS (VmHWM, reset through /proc/self/clear_refs) of a step is what that step needed."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [sys.executable, __file__, "--_memory-probe", shape_set, "--_labels", json.dumps(labels)]
-    cmd += ["--threads", str(torch.get_num_threads())]
+    cmd += ["--threads", str(torch.get_num_threads()), "--ns-dtype", args.ns_dtype_name]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if res.returncode != 0:
         return {"error": res.stderr[-500:]}
@@ -348,91 +375,96 @@ def fmt_ms(t: float) -> str:
     return "-" if math.isnan(t) else f"{t * 1e3:.1f}"
 
 
+def ratio(t: float, base: float | None, digits: int = 3) -> str:
+    return f"{t / base:.{digits}f}" if base and not math.isnan(t) else "-"
+
+
 def run_set(name: str, args, log) -> list[str]:
     d, layers = SHAPE_SETS[name]
     shapes = layer_shapes(d, layers)
-    n_params = sum(m * n for m, n in shapes)
+    mn = sum(m * n for m, n in shapes)
+    param_bytes = 4 * mn
     lines = [
         f"## Shape set `{name}`: d={d} x {layers} layers, {len(shapes)} float32 matrices, "
-        f"{n_params / 1e6:.2f}M parameters",
+        f"{mn / 1e6:.2f}M parameters ({param_bytes / 2**20:.1f} MiB)",
         "",
     ]
     log(f"[{name}] step timing")
-    skip = {}
-    if args.quick:
-        skip["heavyball.Muon"] = "skipped in --quick (torch.compile of its step takes ~40 s)"
-    impls = time_steps(shapes, args.reps, args.max_step_seconds, args.impl_budget, skip, log)
+    impls = time_steps(shapes, args, log)
     med = {i.label: median(i.times) for i in impls if i.times}
-    base = med.get(BASELINE)
-    po = med.get("pytorch_optimizer.NorMuon")
-    adamw = med.get("torch.optim.AdamW foreach")
+    base, po, adamw = med.get(BASELINE), med.get(PO_NORMUON), med.get(ADAMW)
+
+    mem: dict = {}
+    if not args.no_memory:
+        log(f"[{name}] memory")
+        labels = [i.label for i in impls if i.times and i.warm < args.memory_max_step]
+        mem = measure_memory(name, labels, args)
+        for i in impls:
+            if i.times and i.warm >= args.memory_max_step:
+                mem[i.label] = {"error": f"not measured: step > {args.memory_max_step} s"}
+
     rows = []
     for i in impls:
         t = med.get(i.label, float("nan"))
-        rows.append(
-            [
-                i.label,
-                fmt_ms(t),
-                fmt_ms(min(i.times)) if i.times else "-",
-                str(len(i.times)),
-                f"{t / base:.3f}" if base and i.times else "-",
-                f"{t / po:.3f}" if po and i.times else "-",
-                f"{t / adamw:.2f}" if adamw and i.times else "-",
-                fmt_ms(i.first_step),
-                i.note,
-            ]
+        ns = median(i.ns_times) if i.ns_times else float("nan")
+        non_ns = f"{100 * (t - ns) / t:.0f}%" if i.times else "-"
+        r = mem.get(i.label, {})
+        transient = (
+            f"{r['step_kb'] * 1024 / param_bytes:.2f}" if "step_kb" in r else "-"
         )
+        rows.append([
+            i.label, fmt_ms(t), fmt_ms(min(i.times)) if i.times else "-", str(len(i.times)),
+            ratio(t, base), ratio(t, po), ratio(t, adamw, 2), fmt_ms(ns), non_ns, transient,
+            i.note,
+        ])  # fmt: skip
     lines += ["### Optimizer step (ms; ratios of medians from this run)", ""]
+    lines += [
+        "NS = median time inside Newton-Schulz per step (normuon: its `orthogonalizer`; peers: "
+        "their Newton-Schulz function); non-NS share = (step - NS) / step. Transient = peak "
+        "memory growth of a step (state already allocated, see Memory) / parameter bytes.",
+        "",
+    ]
     lines += md_table(
         [
             "implementation", "median", "min", "reps", "vs torch Muon", "vs po NorMuon",
-            "vs AdamW", "first step", "note",
+            "vs AdamW", "NS", "non-NS share", "transient / params", "note",
         ],  # fmt: skip
         rows,
     )
     lines.append("")
 
     if not args.no_memory:
-        log(f"[{name}] memory")
-        labels = [i.label for i in impls if i.times and i.warm < args.memory_max_step]
-        slow = [i.label for i in impls if i.times and i.warm >= args.memory_max_step]
-        mem = measure_memory(name, labels)
-        for label in slow:
-            mem[label] = {"error": f"not measured: step > {args.memory_max_step} s"}
-        labels += slow
-        adam_bytes = mem.get("torch.optim.AdamW foreach", {}).get("state_bytes")
-        mrows = []
-        mn = sum(m * n for m, n in shapes)
+        adam_bytes = mem.get(ADAMW, {}).get("state_bytes")
         rows_sum = sum(m for m, _ in shapes)
-        for label in labels:
-            r = mem.get(label, {})
-            if "error" in r or not r:
-                mrows.append([label, "-", "-", "-", "-", "-", r.get("error", "missing")])
+        mrows = []
+        for i in impls:
+            if not i.times:
                 continue
-            per = r["state_numbers"] / (mn + rows_sum)
-            mrows.append(
-                [
-                    label,
-                    f"{r['step_kb'] / 1024:.1f}",
-                    f"{r['first_kb'] / 1024:.1f}",
-                    f"{r['state_bytes'] / 2**20:.2f}",
-                    f"{r['state_bytes'] / adam_bytes:.3f}" if adam_bytes else "-",
-                    f"{per:.4f}",
-                    "" if r.get("reset_ok") else "peak reset unavailable",
-                ]
-            )
+            r = mem.get(i.label, {})
+            if "error" in r or not r:
+                err = r.get("error", mem.get("error", "missing"))
+                mrows.append([i.label, "-", "-", "-", "-", "-", "-", str(err)[:200]])
+                continue
+            mrows.append([
+                i.label, f"{r['step_kb'] / 1024:.1f}", f"{r['step_kb'] * 1024 / param_bytes:.2f}",
+                f"{r['first_kb'] / 1024:.1f}", f"{r['state_bytes'] / 2**20:.2f}",
+                f"{r['state_bytes'] / adam_bytes:.3f}" if adam_bytes else "-",
+                f"{r['state_numbers'] / (mn + rows_sum):.4f}",
+                "" if r.get("reset_ok") else "peak reset unavailable",
+            ])  # fmt: skip
         lines += [
             "### Memory (MiB; peak RSS growth during a step, measured in a child process)",
             "",
-            f"Parameters: {mn * 4 / 2**20:.2f} MiB. m*n + m numbers over all matrices: "
-            f"{mn + rows_sum}. Last column but one: state numbers / (sum of m*n + m); "
-            f"1.0000 is exactly one momentum matrix plus one number per row.",
+            f"Parameters: {param_bytes / 2**20:.2f} MiB. m*n + m numbers over all matrices: "
+            f"{mn + rows_sum}. 'state / (mn + m)' = state numbers / (sum of m*n + m); 1.0000 is "
+            "exactly one momentum matrix plus one number per row.",
             "",
         ]
         lines += md_table(
             [
-                "implementation", "step peak", "first-step peak (allocates state)",
-                "state", "state vs AdamW", "state / (mn + m)", "note",
+                "implementation", "step peak", "step peak / params",
+                "first-step peak (allocates state)", "state", "state vs AdamW",
+                "state / (mn + m)", "note",
             ],  # fmt: skip
             mrows,
         )
@@ -440,15 +472,16 @@ def run_set(name: str, args, log) -> list[str]:
 
     if not args.no_ns:
         log(f"[{name}] Newton-Schulz throughput")
-        rows = ns_throughput(
-            shapes, args.reps, args.rate_fp32, args.rate_bf16, args.max_step_seconds, log
-        )
+        rows = ns_throughput(shapes, args, log)
         lines += [
-            "### Newton-Schulz, 5 Muon steps per bucket (flops: 4 k^2 N + 2 k^3 per step)",
+            f"### Newton-Schulz per bucket, {args.ns_dtype} requested "
+            f"(flops counted as 4 k^2 N + 2 k^3 per standard step)",
             "",
-            "Rates are against the matmul rates measured at the start of this run. 'floor' is "
-            "the time NS5 would take at that rate; 'vs floor' = time / floor. The Gram variant "
-            "does fewer flops than counted, so it can beat the floor.",
+            "'auto' is the default orthogonalizer: the Gram iteration (restarted in half "
+            "precision) for matrices with aspect >= 2, the standard loop otherwise. Rates are "
+            "against the matmul rate measured at the start of this run; 'floor' is the time the "
+            "standard loop's flops take at that rate. The Gram iteration does fewer flops than "
+            "counted, so it can beat the floor.",
             "",
         ]
         lines += md_table(
@@ -464,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default="gpt-small", choices=[*SHAPE_SETS, "all"])
     ap.add_argument("--reps", type=int, default=7, help="timed repetitions per implementation")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 reps (smoke test)")
+    ap.add_argument(
+        "--ns-dtype", default="auto", choices=["auto", *NS_DTYPES],
+        help="Newton-Schulz dtype of every implementation (auto: bf16 where this CPU has native "
+        "bf16 GEMMs, fp32 otherwise)",
+    )  # fmt: skip
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument(
         "--max-step-seconds", type=float, default=120.0,
@@ -487,18 +525,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--_labels", dest="labels", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    if args.memory_probe:
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
-        print(json.dumps(memory_probe(args.memory_probe, json.loads(args.labels))))
-        return 0
-
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    args.ns_dtype = NS_DTYPES.get(args.ns_dtype, None) or default_ns_dtype()
+    args.ns_dtype_name = "bf16" if args.ns_dtype == torch.bfloat16 else "fp32"
+    PEER_NS.install()
+    PEER_NS.float32 = args.ns_dtype == torch.float32
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, json.loads(args.labels), args.ns_dtype)))
+        return 0
+
     if args.quick:
         args.shapes = "tiny" if args.shapes == "gpt-small" else args.shapes
         args.reps = min(args.reps, 3)
-    sets = [s for s in SHAPE_SETS if s != "tiny"] if args.shapes == "all" else [args.shapes]
+    sets = [s for s in SHAPE_SETS if s in ("gpt-small", "gpt2-124m")]
+    sets = sets if args.shapes == "all" else [args.shapes]
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -507,27 +548,32 @@ def main(argv: list[str] | None = None) -> int:
     log("measuring matmul rates")
     args.rate_fp32, size32 = matmul_rate(torch.float32)
     args.rate_bf16, size16 = matmul_rate(torch.bfloat16)
-    auto = F.ns_compute_dtype(torch.bfloat16, "cpu")
+    work = F.ns_compute_dtype(args.ns_dtype, "cpu")
     lines = [
-        f"# Optimizer step time, {today()}",
+        f"# Optimizer step time, {today()}, Newton-Schulz in {args.ns_dtype_name} for everyone",
         "",
         "Command: `python benchmarks/step_time.py " + " ".join(argv or sys.argv[1:]) + "`",
         "",
         *machine_lines(),
         f"- measured matmul rate: fp32 {args.rate_fp32:.1f} GFLOP/s ({size32}^2), bf16 "
         f"{args.rate_bf16:.1f} GFLOP/s ({size16}^2)",
-        f"- newton_schulz(dtype=bfloat16) computes in {auto} on this CPU",
+        f"- Newton-Schulz dtype: {args.ns_dtype} for every implementation (normuon: `ns_dtype`, "
+        f"which iterates in {work} on this CPU; torch.optim.Muon and pytorch_optimizer: "
+        + ("their shipped bfloat16" if args.ns_dtype == torch.bfloat16 else
+           "their Newton-Schulz switched to float32")
+        + ")",
         f"- repetitions: {args.reps}, round-robin over implementations; other processes share "
         "the cores, so compare ratios within this file, not absolute times across files",
         "",
-    ]
+    ]  # fmt: skip
     for name in sets:
         lines += run_set(name, args, log)
     lines.append(f"Total benchmark time: {time.time() - t0:.0f} s.")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"step_time-{today()}.md"
-    path.write_text("\n".join(lines) + "\n")
+    explicit = "auto" not in (argv if argv is not None else sys.argv[1:]) and any(
+        a.startswith("--ns-dtype") for a in (argv if argv is not None else sys.argv[1:])
+    )
+    stem = f"step_time-{args.ns_dtype_name}ns" if explicit else "step_time"
+    path = write_report(args.out, stem, lines)
     print("\n".join(lines))
     log(f"wrote {path}")
     return 0

@@ -1,34 +1,114 @@
-"""The benchmark script runs end to end on tiny shapes and writes its markdown table."""
+"""The benchmark scripts run end to end on tiny shapes and write their markdown tables; the
+ZeRO-1 baseline of distributed_step.py (its own few lines of NorMuon math) equals the library."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
 
 
-def test_step_time_quick_writes_table(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [env_path(), str(ROOT)])))
-    cmd = [
-        sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--quick", "--reps", "2",
-        "--threads", "1", "--out", str(tmp_path),
-    ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
-    files = list(tmp_path.glob("step_time-*.md"))
-    assert len(files) == 1, files
+def run_script(args: list[str], timeout: float = 300) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                         timeout=timeout, env=env, cwd=ROOT)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    return [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith(f"| {first_cell} |")
+    ]
+
+
+@pytest.mark.parametrize("ns_dtype", ["auto", "fp32"])
+def test_step_time_quick_writes_table(tmp_path, ns_dtype):
+    run_script([str(BENCH / "step_time.py"), "--quick", "--reps", "2", "--threads", "1",
+                "--ns-dtype", ns_dtype, "--out", str(tmp_path)])  # fmt: skip
+    stem = "step_time" if ns_dtype == "auto" else "step_time-fp32ns"
+    files = list(tmp_path.glob(f"{stem}-*.md"))
+    assert len(files) == 1, list(tmp_path.iterdir())
     text = files[0].read_text()
+    assert "native bf16 GEMMs" in text
     assert "| implementation | median |" in text
-    assert "| normuon.NorMuon (default) |" in text
-    assert "| torch.optim.AdamW foreach |" in text
     assert "### Memory" in text and "### Newton-Schulz" in text
+    if ns_dtype == "fp32":
+        assert "Newton-Schulz in fp32 for everyone" in text
+    step_rows = [r for r in table_rows(text, "normuon.NorMuon (default)") if len(r) == 11]
+    assert len(step_rows) == 1, text
+    # NS time, non-NS share and transient memory are reported for normuon and every peer.
+    for label in ["normuon.NorMuon (default)", "torch.optim.Muon", "torch.optim.AdamW foreach"]:
+        row = next(r for r in table_rows(text, label) if len(r) == 11)
+        assert float(row[1]) > 0, row  # median ms
+        assert row[8].endswith("%"), row  # non-NS share
+        float(row[9])  # transient / params is a number
+    assert table_rows(text, "torch.optim.AdamW foreach")[0][8] == "100%"
     # NorMuon's state is exactly one momentum matrix plus one number per row.
-    rows = [line for line in text.splitlines() if line.startswith("| normuon.NorMuon (default) |")]
-    assert any("| 1.0000 |" in line for line in rows), rows
+    mem_rows = [r for r in table_rows(text, "normuon.NorMuon (default)") if len(r) == 8]
+    assert mem_rows and mem_rows[0][6] == "1.0000", mem_rows
 
 
-def env_path() -> str:
-    return os.environ.get("PYTHONPATH", "")
+def test_ns_quality_quick_writes_tables(tmp_path):
+    run_script([str(BENCH / "ns_quality.py"), "--quick", "--reps", "1", "--threads", "1",
+                "--out", str(tmp_path)], timeout=600)  # fmt: skip
+    files = list(tmp_path.glob("ns_quality-*.md"))
+    assert len(files) == 1, list(tmp_path.iterdir())
+    text = files[0].read_text()
+    assert "## Accuracy against the SVD polar factor" in text and "## Speed" in text
+    assert "gram" in text and "native bf16 GEMMs" in text
+
+
+@pytest.fixture(scope="module")
+def dist_bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("distributed_step")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 24), (16, 16)])
+def test_zero1_math_equals_normuon_single_process(dist_bench, shape):
+    """The baseline's momentum / Newton-Schulz / normuon_row_update chain, applied to a whole
+    matrix, gives the library's NorMuon step (float32 Newton-Schulz, default settings)."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    init = torch.randn(shape, generator=gen)
+    grads = [torch.randn(shape, generator=gen) for _ in range(3)]
+    p = torch.nn.Parameter(init.clone())
+    opt = dist_bench.NorMuon([p], lr=dist_bench.LR, ns_dtype=torch.float32)
+    w, buf, v = init.clone(), torch.zeros(shape), torch.zeros(shape[0])
+    coeffs = dist_bench.NS.resolve_ns_coefficients("muon", 5)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        buf.lerp_(g, 1.0 - dist_bench.MOMENTUM)
+        u = g.lerp(buf, dist_bench.MOMENTUM)
+        o = dist_bench.NS.default_orthogonalizer(u.unsqueeze(0), coeffs, torch.float32)[0]
+        w -= dist_bench.LR * dist_bench.normuon_row_update(o, v)
+    torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[p]["neuron_second_moment"].flatten(), v,
+                               rtol=1e-5, atol=1e-12)  # fmt: skip
+
+
+@pytest.mark.distributed
+def test_distributed_benchmark_zero1_equals_normuon_at_one_rank(tmp_path):
+    out = run_script([str(BENCH / "distributed_step.py"), "--world", "1", "--shapes", "tiny",
+                      "--reps", "1", "--methods", "normuon,zero1", "--out", str(tmp_path)])
+    files = list(tmp_path.glob("distributed_step-tiny-*.md"))
+    assert len(files) == 1, out
+    text = files[0].read_text()
+    assert "native bf16 GEMMs" in text
+    agreement = re.search(r"W=1: zero1 baseline vs normuon .* difference ([0-9.e+-]+)", text)
+    assert agreement and float(agreement.group(1)) < 1e-5, text

@@ -17,10 +17,18 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from normuon.newton_schulz import (
+    CPU_CHUNK_BYTES,
+    FAST_NS_LOWER,
+    FAST_NS_STEPS,
     MUON_COEFFICIENTS,
     NS_NORM_EPS,
+    cpu_chunk_size,
+    default_orthogonalizer,
+    fast_ns_coefficients,
+    gram_restarts,
     newton_schulz,
     newton_schulz_gram,
+    ns_compute_dtype,
     polar_express_coefficients,
     resolve_ns_coefficients,
     scalar_ns_map,
@@ -365,3 +373,225 @@ def test_half_precision_polynomial_step_matches_float64(gram, b, c):
     got = fn(u.to(torch.bfloat16), coefficients, torch.bfloat16, compute_dtype=torch.bfloat16)
     err = (got.double() - expected).norm() / expected.norm()
     assert err < 2e-2, f"relative error {float(err):.3g} for (a, b, c) = (1.5, {b}, {c})"
+
+
+# ------------------------------------------------------------------ Gram iteration with restarts
+
+
+@st.composite
+def restart_sets(draw, steps: int):
+    """Any subset of the admissible restart steps 1 .. steps - 1, in any order."""
+    chosen = draw(st.sets(st.integers(1, steps - 1), max_size=steps - 1)) if steps > 1 else set()
+    return draw(st.permutations(sorted(chosen)))
+
+
+@pytest.mark.parametrize("label,spec,steps", COEFFICIENT_SETS, ids=SET_IDS)
+@HYP
+@given(u=matrices(), data=st.data())
+def test_gram_restarts_float64_match_scalar_map(label, spec, steps, u, data):
+    """Restarting (X <- Q X, A <- X X^T, Q <- I) changes nothing in exact arithmetic: in float64
+    every restart set gives P diag(phi(sigma)) Q^T."""
+    coeffs = _coeffs(spec, steps)
+    restarts = data.draw(restart_sets(steps))
+    out = newton_schulz_gram(u, coeffs, torch.float64, restarts=restarts)
+    expected, _ = _expected_ns(u, coeffs)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("steps", range(1, 11))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_gram_default_restarts_are_valid(steps, dtype):
+    restarts = gram_restarts(steps, dtype)
+    assert all(0 < t < steps for t in restarts) and len(set(restarts)) == len(restarts)
+    if dtype in (torch.float32, torch.float64):
+        assert restarts == ()
+    elif steps >= 3:
+        # Half precision: the first segment is two steps long and no segment is longer than
+        # three (bfloat16: two), the measured limits of docs/performance.md.
+        bounds = [0, *restarts, steps]
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        assert restarts[0] == 2 and longest <= (2 if dtype == torch.bfloat16 else 3)
+
+
+def _gradient_like(batch: int, m: int, n: int, seed: int) -> torch.Tensor:
+    """Low-rank signal with singular values over two decades plus a noise floor: the spectrum
+    of momentum matrices, where half-precision Gram iterations without restarts drift."""
+    gen = torch.Generator().manual_seed(seed)
+    rank = min(m, n) // 2
+    decay = torch.logspace(0, -2, rank, dtype=torch.float64)
+    left = torch.randn(batch, m, rank, generator=gen, dtype=torch.float64)
+    right = torch.randn(batch, rank, n, generator=gen, dtype=torch.float64)
+    signal = left * decay @ right
+    return signal + 0.05 * signal.std() * torch.randn(batch, m, n, generator=gen,
+                                                      dtype=torch.float64)  # fmt: skip
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest relative Frobenius distance over the batch."""
+    got, want = got.double(), want.double()
+    dist = torch.linalg.vector_norm(got - want, dim=(-2, -1))
+    return (dist / torch.linalg.vector_norm(want, dim=(-2, -1))).max().item()
+
+
+HALF = [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)]
+
+
+@pytest.mark.parametrize("label,spec,steps", COEFFICIENT_SETS, ids=SET_IDS)
+@pytest.mark.parametrize("shape", [(2, 16, 64), (2, 64, 16), (1, 24, 48), (2, 32, 32)])
+@pytest.mark.parametrize("half,unit", HALF, ids=["bf16", "fp16"])
+def test_gram_half_precision_as_close_as_standard(label, spec, steps, shape, half, unit):
+    """With its default restarts, the half-precision Gram iteration stays as close to the
+    float64 iteration (same coefficients) as the standard half-precision loop up to a small
+    factor: the standard loop re-reads X every step and lands within ~15 units of roundoff here,
+    the Gram loop carries the rounding of Q and A for two steps between restarts (up to ~2.5x
+    that), so: within 32 units and within 3x the standard loop's error plus 2 units."""
+    coeffs = _coeffs(spec, steps)
+    u = _gradient_like(*shape, seed=sum(shape) + steps)
+    exact = newton_schulz(u, coeffs, torch.float64)
+    gram = newton_schulz_gram(u, coeffs, half, compute_dtype=half)
+    standard = newton_schulz(u, coeffs, half, compute_dtype=half)
+    assert gram.dtype == half and gram.shape == u.shape
+    err_gram, err_std = _relative_error(gram, exact), _relative_error(standard, exact)
+    assert err_gram < 32 * unit, (err_gram, err_std)
+    assert err_gram < 3 * err_std + 2 * unit, (err_gram, err_std)
+
+
+@pytest.mark.parametrize("spec", ["muon", "polar_express"])
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gram_half_precision_polar_quality(spec, half):
+    """Against the float64 SVD polar factor P Q^T (the target, not the float64 iteration): the
+    restarted half-precision Gram iteration moves every significant singular value (s_i /
+    ||U||_F >= 1e-2) as far from 1 as the standard loop at the same dtype, within 0.02."""
+    coeffs = _coeffs(spec, 5)
+    u = _gradient_like(3, 32, 128, seed=11)
+    p, s, qh = torch.linalg.svd(u, full_matrices=False)
+    keep = s / torch.linalg.vector_norm(u, dim=(-2, -1)).unsqueeze(-1) >= 1e-2
+
+    def sigma_error(out: torch.Tensor) -> float:
+        mapped = torch.einsum("bik,bij,bkj->bk", p, out.double(), qh)  # p_i^T O q_i
+        return (mapped - 1).abs()[keep].max().item()
+
+    err_gram = sigma_error(newton_schulz_gram(u, coeffs, half, compute_dtype=half))
+    err_std = sigma_error(newton_schulz(u, coeffs, half, compute_dtype=half))
+    assert err_gram < err_std + 0.02, (err_gram, err_std)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,gram", [((2, 8, 32), True), ((2, 32, 8), True), ((2, 16, 32), True),
+                   ((2, 20, 32), False), ((2, 16, 16), False)],
+)  # fmt: skip
+def test_auto_and_default_orthogonalizer_pick_gram_for_rectangular(shape, gram, dtype):
+    """method='auto' (the optimizers' default) is the Gram iteration from aspect
+    GRAM_MIN_ASPECT on, with its default restarts, and the standard loop below."""
+    coeffs = _coeffs("muon", 5)
+    u = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    expected_fn = newton_schulz_gram if gram else newton_schulz
+    expected = expected_fn(u, coeffs, dtype, compute_dtype=dtype)
+    assert torch.equal(newton_schulz(u, coeffs, dtype, compute_dtype=dtype, method="auto"),
+                       expected)  # fmt: skip
+    if ns_compute_dtype(dtype, "cpu") == dtype:
+        assert torch.equal(default_orthogonalizer(u, coeffs, dtype), expected)
+
+
+@pytest.mark.parametrize(
+    "restarts,error",
+    [((0,), ValueError), ((5,), ValueError), ((2, 7), ValueError), ((1.0,), ValueError),
+     ((True,), ValueError), (2, TypeError), ("2", TypeError)],
+)  # fmt: skip
+def test_gram_rejects_bad_restarts(restarts, error):
+    with pytest.raises(error, match="restarts"):
+        newton_schulz_gram(torch.randn(1, 4, 8), _coeffs("muon", 5), torch.float32,
+                           restarts=restarts)  # fmt: skip
+
+
+def test_standard_method_rejects_restarts():
+    with pytest.raises(ValueError, match="restarts"):
+        newton_schulz(torch.randn(1, 4, 8), _coeffs("muon", 5), torch.float32, restarts=(2,))
+
+
+def test_gram_restarts_leave_input_untouched_and_zero_stays_zero():
+    coeffs = _coeffs("polar_express", 5)
+    u = torch.randn(2, 6, 18, dtype=torch.bfloat16)
+    before = u.clone()
+    out = newton_schulz_gram(u, coeffs, torch.bfloat16, compute_dtype=torch.bfloat16)
+    assert torch.equal(u, before) and torch.isfinite(out).all()
+    zero = newton_schulz_gram(torch.zeros(2, 6, 18, dtype=torch.bfloat16), coeffs, torch.bfloat16,
+                              compute_dtype=torch.bfloat16)  # fmt: skip
+    assert torch.equal(zero, torch.zeros_like(zero))
+
+
+# ------------------------------------------------------------------ fast mode
+
+
+def test_fast_schedule_band_from_scalar_map():
+    """The fast schedule's promise, from its scalar map: normalized singular values in
+    [FAST_NS_LOWER, 1] land within 0.03 of 1 (the default Muon quintic: only within ~0.32)."""
+    fast = fast_ns_coefficients()
+    assert len(fast) == FAST_NS_STEPS < 5
+    assert resolve_ns_coefficients(list(fast), FAST_NS_STEPS) == fast
+    lo, hi = _band(fast, FAST_NS_LOWER)
+    assert 1 - lo < 0.03 and hi - 1 < 0.03, (lo, hi)
+    muon_lo, muon_hi = _band(_coeffs("muon", 5), FAST_NS_LOWER)
+    assert max(1 - muon_lo, muon_hi - 1) > 0.25
+
+
+@pytest.mark.parametrize(
+    "dtype,compute", [(torch.float32, None), (torch.bfloat16, torch.bfloat16),
+                      (torch.float16, torch.float16)], ids=["fp32", "bf16", "fp16"],
+)  # fmt: skip
+@pytest.mark.parametrize("shape", [(2, 32, 128), (2, 128, 32), (2, 48, 48)])
+def test_fast_mode_significant_directions_against_polar_factor(dtype, compute, shape):
+    """Against the float64 SVD polar factor, through the default orthogonalizer's method:
+    every direction with s_i / ||U||_F >= FAST_NS_LOWER is within the schedule's band plus
+    the dtype's rounding, and closer to 1 than the default (Muon, 5 steps) puts it."""
+    u = _gradient_like(*shape, seed=sum(shape))
+    p, s, qh = torch.linalg.svd(u, full_matrices=False)
+    keep = s / torch.linalg.vector_norm(u, dim=(-2, -1)).unsqueeze(-1) >= FAST_NS_LOWER
+    assert keep.sum() >= 4
+
+    def sigma_error(coeffs) -> float:
+        out = newton_schulz(u, coeffs, dtype, compute_dtype=compute, method="auto")
+        mapped = torch.einsum("bik,bij,bkj->bk", p, out.double(), qh)  # p_i^T O q_i
+        return (mapped - 1).abs()[keep].max().item()
+
+    fast = sigma_error(fast_ns_coefficients())
+    default = sigma_error(_coeffs("muon", 5))
+    rounding = {torch.float32: 1e-4, torch.bfloat16: 0.03, torch.float16: 0.01}[dtype]
+    assert fast < 0.03 + rounding, (fast, default)
+    assert fast < default, (fast, default)
+
+
+# ------------------------------------------------------------------ chunked batches
+
+
+@pytest.mark.parametrize("method", ["standard", "gram", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 7, 100])
+def test_chunked_equals_whole_batch(method, dtype, chunk_size):
+    """Chunks of any size (uneven last chunk included) give the whole batch's result, each
+    matrix normalized by its own norm."""
+    coeffs = _coeffs("polar_express", 5)
+    gen = torch.Generator().manual_seed(chunk_size)
+    scales = torch.logspace(-2, 2, 7, dtype=torch.float64).view(-1, 1, 1)
+    u = (torch.randn(7, 12, 30, generator=gen, dtype=torch.float64) * scales).to(dtype)
+    whole = newton_schulz(u, coeffs, dtype, compute_dtype=dtype, method=method,
+                          chunk_size=u.shape[0])  # fmt: skip
+    chunked = newton_schulz(u, coeffs, dtype, compute_dtype=dtype, method=method,
+                            chunk_size=chunk_size)  # fmt: skip
+    assert chunked.dtype == dtype and chunked.shape == u.shape
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(chunked, whole, rtol=tol, atol=tol)
+
+
+def test_cpu_chunk_size_fits_budget():
+    assert cpu_chunk_size(384, 384, torch.bfloat16) == CPU_CHUNK_BYTES // (384 * 384 * 2)
+    assert cpu_chunk_size(4096, 4096, torch.float32) == 1  # larger than the budget: one at a time
+    assert cpu_chunk_size(8, 8, torch.float32) * 8 * 8 * 4 <= CPU_CHUNK_BYTES
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 1.5, True, "2"])
+def test_rejects_bad_chunk_size(chunk_size):
+    with pytest.raises(ValueError, match="chunk_size"):
+        newton_schulz(torch.randn(2, 4, 8), _coeffs("muon", 5), torch.float32,
+                      chunk_size=chunk_size)  # fmt: skip

@@ -14,12 +14,18 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = [
+    "CPU_CHUNK_BYTES",
     "GRAM_MIN_ASPECT",
     "MUON_COEFFICIENTS",
     "NS_NORM_EPS",
     "Coefficients",
     "Orthogonalizer",
+    "FAST_NS_LOWER",
+    "FAST_NS_STEPS",
+    "cpu_chunk_size",
     "default_orthogonalizer",
+    "fast_ns_coefficients",
+    "gram_restarts",
     "native_half_matmul",
     "newton_schulz",
     "newton_schulz_gram",
@@ -150,6 +156,27 @@ def polar_express_coefficients(
     return tuple(schedule)
 
 
+#: Steps of the fast mode (:func:`fast_ns_coefficients`): one fewer than the default five.
+FAST_NS_STEPS = 4
+#: Normalized singular value s_i / ||U||_F from which the fast schedule is designed to land
+#: within ~2% of 1 (directions carrying at least 1% of the Frobenius norm).
+FAST_NS_LOWER = 1e-2
+
+
+def fast_ns_coefficients(steps: int = FAST_NS_STEPS) -> tuple[Coefficients, ...]:
+    """The fast mode: a Polar Express schedule of ``steps`` (4) steps designed for [1e-2, 1].
+
+    Use as ``NorMuon(params, ns_steps=4, ns_coefficients=fast_ns_coefficients())``: 4/5 of the
+    default's Newton-Schulz work. Measured against the float64 SVD polar factor
+    (benchmarks/ns_quality.py, docs/performance.md): every singular direction with
+    s_i / ||U||_F >= 1e-2 lands within ~0.02 of 1 (the default Muon quintic: within ~0.32),
+    while directions below that are lifted less than by the default (s_i / ||U||_F = 1e-3 ends
+    near 0.15 instead of 0.47), so the relative distance to the polar factor is 0.03-0.05
+    larger.
+    """
+    return polar_express_coefficients(steps, lower=FAST_NS_LOWER)
+
+
 def resolve_ns_coefficients(spec: object, steps: int) -> tuple[Coefficients, ...]:
     """Turn the ``ns_coefficients`` option into one (a, b, c) per Newton-Schulz step.
 
@@ -238,8 +265,13 @@ def ns_compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dt
 
 
 #: Aspect ratio (long / short side) from which ``method="auto"`` iterates on the Gram matrix.
-#: Its flop count is 2k^2N + (4s-3)k^3 against s(2k^2N + k^3): break-even near N = 1.5k.
+#: Flops with s steps and r restarts: 2(r+1)k^2N + (4s-3(r+1))k^3 against s(2k^2N + k^3) for
+#: the plain loop, break-even at N = 1.5k whatever r; measured on a CPU (docs/performance.md):
+#: 0.55x (float32) and 0.75x (bfloat16, two restarts) of the plain loop's time at N = 4k,
+#: 0.86x and 0.95x at N = 2k, 1.2-1.3x (a loss) for square matrices.
 GRAM_MIN_ASPECT = 2
+
+_METHODS = ("standard", "gram", "auto")
 
 
 def newton_schulz(
@@ -249,6 +281,8 @@ def newton_schulz(
     *,
     compute_dtype: torch.dtype | None = None,
     method: str = "standard",
+    restarts: Sequence[int] | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Approximate polar factor of every matrix in ``u``.
 
@@ -263,9 +297,15 @@ def newton_schulz(
             products, which iterates in float32 and rounds only the result to ``dtype`` (there
             the half-precision GEMM is a scalar fallback 50-200x slower than float32).
         method: ``"standard"`` (the loop above), ``"gram"`` (:func:`newton_schulz_gram`: same
-            result, fewer flops for rectangular matrices, float32/float64 only) or ``"auto"``
-            (gram when the iteration runs in float32/float64 and the long side is at least
-            twice the short side, where it saves ~40% of the flops; standard otherwise).
+            result, fewer flops for rectangular matrices, restarted in half precision) or
+            ``"auto"`` (gram when the long side is at least :data:`GRAM_MIN_ASPECT` times the
+            short side, standard otherwise; what the optimizers use).
+        restarts: passed to :func:`newton_schulz_gram` when it runs (None: its default for the
+            iteration dtype); must be None with ``method="standard"``.
+        chunk_size: matrices iterated together. None (default): on a CPU, as many as fit in
+            :data:`CPU_CHUNK_BYTES` (:func:`cpu_chunk_size`; cache-resident operands are
+            faster), elsewhere the whole batch (one kernel per operation). Each matrix is
+            iterated on its own either way: the result changes at most by rounding.
 
     Returns:
         (B, m, n) tensor in ``dtype``: X_0 = U / (||U||_F + 1e-7) after the steps, i.e. singular
@@ -275,14 +315,56 @@ def newton_schulz(
         raise ValueError(f"newton_schulz expects a (B, m, n) stack, got shape {tuple(u.shape)}")
     work = ns_compute_dtype(dtype, u.device) if compute_dtype is None else compute_dtype
     m, n = u.shape[-2], u.shape[-1]
-    if method not in ("standard", "gram", "auto"):
+    if method not in _METHODS:
         raise ValueError(f"method must be 'standard', 'gram' or 'auto', got {method!r}")
-    if method == "gram" or (
-        method == "auto"
-        and work in (torch.float32, torch.float64)
-        and max(m, n) >= GRAM_MIN_ASPECT * min(m, n)
-    ):
-        return newton_schulz_gram(u, coefficients, dtype, compute_dtype=work)
+    if method == "standard" and restarts is not None:
+        raise ValueError(f"restarts={restarts!r} needs method='gram' or 'auto'")
+    use_gram = method == "gram" or (
+        method == "auto" and max(m, n) >= GRAM_MIN_ASPECT * min(m, n)
+    )
+    if chunk_size is None:
+        chunk_size = cpu_chunk_size(m, n, work) if u.device.type == "cpu" else u.shape[0]
+    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size >= u.shape[0]:
+        return _ns_batch(u, coefficients, dtype, work, use_gram, restarts)
+    # Chunks: each one's operands stay in the core's cache through all the steps.
+    out = torch.empty(u.shape, dtype=dtype, device=u.device)
+    for start in range(0, u.shape[0], chunk_size):
+        part = u[start : start + chunk_size]  # (c, m, n) view
+        out[start : start + chunk_size] = _ns_batch(
+            part, coefficients, dtype, work, use_gram, restarts
+        )
+    return out
+
+
+#: Bytes of one chunk's iterate from which :func:`newton_schulz` splits a batch on the CPU.
+#: The standard loop touches X, A, P and the new X every step (~4x these bytes); kept within a
+#: core's L2 cache they are not re-read from memory. Measured on an AMD EPYC with native bf16
+#: GEMMs, 1 thread (docs/performance.md): 24 x (384, 384) bfloat16 in chunks of 2-3 took
+#: 135-147 ms against 184 ms as one batch; float32 and the (1536, 384) buckets gain ~5%.
+CPU_CHUNK_BYTES = 2**20
+
+
+def cpu_chunk_size(m: int, n: int, work_dtype: torch.dtype) -> int:
+    """Matrices per chunk of :func:`newton_schulz` on a CPU: as many (m, n) iterates in
+    ``work_dtype`` as fit in :data:`CPU_CHUNK_BYTES`, at least one."""
+    itemsize = torch.empty((), dtype=work_dtype).element_size()
+    return max(1, CPU_CHUNK_BYTES // (m * n * itemsize))
+
+
+def _ns_batch(
+    u: torch.Tensor,
+    coefficients: Sequence[Coefficients],
+    dtype: torch.dtype,
+    work: torch.dtype,
+    use_gram: bool,
+    restarts: Sequence[int] | None,
+) -> torch.Tensor:
+    """One batched iteration (standard loop or Gram) of a (c, m, n) stack, result in dtype."""
+    if use_gram:
+        return newton_schulz_gram(u, coefficients, dtype, compute_dtype=work, restarts=restarts)
+    m, n = u.shape[-2], u.shape[-1]
     # Work on the wide orientation so that A = X X^T is the small (min, min) Gram matrix.
     x = u.mT if m > n else u
     x = _ns_normalize(x, work)
@@ -300,6 +382,7 @@ def newton_schulz_gram(
     dtype: torch.dtype = torch.bfloat16,
     *,
     compute_dtype: torch.dtype | None = None,
+    restarts: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Same result as :func:`newton_schulz` (in exact arithmetic), iterating on the Gram matrix.
 
@@ -307,34 +390,90 @@ def newton_schulz_gram(
     X_t = Q_t X_0 with Q_t = P_{t-1} ... P_0, and all these k x k matrices (k = min(m, n)) are
     polynomials of A_0, hence commute: A_{t+1} = P_t A_t P_t. The loop therefore runs on k x k
     matrices only, and the long side N = max(m, n) is touched twice (A_0 = X_0 X_0^T and
-    Q X_0) instead of twice per step. Multiply-adds with s steps: 2 k^2 N + (4 s - 3) k^3,
-    against s (2 k^2 N + k^3) for the plain loop: 0.56x at N = 4k and s = 5, break-even at
-    N = 1.5 k, and 1.27x (a loss) for square matrices.
+    Q X_0) instead of twice per step. Multiply-adds with s steps and no restart:
+    2 k^2 N + (4 s - 3) k^3, against s (2 k^2 N + k^3) for the plain loop: 0.56x at N = 4k and
+    s = 5, break-even at N = 1.5 k, and 1.27x (a loss) for square matrices.
 
-    Rounding: A is re-symmetrized every step; in float32 the result matches the plain loop to
-    ~1e-5 relative (benchmarks/ns_quality.py); in bfloat16 the error of A_t feeds forward
-    through every later step. Arguments and result as for :func:`newton_schulz`.
+    Restarts (Zhang, Amsel, Chen, Dao 2026, "Gram Newton-Schulz"): before each step index in
+    ``restarts``, X is replaced by Q X, the Gram matrix is recomputed from it and Q starts again
+    from the identity. Without them, rounding errors of A_t are never corrected: in half
+    precision, eigenvalues of A_0 below the rounding level (directions with small singular
+    values) come out slightly negative or wrong, every later step multiplies them by ~a_t^2, and
+    the result drifts away from the polar factor (bfloat16: O(1) errors on gradient-like inputs,
+    see docs/performance.md). Each restart costs 2 k^2 N multiply-adds and saves 3 k^3: with r
+    restarts, 2 (r + 1) k^2 N + (4 s - 3 (r + 1)) k^3 in all (s = 5, N = 4k: 0.67x of the plain
+    loop's flops with one restart, 0.78x with two).
+
+    Args:
+        u, coefficients, dtype, compute_dtype: as for :func:`newton_schulz`.
+        restarts: step indices t with 0 < t < len(coefficients). None (default) picks
+            :func:`gram_restarts` for the iteration dtype (5 steps: before steps 2 and 3 in
+            bfloat16, before step 2 in float16, none in float32/float64).
+
+    Returns:
+        (B, m, n) tensor in ``dtype``, as :func:`newton_schulz`.
     """
     if u.ndim != 3:
         raise ValueError(
             f"newton_schulz_gram expects a (B, m, n) stack, got shape {tuple(u.shape)}"
         )
     work = ns_compute_dtype(dtype, u.device) if compute_dtype is None else compute_dtype
+    steps = len(coefficients)
+    restart_at = _check_restarts(
+        gram_restarts(steps, work) if restarts is None else restarts, steps
+    )
     m, n = u.shape[-2], u.shape[-1]
-    x = _ns_normalize(u.mT if m > n else u, work)
+    x = _ns_normalize(u.mT if m > n else u, work)  # (B, k, N), k <= N
     gram = torch.bmm(x, x.mT)  # A_0, (B, k, k)
-    q: torch.Tensor | None = None
-    last = len(coefficients) - 1
+    q: torch.Tensor | None = None  # Q_t = P_{t-1} ... P_r since the last (re)start r
     for t, (a, b, c) in enumerate(coefficients):
+        if t in restart_at:
+            # X_t = Q_t X_r exactly; the Gram matrix recomputed from it drops the drift of A.
+            if q is not None:
+                x = torch.bmm(q, x)
+                q = None
+            gram = torch.bmm(x, x.mT)
         poly = _gram_polynomial(gram, b, c)  # b A + c A A
         poly.diagonal(dim1=-2, dim2=-1).add_(a)  # P = a I + b A + c A A
         q = poly if q is None else torch.bmm(poly, q)
-        if t < last:
+        if t + 1 < steps and t + 1 not in restart_at:
             gram = torch.bmm(torch.bmm(poly, gram), poly)  # A <- P A P
             gram = (gram + gram.mT).mul_(0.5)
     x = x if q is None else torch.bmm(q, x)
     x = x.to(dtype)
     return x.mT if m > n else x
+
+
+def gram_restarts(steps: int, work_dtype: torch.dtype) -> tuple[int, ...]:
+    """Default restart steps of :func:`newton_schulz_gram` for ``steps`` steps in ``work_dtype``.
+
+    Chosen from measurements against the float64 SVD polar factor (benchmarks/ns_quality.py,
+    docs/performance.md), with the Muon and Polar Express schedules:
+
+    - float32/float64: none (A_t stays accurate to ~1e-5 relative);
+    - float16 (11-bit significand): before step 2, then every 3 steps (5 steps: ``(2,)``, the
+      Gram Newton-Schulz paper's choice);
+    - bfloat16 (8-bit significand): before steps 2 and 3, then every 2 steps (5 steps:
+      ``(2, 3)``); a single restart leaves up to 2.5x the error of the standard bfloat16
+      iteration with Polar Express coefficients, two restarts match it.
+    """
+    if work_dtype == torch.float16:
+        return tuple(range(2, steps, 3))
+    if work_dtype == torch.bfloat16:
+        return tuple(t for t in range(2, steps) if t == 2 or t % 2 == 1)
+    return ()
+
+
+def _check_restarts(restarts: object, steps: int) -> frozenset[int]:
+    if isinstance(restarts, (str, bytes)) or not isinstance(restarts, Sequence):
+        raise TypeError(f"restarts must be a sequence of step indices, got {restarts!r}")
+    for t in restarts:
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 < t < steps:
+            raise ValueError(
+                f"restarts entries must be ints in [1, {steps - 1}] for {steps} steps, got "
+                f"{t!r} in {restarts!r}"
+            )
+    return frozenset(restarts)
 
 
 def _gram_polynomial(gram: torch.Tensor, b: float, c: float) -> torch.Tensor:
@@ -360,5 +499,11 @@ def _ns_normalize(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
 def default_orthogonalizer(
     u: torch.Tensor, coefficients: Sequence[Coefficients], dtype: torch.dtype
 ) -> torch.Tensor:
-    """The optimizers' default ``orthogonalizer``: :func:`newton_schulz` with ``method="auto"``."""
+    """The optimizers' default ``orthogonalizer``: :func:`newton_schulz` with ``method="auto"``.
+
+    Rectangular matrices (aspect >= :data:`GRAM_MIN_ASPECT`) go through the Gram iteration, in
+    half precision with the restarts of :func:`gram_restarts`, whose error against the float64
+    polar factor matches the standard iteration's at the same dtype (docs/performance.md);
+    square-ish matrices through the standard loop.
+    """
     return newton_schulz(u, coefficients, dtype, method="auto")
