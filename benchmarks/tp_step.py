@@ -487,8 +487,8 @@ def worker(rank: int, world: int, port: int, cfg: dict, config: str, out_dir: st
     if "every-rank" in results and "normuon" in results:
         diffs = []
         for p, q in zip(runs["every-rank"][0].parameters(), runs["normuon"][0].parameters()):
-            a = p.full_tensor() if isinstance(p, DTensor) else p.detach()
-            b = q.full_tensor() if isinstance(q, DTensor) else q.detach()
+            a = (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+            b = (q.full_tensor() if isinstance(q, DTensor) else q).detach()
             diffs.append(float((a - b).abs().max() / b.abs().max()))
         agreement = max(diffs)
     summary = {
@@ -697,8 +697,23 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     return BenchConfig(
         d_model=args.d_model, layers=args.layers, reps=args.reps, configs=configs, impls=impls,
-        threads=args.threads, out=args.out, argv=sys.argv[1:] if argv is None else list(argv),
+        threads=args.threads, out=args.out,
+        argv=without_out(sys.argv[1:] if argv is None else list(argv)),
     )  # fmt: skip
+
+
+def without_out(argv: list[str]) -> list[str]:
+    """The command line for the report, less ``--out DIR`` (where the report went)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return kept
 
 
 def main(argv: list[str] | None = None) -> Path:
