@@ -289,9 +289,7 @@ class EveryRankOrthogonalizes:
         self.params = list(params)
         self.coefficients = resolve_ns_coefficients("muon", NS_STEPS)
         self.momentum = [torch.zeros_like(_local(p)) for p in self.params]
-        self.second_moment = [torch.zeros(p.shape[0]) for p in self.params]
-        #: bytes this rank sends in the all-gathers of one step (each block to W - 1 ranks)
-        self.gather_payload = 0.0
+        self.second_moment = [torch.zeros(p.shape[0]) for p in self.params]  # (m,) each
 
     @torch.no_grad()
     def step(self) -> None:
