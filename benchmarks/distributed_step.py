@@ -36,7 +36,7 @@ Measured per rank and step:
 - wire bytes: growth of ``wchar`` in ``/proc/self/io`` over the step, i.e. bytes this process
   wrote to gloo's TCP sockets, headers included (Linux only; no printing happens meanwhile).
 
-The communication floor (SPEC.md section 2): each rank holds P/W of the P matrix elements and
+The communication floor (docs/distributed.md): each rank holds P/W of the P matrix elements and
 must send (W-1)/W of them to the owners and receive as much back: (P/W)(W-1)/W elements each
 way, 2 (P/W)(W-1)/W x bytes per element in total.
 
@@ -487,7 +487,7 @@ def report(per_world: dict[int, list[dict]], cfg: dict) -> list[str]:
     lines += notes
     lines += [
         "- floor: 2 (P/W)(W-1)/W x 4 bytes per rank and step for the P matrix elements (fp32 "
-        "gather to the owner + fp32 scatter back; SPEC.md section 2); for `normuon-bf16wire` the "
+        "gather to the owner + fp32 scatter back; docs/distributed.md); for `normuon-bf16wire` the "
         "floor column uses 2 bytes per element. `normuon` also sends a few small all_reduces "
         "(whole-matrix norm sums, finite-gradient flags).",
         "- payload: counted by wrapping `torch.distributed.all_to_all_single` / `all_reduce` / "
