@@ -158,7 +158,10 @@ def muon_factors(o: torch.Tensor, ok: torch.Tensor, update_scale: str) -> torch.
     m, n = o.shape[-2], o.shape[-1]
     okf = ok.to(accum_dtype(o.dtype))
     if update_scale == "preserve_norm":
-        scale = torch.full((o.shape[0], 1), math.sqrt(max(1.0, m / n)), device=o.device)
+        # In the accumulation dtype: a float32 sqrt(m/n) costs float64 runs ~1e-8 relative.
+        scale = torch.full(
+            (o.shape[0], 1), math.sqrt(max(1.0, m / n)), dtype=okf.dtype, device=o.device
+        )
         return scale * okf
     if update_scale == "adam_rms":
         tiny = torch.finfo(torch.float32).tiny
@@ -199,10 +202,10 @@ def adamw_step_(
 ) -> None:
     """Bias-corrected AdamW with decoupled weight decay, as torch.optim.AdamW, in place.
 
-    The second moment is formed as beta2 v + (1 - beta2) g^2 (not a lerp) so that a gradient
-    whose square overflows gives v = inf and a zero update, as torch.optim.AdamW does, instead
-    of inf - inf = NaN. Squares are taken in the state dtype (a bf16 g*g would round every EMA
-    term to 8 bits).
+    The second moment is formed as beta2 v + (1 - beta2) g g (not a lerp, same operation order
+    as torch.optim.AdamW) so that a gradient whose square overflows gives the same v as
+    torch.optim.AdamW (possibly inf, then a zero update) instead of inf - inf = NaN. Squares
+    are taken in the state dtype (a bf16 g*g would round every EMA term to 8 bits).
     """
     # A skipped parameter sees its own state as the "gradient", so its first moment stays.
     g_safe = [torch.where(f, g.to(m.dtype), m) for f, g, m in zip(ok, grads, exp_avgs)]
@@ -210,13 +213,16 @@ def adamw_step_(
     torch._foreach_add_(steps, [f.to(torch.float32) for f in ok])
     decay_(params, ok, lr, weight_decay)
     torch._foreach_lerp_(exp_avgs, g_safe, 1.0 - beta1)
-    # v <- beta2 v + (1 - beta2) g^2, or v where skipped (factor 1, square masked to 0).
-    squares = [g * (g * f) for g, f in zip(g_safe, okf)]
+    # v <- beta2 v + (1 - beta2) g^2, or v where skipped (factor 1, g masked to 0). addcmul
+    # forms ((1 - beta2) g) g, as torch.optim.AdamW does: g = 1e20 gives 1e38, not g^2 = inf.
+    masked = [g * f for g, f in zip(g_safe, okf)]
     torch._foreach_mul_(exp_avg_sqs, [torch.where(f, beta2, 1.0) for f in ok])
-    torch._foreach_add_(exp_avg_sqs, squares, alpha=1.0 - beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g_safe, masked, value=1.0 - beta2)
     # step is 0 only for a parameter skipped since its first step; clamp keeps 1 - beta^0
     # away from a division by zero (its update is multiplied by 0 anyway).
-    safe_steps = [s.clamp_min(1.0) for s in steps]
+    # The bias corrections are taken in the parameter's precision (float64 for float64
+    # parameters): the float32 step counter alone would cost float64 runs ~1e-7 relative.
+    safe_steps = [s.clamp_min(1.0).to(accum_dtype(p.dtype)) for s, p in zip(steps, params)]
     bias_correction1 = [1.0 - torch.pow(beta1, s) for s in safe_steps]
     bias_correction2_sqrt = [(1.0 - torch.pow(beta2, s)).sqrt() for s in safe_steps]
     denom = torch._foreach_sqrt(exp_avg_sqs)

@@ -50,6 +50,16 @@ def _number(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
+def _default_orthogonalizer(u: torch.Tensor, coefficients, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`normuon.newton_schulz.default_orthogonalizer` for an already resolved ``dtype``.
+
+    The optimizer passes the dtype that ``ns_compute_dtype`` chose (cached per device), so it is
+    also the iteration dtype; saying so skips newton_schulz's own capability query, which
+    torch.compile(fullgraph=True) cannot trace. Same result as the default orthogonalizer.
+    """
+    return NS.newton_schulz(u, coefficients, dtype, compute_dtype=dtype, method="auto")
+
+
 class _MatrixOptimizer(torch.optim.Optimizer):
     """Shared machinery of :class:`NorMuon` and :class:`Muon` (one code path, one flag apart)."""
 
@@ -93,6 +103,10 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         # ids of the parameters that have had a gradient (replicated mode: every rank knows
         # which ones have state somewhere).
         self._stepped: set[int] = set()
+        # (device type, requested ns_dtype) -> dtype Newton-Schulz runs in. Filled for the
+        # parameters' devices when groups are added: the CPU bf16 capability query is a
+        # Python-side call that torch.compile(step, fullgraph=True) cannot trace.
+        self._ns_dtype_cache: dict[tuple[str, torch.dtype], torch.dtype] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -108,6 +122,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._init_runtime()
         self._stepped = {id(p) for p in self.state}
+        for group in self.param_groups:
+            self._resolve_ns_dtypes(group["params"])
         if skips:
             self._skip_counter = torch.tensor(skips, dtype=torch.int64)
 
@@ -165,8 +181,29 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             raise ValueError("a parameter appears more than once across the parameter groups")
         self.param_groups.append(group)
         self._plans_cache = None
+        self._resolve_ns_dtypes(params)
         if is_dtensor(params[0] if params else None):
             self._plans()  # unsupported placements fail here, not at step()
+
+    def _resolve_ns_dtypes(self, params: list[torch.Tensor]) -> None:
+        """Answer the half-precision capability queries for these parameters' devices now,
+        outside any traced step (see ``_ns_dtype_cache``)."""
+        for device_type in {local_tensor(p).device.type for p in params}:
+            for dtype in (torch.bfloat16, torch.float16):
+                if (device_type, dtype) not in self._ns_dtype_cache:
+                    self._ns_dtype_cache[(device_type, dtype)] = NS.ns_compute_dtype(
+                        dtype, device_type
+                    )
+
+    def _ns_dtype(self, requested: torch.dtype, device: torch.device) -> torch.dtype:
+        cached = self._ns_dtype_cache.get((device.type, requested))
+        if cached is not None:
+            return cached
+        # float32/float64 (no query), or a device the groups did not have when they were added.
+        resolved = NS.ns_compute_dtype(requested, device)
+        if requested in (torch.bfloat16, torch.float16):
+            self._ns_dtype_cache[(device.type, requested)] = resolved
+        return resolved
 
     def _options_of(self, algorithm: Any) -> tuple[Option, ...]:
         if algorithm == "adamw":
@@ -311,6 +348,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             for key, value in saved_state.get(pid, {}).items():
                 if isinstance(value, torch.Tensor) and key != "step":
                     self.state[p][key] = value.to(device=p.device, copy=True)
+                elif isinstance(value, torch.Tensor):
+                    # torch.optim keeps the saved "step" tensor itself; it is incremented in
+                    # place, so loading a live state_dict would make two optimizers share
+                    # (and double-count) one step counter.
+                    self.state[p][key] = value.detach().clone()
             if pid in saved_state:
                 self._stepped.add(id(p))
         # Replicated mode: keep only the state of the parameters this rank owns now.
@@ -600,9 +642,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 where.append((w, b))
         if not blocks:
             return [[] for _ in work]
-        ns_dtype = NS.ns_compute_dtype(requested, blocks[0].device)
+        ns_dtype = self._ns_dtype(requested, blocks[0].device)
         outs = F.orthogonalize_blocks(
-            blocks, self.orthogonalizer or NS.default_orthogonalizer, coefficients, ns_dtype,
+            blocks, self.orthogonalizer or _default_orthogonalizer, coefficients, ns_dtype,
             self.ns_memory_budget,
         )  # fmt: skip
         result: list[list] = [[] for _ in work]
