@@ -196,14 +196,14 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                     )
 
     def _ns_dtype(self, requested: torch.dtype, device: torch.device) -> torch.dtype:
+        if requested not in (torch.bfloat16, torch.float16):
+            return requested  # float32/float64 run as asked on every device
         cached = self._ns_dtype_cache.get((device.type, requested))
-        if cached is not None:
-            return cached
-        # float32/float64 (no query), or a device the groups did not have when they were added.
-        resolved = NS.ns_compute_dtype(requested, device)
-        if requested in (torch.bfloat16, torch.float16):
-            self._ns_dtype_cache[(device.type, requested)] = resolved
-        return resolved
+        if cached is None:  # a device the groups did not have when they were added
+            cached = self._ns_dtype_cache[(device.type, requested)] = NS.ns_compute_dtype(
+                requested, device
+            )
+        return cached
 
     def _options_of(self, algorithm: Any) -> tuple[Option, ...]:
         if algorithm == "adamw":
