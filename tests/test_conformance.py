@@ -514,7 +514,13 @@ def test_wrong_number_of_groups_or_params_is_rejected(cls):
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize(
     "group_index, key, value",
-    [(0, "lr", -5.0), (0, "momentum", 2.0), (1, "lr", -5.0), (1, "betas", (2.0, 0.9))],
+    [
+        (0, "lr", -5.0),
+        (0, "momentum", 2.0),
+        (1, "lr", -5.0),
+        (1, "betas", (2.0, 0.9)),
+        (1, "momentum", 2.0),  # the beta1 alias that cycle_momentum schedulers write
+    ],
 )
 def test_invalid_hyperparameters_in_state_dict_are_rejected(cls, group_index, key, value):
     source, _ = _stepped(cls)
@@ -523,6 +529,18 @@ def test_invalid_hyperparameters_in_state_dict_are_rejected(cls, group_index, ke
     target, _ = _stepped(cls)
     shown = str(value[0]) if isinstance(value, tuple) else str(value)  # betas[0] is named
     _expect_rejected(target, state_dict, f"param_groups[{group_index}]", key, shown)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_adamw_momentum_alias_is_validated_when_added(cls):
+    params = _params()
+    opt = cls([{"params": params[:2]}])
+    with pytest.raises(ValueError, match="momentum must be >= 0.0 and < 1.0, got 2.0"):
+        opt.add_param_group({"params": params[2:], "algorithm": "adamw", "momentum": 2.0})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": params[2:], "algorithm": "adamw", "momentum": 0.8})
+    _run(opt, params, 1)
+    assert opt.param_groups[1]["betas"][0] == 0.8
 
 
 @pytest.mark.parametrize("cls", CLASSES)

@@ -23,6 +23,7 @@ from .distributed.plan import ParamPlan, build_plans, is_dtensor, local_tensor
 from .distributed.sharded import gather_to_owners, scatter_from_owners
 from .geometry import matrix_geometry
 from .options import (
+    ADAMW_ALIAS_OPTIONS,
     ADAMW_OPTIONS,
     COMMON_KEYS,
     MUON_OPTIONS,
@@ -37,7 +38,12 @@ __all__ = ["NorMuon", "Muon"]
 #: AdamW groups also accept ``momentum``: an alias of ``betas[0]`` that wins when present, so
 #: that OneCycleLR / CyclicLR with ``cycle_momentum`` (which write ``group["momentum"]`` into
 #: every group of an optimizer whose defaults have no ``betas``) cycle AdamW's beta1 too.
-_ADAMW_ALIASES = frozenset({"momentum"})
+_ADAMW_ALIASES = frozenset(o.name for o in ADAMW_ALIAS_OPTIONS)
+
+
+def _present_aliases(group: dict[str, Any]) -> tuple[Option, ...]:
+    """The alias options an AdamW group carries (validated like its options)."""
+    return tuple(o for o in ADAMW_ALIAS_OPTIONS if o.name in group)
 
 
 def _state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -169,7 +175,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             self._check_param(i, p)
         where = f"param_groups[{len(self.param_groups)}]"
         validate_group(group, options, None)
-        if algorithm != "adamw":
+        if algorithm == "adamw":
+            validate_group(group, _present_aliases(group), None)
+        else:
             for i, p in enumerate(params):
                 # Raises ValueError naming the shape for vectors, scalars and split misfits.
                 try:
@@ -392,7 +400,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                     f"{len(group['params'])}"
                 )
             options = self._options_of(group["algorithm"])
-            candidate = {o.name: saved.get(o.name, group[o.name]) for o in options}
+            if group["algorithm"] == "adamw":
+                options += _present_aliases(saved)
+            candidate = {o.name: saved.get(o.name, group.get(o.name)) for o in options}
             validate_group(candidate, options, where)
             for pi, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 self._check_saved_state(state_dict["state"].get(pid), p, group, f"{where}"
