@@ -556,6 +556,28 @@ def test_state_dict_round_trip_resumes_identically(cls):
     assert twin.state_dict()["param_groups"] == source.state_dict()["param_groups"]
 
 
+@pytest.mark.parametrize("cls", CLASSES)
+def test_older_and_json_read_state_dicts_load_normalized(cls):
+    """A torch.dtype ns_dtype (0.1.0 betas), lists where tuples were saved (a JSON round trip)
+    and a missing newer option load, resume identically and save in today's form."""
+    source, params = _stepped(cls)
+    state_dict = copy.deepcopy(source.state_dict())
+    matrix_group, adamw_group = state_dict["param_groups"]
+    matrix_group["ns_dtype"] = torch.float32
+    del matrix_group["layout"]
+    adamw_group["betas"] = list(adamw_group["betas"])
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = _make(cls, twin_params)
+    twin.load_state_dict(state_dict)
+    assert twin.param_groups[0]["ns_dtype"] == "float32"
+    assert twin.param_groups[0]["layout"] == "auto"
+    assert twin.param_groups[1]["betas"] == (0.9, 0.95)
+    _run(source, params, 2, first=2)
+    _run(twin, twin_params, 2, first=2)
+    _assert_all_equal(params, twin_params)
+    assert twin.state_dict()["param_groups"] == source.state_dict()["param_groups"]
+
+
 # ------------------------------------------------------------------------------ AdamW groups
 
 

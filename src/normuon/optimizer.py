@@ -346,9 +346,14 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         Saved state dtypes are kept (torch.optim would cast a bf16 parameter's float32 momentum
         to bf16 and break bit-exact resumption).
         """
-        self._check_state_dict(state_dict)
+        checked_options = self._check_state_dict(state_dict)
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
+        # torch.optim replaces each group by the saved one: put back the validated, normalized
+        # options (a JSON-read list of betas becomes a pair, a torch.dtype ns_dtype of 0.1.0
+        # betas its name) and any option an older state dict lacks (this group's value).
+        for group, options in zip(self.param_groups, checked_options):
+            group.update(options)
         self._plans_cache = None
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         current = [p for g in self.param_groups for p in g["params"]]
@@ -370,7 +375,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 if not self._updates_here(plan) and p in self.state:
                     del self.state[p]
 
-    def _check_state_dict(self, state_dict: Any) -> None:
+    def _check_state_dict(self, state_dict: Any) -> list[dict[str, Any]]:
+        """Raise ValueError on anything that would not load; return each group's validated
+        options."""
         cls = type(self).__name__
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"{cls}.load_state_dict: expected a dict with 'state' and "
@@ -381,6 +388,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 f"{cls}.load_state_dict: the state dict has {len(saved_groups)} parameter "
                 f"groups, this optimizer {len(self.param_groups)}"
             )
+        checked: list[dict[str, Any]] = []
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             where = f"{cls}.load_state_dict: param_groups[{gi}]"
             if "algorithm" not in saved:
@@ -404,9 +412,12 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 options += _present_aliases(saved)
             candidate = {o.name: saved.get(o.name, group.get(o.name)) for o in options}
             validate_group(candidate, options, where)
+            checked.append(candidate)
+            loaded = {**group, **candidate}  # the group as it will be after loading
             for pi, (pid, p) in enumerate(zip(saved["params"], group["params"])):
-                self._check_saved_state(state_dict["state"].get(pid), p, group, f"{where}"
+                self._check_saved_state(state_dict["state"].get(pid), p, loaded, f"{where}"
                                         f"['params'][{pi}] (shape {tuple(p.shape)})")  # fmt: skip
+        return checked
 
     def _check_saved_state(self, saved: Any, p: torch.Tensor, group: dict, where: str) -> None:
         if saved is None:
