@@ -17,8 +17,6 @@ from collections.abc import Sequence
 
 import torch
 
-from .newton_schulz import Coefficients, Orthogonalizer
-
 __all__ = [
     "ADAM_RMS_TARGET",
     "accum_dtype",
@@ -32,7 +30,6 @@ __all__ = [
     "muon_factors",
     "newton_schulz_input",
     "normuon_factors_",
-    "orthogonalize_blocks",
 ]
 
 #: Update RMS of the ``adam_rms`` convention (NorMuon paper, Algorithm 1; Moonlight's 0.2).
@@ -112,45 +109,6 @@ def momentum_step_(
     return safe
 
 
-def orthogonalize_blocks(
-    blocks: Sequence[torch.Tensor],
-    orthogonalizer: Orthogonalizer,
-    coefficients: Sequence[Coefficients],
-    dtype: torch.dtype,
-    memory_budget: int | None,
-) -> list[torch.Tensor]:
-    """Orthogonalize every (B_i, m_i, n_i) block; same-shaped blocks share batched calls.
-
-    Blocks of one shape are concatenated into batches of at most ``memory_budget`` bytes of
-    input (at least one block per batch; None: one batch per shape), which bounds the transient
-    memory of Newton-Schulz (its working set is a few times its input). A lone block is passed
-    as it is (no copy).
-    """
-    out: list[torch.Tensor | None] = [None] * len(blocks)
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for i, block in enumerate(blocks):
-        by_shape.setdefault(tuple(block.shape[-2:]), []).append(i)
-    itemsize = max(torch.finfo(dtype).bits // 8, 4)
-    for (m, n), members in by_shape.items():
-        batch: list[int] = []
-        size = 0
-        for i in members + [-1]:
-            bytes_i = 0 if i < 0 else blocks[i].shape[0] * m * n * itemsize
-            full = memory_budget is not None and batch and size + bytes_i > memory_budget
-            if batch and (i < 0 or full):
-                stacked = blocks[batch[0]] if len(batch) == 1 else torch.cat(
-                    [blocks[j] for j in batch]
-                )
-                result = orthogonalizer(stacked, coefficients, dtype)
-                for j, part in zip(batch, result.split([blocks[j].shape[0] for j in batch])):
-                    out[j] = part
-                batch, size = [], 0
-            if i >= 0:
-                batch.append(i)
-                size += bytes_i
-    return out  # type: ignore[return-value]
-
-
 def inverse_rms(v: torch.Tensor, eps: float) -> torch.Tensor:
     """f = 1 / (sqrt(v) + eps): the per-neuron rescale of NorMuon.
 
@@ -212,7 +170,11 @@ def muon_factors(o: torch.Tensor, ok: torch.Tensor | None, update_scale: str) ->
     m, n = o.shape[-2], o.shape[-1]
     okf = 1.0 if ok is None else ok.to(accum_dtype(o.dtype))
     if update_scale == "preserve_norm":
-        scale = torch.full((o.shape[0], 1), math.sqrt(max(1.0, m / n)), device=o.device)
+        # In the accumulation dtype: a float32 sqrt(m/n) costs float64 runs ~1e-8 relative.
+        scale = torch.full(
+            (o.shape[0], 1), math.sqrt(max(1.0, m / n)), dtype=accum_dtype(o.dtype),
+            device=o.device,
+        )
         return scale * okf
     if update_scale == "adam_rms":
         tiny = torch.finfo(torch.float32).tiny
@@ -260,10 +222,11 @@ def adamw_step_(
 ) -> None:
     """Bias-corrected AdamW with decoupled weight decay, as torch.optim.AdamW, in place.
 
-    The second moment is formed as beta2 v + (1 - beta2) g^2 (not a lerp) so that a gradient
-    whose square overflows gives v = inf and a zero update, as torch.optim.AdamW does, instead
-    of inf - inf = NaN. Squares are taken in the state dtype (a bf16 g*g would round every EMA
-    term to 8 bits). ``ok`` None: every gradient is finite (no masking).
+    The second moment is formed as beta2 v + (1 - beta2) g g (not a lerp, same operation order
+    as torch.optim.AdamW) so that a gradient whose square overflows gives the same v as
+    torch.optim.AdamW (possibly inf, then a zero update) instead of inf - inf = NaN. Squares
+    are taken in the state dtype (a bf16 g*g would round every EMA term to 8 bits). ``ok``
+    None: every gradient is known to be finite (no masking passes).
     """
     if ok is None:  # every gradient is known to be finite: no masking passes
         g_cast = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
@@ -280,13 +243,16 @@ def adamw_step_(
         torch._foreach_add_(steps, [f.to(torch.float32) for f in ok])
         decay_(params, ok, lr, weight_decay)
         torch._foreach_lerp_(exp_avgs, g_safe, 1.0 - beta1)
-        # v <- beta2 v + (1 - beta2) g^2, or v where skipped (factor 1, square masked to 0).
-        squares = [g * (g * f) for g, f in zip(g_safe, okf)]
+        # v <- beta2 v + (1 - beta2) g^2, or v where skipped (factor 1, g masked to 0). addcmul
+        # forms ((1 - beta2) g) g, as torch.optim.AdamW does: g = 1e20 gives 1e38, not g^2 = inf.
+        masked = [g * f for g, f in zip(g_safe, okf)]
         torch._foreach_mul_(exp_avg_sqs, [torch.where(f, beta2, 1.0) for f in ok])
-        torch._foreach_add_(exp_avg_sqs, squares, alpha=1.0 - beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, g_safe, masked, value=1.0 - beta2)
     # step is 0 only for a parameter skipped since its first step; clamp keeps 1 - beta^0
     # away from a division by zero (its update is multiplied by 0 anyway).
-    safe_steps = [s.clamp_min(1.0) for s in steps]
+    # The bias corrections are taken in the parameter's precision (float64 for float64
+    # parameters): the float32 step counter alone would cost float64 runs ~1e-7 relative.
+    safe_steps = [s.clamp_min(1.0).to(accum_dtype(p.dtype)) for s, p in zip(steps, params)]
     bias_correction1 = [1.0 - torch.pow(beta1, s) for s in safe_steps]
     bias_correction2_sqrt = [(1.0 - torch.pow(beta2, s)).sqrt() for s in safe_steps]
     denom = torch._foreach_sqrt(exp_avg_sqs)

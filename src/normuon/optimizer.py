@@ -23,6 +23,7 @@ from .distributed.plan import ParamPlan, build_plans, is_dtensor, local_tensor
 from .distributed.sharded import gather_to_owners, scatter_from_owners
 from .geometry import matrix_geometry
 from .options import (
+    ADAMW_ALIAS_OPTIONS,
     ADAMW_OPTIONS,
     COMMON_KEYS,
     MUON_OPTIONS,
@@ -37,7 +38,12 @@ __all__ = ["NorMuon", "Muon"]
 #: AdamW groups also accept ``momentum``: an alias of ``betas[0]`` that wins when present, so
 #: that OneCycleLR / CyclicLR with ``cycle_momentum`` (which write ``group["momentum"]`` into
 #: every group of an optimizer whose defaults have no ``betas``) cycle AdamW's beta1 too.
-_ADAMW_ALIASES = frozenset({"momentum"})
+_ADAMW_ALIASES = frozenset(o.name for o in ADAMW_ALIAS_OPTIONS)
+
+
+def _present_aliases(group: dict[str, Any]) -> tuple[Option, ...]:
+    """The alias options an AdamW group carries (validated like its options)."""
+    return tuple(o for o in ADAMW_ALIAS_OPTIONS if o.name in group)
 
 
 def _state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -48,6 +54,16 @@ def _state_dtype(p: torch.Tensor) -> torch.dtype:
 def _number(value: Any) -> Any:
     """A Tensor hyperparameter (torch.optim allows a Tensor ``lr``) as a Python number."""
     return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _default_orthogonalizer(u: torch.Tensor, coefficients, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`normuon.newton_schulz.default_orthogonalizer` for an already resolved ``dtype``.
+
+    The optimizer passes the dtype that ``ns_compute_dtype`` chose (cached per device), so it is
+    also the iteration dtype; saying so skips newton_schulz's own capability query, which
+    torch.compile(fullgraph=True) cannot trace. Same result as the default orthogonalizer.
+    """
+    return NS.newton_schulz(u, coefficients, dtype, compute_dtype=dtype, method="auto")
 
 
 class _MatrixOptimizer(torch.optim.Optimizer):
@@ -97,6 +113,10 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         # ids of the parameters that have had a gradient (replicated mode: every rank knows
         # which ones have state somewhere).
         self._stepped: set[int] = set()
+        # (device type, requested ns_dtype) -> dtype Newton-Schulz runs in. Filled for the
+        # parameters' devices when groups are added: the CPU bf16 capability query is a
+        # Python-side call that torch.compile(step, fullgraph=True) cannot trace.
+        self._ns_dtype_cache: dict[tuple[str, torch.dtype], torch.dtype] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -112,6 +132,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._init_runtime()
         self._stepped = {id(p) for p in self.state}
+        for group in self.param_groups:
+            self._resolve_ns_dtypes(group["params"])
         if skips:
             self._skip_counter = torch.tensor(skips, dtype=torch.int64)
 
@@ -157,7 +179,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             self._check_param(i, p)
         where = f"param_groups[{len(self.param_groups)}]"
         validate_group(group, options, None)
-        if algorithm != "adamw":
+        if algorithm == "adamw":
+            validate_group(group, _present_aliases(group), None)
+        else:
             for i, p in enumerate(params):
                 # Raises ValueError naming the shape for vectors, scalars and split misfits.
                 try:
@@ -169,8 +193,29 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             raise ValueError("a parameter appears more than once across the parameter groups")
         self.param_groups.append(group)
         self._plans_cache = None
+        self._resolve_ns_dtypes(params)
         if is_dtensor(params[0] if params else None):
             self._plans()  # unsupported placements fail here, not at step()
+
+    def _resolve_ns_dtypes(self, params: list[torch.Tensor]) -> None:
+        """Answer the half-precision capability queries for these parameters' devices now,
+        outside any traced step (see ``_ns_dtype_cache``)."""
+        for device_type in {local_tensor(p).device.type for p in params}:
+            for dtype in (torch.bfloat16, torch.float16):
+                if (device_type, dtype) not in self._ns_dtype_cache:
+                    self._ns_dtype_cache[(device_type, dtype)] = NS.ns_compute_dtype(
+                        dtype, device_type
+                    )
+
+    def _ns_dtype(self, requested: torch.dtype, device: torch.device) -> torch.dtype:
+        if requested not in (torch.bfloat16, torch.float16):
+            return requested  # float32/float64 run as asked on every device
+        cached = self._ns_dtype_cache.get((device.type, requested))
+        if cached is None:  # a device the groups did not have when they were added
+            cached = self._ns_dtype_cache[(device.type, requested)] = NS.ns_compute_dtype(
+                requested, device
+            )
+        return cached
 
     def _options_of(self, algorithm: Any) -> tuple[Option, ...]:
         if algorithm == "adamw":
@@ -305,9 +350,14 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         Saved state dtypes are kept (torch.optim would cast a bf16 parameter's float32 momentum
         to bf16 and break bit-exact resumption).
         """
-        self._check_state_dict(state_dict)
+        checked_options = self._check_state_dict(state_dict)
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
+        # torch.optim replaces each group by the saved one: put back the validated, normalized
+        # options (a JSON-read list of betas becomes a pair, a torch.dtype ns_dtype of 0.1.0
+        # betas its name) and any option an older state dict lacks (this group's value).
+        for group, options in zip(self.param_groups, checked_options):
+            group.update(options)
         self._plans_cache = None
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         current = [p for g in self.param_groups for p in g["params"]]
@@ -315,6 +365,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             for key, value in saved_state.get(pid, {}).items():
                 if isinstance(value, torch.Tensor) and key != "step":
                     self.state[p][key] = value.to(device=p.device, copy=True)
+                elif isinstance(value, torch.Tensor):
+                    # torch.optim keeps the saved "step" tensor itself; it is incremented in
+                    # place, so loading a live state_dict would make two optimizers share
+                    # (and double-count) one step counter.
+                    self.state[p][key] = value.detach().clone()
             if pid in saved_state:
                 self._stepped.add(id(p))
         # Replicated mode: keep only the state of the parameters this rank owns now.
@@ -324,7 +379,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 if not self._updates_here(plan) and p in self.state:
                     del self.state[p]
 
-    def _check_state_dict(self, state_dict: Any) -> None:
+    def _check_state_dict(self, state_dict: Any) -> list[dict[str, Any]]:
+        """Raise ValueError on anything that would not load; return each group's validated
+        options."""
         cls = type(self).__name__
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"{cls}.load_state_dict: expected a dict with 'state' and "
@@ -335,6 +392,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 f"{cls}.load_state_dict: the state dict has {len(saved_groups)} parameter "
                 f"groups, this optimizer {len(self.param_groups)}"
             )
+        checked: list[dict[str, Any]] = []
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             where = f"{cls}.load_state_dict: param_groups[{gi}]"
             if "algorithm" not in saved:
@@ -354,11 +412,16 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                     f"{len(group['params'])}"
                 )
             options = self._options_of(group["algorithm"])
-            candidate = {o.name: saved.get(o.name, group[o.name]) for o in options}
+            if group["algorithm"] == "adamw":
+                options += _present_aliases(saved)
+            candidate = {o.name: saved.get(o.name, group.get(o.name)) for o in options}
             validate_group(candidate, options, where)
+            checked.append(candidate)
+            loaded = {**group, **candidate}  # the group as it will be after loading
             for pi, (pid, p) in enumerate(zip(saved["params"], group["params"])):
-                self._check_saved_state(state_dict["state"].get(pid), p, group, f"{where}"
+                self._check_saved_state(state_dict["state"].get(pid), p, loaded, f"{where}"
                                         f"['params'][{pi}] (shape {tuple(p.shape)})")  # fmt: skip
+        return checked
 
     def _check_saved_state(self, saved: Any, p: torch.Tensor, group: dict, where: str) -> None:
         if saved is None:
@@ -609,7 +672,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         coefficients = NS.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
         requested = group["ns_dtype"]  # a name; a torch.dtype in state_dicts of 0.1.0 betas
         requested = getattr(torch, requested) if isinstance(requested, str) else requested
-        orthogonalizer = self.orthogonalizer or NS.default_orthogonalizer
+        orthogonalizer = self.orthogonalizer or _default_orthogonalizer
         # (work index, block index, rows) by block shape.
         by_shape: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
         for w, (i, _, _, _) in enumerate(work):
@@ -621,7 +684,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         if not by_shape:
             return
         device = buffers[0].device
-        ns_dtype = NS.ns_compute_dtype(requested, device)
+        ns_dtype = self._ns_dtype(requested, device)
         budget = self.ns_memory_budget
         for (m, n, _), members in by_shape.items():
             batches, batch, size = [], [], 0

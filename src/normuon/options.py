@@ -21,6 +21,7 @@ from . import newton_schulz as NS
 from .geometry import LAYOUTS
 
 __all__ = [
+    "ADAMW_ALIAS_OPTIONS",
     "ADAMW_OPTIONS",
     "MUON_OPTIONS",
     "NORMUON_OPTIONS",
@@ -236,6 +237,13 @@ ADAMW_OPTIONS: tuple[Option, ...] = (
     Option("betas", (0.9, 0.95), _betas, "AdamW (beta1, beta2)", "paper"),
     Option("eps", 1e-8, _nonnegative, "AdamW epsilon", "torch.optim.AdamW"),
     Option("weight_decay", 0.0, _nonnegative, "AdamW decoupled weight decay", ""),
+)
+
+#: Keys AdamW groups also accept, validated like options but with no default: ``momentum`` is
+#: written by schedulers with ``cycle_momentum`` and drives ``betas[0]`` (it must be a valid
+#: beta1, or a state dict or group could smuggle in beta1 = 2).
+ADAMW_ALIAS_OPTIONS: tuple[Option, ...] = (
+    Option("momentum", None, _unit_interval, "alias of betas[0] (cycle_momentum schedulers)"),
 )
 
 
