@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from . import functional as F
 from . import newton_schulz as NS
+from .checkpoint import check_state_dict
 from .distributed import comm
 from .distributed.plan import ParamPlan, build_plans, is_dtensor, local_tensor
 from .distributed.sharded import gather_to_owners, scatter_from_owners
@@ -217,6 +218,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             )
         return cached
 
+    def _group_options(self, algorithm: Any, group: dict[str, Any]) -> tuple[Option, ...]:
+        """The options a group of ``algorithm`` carries, with the aliases ``group`` uses."""
+        options = self._options_of(algorithm)
+        return options + _present_aliases(group) if algorithm == "adamw" else options
+
     def _options_of(self, algorithm: Any) -> tuple[Option, ...]:
         if algorithm == "adamw":
             return ADAMW_OPTIONS
@@ -350,7 +356,10 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         Saved state dtypes are kept (torch.optim would cast a bf16 parameter's float32 momentum
         to bf16 and break bit-exact resumption).
         """
-        checked_options = self._check_state_dict(state_dict)
+        checked_options = check_state_dict(
+            state_dict, self.param_groups, type(self).__name__, self._group_options,
+            self._neuron_norm,
+        )  # fmt: skip
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         # torch.optim replaces each group by the saved one: put back the validated, normalized
@@ -378,71 +387,6 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 p = group["params"][plan.index]
                 if not self._updates_here(plan) and p in self.state:
                     del self.state[p]
-
-    def _check_state_dict(self, state_dict: Any) -> list[dict[str, Any]]:
-        """Raise ValueError on anything that would not load; return each group's validated
-        options."""
-        cls = type(self).__name__
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
-            raise ValueError(f"{cls}.load_state_dict: expected a dict with 'state' and "
-                             f"'param_groups', got {type(state_dict).__name__}")  # fmt: skip
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"{cls}.load_state_dict: the state dict has {len(saved_groups)} parameter "
-                f"groups, this optimizer {len(self.param_groups)}"
-            )
-        checked: list[dict[str, Any]] = []
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            where = f"{cls}.load_state_dict: param_groups[{gi}]"
-            if "algorithm" not in saved:
-                raise ValueError(
-                    f"{where} has no 'algorithm' key: this state dict was not saved by "
-                    f"normuon's {cls} (e.g. torch.optim.AdamW's); it cannot be loaded"
-                )
-            if saved["algorithm"] != group["algorithm"]:
-                raise ValueError(
-                    f"{where}: saved algorithm {saved['algorithm']!r}, this group's is "
-                    f"{group['algorithm']!r} (a state dict loads into the same optimizer class "
-                    f"with the same grouping)"
-                )
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"{where} holds {len(saved['params'])} parameters, this group "
-                    f"{len(group['params'])}"
-                )
-            options = self._options_of(group["algorithm"])
-            if group["algorithm"] == "adamw":
-                options += _present_aliases(saved)
-            candidate = {o.name: saved.get(o.name, group.get(o.name)) for o in options}
-            validate_group(candidate, options, where)
-            checked.append(candidate)
-            loaded = {**group, **candidate}  # the group as it will be after loading
-            for pi, (pid, p) in enumerate(zip(saved["params"], group["params"])):
-                self._check_saved_state(state_dict["state"].get(pid), p, loaded, f"{where}"
-                                        f"['params'][{pi}] (shape {tuple(p.shape)})")  # fmt: skip
-        return checked
-
-    def _check_saved_state(self, saved: Any, p: torch.Tensor, group: dict, where: str) -> None:
-        if saved is None:
-            return
-        if group["algorithm"] == "adamw":
-            expected = {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
-        else:
-            expected = {"momentum_buffer": tuple(p.shape)}
-            if self._neuron_norm:
-                geometry = matrix_geometry(
-                    p.shape, group["layout"], group["split_sizes"], group["normalize"]
-                )
-                expected["neuron_second_moment"] = geometry.state_shape
-        missing = sorted(set(expected) - set(saved))
-        if missing:
-            raise ValueError(f"{where}: saved state lacks {missing} (has {sorted(saved)})")
-        for key, shape in expected.items():
-            value = saved[key]
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
-                raise ValueError(f"{where}: saved {key!r} has shape {got}, expected {shape}")
 
     # ---------------------------------------------------------------- non-finite gradients
 
@@ -542,24 +486,29 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return loss
 
     def _collect(self, group: dict, plans: list[ParamPlan]):
-        """(plan, param, local grad) of the parameters this rank updates and that have a grad."""
-        out = []
+        """The parameters this rank updates that have a gradient, and their finite flags.
+
+        Returns ((plan, param, local grad) entries, flags): flags are None when the skipped
+        parameters were simply dropped (flags read on the host) or none can be skipped
+        (``"raise"`` mode); else one 0-d bool tensor per entry to mask with.
+        """
+        entries = []
         for plan in plans:
             p = group["params"][plan.index]
             if p.grad is None or not self._updates_here(plan):
                 continue
-            out.append((plan, p, local_tensor(self._grad_of(p, plan.name))))
-        return out
+            entries.append((plan, p, local_tensor(self._grad_of(p, plan.name))))
+        if not entries:
+            return entries, None
+        ok = self._step_flags([g for _, _, g in entries], [plan for plan, _, _ in entries])
+        if ok is None:
+            entries = [e for e, keep in zip(entries, self._host_flags) if keep]
+        return entries, ok
 
     def _adamw_step(self, group: dict[str, Any], plans: list[ParamPlan]) -> None:
-        entries = self._collect(group, plans)
+        entries, ok = self._collect(group, plans)
         if not entries:
             return
-        ok = self._step_flags([g for _, _, g in entries], [plan for plan, _, _ in entries])
-        if ok is None:  # flags read on the host (CPU): skipped parameters simply drop out
-            entries = [e for e, keep in zip(entries, self._host_flags) if keep]
-            if not entries:
-                return
         grads = [g for _, _, g in entries]
         states = [self._init_state(p, plan, group) for plan, p, _ in entries]
         beta1, beta2 = group["betas"]
@@ -587,14 +536,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             # Every rank must hold the same state keys (DCP), whether or not a grad arrived.
             for plan in plans:
                 self._init_state(group["params"][plan.index], plan, group)
-        entries = self._collect(group, plans)
+        entries, ok = self._collect(group, plans)
         if not entries:
             return
-        ok = self._step_flags([g for _, _, g in entries], [plan for plan, _, _ in entries])
-        if ok is None:  # flags read on the host (CPU): skipped parameters simply drop out
-            entries = [e for e, keep in zip(entries, self._host_flags) if keep]
-            if not entries:
-                return
         chosen = [plan for plan, _, _ in entries]
         states = [self._init_state(p, plan, group) for plan, p, _ in entries]
         lr, wd = _number(group["lr"]), _number(group["weight_decay"])
