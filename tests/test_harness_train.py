@@ -60,6 +60,8 @@ def _records(path):
     out = []
     for line in (path / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
+        if rec["kind"] == "run":  # the header: a run id of its own in every run
+            continue
         out.append({k: v for k, v in rec.items() if k not in ("time", "tokens_per_s")})
     return out
 

@@ -1,0 +1,173 @@
+"""Fair AdamW / Muon / NorMuon comparison with an equal tuning budget, and a model-size ladder.
+
+Protocol (docs/results.md reports what it produced):
+
+- Data: a byte-level corpus split into train (first ``1 - 2f``), validation (next ``f``: used
+  for tuning only) and test (last ``f``: used for the reported numbers only).
+- Recipe: the same for all three optimizers (batch, length, steps, warmup-stable-decay
+  schedule, global gradient clipping at 1.0). AdamW decays its hidden matrices with weight
+  decay 0.1 (the GPT recipe); Muon and NorMuon use no weight decay.
+- Tuning budget: ``--budget`` runs per optimizer on seed 0, scored by the final validation loss.
+  AdamW: its learning rate on a x2 grid. Muon and NorMuon: their matrix learning rate on a x2
+  grid with the embeddings/head AdamW lr at ``--aux-lr``, then the embeddings/head lr at half
+  and twice that value with the best matrix lr (coordinate descent).
+- Reporting: the tuned settings retrained on seeds 1..``--seeds`` (fresh seeds, never used in
+  tuning) and evaluated on the test split.
+
+Every run is a :func:`normuon.harness.train.train_run` in its own folder; a folder that already
+holds a finished ``result.json`` is reused, so an interrupted experiment continues where it
+stopped. ``--sizes`` picks rungs of the ladder (``s``, ``m``, ``l``). Afterwards
+``normuon report-fair OUT`` (or :func:`normuon.harness.report.fair_report`) writes the tables.
+
+Example (the numbers in docs/results.md)::
+
+    nice -n 10 python examples/fair_comparison.py --corpus shakespeare --sizes m,s,l \\
+        --out runs/fair/shakespeare
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from normuon.harness.config import get_preset
+from normuon.harness.data import BYTE_VOCAB, TokenData, load_shakespeare
+from normuon.harness.train import train_run
+
+#: Ladder rungs: (n_layer, d_model, n_head). Parameters (vocab 256): 40,960 / 180,224 / 851,968.
+SIZES = {"s": (2, 32, 2), "m": (3, 64, 2), "l": (4, 128, 4)}
+
+
+def load_corpus(name: str) -> tuple[bytes, str]:
+    """``shakespeare`` (embedded) or a UTF-8 text file; Gutenberg header and licence dropped."""
+    if name == "shakespeare":
+        return load_shakespeare().encode("utf-8"), "embedded Shakespeare"
+    path = Path(name)
+    if not path.is_file():
+        raise SystemExit(f"fair_comparison: error: {path}: no such text file")
+    text = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
+    # Keep the book only: Project Gutenberg files wrap it in "*** START OF ..." / "*** END OF".
+    match = re.search(r"\*\*\* ?START OF[^\n]*\n(.*)\n\*\*\* ?END OF", text, flags=re.S)
+    if match:
+        text = match.group(1)
+    return text.strip().encode("utf-8"), f"text file {path.name} (Gutenberg header removed)"
+
+
+def splits(blob: bytes, fraction: float, source: str) -> tuple[TokenData, TokenData]:
+    """(tuning data: train + validation, reporting data: the same train + test)."""
+    tokens = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(torch.int64)  # (N,)
+    n_hold = int(round(tokens.numel() * fraction))
+    train = tokens[: -2 * n_hold]
+    val, test = tokens[-2 * n_hold : -n_hold], tokens[-n_hold:]
+    return (TokenData(train, val, BYTE_VOCAB, f"{source}, validation split"),
+            TokenData(train, test, BYTE_VOCAB, f"{source}, test split"))  # fmt: skip
+
+
+def base_config(size: str, steps: int):
+    n_layer, d_model, n_head = SIZES[size]
+    cfg = get_preset("cpu-small")
+    cfg.preset = f"fair-{size}"
+    cfg.description = "fair comparison rung"
+    cfg.model.n_layer, cfg.model.d_model = n_layer, d_model
+    cfg.model.n_head = cfg.model.n_kv_head = n_head
+    cfg.model.max_seq_len = 64
+    t = cfg.train
+    t.batch_size, t.seq_len, t.steps = 16, 64, steps
+    t.warmup_steps, t.cooldown_frac, t.grad_clip = 20, 0.5, 1.0
+    t.val_every, t.val_batches, t.log_every = 20, 8, 20
+    cfg.optimizers["adamw"].weight_decay = 0.1
+    return cfg
+
+
+def run_once(cfg, name: str, data: TokenData, seed: int, out: Path) -> float:
+    """Final validation loss of one run (reused if ``out/result.json`` exists); inf if diverged."""
+    done = out / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())["final_val_loss"]
+    if out.exists():  # an unfinished run: start it again from scratch
+        for f in out.iterdir():
+            f.unlink()
+    try:
+        r = train_run(cfg, name, data, seed=seed, out_dir=out, progress=False)
+    except FloatingPointError:
+        return math.inf
+    return r.final_val_loss
+
+
+def tune(cfg, name: str, data: TokenData, out: Path, budget: int, aux_lr: float) -> dict:
+    """Spend ``budget`` seed-0 runs on ``name``'s learning rates; return the best settings."""
+    trials: list[dict] = []
+
+    def trial(lr: float, aux: float) -> None:
+        c = copy.deepcopy(cfg)
+        c.optimizers[name].lr, c.optimizers[name].adamw_lr = lr, aux
+        loss = run_once(c, name, data, 0, out / f"lr{lr:g}_aux{aux:g}")
+        trials.append({"lr": lr, "adamw_lr": aux, "val_loss": loss})
+        print(f"  tune {name:8s} lr {lr:<8g} aux {aux:<8g} val {loss:.4f}", flush=True)
+
+    if name == "adamw":
+        for i in range(budget):
+            trial(0.002 * 2**i, aux_lr)
+    else:
+        n_matrix = max(1, budget - 2)
+        for i in range(n_matrix):
+            trial(0.01 * 2**i, aux_lr)
+        best_lr = min(trials, key=lambda t: t["val_loss"])["lr"]
+        for aux in (aux_lr / 2, aux_lr * 2)[: budget - n_matrix]:
+            trial(best_lr, aux)
+    best = min(trials, key=lambda t: t["val_loss"])
+    return {"best": best, "trials": trials}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpus", default="shakespeare", help="'shakespeare' or a UTF-8 text file")
+    p.add_argument("--sizes", default="m", help="comma-separated ladder rungs: s, m, l")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--budget", type=int, default=6, help="tuning runs per optimizer")
+    p.add_argument("--aux-lr", type=float, default=4e-3,
+                   help="starting embeddings/head AdamW lr of Muon and NorMuon")
+    p.add_argument("--seeds", type=int, default=3, help="reporting seeds (1..N)")
+    p.add_argument("--hold-fraction", type=float, default=0.05,
+                   help="fraction of the corpus in each of the validation and test splits")
+    p.add_argument("--out", default="runs/fair")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    blob, source = load_corpus(args.corpus)
+    tune_data, test_data = splits(blob, args.hold_fraction, source)
+    for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
+        if size not in SIZES:
+            raise SystemExit(f"fair_comparison: error: unknown size {size!r}; known: s, m, l")
+        out = Path(args.out) / size
+        cfg = base_config(size, args.steps)
+        print(f"size {size}: {SIZES[size]}", flush=True)
+        summary = {"corpus": source, "size": size, "shape": SIZES[size], "steps": args.steps,
+                   "budget": args.budget, "tuning": {}, "final": {}}  # fmt: skip
+        for name in ("adamw", "muon", "normuon"):
+            summary["tuning"][name] = tune(cfg, name, tune_data, out / "tune" / name,
+                                           args.budget, args.aux_lr)  # fmt: skip
+        for name in ("adamw", "muon", "normuon"):
+            best = summary["tuning"][name]["best"]
+            c = copy.deepcopy(cfg)
+            c.optimizers[name].lr, c.optimizers[name].adamw_lr = best["lr"], best["adamw_lr"]
+            runs = []
+            for seed in range(1, args.seeds + 1):
+                run_dir = out / "final" / name / f"seed{seed}"
+                loss = run_once(c, name, test_data, seed, run_dir)
+                done = run_dir / "result.json"
+                # A diverged run has no result.json: it is recorded with a null loss.
+                runs.append(json.loads(done.read_text()) if done.is_file()
+                            else {"seed": seed, "final_val_loss": None})  # fmt: skip
+                print(f"  final {name:8s} seed {seed} test {loss:.4f}", flush=True)
+            summary["final"][name] = {"settings": best, "runs": runs}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
