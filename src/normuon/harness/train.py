@@ -253,6 +253,10 @@ class RunInterrupted(Exception):
             f"continue with --resume"
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable with its own arguments (it crosses process boundaries from --jobs workers).
+        return (RunInterrupted, (self.signum, self.step, self.checkpoint))
+
 
 class _StopSignals:
     """Turns SIGINT/SIGTERM into a flag the loop checks between steps (main thread only).
