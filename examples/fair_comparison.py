@@ -16,13 +16,17 @@ Protocol (docs/results.md reports what it produced):
 
 Every run is a :func:`normuon.harness.train.train_run` in its own folder; a folder that already
 holds a finished ``result.json`` is reused, so an interrupted experiment continues where it
-stopped. ``--sizes`` picks rungs of the ladder (``s``, ``m``, ``l``). Afterwards
-``normuon report-fair OUT`` (or :func:`normuon.harness.report.fair_report`) writes the tables.
+stopped. ``--sizes`` picks rungs of the ladder (``s``, ``m``, ``l``). ``--report`` trains
+nothing: it reads the ``summary.json`` files under the given folders and prints the tables
+(final test loss with 95% confidence intervals, Welch's t-test of NorMuon vs Muon, step
+savings) and draws the ladder figure.
 
 Example (the numbers in docs/results.md)::
 
     nice -n 10 python examples/fair_comparison.py --corpus shakespeare --sizes m,s,l \\
         --out runs/fair/shakespeare
+    python examples/fair_comparison.py --report runs/fair/shakespeare runs/fair/alice \\
+        --plot docs/fair-ladder.png
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 
 from normuon.harness.config import get_preset
 from normuon.harness.data import BYTE_VOCAB, TokenData, load_shakespeare
+from normuon.harness.report import mean_ci, paired_t_test, steps_to_reach, welch_t_test
 from normuon.harness.train import train_run
 
 #: Ladder rungs: (n_layer, d_model, n_head). Parameters (vocab 256): 40,960 / 180,224 / 851,968.
@@ -125,6 +130,146 @@ def tune(cfg, name: str, data: TokenData, out: Path, budget: int, aux_lr: float)
     return {"best": best, "trials": trials}
 
 
+def _curves(final: dict) -> tuple[list[int], dict[int, list[float]]]:
+    runs = [r for r in final["runs"] if r.get("val_losses")]
+    return runs[0]["val_steps"], {r["seed"]: r["val_losses"] for r in runs}
+
+
+def _mean_curve(curves: dict[int, list[float]]) -> list[float]:
+    rows = list(curves.values())
+    return [sum(col) / len(col) for col in zip(*rows)]
+
+
+def analyse(summary: dict) -> dict:
+    """Statistics of one rung: test losses with CIs, NorMuon vs Muon test, step savings."""
+    out: dict = {"corpus": summary["corpus"], "size": summary["size"], "optimizers": {}}
+    finals = {}
+    for name, final in summary["final"].items():
+        losses = [r["final_val_loss"] for r in final["runs"]]
+        if any(v is None for v in losses):
+            out["optimizers"][name] = {"diverged": True, "settings": final["settings"]}
+            continue
+        finals[name] = losses
+        mean, half = mean_ci(losses)
+        out["optimizers"][name] = {"mean": mean, "ci95": half, "losses": losses,
+                                   "settings": final["settings"],
+                                   "n_params": final["runs"][0]["n_params"]}  # fmt: skip
+    out["n_params"] = next(iter(out["optimizers"].values())).get("n_params")
+    if "muon" in finals and "normuon" in finals:
+        out["welch_normuon_vs_muon"] = welch_t_test(finals["normuon"], finals["muon"])
+        # Seed i gives both optimizers the same initial model and batches: a paired test.
+        out["paired_normuon_vs_muon"] = paired_t_test(finals["normuon"], finals["muon"])
+    # Step savings: steps for a curve to reach a reference optimizer's mean final test loss.
+    for ref in ("adamw", "muon"):
+        if ref not in finals:
+            continue
+        target = sum(finals[ref]) / len(finals[ref])
+        steps, ref_curves = _curves(summary["final"][ref])
+        ref_steps = steps_to_reach(steps, _mean_curve(ref_curves), target)
+        for name in finals:
+            if name == ref:
+                continue
+            steps_n, curves = _curves(summary["final"][name])
+            mean_steps = steps_to_reach(steps_n, _mean_curve(curves), target)
+            per_seed = [steps_to_reach(steps_n, c, target) for c in curves.values()]
+            entry = {"steps": mean_steps, "ref_steps": ref_steps,
+                     "saving": None if mean_steps is None or not ref_steps
+                     else 1 - mean_steps / ref_steps}  # fmt: skip
+            if ref_steps and all(x is not None for x in per_seed):
+                entry["saving_seeds_ci95"] = mean_ci([1 - x / ref_steps for x in per_seed])
+            out["optimizers"][name][f"vs_{ref}"] = entry
+    return out
+
+
+def _pct(entry: dict | None) -> str:
+    if not entry or entry.get("saving") is None:
+        return "not reached"
+    text = f"{100 * entry['saving']:+.1f}%"
+    ci = entry.get("saving_seeds_ci95")
+    if ci and ci[1] == ci[1]:  # not nan
+        text += f" (seeds: {100 * ci[0]:+.1f} ± {100 * ci[1]:.1f})"
+    return text
+
+
+def report(folders: list[str], plot: str | None) -> None:
+    """Print the markdown tables of every ``summary.json`` under ``folders``; draw the ladder."""
+    analyses = []
+    for folder in folders:
+        for path in sorted(Path(folder).glob("*/summary.json")):
+            analyses.append(analyse(json.loads(path.read_text())))
+    if not analyses:
+        raise SystemExit(f"fair_comparison: error: no */summary.json under {', '.join(folders)}")
+    analyses.sort(key=lambda a: (a["corpus"], a["n_params"]))
+    print("| corpus | params | optimizer | tuned lr | tuned emb/head lr | final test loss "
+          "(mean ± 95% CI, 3 seeds) | saving vs AdamW | saving vs Muon |")
+    print("|---|---|---|---|---|---|---|---|")
+    for a in analyses:
+        for name, o in a["optimizers"].items():
+            st = o["settings"]
+            aux = "(same)" if name == "adamw" else f"{st['adamw_lr']:g}"
+            loss = "diverged" if o.get("diverged") else f"{o['mean']:.4f} ± {o['ci95']:.4f}"
+            print(f"| {a['corpus'].split(' (')[0].split(',')[0]} | {a['n_params']:,} | {name} | "
+                  f"{st['lr']:g} | {aux} | {loss} | "
+                  f"{'—' if name == 'adamw' else _pct(o.get('vs_adamw'))} | "
+                  f"{'—' if name in ('adamw', 'muon') else _pct(o.get('vs_muon'))} |")
+    print()
+    print("| corpus | params | NorMuon − Muon final test loss | Welch t (df) | Welch p | "
+          "paired t (df) | paired p |")
+    print("|---|---|---|---|---|---|---|")
+    for a in analyses:
+        w, pt = a.get("welch_normuon_vs_muon"), a.get("paired_normuon_vs_muon")
+        if w:
+            print(f"| {a['corpus'].split(' (')[0].split(',')[0]} | {a['n_params']:,} | "
+                  f"{w['mean_diff']:+.4f} | {w['t']:.2f} ({w['df']:.1f}) | {w['p']:.3f} | "
+                  f"{pt['t']:.2f} ({pt['df']}) | {pt['p']:.3f} |")
+    if plot:
+        _plot_ladder([a for a in analyses if a["corpus"] == analyses[0]["corpus"]]
+                     if len({a["corpus"] for a in analyses}) > 1 else analyses, plot)
+        print(f"\nwrote {plot}")
+
+
+def _plot_ladder(analyses: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ladder = [a for a in analyses if a["corpus"].startswith("embedded Shakespeare")] or analyses
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    params = [a["n_params"] for a in ladder]
+    for name in ("adamw", "muon", "normuon"):
+        ys = [a["optimizers"][name].get("mean") for a in ladder]
+        es = [a["optimizers"][name].get("ci95") for a in ladder]
+        axes[0].errorbar(params, ys, yerr=es, marker="o", capsize=4, label=name)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("parameters")
+    axes[0].set_ylabel("final test loss (mean, 95% CI)")
+    for name, ref, label in (("normuon", "muon", "NorMuon vs Muon"),
+                             ("normuon", "adamw", "NorMuon vs AdamW"),
+                             ("muon", "adamw", "Muon vs AdamW")):  # fmt: skip
+        ys, es = [], []
+        for a in ladder:
+            entry = a["optimizers"][name].get(f"vs_{ref}") or {}
+            ys.append(100 * entry["saving"] if entry.get("saving") is not None else float("nan"))
+            ci = entry.get("saving_seeds_ci95")
+            es.append(100 * ci[1] if ci else 0.0)
+        if any(y == y for y in ys):  # some rung reached the reference's loss
+            axes[1].errorbar(params, ys, yerr=es, marker="o", capsize=4, label=label)
+    axes[1].axhline(0, color="gray", lw=0.8)
+    axes[1].set_xscale("log")
+    axes[1].set_xlim(min(params) / 1.5, max(params) * 1.5)
+    axes[1].set_xlabel("parameters")
+    axes[1].set_ylabel("fewer steps to the reference's final loss (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(f"size ladder, {ladder[0]['corpus'].split(',')[0]}: tuned per size, 3 seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", default="shakespeare", help="'shakespeare' or a UTF-8 text file")
@@ -137,7 +282,13 @@ def main() -> None:
     p.add_argument("--hold-fraction", type=float, default=0.05,
                    help="fraction of the corpus in each of the validation and test splits")
     p.add_argument("--out", default="runs/fair")
+    p.add_argument("--report", nargs="+", default=None, metavar="DIR",
+                   help="train nothing: print the tables of the experiments in these folders")
+    p.add_argument("--plot", default=None, help="with --report: write the ladder figure here")
     args = p.parse_args()
+    if args.report:
+        report(args.report, args.plot)
+        return
     torch.set_num_threads(1)
     blob, source = load_corpus(args.corpus)
     tune_data, test_data = splits(blob, args.hold_fraction, source)

@@ -28,6 +28,7 @@ __all__ = [
     "sweep_table",
     "mean_ci",
     "welch_t_test",
+    "paired_t_test",
     "student_t_cdf",
     "neuron_table",
     "plot_compare",
@@ -267,6 +268,22 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     df = (sa + sb) ** 2 / (sa**2 / (len(a) - 1) + sb**2 / (len(b) - 1))
     p = 2.0 * (1.0 - student_t_cdf(abs(t), df))
     return {"t": t, "df": df, "p": p, "mean_diff": ma - mb}
+
+
+def paired_t_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Paired t-test of mean(a - b) != 0 (a[i], b[i] share seed i: same init and batches)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("paired_t_test needs two samples of the same length >= 2")
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    if sd == 0:
+        return {"t": 0.0 if mean == 0 else math.copysign(math.inf, mean), "df": n - 1,
+                "p": 1.0 if mean == 0 else 0.0, "mean_diff": mean}  # fmt: skip
+    t = mean / (sd / math.sqrt(n))
+    return {"t": t, "df": n - 1, "p": 2.0 * (1.0 - student_t_cdf(abs(t), n - 1)),
+            "mean_diff": mean}  # fmt: skip
 
 
 # ------------------------------------------------------------------ neuron diagnostics
