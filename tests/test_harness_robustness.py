@@ -281,3 +281,13 @@ def test_tensorboard_scalars(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"train_loss", "val_loss", "lr", "neurons/overall/neuron_cv"} <= tags
     assert [e.step for e in events.Scalars("neurons/overall/neuron_cv")] == [5, 10]
+
+
+def test_dist_timeout_is_validated(capsys):
+    from normuon.harness.runtime import init_distributed
+
+    with pytest.raises(ValueError, match="--dist-timeout must be > 0"):
+        init_distributed(None, 0.0)
+    with pytest.raises(SystemExit):
+        main(["train", *SMOKE, "--dist-timeout", "-5"])
+    assert "--dist-timeout" in capsys.readouterr().err
