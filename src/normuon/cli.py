@@ -273,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prog}: interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted before a checkpoint could be written", file=sys.stderr)
+        # A second Ctrl-C, or one outside a training step: runs that already wrote a
+        # checkpoint continue with --resume.
+        print(f"{prog}: interrupted; where a checkpoint was written, continue with --resume",
+              file=sys.stderr)  # fmt: skip
         return 130
     except (ValueError, FloatingPointError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
