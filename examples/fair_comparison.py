@@ -10,7 +10,9 @@ Protocol (docs/results.md reports what it produced):
 - Tuning budget: ``--budget`` runs per optimizer on seed 0, scored by the final validation loss.
   AdamW: its learning rate on a x2 grid. Muon and NorMuon: their matrix learning rate on a x2
   grid with the embeddings/head AdamW lr at ``--aux-lr``, then the embeddings/head lr at half
-  and twice that value with the best matrix lr (coordinate descent).
+  and twice that value with the best matrix lr (coordinate descent). Each optimizer may spend
+  up to ``--extend`` more runs, only to step past a grid edge where its best value lies
+  (AdamW: its lr; Muon/NorMuon: once the matrix lr, then the embeddings/head lr).
 - Reporting: the tuned settings retrained on seeds 1..``--seeds`` (fresh seeds, never used in
   tuning) and evaluated on the test split.
 
@@ -105,8 +107,9 @@ def run_once(cfg, name: str, data: TokenData, seed: int, out: Path) -> float:
     return r.final_val_loss
 
 
-def tune(cfg, name: str, data: TokenData, out: Path, budget: int, aux_lr: float) -> dict:
-    """Spend ``budget`` seed-0 runs on ``name``'s learning rates; return the best settings."""
+def tune(cfg, name: str, data: TokenData, out: Path, budget: int, aux_lr: float,
+         extra: int) -> dict:
+    """Spend ``budget`` seed-0 runs (+ up to ``extra`` edge extensions) on ``name``'s lrs."""
     trials: list[dict] = []
 
     def trial(lr: float, aux: float) -> None:
@@ -116,18 +119,39 @@ def tune(cfg, name: str, data: TokenData, out: Path, budget: int, aux_lr: float)
         trials.append({"lr": lr, "adamw_lr": aux, "val_loss": loss})
         print(f"  tune {name:8s} lr {lr:<8g} aux {aux:<8g} val {loss:.4f}", flush=True)
 
+    def best() -> dict:
+        return min(trials, key=lambda t: t["val_loss"])
+
+    def beyond_edge(key: str, fixed: dict) -> float | None:
+        # A best value at the edge of the values tried (others fixed): the next x2 step out.
+        tried = sorted({t[key] for t in trials if all(t[k] == v for k, v in fixed.items())})
+        value = best()[key]
+        if value == tried[-1]:
+            return value * 2
+        if value == tried[0] and len(tried) > 1:
+            return value / 2
+        return None
+
     if name == "adamw":
         for i in range(budget):
             trial(0.002 * 2**i, aux_lr)
+        while extra and (nxt := beyond_edge("lr", {})) is not None:
+            trial(nxt, aux_lr)
+            extra -= 1
     else:
         n_matrix = max(1, budget - 2)
         for i in range(n_matrix):
             trial(0.01 * 2**i, aux_lr)
-        best_lr = min(trials, key=lambda t: t["val_loss"])["lr"]
+        if extra and (nxt := beyond_edge("lr", {"adamw_lr": aux_lr})) is not None:
+            trial(nxt, aux_lr)
+            extra -= 1
+        best_lr = best()["lr"]
         for aux in (aux_lr / 2, aux_lr * 2)[: budget - n_matrix]:
             trial(best_lr, aux)
-    best = min(trials, key=lambda t: t["val_loss"])
-    return {"best": best, "trials": trials}
+        while extra and (nxt := beyond_edge("adamw_lr", {"lr": best_lr})) is not None:
+            trial(best_lr, nxt)
+            extra -= 1
+    return {"best": best(), "trials": trials}
 
 
 def _curves(final: dict) -> tuple[list[int], dict[int, list[float]]]:
@@ -276,6 +300,9 @@ def main() -> None:
     p.add_argument("--sizes", default="m", help="comma-separated ladder rungs: s, m, l")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--budget", type=int, default=6, help="tuning runs per optimizer")
+    p.add_argument("--extend", type=int, default=2,
+                   help="extra tuning runs per optimizer, spent only on moving past a grid "
+                        "edge when the best value is at one (x2 steps)")
     p.add_argument("--aux-lr", type=float, default=4e-3,
                    help="starting embeddings/head AdamW lr of Muon and NorMuon")
     p.add_argument("--seeds", type=int, default=3, help="reporting seeds (1..N)")
@@ -299,17 +326,20 @@ def main() -> None:
         cfg = base_config(size, args.steps)
         print(f"size {size}: {SIZES[size]}", flush=True)
         summary = {"corpus": source, "size": size, "shape": SIZES[size], "steps": args.steps,
-                   "budget": args.budget, "tuning": {}, "final": {}}  # fmt: skip
+                   "budget": args.budget, "extend": args.extend, "tuning": {},
+                   "final": {}}  # fmt: skip
         for name in ("adamw", "muon", "normuon"):
             summary["tuning"][name] = tune(cfg, name, tune_data, out / "tune" / name,
-                                           args.budget, args.aux_lr)  # fmt: skip
+                                           args.budget, args.aux_lr, args.extend)  # fmt: skip
         for name in ("adamw", "muon", "normuon"):
             best = summary["tuning"][name]["best"]
             c = copy.deepcopy(cfg)
             c.optimizers[name].lr, c.optimizers[name].adamw_lr = best["lr"], best["adamw_lr"]
             runs = []
             for seed in range(1, args.seeds + 1):
-                run_dir = out / "final" / name / f"seed{seed}"
+                # The folder names the settings: a change of tuned values means new runs.
+                run_dir = (out / "final" / name / f"lr{best['lr']:g}_aux{best['adamw_lr']:g}"
+                           / f"seed{seed}")  # fmt: skip
                 loss = run_once(c, name, test_data, seed, run_dir)
                 done = run_dir / "result.json"
                 # A diverged run has no result.json: it is recorded with a null loss.

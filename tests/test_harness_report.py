@@ -94,8 +94,10 @@ def test_fair_comparison_example_end_to_end(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "s" / "summary.json").read_text())
-    # Equal budget: 3 tuning runs per optimizer, all on seed 0; reporting on fresh seeds.
-    assert [len(summary["tuning"][n]["trials"]) for n in ("adamw", "muon", "normuon")] == [3] * 3
+    # Equal budget: 3 tuning runs per optimizer (+ at most 2 past a grid edge), all on seed 0;
+    # reporting on fresh seeds.
+    for name in ("adamw", "muon", "normuon"):
+        assert 3 <= len(summary["tuning"][name]["trials"]) <= 5, name
     assert [r["seed"] for r in summary["final"]["muon"]["runs"]] == [1, 2]
     report = subprocess.run([sys.executable, str(script), "--report", str(out), "--plot",
                              str(tmp_path / "ladder.png")], capture_output=True, text=True,
