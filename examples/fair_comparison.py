@@ -86,7 +86,7 @@ def base_config(size: str, steps: int):
     cfg.model.max_seq_len = 64
     t = cfg.train
     t.batch_size, t.seq_len, t.steps = 16, 64, steps
-    t.warmup_steps, t.cooldown_frac, t.grad_clip = 20, 0.5, 1.0
+    t.warmup_steps, t.cooldown_frac, t.grad_clip = min(20, steps), 0.5, 1.0
     t.val_every, t.val_batches, t.log_every = 20, 8, 20
     cfg.optimizers["adamw"].weight_decay = 0.1
     return cfg

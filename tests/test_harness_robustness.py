@@ -37,7 +37,7 @@ def _err_line(capsys, prog: str) -> str:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_checkpoints_and_resume_equals_the_uninterrupted_run(tmp_path, data, sig):
-    steps = 200
+    steps = 120
     args = [*SMOKE, "--optimizer", "normuon", "--seed", "3", "--steps", str(steps),
             "--set", "train.log_every=5", "--threads", "1"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
