@@ -47,8 +47,8 @@ from normuon.harness.data import BYTE_VOCAB, TokenData, load_shakespeare
 from normuon.harness.report import mean_ci, paired_t_test, steps_to_reach, welch_t_test
 from normuon.harness.train import train_run
 
-#: Ladder rungs: (n_layer, d_model, n_head). Parameters (vocab 256): 40,960 / 180,224 / 851,968.
-SIZES = {"s": (2, 32, 2), "m": (3, 64, 2), "l": (4, 128, 4)}
+#: Ladder rungs: (n_layer, d_model, n_head). Parameters (vocab 256): 40,960 / 180,224 / 491,520.
+SIZES = {"s": (2, 32, 2), "m": (3, 64, 2), "l": (4, 96, 3)}
 
 
 def load_corpus(name: str) -> tuple[bytes, str]:
@@ -224,16 +224,16 @@ def report(folders: list[str], plot: str | None) -> None:
     if not analyses:
         raise SystemExit(f"fair_comparison: error: no */summary.json under {', '.join(folders)}")
     analyses.sort(key=lambda a: (a["corpus"], a["n_params"]))
-    print("| corpus | params | optimizer | tuned lr | tuned emb/head lr | final test loss "
-          "(mean ± 95% CI, 3 seeds) | saving vs AdamW | saving vs Muon |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| corpus | params | optimizer | tuned lr | tuned emb/head lr | seeds | final test "
+          "loss (mean ± 95% CI) | saving vs AdamW | saving vs Muon |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for a in analyses:
         for name, o in a["optimizers"].items():
             st = o["settings"]
             aux = "(same)" if name == "adamw" else f"{st['adamw_lr']:g}"
             loss = "diverged" if o.get("diverged") else f"{o['mean']:.4f} ± {o['ci95']:.4f}"
             print(f"| {a['corpus'].split(' (')[0].split(',')[0]} | {a['n_params']:,} | {name} | "
-                  f"{st['lr']:g} | {aux} | {loss} | "
+                  f"{st['lr']:g} | {aux} | {len(o.get('losses', []))} | {loss} | "
                   f"{'—' if name == 'adamw' else _pct(o.get('vs_adamw'))} | "
                   f"{'—' if name in ('adamw', 'muon') else _pct(o.get('vs_muon'))} |")
     print()
@@ -288,7 +288,7 @@ def _plot_ladder(analyses: list[dict], path: str) -> None:
         ax.grid(alpha=0.3, which="both")
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    fig.suptitle(f"size ladder, {ladder[0]['corpus'].split(',')[0]}: tuned per size, 3 seeds")
+    fig.suptitle(f"size ladder, {ladder[0]['corpus'].split(',')[0]}: tuned per size")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

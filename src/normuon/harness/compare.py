@@ -9,11 +9,15 @@ optimizer at several learning rates. Tables, statistics and figures are in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import os
 import platform
+import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ from .report import (
     summarize,
     sweep_table,
 )
-from .train import RunResult, train_run
+from .train import RunInterrupted, RunResult, defer_stop_signals, train_run
 
 __all__ = [
     "OptimizerSummary",
@@ -170,15 +174,39 @@ def run_compare(
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-            futures = {
-                pool.submit(_worker_run, cfg, name, data, seed, str(run_dir), cont,
-                            resume and not cont, options): (seed, name)
-                for seed, name, run_dir, cont in todo
-            }  # fmt: skip
-            for future in concurrent.futures.as_completed(futures):
-                done[futures[future]] = future.result()
-                report(done[futures[future]])
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx,
+                                                    initializer=defer_stop_signals) as pool:
+            # At most `jobs` runs submitted at a time, so that after an interrupt no queued
+            # run starts (the running ones get the signal, checkpoint and stop).
+            pending, running = list(todo), {}
+            error: BaseException | None = None
+            with _forward_sigterm(pool):
+                while running or (pending and error is None):
+                    while pending and error is None and len(running) < jobs:
+                        seed, name, run_dir, cont = pending.pop(0)
+                        future = pool.submit(_worker_run, cfg, name, data, seed, str(run_dir),
+                                             cont, resume and not cont, options)  # fmt: skip
+                        running[future] = (seed, name)
+                    try:
+                        finished, _ = concurrent.futures.wait(
+                            running, return_when=concurrent.futures.FIRST_COMPLETED)
+                    except KeyboardInterrupt as exc:  # Ctrl-C: the workers got it too
+                        error = error or exc
+                        continue
+                    for future in finished:
+                        key = running.pop(future)
+                        try:
+                            done[key] = future.result()
+                        except BaseException as exc:
+                            error = error or exc
+                            continue
+                        report(done[key])
+            if error is not None:
+                if not isinstance(error, RunInterrupted) and isinstance(
+                        error, concurrent.futures.process.BrokenProcessPool):
+                    # A worker killed while starting up (before it could defer signals).
+                    raise KeyboardInterrupt from error
+                raise error
     results: dict[str, list[RunResult]] = {name: [] for name in optimizers}
     for seed, name in jobs_list:
         results[name].append(done[seed, name])
@@ -222,6 +250,28 @@ def write_compare_plots(summary: dict[str, Any], out: str | Path) -> list[Path]:
         plot_neurons(diag_runs, out / "neurons.png", f"neuron balance of the updates, {title}")
         written.append(out / "neurons.png")
     return written
+
+
+@contextlib.contextmanager
+def _forward_sigterm(pool):
+    """Pass a SIGTERM of this process on to the pool's workers, which checkpoint and stop.
+
+    (Ctrl-C reaches the workers directly: they share the terminal's process group.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum: int, frame: Any) -> None:
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _worker_run(cfg, name, data, seed, out_dir, resume, overwrite, options) -> RunResult:

@@ -237,6 +237,44 @@ def _cpu_optimizers(
     }
 
 
+#: The size ladder of docs/results.md: (n_layer, d_model, n_head) per rung.
+LADDER_SHAPES = {"s": (2, 32, 2), "m": (3, 64, 2), "l": (4, 96, 3)}
+#: Tuned under the fair protocol (examples/fair_comparison.py, docs/results.md), on the
+#: embedded Shakespeare corpus, per rung: {optimizer: (lr, embeddings/head AdamW lr)}. AdamW's
+#: single lr covers every parameter (its second value is unused).
+LADDER_TUNED = {
+    "s": {"adamw": (0.032, 0.004), "muon": (0.04, 0.016), "normuon": (0.04, 0.032)},
+    "m": {"adamw": (0.032, 0.004), "muon": (0.04, 0.016), "normuon": (0.04, 0.032)},
+    "l": {"adamw": (0.032, 0.004), "muon": (0.04, 0.016), "normuon": (0.04, 0.032)},
+}
+
+
+def _ladder(size: str, description: str) -> RunConfig:
+    """A rung of the size ladder with its tuned learning rates (the fair-comparison recipe).
+
+    Same recipe for all three optimizers: batch 16 x 64 bytes, 300 steps, 20 warmup steps then
+    warmup-stable-decay with the last 50% decaying to 0, global gradient clipping at 1.0; AdamW
+    decays its hidden matrices with weight decay 0.1 (Muon and NorMuon: none).
+    """
+    n_layer, d_model, n_head = LADDER_SHAPES[size]
+    tuned = LADDER_TUNED[size]
+    optimizers = {
+        "adamw": OptimizerConfig(lr=tuned["adamw"][0], weight_decay=0.1),
+        "muon": OptimizerConfig(lr=tuned["muon"][0], adamw_lr=tuned["muon"][1]),
+        "normuon": OptimizerConfig(lr=tuned["normuon"][0], adamw_lr=tuned["normuon"][1]),
+    }
+    return RunConfig(
+        preset=f"ladder-{size}",
+        description=description,
+        model=ModelConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_head, d_model=d_model,
+                          max_seq_len=64),
+        train=TrainConfig(batch_size=16, seq_len=64, steps=300, warmup_steps=20,
+                          cooldown_frac=0.5, grad_clip=1.0, val_every=20, val_batches=8,
+                          log_every=20),
+        optimizers=optimizers,
+    )  # fmt: skip
+
+
 def _presets() -> dict[str, RunConfig]:
     presets = {}
     presets["cpu-smoke"] = RunConfig(

@@ -258,6 +258,25 @@ class RunInterrupted(Exception):
         return (RunInterrupted, (self.signum, self.step, self.checkpoint))
 
 
+#: Signals a worker process received between runs (see :func:`defer_stop_signals`).
+_early_signals: list[int] = []
+
+
+def defer_stop_signals() -> None:
+    """Remember SIGINT/SIGTERM that arrive outside a training loop instead of dying.
+
+    For worker processes (``compare --jobs``): a signal that lands while a worker starts a run
+    makes that run stop (with a checkpoint) after its first step rather than killing the
+    worker and breaking the pool.
+    """
+
+    def remember(signum: int, frame: Any) -> None:
+        _early_signals.append(signum)
+
+    for sig in _StopSignals.SIGNALS:
+        signal.signal(sig, remember)
+
+
 class _StopSignals:
     """Turns SIGINT/SIGTERM into a flag the loop checks between steps (main thread only).
 
@@ -277,6 +296,8 @@ class _StopSignals:
         self.received = signum
 
     def __enter__(self) -> _StopSignals:
+        if _early_signals:
+            self.received = _early_signals[0]
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handler)
