@@ -303,10 +303,15 @@ class _StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        installed = bool(self._previous)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if installed and exc_type is None and self.received is not None:
+            # The signal came after the last step's check (during the final checkpoint): the
+            # run is complete and saved; hand the signal on so the caller stops too.
+            signal.raise_signal(self.received)
 
 
 def _check_seed(seed: Any) -> int:
@@ -631,11 +636,12 @@ class Trainer:
                         self.save_checkpoint()
                         raise RunInterrupted(signum, self.step, self.checkpoint_path)
                 self.save_checkpoint()
+                result = self.result()  # written before a late signal is handed on
         finally:
             if bar is not None:
                 bar.close()
             self.close()
-        return self.result()
+        return result
 
     def close(self) -> None:
         """Detach the diagnostics hooks and flush the TensorBoard writer."""
