@@ -80,7 +80,7 @@ def splits(blob: bytes, fraction: float, source: str) -> tuple[TokenData, TokenD
 
 def base_config(size: str, steps: int):
     n_layer, d_model, n_head = SIZES[size]
-    cfg = get_preset("cpu-small")
+    cfg = get_preset("cpu-smoke")  # every field that matters is set below
     cfg.preset = f"fair-{size}"
     cfg.description = "fair comparison rung"
     cfg.model.n_layer, cfg.model.d_model = n_layer, d_model

@@ -105,3 +105,27 @@ def test_fair_comparison_example_end_to_end(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     assert "Welch t" in report.stdout and "| normuon |" in report.stdout
     assert (tmp_path / "ladder.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ladder_presets_are_the_experiment_configs():
+    # The presets carry the tuned values of docs/results.md: their model and recipe must be the
+    # ones the fair-comparison example trained (only the learning rates come from tuning).
+    import importlib.util
+
+    from normuon.harness.config import LADDER_SHAPES, LADDER_TUNED, get_preset
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "fair_comparison.py"
+    spec = importlib.util.spec_from_file_location("fair_comparison", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for size in LADDER_SHAPES:
+        preset, trained = get_preset(f"ladder-{size}"), module.base_config(size, 300)
+        assert preset.model == trained.model and preset.train == trained.train, size
+        for name, opt in preset.optimizers.items():
+            assert (opt.lr, opt.adamw_lr) == LADDER_TUNED[size][name] or name == "adamw"
+            other = trained.optimizers[name]
+            for field in ("weight_decay", "betas", "momentum", "beta2", "update_scale"):
+                assert getattr(opt, field) == getattr(other, field), (size, name, field)
+    small = get_preset("cpu-small")
+    assert small.model == get_preset("ladder-m").model
+    assert small.train == get_preset("ladder-m").train

@@ -238,14 +238,14 @@ def _cpu_optimizers(
 
 
 #: The size ladder of docs/results.md: (n_layer, d_model, n_head) per rung.
-LADDER_SHAPES = {"s": (2, 32, 2), "m": (3, 64, 2), "l": (4, 96, 3)}
-#: Tuned under the fair protocol (examples/fair_comparison.py, docs/results.md), on the
-#: embedded Shakespeare corpus, per rung: {optimizer: (lr, embeddings/head AdamW lr)}. AdamW's
-#: single lr covers every parameter (its second value is unused).
+LADDER_SHAPES = {"xs": (2, 16, 2), "s": (2, 32, 2), "m": (3, 64, 2)}
+#: Tuned under the fair protocol (examples/fair_comparison.py, docs/results.md) on the embedded
+#: Shakespeare corpus, per rung: {optimizer: (lr, embeddings/head AdamW lr)}. AdamW's single lr
+#: covers every parameter (its second value is unused).
 LADDER_TUNED = {
-    "s": {"adamw": (0.032, 0.004), "muon": (0.04, 0.016), "normuon": (0.04, 0.032)},
+    "xs": {"adamw": (0.064, 0.004), "muon": (0.08, 0.008), "normuon": (0.04, 0.008)},
+    "s": {"adamw": (0.064, 0.004), "muon": (0.08, 0.008), "normuon": (0.04, 0.008)},
     "m": {"adamw": (0.032, 0.004), "muon": (0.04, 0.016), "normuon": (0.04, 0.032)},
-    "l": {"adamw": (0.032, 0.004), "muon": (0.04, 0.016), "normuon": (0.04, 0.032)},
 }
 
 
@@ -285,18 +285,16 @@ def _presets() -> dict[str, RunConfig]:
                           val_batches=2, log_every=5),  # fmt: skip
         optimizers=_cpu_optimizers(adamw_lr=1e-2, muon_lr=0.05, normuon_lr=0.05, aux_lr=1e-2),
     )
-    # The default: the 3-optimizer comparison (one seed each) in well under 10 minutes on a
-    # 2-core CPU. Learning rates from `normuon sweep --preset cpu-small` (docs/results.md):
-    # AdamW swept 0.002-0.064 (best 0.032), Muon and NorMuon 0.01-0.08 (best 0.04 each), with
-    # Muon/NorMuon's embeddings and head at AdamW lr 0.004 during the sweep and here.
-    presets["cpu-small"] = RunConfig(
+    for size, params in (("xs", "14k"), ("s", "41k"), ("m", "180k")):
+        presets[f"ladder-{size}"] = _ladder(
+            size, f"Size ladder rung {size} ({params} params), tuned under the fair protocol."
+        )
+    # The default: the fair-comparison recipe and tuned learning rates of the largest ladder
+    # rung (docs/results.md), one seed per optimizer in about a minute on 2 CPU cores.
+    presets["cpu-small"] = dataclasses.replace(
+        _ladder("m", "Default: byte-level GPT on Shakespeare, tuned fair recipe, ~1 min."),
         preset="cpu-small",
-        description="Default: byte-level GPT on Shakespeare, ~2 minutes per run on 2 CPU cores.",
-        model=ModelConfig(n_layer=4, n_head=4, n_kv_head=4, d_model=128, max_seq_len=128),
-        train=TrainConfig(batch_size=16, seq_len=128, steps=300, warmup_steps=20,
-                          cooldown_frac=0.5, val_every=25, val_batches=8, log_every=10),
-        optimizers=_cpu_optimizers(adamw_lr=0.032, muon_lr=0.04, normuon_lr=0.04, aux_lr=4e-3),
-    )  # fmt: skip
+    )
     presets["cpu-medium"] = RunConfig(
         preset="cpu-medium",
         description="A larger CPU run (tens of minutes per optimizer on 2 cores).",
