@@ -244,7 +244,7 @@ LADDER_SHAPES = {"xs": (2, 16, 2), "s": (2, 32, 2), "m": (3, 64, 2)}
 #: covers every parameter (its second value is unused).
 LADDER_TUNED = {
     "xs": {"adamw": (0.064, 0.004), "muon": (0.02, 0.032), "normuon": (0.04, 0.032)},
-    "s": {"adamw": (0.064, 0.004), "muon": (0.08, 0.008), "normuon": (0.04, 0.008)},
+    "s": {"adamw": (0.064, 0.004), "muon": (0.08, 0.016), "normuon": (0.04, 0.032)},
     "m": {"adamw": (0.032, 0.004), "muon": (0.04, 0.016), "normuon": (0.04, 0.032)},
 }
 
