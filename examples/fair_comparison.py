@@ -18,14 +18,16 @@ Protocol (docs/results.md reports what it produced):
 
 Every run is a :func:`normuon.harness.train.train_run` in its own folder; a folder that already
 holds a finished ``result.json`` is reused, so an interrupted experiment continues where it
-stopped. ``--sizes`` picks rungs of the ladder (``s``, ``m``, ``l``). ``--report`` trains
+stopped. ``--sizes`` picks rungs of the ladder (``xs``, ``s``, ``m``, ``l``). ``--report`` trains
 nothing: it reads the ``summary.json`` files under the given folders and prints the tables
 (final test loss with 95% confidence intervals, Welch's t-test of NorMuon vs Muon, step
 savings) and draws the ladder figure.
 
 Example (the numbers in docs/results.md)::
 
-    nice -n 10 python examples/fair_comparison.py --corpus shakespeare --sizes m,s,l \\
+    nice -n 10 python examples/fair_comparison.py --corpus shakespeare --sizes m --seeds 5 \\
+        --out runs/fair/shakespeare
+    nice -n 10 python examples/fair_comparison.py --corpus shakespeare --sizes xs,s \\
         --out runs/fair/shakespeare
     python examples/fair_comparison.py --report runs/fair/shakespeare runs/fair/alice \\
         --plot docs/fair-ladder.png
