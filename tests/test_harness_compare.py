@@ -25,7 +25,9 @@ def test_compare_end_to_end(tmp_path, capsys):
     for name in ("results.json", "config.json", "loss.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = _table_rows(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    table, _, neurons = printed.partition("neuron balance")
+    rows = _table_rows(table)
     assert rows[0] == list(TABLE_COLUMNS)
     body = rows[2:]
     assert [r[0] for r in body] == ["adamw", "muon", "normuon"]
@@ -41,6 +43,16 @@ def test_compare_end_to_end(tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["preset"] == "cpu-smoke" and config["train"]["steps"] == 20
     assert config["model"]["vocab_size"] == 256 and "Shakespeare" in config["data"]
+    # Neuron diagnostics for all three optimizers (at every validation, 10 steps apart).
+    assert (out / "neurons.png").read_bytes()[:4] == b"\x89PNG"
+    neuron_rows = _table_rows(neurons)
+    assert [r[0] for r in neuron_rows[2:]] == ["adamw", "muon", "normuon"]
+    for name in ("adamw", "muon", "normuon"):
+        lines = (out / name / "seed1" / "diagnostics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert [r["step"] for r in records] == [10, 20]
+        assert ("second_moment_cv" in records[-1]["overall"]) == (name == "normuon")
+        assert records[-1]["overall"]["neuron_cv"] > 0
 
 
 def test_sweep_end_to_end(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """Command line: ``normuon compare | sweep | train`` (the comparison harness).
 
 The harness modules are imported inside the commands, so ``import normuon`` never needs tqdm
-or matplotlib.
+or matplotlib. Every user error ends as one line ``normuon <command>: error: ...`` on stderr
+with exit status 2; a run stopped by SIGINT/SIGTERM writes a checkpoint, says how to continue
+and exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -24,22 +26,64 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     from .harness.config import DEFAULT_PRESET, PRESETS
 
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
                    help=f"model, batch, schedule and learning rates (default {DEFAULT_PRESET})")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="JSON file of settings applied over the preset: {\"model\": {...}, "
+                        "\"train\": {...}, \"optimizers\": {\"adamw\": {...}}} (a run's "
+                        "config.json works too)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one config field (repeatable), after --config: model.d_model=64, "
+                        "train.grad_clip=1.0, adamw.weight_decay=0.1, muon.adamw_lr=0.004; "
+                        "--list-fields shows them all")
+    p.add_argument("--list-fields", action="store_true",
+                   help="print every settable config field with its preset value and exit")
     p.add_argument("--data", default=None,
                    help="UTF-8 text file, folder of text files, or FineWeb .bin shard(s) "
                         "(default: the embedded Shakespeare corpus)")
     p.add_argument("--out", default=default_out, help="output folder (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a fresh run into a non-empty --out first deletes the harness's files "
+                        "there (config, metrics, checkpoints, results, plots)")
     p.add_argument("--steps", type=_positive_int, default=None, help="override the preset's steps")
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=None, metavar="N",
+                   help="also checkpoint every N steps (0: only at the end; SIGINT/SIGTERM "
+                        "always checkpoint)")
     p.add_argument("--parallel", choices=["ddp", "fsdp2"], default=None,
-                   help="under torchrun: replicate (ddp, default) or shard (fsdp2)")  # fmt: skip
+                   help="under torchrun: replicate (ddp, default) or shard (fsdp2)")
+    p.add_argument("--dist-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="under torchrun: fail a collective after this long (a stopped rank "
+                        "ends the others' wait; default: torch's, 10-30 minutes)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is more robust on a "
-                        "busy machine)")
+                   help="CPU threads for torch (default: 1 when training on the CPU: the CPU "
+                        "presets are too small to gain from more, and threads waiting for a "
+                        "busy core slow every step many times)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log scalars to OUT/.../tensorboard (needs: pip install tensorboard)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")  # fmt: skip
 
 
@@ -55,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--optimizers", default="adamw,muon,normuon", help="comma-separated list")
     c.add_argument("--jobs", type=_positive_int, default=1,
                    help="runs trained at once in worker processes, one thread each (default 1)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted comparison in --out (finished runs are kept)")
+    c.add_argument("--diagnostics-every", type=_non_negative_int, default=None, metavar="K",
+                   help="record per-neuron update statistics every K steps (default: at every "
+                        "validation; 0: off) and plot neurons.png")
     s = sub.add_parser("sweep", help="learning-rate sweep per optimizer")
     _common(s, "runs/sweep")
     s.add_argument("--optimizers", default="adamw,muon,normuon", help="comma-separated list")
@@ -71,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--stop-at-step", type=_positive_int, default=None,
                    help="checkpoint and stop after this step (continue later with --resume)")
+    t.add_argument("--diagnostics-every", type=_non_negative_int, default=0, metavar="K",
+                   help="record per-neuron update statistics every K steps (default 0: off)")
     return parser
 
 
@@ -101,59 +152,144 @@ def _parse_lrs(specs: list[str] | None, optimizers: list[str], cfg) -> dict[str,
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _resolve_config(args):
+    """The preset with --config, --set and the shortcut options applied, validated."""
+    from .harness.config import apply_config_file, apply_overrides, get_preset
+
+    cfg = get_preset(args.preset)
+    if args.config is not None:
+        apply_config_file(cfg, args.config)
+    apply_overrides(cfg, args.overrides)
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+        cfg.train.warmup_steps = min(cfg.train.warmup_steps, args.steps)
+    if args.checkpoint_every is not None:
+        cfg.train.checkpoint_every = args.checkpoint_every
+    if args.parallel is not None:
+        cfg.train.parallel = args.parallel
+    cfg.validate()
+    return cfg
+
+
+def _list_fields(cfg) -> str:
+    import dataclasses
+
+    lines = []
+    for section in ("model", "train"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            lines.append(f"{section}.{f.name} = {getattr(getattr(cfg, section), f.name)!r}")
+    for name, opt in cfg.optimizers.items():
+        for f in dataclasses.fields(opt):
+            lines.append(f"{name}.{f.name} = {getattr(opt, f.name)!r}")
+    return "\n".join(lines)
+
+
+def _plots(say, write, *args) -> None:
+    """Draw figures after the results are written; without matplotlib, say what to install."""
+    from .harness.report import PlottingUnavailable
+
+    try:
+        for path in write(*args):
+            say(f"wrote {path}")
+    except PlottingUnavailable as exc:
+        print(f"normuon: note: results written; {exc}", file=sys.stderr)
+
+
+def _run(args, say) -> int:
     import torch
 
-    from .harness.compare import merge_sweeps, run_compare, run_sweep
-    from .harness.config import get_preset
+    from .harness.compare import (
+        merge_sweeps,
+        run_compare,
+        run_sweep,
+        write_compare_plots,
+        write_sweep_plot,
+    )
     from .harness.data import load_data
     from .harness.train import train_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif args.device in (None, "auto", "cpu") and not torch.cuda.is_available():
+        # Measured on a shared 2-core machine: 1.8 s per step with torch's 2 threads against
+        # 0.07 s with 1 thread for the default preset (docs/results.md).
+        torch.set_num_threads(1)
     progress = False if args.no_progress else None
+    cfg = _resolve_config(args)
+    if args.list_fields:
+        say(_list_fields(cfg))
+        return 0
+    if args.command == "sweep" and args.merge:
+        summary = merge_sweeps(args.merge, args.out)
+        say(summary["table"])
+        _plots(say, lambda s, o: [write_sweep_plot(s, o)], summary, args.out)
+        return 0
+    data = load_data(args.data, cfg.train.val_fraction)
+    start = time.perf_counter()
+    if args.command == "compare":
+        optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+        summary = run_compare(cfg, data, optimizers=optimizers, seeds=args.seeds, out=args.out,
+                              device=args.device, progress=progress, jobs=args.jobs,
+                              resume=args.resume, overwrite=args.overwrite,
+                              diagnostics_every=args.diagnostics_every,
+                              tensorboard=args.tensorboard,
+                              dist_timeout_s=args.dist_timeout, log=say)  # fmt: skip
+        say(summary["table"])
+        if summary.get("neuron_table"):
+            say("\nneuron balance of the hidden-matrix updates (mean over recorded steps):")
+            say(summary["neuron_table"])
+        _plots(say, write_compare_plots, summary, args.out)
+    elif args.command == "sweep":
+        optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+        lrs = _parse_lrs(args.lrs, optimizers, cfg)
+        summary = run_sweep(cfg, data, lrs=lrs, seed=args.seed, out=args.out,
+                            device=args.device, progress=progress, overwrite=args.overwrite,
+                            log=say)  # fmt: skip
+        say(summary["table"])
+        _plots(say, lambda s, o: [write_sweep_plot(s, o)], summary, args.out)
+    else:
+        r = train_run(cfg, args.optimizer, data, seed=args.seed, out_dir=args.out,
+                      device=args.device, resume=args.resume, overwrite=args.overwrite,
+                      progress=progress, stop_at_step=args.stop_at_step,
+                      dist_timeout_s=args.dist_timeout, tensorboard=args.tensorboard,
+                      diagnostics_every=args.diagnostics_every)  # fmt: skip
+        say(f"{r.optimizer} seed {r.seed}: {r.steps} steps, final val loss "
+            f"{r.final_val_loss:.4f}, {r.train_time_s:.1f}s")
+    say(f"total wall time {time.perf_counter() - start:.1f}s; outputs in {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .harness.runtime import finish_distributed
+    from .harness.train import RunInterrupted
+
+    # Under torchrun every rank runs this; only rank 0 prints.
+    main_rank = os.environ.get("RANK", "0") == "0"
+    say = print if main_rank else (lambda *a, **k: None)
+    prog = f"normuon {args.command}"
+    clean = False
     try:
-        cfg = get_preset(args.preset)
-        if args.steps is not None:
-            cfg.train.steps = args.steps
-            cfg.train.warmup_steps = min(cfg.train.warmup_steps, args.steps)
-        if args.parallel is not None:
-            cfg.train.parallel = args.parallel
-        data = load_data(args.data, cfg.train.val_fraction)
-        start = time.perf_counter()
-        # Under torchrun every rank runs this; only rank 0 prints.
-        say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
-        if args.command == "compare":
-            optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-            summary = run_compare(cfg, data, optimizers=optimizers, seeds=args.seeds,
-                                  out=args.out, device=args.device, progress=progress,
-                                  jobs=args.jobs)
-            say(summary["table"])
-        elif args.command == "sweep" and args.merge:
-            say(merge_sweeps(args.merge, args.out)["table"])
-        elif args.command == "sweep":
-            optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-            lrs = _parse_lrs(args.lrs, optimizers, cfg)
-            summary = run_sweep(cfg, data, lrs=lrs, seed=args.seed, out=args.out,
-                                device=args.device, progress=progress)
-            say(summary["table"])
-        else:
-            r = train_run(cfg, args.optimizer, data, seed=args.seed, out_dir=args.out,
-                          device=args.device, resume=args.resume, progress=progress,
-                          stop_at_step=args.stop_at_step)
-            say(f"{r.optimizer} seed {r.seed}: {r.steps} steps, final val loss "
-                  f"{r.final_val_loss:.4f}, {r.train_time_s:.1f}s")
-        say(f"total wall time {time.perf_counter() - start:.1f}s; outputs in {args.out}")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Every rank done with its collectives before the group goes: destroying a gloo
-            # group while its work thread finishes one can abort the process (pytorch#56297).
-            torch.distributed.barrier()
-            time.sleep(0.2)
-    except ValueError as exc:
-        print(f"normuon {args.command}: error: {exc}", file=sys.stderr)
+        code = _run(args, say)
+        clean = True
+        return code
+    except RunInterrupted as exc:
+        if main_rank:
+            print(f"{prog}: interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        # A second Ctrl-C, or one outside a training step: runs that already wrote a
+        # checkpoint continue with --resume.
+        print(f"{prog}: interrupted; where a checkpoint was written, continue with --resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    except (ValueError, FloatingPointError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # Disk full, permission denied, a path that is a file...: one line naming the path.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{prog}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+        finish_distributed(clean)

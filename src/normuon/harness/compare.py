@@ -1,22 +1,24 @@
-"""Compare optimizers on the same model, data and seeds; sweep learning rates.
+"""Running comparisons: every optimizer on the same model, data and seeds; lr sweeps.
 
 ``run_compare`` trains every (optimizer, seed) with :func:`~normuon.harness.train.train_run`
-and reports, per optimizer: the final validation loss (mean and spread over seeds), the steps
-needed to reach AdamW's final validation loss (the paper's "training efficiency", linearly
-interpolated between validation points) and the saving in percent versus AdamW and Muon, wall
-time, the optimizer step's share of it and the optimizer state bytes. ``run_sweep`` trains each
-optimizer at several learning rates and reports final validation loss versus lr.
+(recording the neuron diagnostics of :mod:`normuon.diagnostics`) and writes ``results.json``;
+``write_compare_plots`` then draws ``loss.png`` and ``neurons.png``. ``run_sweep`` trains each
+optimizer at several learning rates. Tables, statistics and figures are in
+:mod:`~normuon.harness.report`; nothing there trains.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import os
 import platform
+import signal
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,141 +26,35 @@ import torch
 
 import normuon
 
+from .checkpoint import CHECKPOINT_NAME, prepare_out_dir, write_json
 from .config import RunConfig
 from .data import TokenData
-from .train import RunResult, train_run
+from .report import (
+    TABLE_COLUMNS,
+    OptimizerSummary,
+    format_table,
+    neuron_table,
+    plot_compare,
+    plot_neurons,
+    plot_sweep,
+    steps_to_reach,
+    summarize,
+    sweep_table,
+)
+from .train import RunInterrupted, RunResult, defer_stop_signals, train_run
 
 __all__ = [
     "OptimizerSummary",
     "run_compare",
+    "write_compare_plots",
     "run_sweep",
+    "write_sweep",
     "merge_sweeps",
     "summarize",
     "steps_to_reach",
     "format_table",
     "TABLE_COLUMNS",
 ]
-
-TABLE_COLUMNS = (
-    "optimizer",
-    "final val loss",
-    "steps to AdamW loss",
-    "saving vs AdamW",
-    "saving vs Muon",
-    "time to AdamW loss (s)",
-    "wall time (s)",
-    "opt step share",
-    "opt state (bytes)",
-)
-
-
-@dataclass
-class OptimizerSummary:
-    """One table row: an optimizer aggregated over its seeds."""
-
-    optimizer: str
-    seeds: list[int]
-    final_val_mean: float
-    final_val_min: float
-    final_val_max: float
-    steps_to_target: float | None
-    """Steps for the seed-mean curve to reach the target (AdamW's mean final val loss)."""
-    time_to_target: float | None
-    saving_vs_adamw: float | None
-    """1 - steps / AdamW's steps to the same target (fraction; positive = fewer steps)."""
-    saving_vs_muon: float | None
-    wall_time_s: float
-    optimizer_share: float
-    optimizer_state_bytes: int
-    val_steps: list[int]
-    val_mean: list[float]
-    val_min: list[float]
-    val_max: list[float]
-    val_time_mean: list[float]
-
-
-def steps_to_reach(xs: Sequence[float], losses: Sequence[float], target: float) -> float | None:
-    """First x at which the piecewise-linear curve (xs, losses) reaches ``target`` (or None)."""
-    for i, loss in enumerate(losses):
-        if loss <= target:
-            if i == 0:
-                return float(xs[0])
-            x0, x1, l0 = xs[i - 1], xs[i], losses[i - 1]
-            # Linear interpolation between the last point above and the first at/below target.
-            return float(x0 + (x1 - x0) * (l0 - target) / (l0 - loss))
-    return None
-
-
-def summarize(results: dict[str, list[RunResult]]) -> list[OptimizerSummary]:
-    """Aggregate runs per optimizer into table rows (target = AdamW's mean final val loss)."""
-    rows: list[OptimizerSummary] = []
-    for name, runs in results.items():
-        if not runs:
-            continue
-        steps = runs[0].val_steps
-        if any(r.val_steps != steps for r in runs):
-            raise ValueError(f"{name}: seeds were validated at different steps; cannot average")
-        curves = torch.tensor([r.val_losses for r in runs], dtype=torch.float64)  # (seeds, P)
-        times = torch.tensor([r.val_times for r in runs], dtype=torch.float64)
-        finals = curves[:, -1]
-        rows.append(OptimizerSummary(
-            optimizer=name,
-            seeds=[r.seed for r in runs],
-            final_val_mean=float(finals.mean()),
-            final_val_min=float(finals.min()),
-            final_val_max=float(finals.max()),
-            steps_to_target=None, time_to_target=None, saving_vs_adamw=None, saving_vs_muon=None,
-            wall_time_s=sum(r.train_time_s for r in runs) / len(runs),
-            optimizer_share=sum(r.optimizer_share for r in runs) / len(runs),
-            optimizer_state_bytes=runs[0].optimizer_state_bytes,
-            val_steps=list(steps),
-            val_mean=curves.mean(0).tolist(),
-            val_min=curves.min(0).values.tolist(),
-            val_max=curves.max(0).values.tolist(),
-            val_time_mean=times.mean(0).tolist(),
-        ))  # fmt: skip
-    by_name = {r.optimizer: r for r in rows}
-    if "adamw" in by_name:
-        target = by_name["adamw"].final_val_mean
-        for row in rows:
-            row.steps_to_target = steps_to_reach(row.val_steps, row.val_mean, target)
-            row.time_to_target = steps_to_reach(row.val_time_mean, row.val_mean, target)
-        for ref_name, attr in (("adamw", "saving_vs_adamw"), ("muon", "saving_vs_muon")):
-            ref = by_name.get(ref_name)
-            if ref is None or not ref.steps_to_target:
-                continue
-            for row in rows:
-                if row.steps_to_target is not None:
-                    setattr(row, attr, 1.0 - row.steps_to_target / ref.steps_to_target)
-    return rows
-
-
-def _fmt_pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:+.1f}%"
-
-
-def _fmt_steps(x: float | None) -> str:
-    return "not reached" if x is None else f"{x:.0f}"
-
-
-def format_table(rows: Sequence[OptimizerSummary]) -> str:
-    """Markdown table with :data:`TABLE_COLUMNS` (loss: mean ± half the min-max range)."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for r in rows:
-        spread = (r.final_val_max - r.final_val_min) / 2
-        cells = [
-            r.optimizer,
-            f"{r.final_val_mean:.4f} ± {spread:.4f}",
-            _fmt_steps(r.steps_to_target),
-            _fmt_pct(r.saving_vs_adamw),
-            _fmt_pct(r.saving_vs_muon),
-            "not reached" if r.time_to_target is None else f"{r.time_to_target:.1f}",
-            f"{r.wall_time_s:.1f}",
-            f"{100 * r.optimizer_share:.1f}%",
-            f"{r.optimizer_state_bytes:,}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _environment() -> dict[str, Any]:
@@ -178,36 +74,39 @@ def _resolved(cfg: RunConfig, data: TokenData) -> dict[str, Any]:
     return {"data": data.source, **cfg.to_dict()}
 
 
-def _pyplot():
-    import matplotlib  # lazy: plotting is a harness extra, not a library dependency
+def _check_optimizers(cfg: RunConfig, optimizers: Sequence[str]) -> None:
+    if not optimizers:
+        raise ValueError("no optimizer given")
+    for name in optimizers:
+        if name not in cfg.optimizers:
+            raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(cfg.optimizers)}")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def _claim_folder(out: Path, resolved: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+    """A fresh comparison needs an empty folder; ``resume`` needs the same config there."""
+    if resume:
+        path = out / "config.json"
+        if not path.is_file():
+            raise ValueError(f"--resume: {out} holds no comparison (no config.json); start a "
+                             f"fresh one without --resume")  # fmt: skip
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"--resume: {path} is not JSON (damaged)") from None
+        if saved != json.loads(json.dumps(resolved)):
+            raise ValueError(f"--resume: {out} holds a comparison with another config or data; "
+                             f"use the same options or another --out")  # fmt: skip
+    prepare_out_dir(out, resume=resume, overwrite=overwrite)
+    write_json(out / "config.json", resolved)
 
 
-def plot_compare(rows: Sequence[OptimizerSummary], path: Path, title: str) -> None:
-    """Two panels: validation loss vs step and vs training wall time; seeds shaded min-max."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in rows:
-        for ax, xs in ((axes[0], r.val_steps), (axes[1], r.val_time_mean)):
-            (line,) = ax.plot(xs, r.val_mean, label=f"{r.optimizer} ({len(r.seeds)} seeds)")
-            ax.fill_between(xs, r.val_min, r.val_max, color=line.get_color(), alpha=0.25)
-    finals = [v for r in rows for v in r.val_min[len(r.val_min) // 4 :]]
-    highs = [v for r in rows for v in r.val_max[len(r.val_max) // 4 :]]
-    for ax, xlabel in ((axes[0], "step"), (axes[1], "training wall time (s)")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation loss (nats/token)")
-        # Zoom on the last three quarters of training, where the optimizers differ.
-        ax.set_ylim(min(finals) - 0.02, max(highs) + 0.02)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _finished(run_dir: Path, cfg: RunConfig) -> RunResult | None:
+    """The result of a finished run in ``run_dir``, if there is one for the full step count."""
+    path = run_dir / "result.json"
+    if not path.is_file():
+        return None
+    result = RunResult(**json.loads(path.read_text()))
+    return result if result.steps == cfg.train.steps else None
 
 
 def run_compare(
@@ -220,78 +119,165 @@ def run_compare(
     device: str | None = None,
     progress: bool | None = None,
     jobs: int = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+    diagnostics_every: int | None = None,
+    tensorboard: bool = False,
+    dist_timeout_s: float | None = None,
     log=print,
 ) -> dict[str, Any]:
-    """Train each optimizer for seeds 0..seeds-1; write results.json, config.json, loss.png.
+    """Train each optimizer for seeds 0..seeds-1; write results.json and config.json.
 
     ``jobs > 1`` runs that many trainings at once in worker processes (one thread each).
+    ``resume``: reuse finished runs in ``out`` and continue interrupted ones from their
+    checkpoints. ``diagnostics_every`` (default: the validation interval; 0 disables) records
+    the neuron diagnostics. Figures: :func:`write_compare_plots`.
     """
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_optimizers(cfg, optimizers)
-    (out / "config.json").write_text(json.dumps(_resolved(cfg, data), indent=2) + "\n")
-    results: dict[str, list[RunResult]] = {name: [] for name in optimizers}
-    jobs_list = [(seed, name) for seed in range(seeds) for name in optimizers]
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    _check_optimizers(cfg, optimizers)
+    cfg.validate()
+    out = Path(out)
+    if diagnostics_every is None:
+        diagnostics_every = cfg.train.val_every
+    _claim_folder(out, _resolved(cfg, data), resume=resume, overwrite=overwrite)
+    jobs_list = [(seed, name) for seed in range(seeds) for name in optimizers]
+    options = {"device": device, "diagnostics_every": diagnostics_every,
+               "tensorboard": tensorboard, "dist_timeout_s": dist_timeout_s}  # fmt: skip
 
     def report(r: RunResult) -> None:
         log(f"{r.optimizer:8s} seed {r.seed}: final val loss {r.final_val_loss:.4f}, "
             f"{r.train_time_s:.1f}s, optimizer step {100 * r.optimizer_share:.1f}%")
 
     done: dict[tuple[int, str], RunResult] = {}
+    todo = []
+    for seed, name in jobs_list:
+        run_dir = out / name / f"seed{seed}"
+        finished = _finished(run_dir, cfg) if resume else None
+        if finished is not None:
+            done[seed, name] = finished
+            report(finished)
+        else:
+            todo.append((seed, name, run_dir, resume and (run_dir / CHECKPOINT_NAME).is_file()))
     if jobs == 1:
-        for seed, name in jobs_list:
-            done[seed, name] = train_run(cfg, name, data, seed=seed,
-                                         out_dir=out / name / f"seed{seed}", device=device,
-                                         progress=progress)  # fmt: skip
+        for seed, name, run_dir, cont in todo:
+            done[seed, name] = train_run(cfg, name, data, seed=seed, out_dir=run_dir,
+                                         resume=cont, overwrite=resume and not cont,
+                                         progress=progress, **options)  # fmt: skip
             report(done[seed, name])
-    else:
+    elif todo:
         # Independent runs in worker processes, one torch thread each (CPU machines with
         # several cores). Each run's timings then include the other workers' contention.
         import concurrent.futures
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-            futures = {
-                pool.submit(_worker_run, cfg, name, data, seed, str(out / name / f"seed{seed}"),
-                            device): (seed, name)
-                for seed, name in jobs_list
-            }  # fmt: skip
-            for future in concurrent.futures.as_completed(futures):
-                done[futures[future]] = future.result()
-                report(done[futures[future]])
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx,
+                                                    initializer=defer_stop_signals) as pool:
+            # At most `jobs` runs submitted at a time, so that after an interrupt no queued
+            # run starts (the running ones get the signal, checkpoint and stop).
+            pending, running = list(todo), {}
+            error: BaseException | None = None
+            with _forward_sigterm(pool):
+                while running or (pending and error is None):
+                    while pending and error is None and len(running) < jobs:
+                        seed, name, run_dir, cont = pending.pop(0)
+                        future = pool.submit(_worker_run, cfg, name, data, seed, str(run_dir),
+                                             cont, resume and not cont, options)  # fmt: skip
+                        running[future] = (seed, name)
+                    try:
+                        finished, _ = concurrent.futures.wait(
+                            running, return_when=concurrent.futures.FIRST_COMPLETED)
+                    except KeyboardInterrupt as exc:  # Ctrl-C: the workers got it too
+                        error = error or exc
+                        continue
+                    for future in finished:
+                        key = running.pop(future)
+                        try:
+                            done[key] = future.result()
+                        except BaseException as exc:
+                            error = error or exc
+                            continue
+                        report(done[key])
+            if error is not None:
+                if not isinstance(error, RunInterrupted) and isinstance(
+                        error, concurrent.futures.process.BrokenProcessPool):
+                    # A worker killed while starting up (before it could defer signals).
+                    raise KeyboardInterrupt from error
+                raise error
+    results: dict[str, list[RunResult]] = {name: [] for name in optimizers}
     for seed, name in jobs_list:
         results[name].append(done[seed, name])
     rows = summarize(results)
-    table = format_table(rows)
+    diag_runs = {name: [_read_jsonl(out / name / f"seed{seed}" / "diagnostics.jsonl")
+                        for seed in range(seeds)] for name in optimizers}  # fmt: skip
+    has_diag = any(recs for runs in diag_runs.values() for recs in runs)
     summary = {
         "preset": cfg.preset,
+        "data": data.source,
         "environment": {**_environment(), "jobs": jobs},
         "target": "AdamW mean final validation loss",
-        "table": table,
+        "table": format_table(rows),
+        "neuron_table": neuron_table(diag_runs) if has_diag else None,
         "rows": [dataclasses.asdict(r) for r in rows],
         "runs": {k: [dataclasses.asdict(r) for r in v] for k, v in results.items()},
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_compare(rows, out / "loss.png", f"{cfg.preset}: {data.source}")
+    write_json(out / "results.json", summary)
     return summary
 
 
-def _worker_run(cfg, name, data, seed, out_dir, device) -> RunResult:
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def write_compare_plots(summary: dict[str, Any], out: str | Path) -> list[Path]:
+    """``loss.png`` (and ``neurons.png`` when diagnostics were recorded) from a summary.
+
+    Raises :class:`~normuon.harness.report.PlottingUnavailable` without matplotlib.
+    """
+    out = Path(out)
+    rows = [OptimizerSummary(**r) for r in summary["rows"]]
+    title = f"{summary['preset']}: {summary['data']}"
+    plot_compare(rows, out / "loss.png", title)
+    written = [out / "loss.png"]
+    diag_runs = {name: [_read_jsonl(out / name / f"seed{r['seed']}" / "diagnostics.jsonl")
+                        for r in runs] for name, runs in summary["runs"].items()}  # fmt: skip
+    if any(recs for runs in diag_runs.values() for recs in runs):
+        plot_neurons(diag_runs, out / "neurons.png", f"neuron balance of the updates, {title}")
+        written.append(out / "neurons.png")
+    return written
+
+
+@contextlib.contextmanager
+def _forward_sigterm(pool):
+    """Pass a SIGTERM of this process on to the pool's workers, which checkpoint and stop.
+
+    (Ctrl-C reaches the workers directly: they share the terminal's process group.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum: int, frame: Any) -> None:
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _worker_run(cfg, name, data, seed, out_dir, resume, overwrite, options) -> RunResult:
     torch.set_num_threads(1)
-    return train_run(cfg, name, data, seed=seed, out_dir=out_dir, device=device, progress=False)
-
-
-def _check_optimizers(cfg: RunConfig, optimizers: Sequence[str]) -> None:
-    if not optimizers:
-        raise ValueError("no optimizer given")
-    for name in optimizers:
-        if name not in cfg.optimizers:
-            raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(cfg.optimizers)}")
+    return train_run(cfg, name, data, seed=seed, out_dir=out_dir, resume=resume,
+                     overwrite=overwrite, progress=False, **options)  # fmt: skip
 
 
 def run_sweep(
@@ -303,23 +289,25 @@ def run_sweep(
     out: str | Path,
     device: str | None = None,
     progress: bool | None = None,
+    overwrite: bool = False,
     log=print,
 ) -> dict[str, Any]:
     """Train each optimizer at each lr of ``lrs[name]`` (the matrix lr for Muon/NorMuon).
 
-    Writes sweep.json, config.json and sweep.png (final validation loss vs lr). A diverged run
+    Writes sweep.json and config.json (figure: :func:`write_sweep_plot`). A diverged run
     counts as an infinite loss rather than aborting the sweep.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     _check_optimizers(cfg, list(lrs))
-    (out / "config.json").write_text(json.dumps(_resolved(cfg, data), indent=2) + "\n")
+    for values in lrs.values():
+        for lr in values:
+            if not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
+                raise ValueError(f"learning rates must be positive numbers, got {lr!r}")
+    _claim_folder(out, _resolved(cfg, data), resume=False, overwrite=overwrite)
     points: dict[str, list[dict[str, float]]] = {}
     for name, values in lrs.items():
         points[name] = []
         for lr in values:
-            if not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
-                raise ValueError(f"learning rates must be positive numbers, got {lr!r}")
             run_cfg = copy.deepcopy(cfg)
             run_cfg.optimizers[name].lr = lr
             try:
@@ -337,40 +325,23 @@ def run_sweep(
 def write_sweep(
     points: dict[str, list[dict[str, float]]], out: str | Path, *, preset: str, seed: int
 ) -> dict[str, Any]:
-    """Table, sweep.json and sweep.png for {optimizer: [{"lr", "final_val_loss"}, ...]}."""
+    """Table and sweep.json for {optimizer: [{"lr", "final_val_loss"}, ...]}."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| optimizer | lr | final val loss | best |", "|---|---|---|---|"]
-    best: dict[str, float] = {}
-    for name, pts in points.items():
-        pts.sort(key=lambda p: p["lr"])
-        top = min(pts, key=lambda p: p["final_val_loss"])
-        best[name] = top["lr"]
-        for p in pts:
-            mark = "**best**" if p is top else ""
-            lines.append(f"| {name} | {p['lr']:g} | {p['final_val_loss']:.4f} | {mark} |")
-    table = "\n".join(lines)
+    table, best = sweep_table(points)
     summary = {"preset": preset, "environment": _environment(), "seed": seed,
                "points": points, "best_lr": best, "table": table}  # fmt: skip
     # json cannot hold inf: a diverged run is written as null.
     safe = json.loads(json.dumps(summary).replace("Infinity", "null"))
-    (out / "sweep.json").write_text(json.dumps(safe, indent=2) + "\n")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for name, pts in points.items():
-        ok = [p for p in pts if math.isfinite(p["final_val_loss"])]
-        ax.plot([p["lr"] for p in ok], [p["final_val_loss"] for p in ok], "o-", label=name)
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels overlap on a log axis
-    ax.set_xlabel("learning rate (AdamW: all params; Muon/NorMuon: hidden matrices)")
-    ax.set_ylabel("final validation loss")
-    ax.set_title(f"lr sweep, {preset}, seed {seed}")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "sweep.png", dpi=120)
-    plt.close(fig)
+    write_json(out / "sweep.json", safe)
     return summary
+
+
+def write_sweep_plot(summary: dict[str, Any], out: str | Path) -> Path:
+    """``sweep.png`` from :func:`write_sweep`'s summary (needs matplotlib)."""
+    path = Path(out) / "sweep.png"
+    plot_sweep(summary["points"], path, f"lr sweep, {summary['preset']}, seed {summary['seed']}")
+    return path
 
 
 def merge_sweeps(folders: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
@@ -381,6 +352,8 @@ def merge_sweeps(folders: Sequence[str | Path], out: str | Path) -> dict[str, An
     points: dict[str, list[dict[str, float]]] = {}
     meta: set[tuple[str, int]] = set()
     for folder in folders:
+        if not Path(folder).is_dir():
+            raise ValueError(f"--merge: {folder} is not a folder")
         path = Path(folder) / "sweep.json"
         if path.is_file():
             data = json.loads(path.read_text())

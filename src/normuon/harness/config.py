@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import math
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -21,6 +25,9 @@ __all__ = [
     "OPTIMIZERS",
     "get_preset",
     "config_from_dict",
+    "apply_overrides",
+    "apply_config_file",
+    "settable_fields",
 ]
 
 #: The optimizers the harness knows, in the order tables and plots list them.
@@ -161,13 +168,44 @@ class RunConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {t.val_fraction}")
         if t.parallel not in ("ddp", "fsdp2"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp2', got {t.parallel!r}")
+        for fname, value in (("min_lr_frac", t.min_lr_frac), ("grad_clip", t.grad_clip),
+                             ("rope_base", m.rope_base)):  # fmt: skip
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{fname} must be a finite number >= 0, got {value!r}")
+        if t.min_lr_frac > 1:
+            raise ValueError(f"min_lr_frac must be in [0, 1], got {t.min_lr_frac}")
+        if not _is_int(t.checkpoint_every) or t.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an int >= 0, got {t.checkpoint_every!r}")
+        for fname, value in (("vocab_size", m.vocab_size), ("mlp_ratio", m.mlp_ratio),
+                             ("max_seq_len", m.max_seq_len)):  # fmt: skip
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{fname} must be a positive int, got {value!r}")
         for name, opt in self.optimizers.items():
             if name not in OPTIMIZERS:
                 raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
-            if not opt.lr > 0 or not opt.adamw_lr > 0:
-                raise ValueError(f"{name}: learning rates must be > 0, got {opt}")
+            for fname in ("lr", "adamw_lr"):
+                value = getattr(opt, fname)
+                if not _is_number(value) or not math.isfinite(value) or not value > 0:
+                    raise ValueError(f"{name}.{fname} must be a number > 0, got {value!r}")
+            if not _is_number(opt.weight_decay) or not 0 <= opt.weight_decay < math.inf:
+                raise ValueError(f"{name}.weight_decay must be >= 0, got {opt.weight_decay!r}")
+            for fname, value in (("momentum", opt.momentum), ("beta2", opt.beta2),
+                                 ("betas[0]", opt.betas[0]), ("betas[1]", opt.betas[1])):
+                if not _is_number(value) or not 0 <= value < 1:
+                    raise ValueError(f"{name}.{fname} must be in [0, 1), got {value!r}")
+            if opt.update_scale not in ("preserve_norm", "adam_rms"):
+                raise ValueError(f"{name}.update_scale must be 'preserve_norm' or 'adam_rms', "
+                                 f"got {opt.update_scale!r}")  # fmt: skip
             if opt.ns_dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
-                raise ValueError(f"{name}: unknown ns_dtype {opt.ns_dtype!r}")
+                raise ValueError(f"{name}.ns_dtype: unknown dtype {opt.ns_dtype!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
@@ -199,6 +237,44 @@ def _cpu_optimizers(
     }
 
 
+#: The size ladder of docs/results.md: (n_layer, d_model, n_head) per rung.
+LADDER_SHAPES = {"xs": (2, 16, 2), "s": (2, 32, 2), "m": (3, 64, 2)}
+#: Tuned under the fair protocol (examples/fair_comparison.py, docs/results.md) on the embedded
+#: Shakespeare corpus, per rung: {optimizer: (lr, embeddings/head AdamW lr)}. AdamW's single lr
+#: covers every parameter (its second value is unused).
+LADDER_TUNED = {
+    "xs": {"adamw": (0.064, 0.004), "muon": (0.02, 0.032), "normuon": (0.04, 0.032)},
+    "s": {"adamw": (0.064, 0.004), "muon": (0.08, 0.016), "normuon": (0.04, 0.032)},
+    "m": {"adamw": (0.032, 0.004), "muon": (0.04, 0.016), "normuon": (0.04, 0.032)},
+}
+
+
+def _ladder(size: str, description: str) -> RunConfig:
+    """A rung of the size ladder with its tuned learning rates (the fair-comparison recipe).
+
+    Same recipe for all three optimizers: batch 16 x 64 bytes, 300 steps, 20 warmup steps then
+    warmup-stable-decay with the last 50% decaying to 0, global gradient clipping at 1.0; AdamW
+    decays its hidden matrices with weight decay 0.1 (Muon and NorMuon: none).
+    """
+    n_layer, d_model, n_head = LADDER_SHAPES[size]
+    tuned = LADDER_TUNED[size]
+    optimizers = {
+        "adamw": OptimizerConfig(lr=tuned["adamw"][0], weight_decay=0.1),
+        "muon": OptimizerConfig(lr=tuned["muon"][0], adamw_lr=tuned["muon"][1]),
+        "normuon": OptimizerConfig(lr=tuned["normuon"][0], adamw_lr=tuned["normuon"][1]),
+    }
+    return RunConfig(
+        preset=f"ladder-{size}",
+        description=description,
+        model=ModelConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_head, d_model=d_model,
+                          max_seq_len=64),
+        train=TrainConfig(batch_size=16, seq_len=64, steps=300, warmup_steps=20,
+                          cooldown_frac=0.5, grad_clip=1.0, val_every=20, val_batches=8,
+                          log_every=20),
+        optimizers=optimizers,
+    )  # fmt: skip
+
+
 def _presets() -> dict[str, RunConfig]:
     presets = {}
     presets["cpu-smoke"] = RunConfig(
@@ -209,18 +285,16 @@ def _presets() -> dict[str, RunConfig]:
                           val_batches=2, log_every=5),  # fmt: skip
         optimizers=_cpu_optimizers(adamw_lr=1e-2, muon_lr=0.05, normuon_lr=0.05, aux_lr=1e-2),
     )
-    # The default: the 3-optimizer comparison (one seed each) in well under 10 minutes on a
-    # 2-core CPU. Learning rates from `normuon sweep --preset cpu-small` (docs/results.md):
-    # AdamW swept 0.002-0.064 (best 0.032), Muon and NorMuon 0.01-0.08 (best 0.04 each), with
-    # Muon/NorMuon's embeddings and head at AdamW lr 0.004 during the sweep and here.
-    presets["cpu-small"] = RunConfig(
+    for size, params in (("xs", "14k"), ("s", "41k"), ("m", "180k")):
+        presets[f"ladder-{size}"] = _ladder(
+            size, f"Size ladder rung {size} ({params} params), tuned under the fair protocol."
+        )
+    # The default: the fair-comparison recipe and tuned learning rates of the largest ladder
+    # rung (docs/results.md), one seed per optimizer in about a minute on 2 CPU cores.
+    presets["cpu-small"] = dataclasses.replace(
+        _ladder("m", "Default: byte-level GPT on Shakespeare, tuned fair recipe, ~1 min."),
         preset="cpu-small",
-        description="Default: byte-level GPT on Shakespeare, ~2 minutes per run on 2 CPU cores.",
-        model=ModelConfig(n_layer=4, n_head=4, n_kv_head=4, d_model=128, max_seq_len=128),
-        train=TrainConfig(batch_size=16, seq_len=128, steps=300, warmup_steps=20,
-                          cooldown_frac=0.5, val_every=25, val_batches=8, log_every=10),
-        optimizers=_cpu_optimizers(adamw_lr=0.032, muon_lr=0.04, normuon_lr=0.04, aux_lr=4e-3),
-    )  # fmt: skip
+    )
     presets["cpu-medium"] = RunConfig(
         preset="cpu-medium",
         description="A larger CPU run (tens of minutes per optimizer on 2 cores).",
@@ -290,3 +364,168 @@ def get_preset(name: str) -> RunConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
+
+
+# ------------------------------------------------------------------ command-line overrides
+
+_SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def settable_fields() -> list[str]:
+    """Every key ``--set KEY=VALUE`` accepts (``OPT`` is adamw, muon or normuon)."""
+    keys = [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
+    keys += [f"OPT.{f.name}" for f in dataclasses.fields(OptimizerConfig)]
+    return keys
+
+
+def _hint(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _parse_text(text: str, hint: Any, key: str) -> Any:
+    """A command-line string -> the field's type; ValueError naming the key."""
+    try:
+        if hint is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        if hint is str:
+            return text
+        if typing.get_origin(hint) is tuple:  # betas: "0.9,0.95"
+            items = tuple(float(x) for x in text.split(","))
+            if len(items) != len(typing.get_args(hint)):
+                raise ValueError
+            return items
+    except ValueError:
+        pass
+    else:
+        raise TypeError(f"{key}: unsupported field type {hint!r}")
+    raise ValueError(f"{key} expects {_type_name(hint)}, got {text!r}")
+
+
+def _check_json_value(value: Any, hint: Any, key: str) -> Any:
+    """A config-file value -> the field's type (ints accepted for floats); ValueError."""
+    ok = False
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = _is_int(value)
+    elif hint is float:
+        ok = _is_number(value)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(hint) is tuple:
+        ok = (isinstance(value, (list, tuple)) and len(value) == len(typing.get_args(hint))
+              and all(_is_number(v) for v in value))  # fmt: skip
+        value = tuple(float(v) for v in value) if ok else value
+    if not ok:
+        raise ValueError(f"{key} expects {_type_name(hint)}, got {value!r}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"{len(typing.get_args(hint))} comma-separated numbers"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, str(hint))
+
+
+def _targets(cfg: RunConfig, key: str) -> list[tuple[Any, str, str]]:
+    """(object, field name, qualified key) for a dotted key; ValueError if unknown."""
+    parts = key.split(".")
+    opt_fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    if len(parts) == 3 and parts[0] == "optimizers":
+        parts = parts[1:]
+    if len(parts) == 2 and parts[0] in _SECTIONS:
+        section, name = parts
+        if name not in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
+            raise ValueError(f"unknown field {key!r}; {section} fields: "
+                             f"{', '.join(f.name for f in dataclasses.fields(_SECTIONS[section]))}")
+        return [(getattr(cfg, section), name, key)]
+    if len(parts) == 2 and parts[0] in OPTIMIZERS:
+        opt, name = parts
+        if name not in opt_fields:
+            raise ValueError(f"unknown field {key!r}; optimizer fields: {', '.join(opt_fields)}")
+        if opt not in cfg.optimizers:
+            raise ValueError(f"{key}: preset {cfg.preset!r} has no {opt!r} settings")
+        return [(cfg.optimizers[opt], name, key)]
+    if len(parts) == 1:
+        owners = [s for s, cls in _SECTIONS.items()
+                  if key in {f.name for f in dataclasses.fields(cls)}]  # fmt: skip
+        if len(owners) == 1:
+            return [(getattr(cfg, owners[0]), key, f"{owners[0]}.{key}")]
+        if key in opt_fields:
+            raise ValueError(f"{key!r} is set per optimizer: write adamw.{key}, muon.{key} or "
+                             f"normuon.{key}")  # fmt: skip
+    raise ValueError(f"unknown field {key!r}; settable: model.FIELD, train.FIELD, OPT.FIELD "
+                     f"(OPT: {', '.join(OPTIMIZERS)}); see normuon train --list-fields")
+
+
+def apply_overrides(cfg: RunConfig, assignments: list[str]) -> RunConfig:
+    """Apply ``KEY=VALUE`` strings (``--set``) to ``cfg`` in place, then validate it.
+
+    KEY is ``model.FIELD``, ``train.FIELD`` or ``OPT.FIELD`` (``adamw.lr``,
+    ``muon.adamw_lr``...); a FIELD that exists in one section only may stand alone
+    (``grad_clip=1``). Values are parsed to the field's type. ValueError names the key.
+    """
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. train.grad_clip=1.0")
+        for obj, name, qualified in _targets(cfg, key.strip()):
+            setattr(obj, name, _parse_text(text.strip(), _hint(type(obj), name), qualified))
+    cfg.validate()
+    return cfg
+
+
+def apply_config_file(cfg: RunConfig, path: str | Path) -> RunConfig:
+    """Apply a JSON file of settings to ``cfg`` in place, then validate it.
+
+    The file holds ``{"model": {...}, "train": {...}, "optimizers": {"adamw": {...}}}`` with any
+    subset of fields (a run's ``config.json`` works too: its ``config`` entry is used).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"--config {path} is a folder, not a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--config {path}: not valid JSON ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of settings")
+    for section, values in data.items():
+        if section in ("preset", "description"):
+            continue
+        if section == "optimizers" and isinstance(values, dict):
+            items = [(f"{o}.{k}", v) for o, fields in values.items()
+                     for k, v in (fields.items() if isinstance(fields, dict) else [(None, None)])]
+        elif section in _SECTIONS and isinstance(values, dict):
+            items = [(f"{section}.{k}", v) for k, v in values.items()]
+        else:
+            raise ValueError(f"--config {path}: unknown section {section!r}; sections: model, "
+                             f"train, optimizers")  # fmt: skip
+        for key, value in items:
+            if key.endswith(".None"):
+                raise ValueError(f"--config {path}: {key[:-5]} must be an object of settings")
+            if key.split(".")[0] not in OPTIMIZERS and section == "optimizers":
+                raise ValueError(f"--config {path}: unknown optimizer {key.split('.')[0]!r}")
+            try:
+                for obj, name, qualified in _targets(cfg, key):
+                    setattr(obj, name, _check_json_value(value, _hint(type(obj), name),
+                                                         qualified))  # fmt: skip
+            except ValueError as exc:
+                raise ValueError(f"--config {path}: {exc}") from None
+    cfg.validate()
+    return cfg

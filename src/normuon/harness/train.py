@@ -2,14 +2,25 @@
 
 Layering: this module uses only the public API of the library (``NorMuon``, ``Muon``,
 ``param_groups``); the comparison (``compare.py``) calls :func:`train_run` once per
-(optimizer, seed).
+(optimizer, seed). The loop is a :class:`Trainer`: setup (model, optimizer, schedule),
+checkpointing, evaluation and the step are separate methods; the process side (device,
+process group, teardown) lives in :mod:`~normuon.harness.runtime` and the run folder and
+checkpoint files in :mod:`~normuon.harness.checkpoint`.
 
 Files written into the run directory (rank 0 only):
 
-- ``config.json``: the resolved :class:`~normuon.harness.config.RunConfig` plus run identity;
-- ``metrics.jsonl``: one JSON object per line, ``{"kind": "train" | "val", "step": ...}``;
+- ``config.json``: the resolved :class:`~normuon.harness.config.RunConfig` plus run identity
+  and the run id;
+- ``metrics.jsonl``: a header ``{"kind": "run", "run_id": ...}`` then one JSON object per line,
+  ``{"kind": "train" | "val", "step": ...}``;
 - ``checkpoint.pt``: model, optimizer, scheduler, RNG states and data position (atomic writes);
-- ``result.json``: the summary (final validation loss, timings, optimizer state bytes).
+- ``result.json``: the summary (final validation loss, timings, optimizer state bytes);
+- ``diagnostics.jsonl`` (``diagnostics_every > 0``): per-neuron update statistics
+  (:mod:`normuon.diagnostics`); ``tensorboard/`` (``tensorboard=True``): the same as scalars.
+
+SIGINT (Ctrl-C) and SIGTERM (what schedulers send before a kill) stop the run after the step in
+progress: it writes a checkpoint and raises :class:`RunInterrupted`; ``resume=True`` then
+finishes with exactly the result of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,10 +29,10 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import sys
-import tempfile
+import signal
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,15 +43,26 @@ from torch import nn
 
 from normuon import Muon, NorMuon, param_groups
 
+from .checkpoint import CHECKPOINT_NAME, atomic_save, load_checkpoint, prepare_out_dir, write_json
 from .config import OPTIMIZERS, SCHEDULES, OptimizerConfig, RunConfig, TrainConfig
 from .data import TokenData, get_batch, validation_batches
 from .model import GPT
+from .runtime import Dist, init_distributed, progress_bar, sync
 
-__all__ = ["RunResult", "train_run", "build_optimizer", "LRSchedule", "optimizer_state_bytes"]
+__all__ = [
+    "RunResult",
+    "RunInterrupted",
+    "Trainer",
+    "train_run",
+    "build_optimizer",
+    "LRSchedule",
+    "optimizer_state_bytes",
+    "CHECKPOINT_NAME",
+    "MAX_SEED",
+]
 
-CHECKPOINT_NAME = "checkpoint.pt"
-
-
+#: Largest seed: batch generators are seeded with seed * 1_000_003 + step (< 2**63).
+MAX_SEED = 2**32 - 1
 @dataclass
 class RunResult:
     """Summary of one run (also written as ``result.json``)."""
@@ -149,42 +171,10 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                 total += value.numel() * value.element_size()
     return total
 
-
-# ------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+# ------------------------------------------------------------------------- parallelism
 
 
-def _init_distributed(device_arg: str | None) -> tuple[_Dist, torch.device]:
-    """Process group under torchrun (WORLD_SIZE > 1), and this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = torch.cuda.is_available() and device_arg in (None, "auto", "cuda")
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        if use_cuda:
-            torch.cuda.set_device(local)
-            return _Dist(rank, world, local), torch.device("cuda", local)
-        return _Dist(rank, world, local), torch.device("cpu")
-    if device_arg in (None, "auto"):
-        return _Dist(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return _Dist(), torch.device(device_arg)
-    except RuntimeError as exc:
-        raise ValueError(f"invalid --device {device_arg!r}: {exc}") from None
-
-
-def _wrap_model(model: nn.Module, cfg: TrainConfig, d: _Dist, device: torch.device) -> nn.Module:
+def _wrap_model(model: nn.Module, cfg: TrainConfig, d: Dist, device: torch.device) -> nn.Module:
     """The module the training loop calls: DDP or FSDP2 under torchrun, optionally compiled.
 
     FSDP2 (``parallel="fsdp2"``) shards every block and then the root with
@@ -217,7 +207,7 @@ def _is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _full_state(model: nn.Module, opt: torch.optim.Optimizer, d: _Dist) -> tuple[Any, Any]:
+def _full_state(model: nn.Module, opt: torch.optim.Optimizer, d: Dist) -> tuple[Any, Any]:
     """Model and optimizer state with whole tensors on the CPU, whatever the parallelism.
 
     A collective under torchrun (call it on every rank). Sharded (FSDP2) models go through
@@ -234,7 +224,7 @@ def _full_state(model: nn.Module, opt: torch.optim.Optimizer, d: _Dist) -> tuple
 
 
 def _load_full_state(
-    model: nn.Module, opt: torch.optim.Optimizer, model_sd: Any, opt_sd: Any, d: _Dist
+    model: nn.Module, opt: torch.optim.Optimizer, model_sd: Any, opt_sd: Any, d: Dist
 ) -> None:
     """Inverse of :func:`_full_state`: every rank passes the whole saved state."""
     if d.world > 1 and _is_sharded(model):
@@ -248,53 +238,445 @@ def _load_full_state(
     opt.load_state_dict(opt_sd)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ------------------------------------------------------------------------- checkpoints
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace (atomic rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
 
 # ------------------------------------------------------------------------- the loop
 
 
-def _progress(total: int, initial: int, enabled: bool | None, desc: str):
-    """A tqdm bar, or None when disabled (not a TTY, CI=true, or asked)."""
-    if enabled is None:
-        enabled = sys.stderr.isatty() and os.environ.get("CI", "").lower() not in ("true", "1")
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm  # lazy: the library itself does not depend on tqdm
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM stopped a run; a checkpoint of the last finished step was written."""
 
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} received: stopped after step {step}, checkpoint saved to {checkpoint}; "
+            f"continue with --resume"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable with its own arguments (it crosses process boundaries from --jobs workers).
+        return (RunInterrupted, (self.signum, self.step, self.checkpoint))
+
+
+#: Signals a worker process received between runs (see :func:`defer_stop_signals`).
+_early_signals: list[int] = []
+
+
+def defer_stop_signals() -> None:
+    """Remember SIGINT/SIGTERM that arrive outside a training loop instead of dying.
+
+    For worker processes (``compare --jobs``): a signal that lands while a worker starts a run
+    makes that run stop (with a checkpoint) after its first step rather than killing the
+    worker and breaking the pool.
+    """
+
+    def remember(signum: int, frame: Any) -> None:
+        _early_signals.append(signum)
+
+    for sig in _StopSignals.SIGNALS:
+        signal.signal(sig, remember)
+
+
+class _StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (main thread only).
+
+    A second signal while the first is being handled raises KeyboardInterrupt at once, for a
+    user who does not want to wait for the checkpoint.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> _StopSignals:
+        if _early_signals:
+            self.received = _early_signals[0]
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        installed = bool(self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        if installed and exc_type is None and self.received is not None:
+            # The signal came after the last step's check (during the final checkpoint): the
+            # run is complete and saved; hand the signal on so the caller stops too.
+            signal.raise_signal(self.received)
+
+
+def _check_seed(seed: Any) -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    return seed
+
+
+class Trainer:
+    """One run, step by step: build with the settings, :meth:`start`, then :meth:`fit`.
+
+    ``train_run`` is the one-call form. The attributes ``step``, ``model``, ``optimizer`` and
+    ``history`` are public for callers that drive the loop themselves (tests, notebooks).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        optimizer: str,
+        data: TokenData,
+        *,
+        seed: int = 0,
+        out_dir: str | Path,
+        device: str | None = None,
+        dist_timeout_s: float | None = None,
+        progress: bool | None = None,
+        tensorboard: bool = False,
+        diagnostics_every: int = 0,
+    ) -> None:
+        if optimizer not in cfg.optimizers:
+            raise ValueError(
+                f"optimizer {optimizer!r} has no settings in preset {cfg.preset!r} "
+                f"(has: {', '.join(cfg.optimizers)})"
+            )
+        if not isinstance(diagnostics_every, int) or diagnostics_every < 0:
+            raise ValueError(f"diagnostics_every must be an int >= 0, got {diagnostics_every!r}")
+        self.seed = _check_seed(seed)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model))
+        cfg.model.vocab_size = data.vocab_size  # the data decides the vocabulary
+        cfg.validate()
+        self.cfg, self.name, self.data = cfg, optimizer, data
+        self.tcfg = cfg.train
+        self.out = Path(out_dir)
+        self.dist, self.device = init_distributed(device, dist_timeout_s)
+        d = self.dist
+        if self.tcfg.batch_size % (d.world * self.tcfg.grad_accum):
+            raise ValueError(
+                f"batch_size={self.tcfg.batch_size} is not divisible by world size x grad_accum "
+                f"= {d.world} x {self.tcfg.grad_accum}"
+            )
+        self.progress = progress if d.main else False
+        self.identity = {"optimizer": optimizer, "seed": seed, "data": data.source,
+                         "world_size": d.world, "config": cfg.to_dict()}  # fmt: skip
+        self._tensorboard = tensorboard
+        self._diagnostics_every = diagnostics_every
+        self._build()
+        self.step, self.train_time, self.opt_time = 0, 0.0, 0.0
+        self.history: list[dict[str, Any]] = []
+        self.run_id = ""
+        # Train-loss accumulator since the last log line (in the checkpoint, so that the
+        # logged losses of a resumed run match too).
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_count = 0
+        self.writer = None
+        self.diagnostics = None
+
+    # ---------------------------------------------------------------- setup
+
+    def _build(self) -> None:
+        """Model, optimizer, schedule, autocast and the fixed validation batches."""
+        tcfg, dev = self.tcfg, self.device
+        torch.manual_seed(self.seed)  # model init depends on the seed only, not the optimizer
+        self.raw_model = GPT(self.cfg.model).to(dev)
+        self.n_params = sum(p.numel() for p in self.raw_model.parameters())
+        self.model = _wrap_model(self.raw_model, tcfg, self.dist, dev)
+        self.optimizer = build_optimizer(self.name, self.raw_model, self.cfg.optimizers[self.name],
+                                         dev)  # fmt: skip
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LRSchedule(tcfg))
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if dev.type == "cuda" and tcfg.autocast_bf16
+            else contextlib.nullcontext()
+        )
+        self.val_set = validation_batches(self.data.val, tcfg.batch_size, tcfg.seq_len,
+                                          tcfg.val_batches)  # fmt: skip
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT_NAME
+
+    def start(self, *, resume: bool = False, overwrite: bool = False) -> None:
+        """Claim the run folder (fresh) or restore the checkpoint there (``resume``)."""
+        if self.dist.main:
+            prepare_out_dir(self.out, resume=resume, overwrite=overwrite)
+        if resume:
+            self._restore()
+        else:
+            self.run_id = uuid.uuid4().hex
+            self.history = [{"kind": "run", "run_id": self.run_id, "optimizer": self.name,
+                             "seed": self.seed}]  # fmt: skip
+        if self.dist.main:
+            write_json(self.out / "config.json", {**self.identity, "run_id": self.run_id})
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            self._open_loggers()
+
+    def _restore(self) -> None:
+        ckpt = load_checkpoint(self.checkpoint_path)
+        saved = json.loads(ckpt["run_json"])
+        if saved != json.loads(json.dumps(self.identity)):
+            raise ValueError(
+                f"--resume: {self.checkpoint_path} was written by a different run (config, "
+                f"optimizer, seed, data or world size differ); start a fresh run in another "
+                f"--out folder"
+            )
+        self.run_id = ckpt.get("run_id", "")
+        self.history = self._read_own_metrics(int(ckpt["step"]))
+        _load_full_state(self.raw_model, self.optimizer, ckpt["model"], ckpt["optimizer"],
+                         self.dist)  # fmt: skip
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if self.device.type == "cuda" and ckpt.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], self.device)
+        self.step, self.train_time, self.opt_time = ckpt["step"], ckpt["train_time"], ckpt[
+            "opt_time"]  # fmt: skip
+        self.loss_sum.copy_(ckpt["loss_sum"])
+        self.loss_count = ckpt["loss_count"]
+
+    def _read_own_metrics(self, step: int) -> list[dict[str, Any]]:
+        """The metrics lines of this run up to ``step``; ValueError if they are another run's."""
+        path = self.metrics_path
+        if not path.is_file():
+            raise ValueError(f"--resume: {path} is missing; the run folder is incomplete")
+        try:
+            records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        except json.JSONDecodeError:
+            raise ValueError(f"--resume: {path} is not JSON lines (damaged)") from None
+        head = records[0] if records else {}
+        if head.get("kind") != "run" or head.get("run_id") != self.run_id:
+            raise ValueError(
+                f"--resume: {path} belongs to another run than {self.checkpoint_path} (run ids "
+                f"{head.get('run_id')!r} and {self.run_id!r}); start a fresh run with --overwrite"
+            )
+        # Lines written after the checkpoint (a crash) are dropped: they will be redone.
+        return [records[0]] + [r for r in records[1:] if r["step"] <= step]
+
+    def _open_loggers(self) -> None:
+        if self._tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
+            # purge_step: a resumed run drops the events written after its checkpoint.
+            purge = self.step + 1 if self.step else None
+            self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=purge)
+        if self._diagnostics_every:
+            if self.dist.world > 1 and _is_sharded(self.raw_model):
+                raise ValueError("diagnostics need whole parameters: not available with fsdp2")
+            from normuon.diagnostics import NeuronDiagnostics, hidden_matrices
+
+            path = self.out / "diagnostics.jsonl"
+            if self.step and path.is_file():  # keep the records up to the checkpoint
+                kept = [line for line in path.read_text().splitlines()
+                        if line and json.loads(line)["step"] <= self.step]  # fmt: skip
+                path.write_text("".join(line + "\n" for line in kept))
+            elif path.exists():
+                path.unlink()
+            self.diagnostics = NeuronDiagnostics(
+                hidden_matrices(self.raw_model), every=self._diagnostics_every, jsonl=path,
+                writer=self.writer, start_step=self.step,
+            ).attach(self.optimizer)  # fmt: skip
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if not self.dist.main:
+            return
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key in ("train_loss", "val_loss", "lr", "tokens_per_s"):
+                if key in record:
+                    self.writer.add_scalar(f"{key}", record[key], record["step"])
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint.pt`` atomically (a collective under torchrun: call on all ranks)."""
+        model_state, opt_state = _full_state(self.raw_model, self.optimizer, self.dist)
+        if not self.dist.main:
+            return
+        atomic_save(
+            {
+                "step": self.step,  # also the data position: batch s depends on (seed, s) only
+                "model": model_state,
+                "optimizer": opt_state,
+                "scheduler": self.scheduler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(self.device)
+                if self.device.type == "cuda" else None,
+                "train_time": self.train_time,
+                "opt_time": self.opt_time,
+                "loss_sum": self.loss_sum.detach().cpu(),
+                "loss_count": self.loss_count,
+                "run_json": json.dumps(self.identity),
+                "run_id": self.run_id,
+            },
+            self.checkpoint_path,
+        )  # fmt: skip
+
+    def _shard(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # Global batch (B, T) -> this rank's rows -> grad_accum micro-batches on the device.
+        d, b = self.dist, self.tcfg.batch_size
+        mine = x[d.rank * b // d.world : (d.rank + 1) * b // d.world]
+        return list(mine.to(self.device, non_blocking=True).chunk(self.tcfg.grad_accum))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches (all ranks together)."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for x, y in self.val_set:
+            for xm, ym in zip(self._shard(x), self._shard(y), strict=True):
+                with self.autocast:
+                    total += self.model(xm, ym).double()
+        self.model.train()
+        if self.dist.world > 1:
+            dist.all_reduce(total)
+        return float(total) / (len(self.val_set) * self.tcfg.grad_accum * self.dist.world)
+
+    # ---------------------------------------------------------------- the step
+
+    def train_step(self) -> float:
+        """One optimizer step on batch ``self.step``; returns the lr it used."""
+        tcfg, dev = self.tcfg, self.device
+        sync(dev)
+        t0 = time.perf_counter()
+        x, y = get_batch(self.data.train, tcfg.batch_size, tcfg.seq_len, self.seed, self.step)
+        for i, (xm, ym) in enumerate(zip(self._shard(x), self._shard(y), strict=True)):
+            last = i == tcfg.grad_accum - 1
+            # DDP all-reduces gradients on the last micro-batch only.
+            sync_ctx = (self.model.no_sync()
+                        if self.dist.world > 1 and not last and hasattr(self.model, "no_sync")
+                        else contextlib.nullcontext())  # fmt: skip
+            with sync_ctx, self.autocast:
+                loss = self.model(xm, ym) / tcfg.grad_accum
+            with sync_ctx:
+                loss.backward()
+            self.loss_sum += loss.detach()
+        if tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tcfg.grad_clip)
+        lr_now = self.optimizer.param_groups[0]["lr"]
+        sync(dev)
+        t1 = time.perf_counter()
+        self.optimizer.step()
+        sync(dev)
+        t2 = time.perf_counter()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.loss_count += 1
+        self.train_time += time.perf_counter() - t0
+        self.opt_time += t2 - t1
+        return lr_now
+
+    def _after_step(self, lr_now: float, bar: Any) -> None:
+        """Logging, evaluation and periodic checkpoints due after step ``self.step``."""
+        tcfg, step = self.tcfg, self.step
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+            train_loss = float(self.loss_sum) / self.loss_count
+            self.loss_sum.zero_()
+            self.loss_count = 0
+            tok_s = step * tcfg.batch_size * tcfg.seq_len / max(self.train_time, 1e-9)
+            self.log({"kind": "train", "step": step, "train_loss": train_loss, "lr": lr_now,
+                      "time": self.train_time, "tokens_per_s": tok_s})  # fmt: skip
+            if bar is not None:
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        if step % tcfg.val_every == 0 or step == tcfg.steps:
+            val = self.evaluate()
+            self.log({"kind": "val", "step": step, "val_loss": val, "time": self.train_time})
+            if not math.isfinite(val):
+                raise FloatingPointError(
+                    f"{self.name} (seed {self.seed}) diverged: validation loss {val} at step "
+                    f"{step}; lower the learning rate"
+                )
+        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def _stop_requested(self, signals: _StopSignals) -> int | None:
+        """The signal that asked to stop, agreed by every rank (any rank's signal counts)."""
+        flag = signals.received or 0
+        if self.dist.world > 1:
+            t = torch.tensor([flag], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+        return flag or None
+
+    def fit(self, stop_at_step: int | None = None) -> RunResult:
+        """Train to the configured steps (or ``stop_at_step``), checkpoint, return the summary.
+
+        Raises :class:`RunInterrupted` (after checkpointing) on SIGINT/SIGTERM.
+        """
+        tcfg = self.tcfg
+        end = tcfg.steps if stop_at_step is None else min(tcfg.steps, stop_at_step)
+        bar = progress_bar(tcfg.steps, self.step, self.progress, f"{self.name} seed {self.seed}")
+        try:
+            with _StopSignals() as signals:
+                if self.step == 0:
+                    self.log({"kind": "val", "step": 0, "val_loss": self.evaluate(), "time": 0.0})
+                self.model.train()
+                while self.step < end:
+                    lr_now = self.train_step()
+                    self._after_step(lr_now, bar)
+                    if bar is not None:
+                        bar.update(1)
+                    signum = self._stop_requested(signals)
+                    if signum is not None and self.step < end:
+                        self.save_checkpoint()
+                        raise RunInterrupted(signum, self.step, self.checkpoint_path)
+                self.save_checkpoint()
+                result = self.result()  # written before a late signal is handed on
+        finally:
+            if bar is not None:
+                bar.close()
+            self.close()
+        return result
+
+    def close(self) -> None:
+        """Detach the diagnostics hooks and flush the TensorBoard writer."""
+        if self.diagnostics is not None:
+            self.diagnostics.detach()
+            self.diagnostics = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def result(self) -> RunResult:
+        """The run's summary; written as ``result.json`` by rank 0."""
+        vals = [r for r in self.history if r["kind"] == "val"]
+        tcfg = self.tcfg
+        tt = self.train_time
+        result = RunResult(
+            optimizer=self.name,
+            seed=self.seed,
+            steps=self.step,
+            final_val_loss=vals[-1]["val_loss"],
+            val_steps=[r["step"] for r in vals],
+            val_losses=[r["val_loss"] for r in vals],
+            val_times=[r["time"] for r in vals],
+            train_time_s=tt,
+            optimizer_time_s=self.opt_time,
+            optimizer_share=self.opt_time / tt if tt > 0 else 0.0,
+            optimizer_state_bytes=optimizer_state_bytes(self.optimizer),
+            tokens_per_s=self.step * tcfg.batch_size * tcfg.seq_len / tt if tt > 0 else 0.0,
+            n_params=self.n_params,
+            device=str(self.device),
+            out_dir=str(self.out),
+        )
+        if self.dist.main:
+            write_json(self.out / "result.json", dataclasses.asdict(result))
+        return result
 
 
 def train_run(
@@ -306,207 +688,23 @@ def train_run(
     out_dir: str | Path,
     device: str | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     stop_at_step: int | None = None,
     progress: bool | None = None,
+    dist_timeout_s: float | None = None,
+    tensorboard: bool = False,
+    diagnostics_every: int = 0,
 ) -> RunResult:
     """Train ``cfg``'s GPT on ``data`` with ``optimizer`` and return the run's summary.
 
-    ``resume=True`` continues from ``out_dir/checkpoint.pt`` and reproduces exactly the curve of
-    an uninterrupted run. ``stop_at_step`` checkpoints and returns after that many steps (to
-    split a run into sessions, and for tests).
+    ``out_dir`` must be empty or new for a fresh run (``overwrite=True`` replaces the harness
+    files there). ``resume=True`` continues from ``out_dir/checkpoint.pt`` and reproduces
+    exactly the curve of an uninterrupted run. ``stop_at_step`` checkpoints and returns after
+    that many steps. SIGINT/SIGTERM checkpoint and raise :class:`RunInterrupted`.
+    ``diagnostics_every=k`` records :mod:`normuon.diagnostics` every k steps.
     """
-    if optimizer not in cfg.optimizers:
-        raise ValueError(
-            f"optimizer {optimizer!r} has no settings in preset {cfg.preset!r} "
-            f"(has: {', '.join(cfg.optimizers)})"
-        )
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model))
-    cfg.model.vocab_size = data.vocab_size  # the data decides the vocabulary
-    cfg.validate()
-    tcfg, ocfg = cfg.train, cfg.optimizers[optimizer]
-    d, dev = _init_distributed(device)
-    local_batch, rem = divmod(tcfg.batch_size, d.world * tcfg.grad_accum)
-    if rem:
-        raise ValueError(
-            f"batch_size={tcfg.batch_size} is not divisible by world size x grad_accum = "
-            f"{d.world} x {tcfg.grad_accum}"
-        )
-    out = Path(out_dir)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-    run_identity = {"optimizer": optimizer, "seed": seed, "data": data.source,
-                    "world_size": d.world, "config": cfg.to_dict()}  # fmt: skip
-
-    torch.manual_seed(seed)  # model init depends on the seed only, not on the optimizer
-    raw_model = GPT(cfg.model).to(dev)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    model = _wrap_model(raw_model, tcfg, d, dev)
-    opt = build_optimizer(optimizer, raw_model, ocfg, dev)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(tcfg))
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if dev.type == "cuda" and tcfg.autocast_bf16
-        else contextlib.nullcontext()
-    )
-    val_set = validation_batches(data.val, tcfg.batch_size, tcfg.seq_len, tcfg.val_batches)
-
-    step, train_time, opt_time = 0, 0.0, 0.0
-    metrics_path, ckpt_path = out / "metrics.jsonl", out / CHECKPOINT_NAME
-    history: list[dict[str, Any]] = []
-    if resume:
-        if not ckpt_path.exists():
-            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        saved = json.loads(ckpt["run_json"])
-        if saved != json.loads(json.dumps(run_identity)):
-            raise ValueError(
-                f"--resume: {ckpt_path} was written by a different run (config, optimizer, seed, "
-                f"data or world size differ); start a fresh run in another --out folder"
-            )
-        _load_full_state(raw_model, opt, ckpt["model"], ckpt["optimizer"], d)
-        sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if dev.type == "cuda" and ckpt.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"], dev)
-        step, train_time, opt_time = ckpt["step"], ckpt["train_time"], ckpt["opt_time"]
-        if metrics_path.exists():
-            # Lines written after the checkpoint (a crash) are dropped: they will be redone.
-            lines = metrics_path.read_text().splitlines()
-            history = [r for r in map(json.loads, lines) if r["step"] <= step]
-    if d.main:
-        _write_json(out / "config.json", run_identity)
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-
-    def log(record: dict[str, Any]) -> None:
-        history.append(record)
-        if d.main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def shard(x: torch.Tensor) -> list[torch.Tensor]:
-        # Global batch (B, T) -> this rank's rows -> grad_accum micro-batches on the device.
-        mine = x[d.rank * tcfg.batch_size // d.world : (d.rank + 1) * tcfg.batch_size // d.world]
-        return list(mine.to(dev, non_blocking=True).chunk(tcfg.grad_accum))
-
-    @torch.no_grad()
-    def evaluate() -> float:
-        model.eval()
-        total = torch.zeros((), device=dev, dtype=torch.float64)
-        for x, y in val_set:
-            for xm, ym in zip(shard(x), shard(y), strict=True):
-                with autocast:
-                    total += model(xm, ym).double()
-        model.train()
-        if d.world > 1:
-            dist.all_reduce(total)
-        return float(total) / (len(val_set) * tcfg.grad_accum * d.world)
-
-    def save_checkpoint() -> None:
-        model_state, opt_state = _full_state(raw_model, opt, d)  # collective under torchrun
-        if not d.main:
-            return
-        _atomic_save(
-            {
-                "step": step,  # also the data position: batch s depends only on (seed, s)
-                "model": model_state,
-                "optimizer": opt_state,
-                "scheduler": sched.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-                "train_time": train_time,
-                "opt_time": opt_time,
-                # Train-loss accumulator since the last log line, so logged losses match too.
-                "loss_sum": loss_sum.detach().cpu(),
-                "loss_count": loss_count,
-                "run_json": json.dumps(run_identity),
-            },
-            ckpt_path,
-        )
-
-    loss_sum = torch.zeros((), device=dev)
-    loss_count = 0
-    if resume:
-        loss_sum.copy_(ckpt["loss_sum"])
-        loss_count = ckpt["loss_count"]
-    if step == 0:
-        log({"kind": "val", "step": 0, "val_loss": evaluate(), "time": 0.0})
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len
-    end = tcfg.steps if stop_at_step is None else min(tcfg.steps, stop_at_step)
-    bar = _progress(tcfg.steps, step, progress if d.main else False, f"{optimizer} seed {seed}")
-    model.train()
-    while step < end:
-        _sync(dev)
-        t0 = time.perf_counter()
-        x, y = get_batch(data.train, tcfg.batch_size, tcfg.seq_len, seed, step)  # (B, T) each
-        for i, (xm, ym) in enumerate(zip(shard(x), shard(y), strict=True)):
-            last = i == tcfg.grad_accum - 1
-            # DDP all-reduces gradients on the last micro-batch only.
-            sync_ctx = model.no_sync() if (d.world > 1 and not last and hasattr(model, "no_sync")) \
-                else contextlib.nullcontext()  # fmt: skip
-            with sync_ctx, autocast:
-                loss = model(xm, ym) / tcfg.grad_accum
-            with sync_ctx:
-                loss.backward()
-            loss_sum += loss.detach()
-        if tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
-        lr_now = opt.param_groups[0]["lr"]
-        _sync(dev)
-        t1 = time.perf_counter()
-        opt.step()
-        _sync(dev)
-        t2 = time.perf_counter()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        loss_count += 1
-        train_time += time.perf_counter() - t0
-        opt_time += t2 - t1
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-            train_loss = float(loss_sum) / loss_count
-            loss_sum.zero_()
-            loss_count = 0
-            tok_s = step * tokens_per_step / max(train_time, 1e-9)
-            log({"kind": "train", "step": step, "train_loss": train_loss, "lr": lr_now,
-                 "time": train_time, "tokens_per_s": tok_s})  # fmt: skip
-            if bar is not None:
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        if step % tcfg.val_every == 0 or step == tcfg.steps:
-            val = evaluate()
-            log({"kind": "val", "step": step, "val_loss": val, "time": train_time})
-            if not math.isfinite(val):
-                if bar is not None:
-                    bar.close()
-                raise FloatingPointError(
-                    f"{optimizer} (seed {seed}) diverged: validation loss {val} at step {step}; "
-                    f"lower the learning rate"
-                )
-        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
-            save_checkpoint()
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    save_checkpoint()
-
-    vals = [r for r in history if r["kind"] == "val"]
-    result = RunResult(
-        optimizer=optimizer,
-        seed=seed,
-        steps=step,
-        final_val_loss=vals[-1]["val_loss"],
-        val_steps=[r["step"] for r in vals],
-        val_losses=[r["val_loss"] for r in vals],
-        val_times=[r["time"] for r in vals],
-        train_time_s=train_time,
-        optimizer_time_s=opt_time,
-        optimizer_share=opt_time / train_time if train_time > 0 else 0.0,
-        optimizer_state_bytes=optimizer_state_bytes(opt),
-        tokens_per_s=step * tokens_per_step / train_time if train_time > 0 else 0.0,
-        n_params=n_params,
-        device=str(dev),
-        out_dir=str(out),
-    )
-    if d.main:
-        _write_json(out / "result.json", dataclasses.asdict(result))
-    return result
+    trainer = Trainer(cfg, optimizer, data, seed=seed, out_dir=out_dir, device=device,
+                      dist_timeout_s=dist_timeout_s, progress=progress, tensorboard=tensorboard,
+                      diagnostics_every=diagnostics_every)  # fmt: skip
+    trainer.start(resume=resume, overwrite=overwrite)
+    return trainer.fit(stop_at_step)

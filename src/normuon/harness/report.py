@@ -1,0 +1,416 @@
+"""Reporting: tables, statistics and plots from finished runs (nothing here trains).
+
+- :func:`summarize` / :func:`format_table`: the comparison table (steps to AdamW's loss,
+  savings, wall time, optimizer share and state);
+- :func:`mean_ci`, :func:`welch_t_test`: seed statistics (Student-t confidence interval, Welch's
+  unequal-variance t-test), written here with a regularized incomplete beta function so that the
+  harness needs no SciPy;
+- :func:`plot_compare`, :func:`plot_sweep`, :func:`plot_neurons`: figures (matplotlib, a
+  ``harness`` extra, imported only when a figure is drawn).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "OptimizerSummary",
+    "TABLE_COLUMNS",
+    "steps_to_reach",
+    "summarize",
+    "format_table",
+    "sweep_table",
+    "mean_ci",
+    "welch_t_test",
+    "paired_t_test",
+    "student_t_cdf",
+    "neuron_table",
+    "plot_compare",
+    "plot_sweep",
+    "plot_neurons",
+    "PlottingUnavailable",
+    "PLOT_INSTALL_HINT",
+]
+
+TABLE_COLUMNS = (
+    "optimizer",
+    "final val loss",
+    "steps to AdamW loss",
+    "saving vs AdamW",
+    "saving vs Muon",
+    "time to AdamW loss (s)",
+    "wall time (s)",
+    "opt step share",
+    "opt state (bytes)",
+)
+
+PLOT_INSTALL_HINT = (
+    "plots need matplotlib, which the harness extra installs: pip install 'normuon[harness]' "
+    "(or: bash scripts/install.sh --harness)"
+)
+
+
+class PlottingUnavailable(RuntimeError):
+    """matplotlib is not installed (the results themselves were written)."""
+
+
+@dataclass
+class OptimizerSummary:
+    """One table row: an optimizer aggregated over its seeds."""
+
+    optimizer: str
+    seeds: list[int]
+    final_val_mean: float
+    final_val_min: float
+    final_val_max: float
+    steps_to_target: float | None
+    """Steps for the seed-mean curve to reach the target (AdamW's mean final val loss)."""
+    time_to_target: float | None
+    saving_vs_adamw: float | None
+    """1 - steps / AdamW's steps to the same target (fraction; positive = fewer steps)."""
+    saving_vs_muon: float | None
+    wall_time_s: float
+    optimizer_share: float
+    optimizer_state_bytes: int
+    val_steps: list[int]
+    val_mean: list[float]
+    val_min: list[float]
+    val_max: list[float]
+    val_time_mean: list[float]
+
+
+def steps_to_reach(xs: Sequence[float], losses: Sequence[float], target: float) -> float | None:
+    """First x at which the piecewise-linear curve (xs, losses) reaches ``target`` (or None)."""
+    for i, loss in enumerate(losses):
+        if loss <= target:
+            if i == 0:
+                return float(xs[0])
+            x0, x1, l0 = xs[i - 1], xs[i], losses[i - 1]
+            # Linear interpolation between the last point above and the first at/below target.
+            return float(x0 + (x1 - x0) * (l0 - target) / (l0 - loss))
+    return None
+
+
+def summarize(results: dict[str, list[Any]]) -> list[OptimizerSummary]:
+    """Aggregate runs (RunResult) per optimizer into rows (target = AdamW's mean final loss)."""
+    rows: list[OptimizerSummary] = []
+    for name, runs in results.items():
+        if not runs:
+            continue
+        steps = runs[0].val_steps
+        if any(r.val_steps != steps for r in runs):
+            raise ValueError(f"{name}: seeds were validated at different steps; cannot average")
+        curves = torch.tensor([r.val_losses for r in runs], dtype=torch.float64)  # (seeds, P)
+        times = torch.tensor([r.val_times for r in runs], dtype=torch.float64)
+        finals = curves[:, -1]
+        rows.append(OptimizerSummary(
+            optimizer=name,
+            seeds=[r.seed for r in runs],
+            final_val_mean=float(finals.mean()),
+            final_val_min=float(finals.min()),
+            final_val_max=float(finals.max()),
+            steps_to_target=None, time_to_target=None, saving_vs_adamw=None, saving_vs_muon=None,
+            wall_time_s=sum(r.train_time_s for r in runs) / len(runs),
+            optimizer_share=sum(r.optimizer_share for r in runs) / len(runs),
+            optimizer_state_bytes=runs[0].optimizer_state_bytes,
+            val_steps=list(steps),
+            val_mean=curves.mean(0).tolist(),
+            val_min=curves.min(0).values.tolist(),
+            val_max=curves.max(0).values.tolist(),
+            val_time_mean=times.mean(0).tolist(),
+        ))  # fmt: skip
+    by_name = {r.optimizer: r for r in rows}
+    if "adamw" in by_name:
+        target = by_name["adamw"].final_val_mean
+        for row in rows:
+            row.steps_to_target = steps_to_reach(row.val_steps, row.val_mean, target)
+            row.time_to_target = steps_to_reach(row.val_time_mean, row.val_mean, target)
+        for ref_name, attr in (("adamw", "saving_vs_adamw"), ("muon", "saving_vs_muon")):
+            ref = by_name.get(ref_name)
+            if ref is None or not ref.steps_to_target:
+                continue
+            for row in rows:
+                if row.steps_to_target is not None:
+                    setattr(row, attr, 1.0 - row.steps_to_target / ref.steps_to_target)
+    return rows
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}%"
+
+
+def _fmt_steps(x: float | None) -> str:
+    return "not reached" if x is None else f"{x:.0f}"
+
+
+def format_table(rows: Sequence[OptimizerSummary]) -> str:
+    """Markdown table with :data:`TABLE_COLUMNS` (loss: mean ± half the min-max range)."""
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for r in rows:
+        spread = (r.final_val_max - r.final_val_min) / 2
+        cells = [
+            r.optimizer,
+            f"{r.final_val_mean:.4f} ± {spread:.4f}",
+            _fmt_steps(r.steps_to_target),
+            _fmt_pct(r.saving_vs_adamw),
+            _fmt_pct(r.saving_vs_muon),
+            "not reached" if r.time_to_target is None else f"{r.time_to_target:.1f}",
+            f"{r.wall_time_s:.1f}",
+            f"{100 * r.optimizer_share:.1f}%",
+            f"{r.optimizer_state_bytes:,}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(points: dict[str, list[dict[str, float]]]) -> tuple[str, dict[str, float]]:
+    """Markdown table of a learning-rate sweep and the best lr per optimizer."""
+    lines = ["| optimizer | lr | final val loss | best |", "|---|---|---|---|"]
+    best: dict[str, float] = {}
+    for name, pts in points.items():
+        pts.sort(key=lambda p: p["lr"])
+        top = min(pts, key=lambda p: p["final_val_loss"])
+        best[name] = top["lr"]
+        for p in pts:
+            mark = "**best**" if p is top else ""
+            lines.append(f"| {name} | {p['lr']:g} | {p['final_val_loss']:.4f} | {mark} |")
+    return "\n".join(lines), best
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz's method)."""
+    tiny, eps = 1e-300, 1e-15
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)),
+                   -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):  # fmt: skip
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta function I_x(a, b) for x in [0, 1]."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))  # fmt: skip
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with ``df`` degrees of freedom."""
+    if not df > 0:
+        raise ValueError(f"degrees of freedom must be > 0, got {df}")
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def _t_quantile(p: float, df: float) -> float:
+    lo, hi = -1e3, 1e3
+    for _ in range(200):  # bisection: the cdf is monotone
+        mid = 0.5 * (lo + hi)
+        if student_t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of the Student-t confidence interval); half-width nan for n < 2."""
+    xs = [float(v) for v in values]
+    if not xs:
+        raise ValueError("mean_ci of no values")
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, math.nan
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return mean, _t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+
+
+def welch_t_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Welch's t-test of mean(a) != mean(b): t, Welch-Satterthwaite df, two-sided p."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("welch_t_test needs at least 2 values per sample")
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1)
+    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1)
+    sa, sb = va / len(a), vb / len(b)
+    if sa + sb == 0:
+        p = 1.0 if ma == mb else 0.0
+        return {"t": 0.0 if ma == mb else math.copysign(math.inf, ma - mb), "df": math.nan,
+                "p": p, "mean_diff": ma - mb}  # fmt: skip
+    t = (ma - mb) / math.sqrt(sa + sb)
+    df = (sa + sb) ** 2 / (sa**2 / (len(a) - 1) + sb**2 / (len(b) - 1))
+    p = 2.0 * (1.0 - student_t_cdf(abs(t), df))
+    return {"t": t, "df": df, "p": p, "mean_diff": ma - mb}
+
+
+def paired_t_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Paired t-test of mean(a - b) != 0 (a[i], b[i] share seed i: same init and batches)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("paired_t_test needs two samples of the same length >= 2")
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    if sd == 0:
+        return {"t": 0.0 if mean == 0 else math.copysign(math.inf, mean), "df": n - 1,
+                "p": 1.0 if mean == 0 else 0.0, "mean_diff": mean}  # fmt: skip
+    t = mean / (sd / math.sqrt(n))
+    return {"t": t, "df": n - 1, "p": 2.0 * (1.0 - student_t_cdf(abs(t), n - 1)),
+            "mean_diff": mean}  # fmt: skip
+
+
+# ------------------------------------------------------------------ neuron diagnostics
+
+
+def neuron_table(diag_runs: dict[str, list[list[dict[str, Any]]]]) -> str:
+    """Markdown table of the neuron-balance statistics averaged over all recorded steps.
+
+    ``diag_runs``: optimizer -> one list of diagnostics records (JSONL lines) per seed.
+    """
+    keys = (("neuron_cv", "neuron-norm CV"), ("neuron_max_min", "neuron-norm max/min"),
+            ("effective_rank", "effective rank"), ("second_moment_cv", "2nd-moment CV"))
+    lines = ["| optimizer | " + " | ".join(k[1] for k in keys) + " |", "|---" * (len(keys) + 1)
+             + "|"]  # fmt: skip
+    for name, runs in diag_runs.items():
+        cells = []
+        for key, _ in keys:
+            vals = [r["overall"].get(key) for recs in runs for r in recs]
+            vals = [v for v in vals if v is not None and math.isfinite(v)]
+            cells.append(f"{sum(vals) / len(vals):.3f}" if vals else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ figures
+
+
+def _pyplot():
+    try:
+        import matplotlib  # lazy: plotting is a harness extra, not a library dependency
+    except ImportError:
+        raise PlottingUnavailable(PLOT_INSTALL_HINT) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_compare(rows: Sequence[OptimizerSummary], path: Path, title: str) -> None:
+    """Two panels: validation loss vs step and vs training wall time; seeds shaded min-max."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in rows:
+        for ax, xs in ((axes[0], r.val_steps), (axes[1], r.val_time_mean)):
+            (line,) = ax.plot(xs, r.val_mean, label=f"{r.optimizer} ({len(r.seeds)} seeds)")
+            ax.fill_between(xs, r.val_min, r.val_max, color=line.get_color(), alpha=0.25)
+    finals = [v for r in rows for v in r.val_min[len(r.val_min) // 4 :]]
+    highs = [v for r in rows for v in r.val_max[len(r.val_max) // 4 :]]
+    for ax, xlabel in ((axes[0], "step"), (axes[1], "training wall time (s)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats/token)")
+        # Zoom on the last three quarters of training, where the optimizers differ.
+        ax.set_ylim(min(finals) - 0.02, max(highs) + 0.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(points: dict[str, list[dict[str, float]]], path: Path, title: str) -> None:
+    """Final validation loss vs learning rate (log axis), one line per optimizer."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name, pts in points.items():
+        ok = [p for p in pts if math.isfinite(p["final_val_loss"])]
+        ax.plot([p["lr"] for p in ok], [p["final_val_loss"] for p in ok], "o-", label=name)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels overlap on a log axis
+    ax.set_xlabel("learning rate (AdamW: all params; Muon/NorMuon: hidden matrices)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_neurons(diag_runs: dict[str, list[list[dict[str, Any]]]], path: Path, title: str) -> None:
+    """``neurons.png``: how evenly each optimizer's update spreads over the neurons.
+
+    Panels: per-neuron update-norm coefficient of variation vs step, max/min ratio vs step (log
+    scale), effective rank of the update vs step (seed means over all hidden matrices), and the
+    CV per layer type averaged over the run.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    panels = (("neuron_cv", "per-neuron update norm: CV (std/mean)", False),
+              ("neuron_max_min", "per-neuron update norm: max/min", True),
+              ("effective_rank", "update effective rank (mean over matrices)", False))
+    for ax, (key, label, log) in zip(axes.flat, panels):
+        for name, runs in diag_runs.items():
+            by_step: dict[int, list[float]] = {}
+            for recs in runs:
+                for r in recs:
+                    v = r["overall"].get(key)
+                    if v is not None and math.isfinite(v):
+                        by_step.setdefault(r["step"], []).append(v)
+            steps = sorted(by_step)
+            ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], "o-", ms=3,
+                    label=name)  # fmt: skip
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax = axes.flat[3]
+    types = sorted({t for runs in diag_runs.values() for recs in runs for r in recs
+                    for t in r["layer_types"]})  # fmt: skip
+    width = 0.8 / max(1, len(diag_runs))
+    for i, (name, runs) in enumerate(diag_runs.items()):
+        means = []
+        for t in types:
+            vals = [r["layer_types"][t]["neuron_cv"] for recs in runs for r in recs
+                    if t in r["layer_types"] and r["layer_types"][t].get("neuron_cv") is not None]
+            means.append(sum(vals) / len(vals) if vals else 0.0)
+        ax.bar([j + i * width for j in range(len(types))], means, width, label=name)
+    short = [t.replace("blocks.*.", "").replace(".weight", "") for t in types]
+    ax.set_xticks([j + width * (len(diag_runs) - 1) / 2 for j in range(len(types))], short,
+                  rotation=30, ha="right")  # fmt: skip
+    ax.set_ylabel("per-neuron update norm CV (run mean)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

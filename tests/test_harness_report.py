@@ -1,0 +1,131 @@
+"""Reporting statistics (checked against closed forms) and the plotting-free path."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from normuon.harness.report import (
+    mean_ci,
+    paired_t_test,
+    student_t_cdf,
+    sweep_table,
+    welch_t_test,
+)
+
+
+@pytest.mark.parametrize("t", [-7.0, -1.3, 0.0, 0.4, 2.5, 30.0])
+def test_student_t_cdf_matches_closed_forms(t):
+    # df = 1 is the Cauchy distribution, df = 2 has a closed form too.
+    assert student_t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
+    assert student_t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+    # Large df: the normal distribution.
+    normal = 0.5 * (1 + math.erf(t / math.sqrt(2)))
+    assert student_t_cdf(t, 1e7) == pytest.approx(normal, abs=1e-6)
+
+
+def test_mean_ci_uses_the_t_quantile():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    # sd 1, n 3, t_{0.975, 2} = 4.302653 (2-dof closed form: t = sqrt(2) q / sqrt(1 - q^2)
+    # with q = 2 * 0.975 - 1).
+    q = 0.95
+    t975 = math.sqrt(2) * q / math.sqrt(1 - q * q)
+    assert mean == 2.0 and half == pytest.approx(t975 / math.sqrt(3), rel=1e-9)
+    assert math.isnan(mean_ci([5.0])[1])
+
+
+def test_welch_and_paired_t_tests():
+    w = welch_t_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert w["t"] == pytest.approx(-3 / math.sqrt(2 / 3))
+    assert w["df"] == pytest.approx(4.0)
+    # Two-sided p of |t| with 4 dof: closed form 1 - I(4/(4+t^2); 2, 1/2) = ... checked
+    # through the cdf identity below and against the tabulated value 0.0213.
+    assert w["p"] == pytest.approx(2 * (1 - student_t_cdf(abs(w["t"]), 4)))
+    assert w["p"] == pytest.approx(0.0213, abs=2e-4)
+    # Unequal variances: Welch-Satterthwaite degrees of freedom below n1 + n2 - 2.
+    w2 = welch_t_test([1.0, 1.1, 0.9, 1.0], [2.0, 4.0, 3.0, 5.0])
+    assert 3 <= w2["df"] < 6
+    p = paired_t_test([1.0, 2.0, 3.5], [0.5, 1.0, 2.0])
+    assert p["mean_diff"] == pytest.approx(1.0) and p["df"] == 2
+    assert p["t"] == pytest.approx(1.0 / (0.5 / math.sqrt(3)))
+    with pytest.raises(ValueError):
+        welch_t_test([1.0], [2.0, 3.0])
+    with pytest.raises(ValueError):
+        paired_t_test([1.0, 2.0], [1.0])
+
+
+def test_sweep_table_marks_the_best():
+    table, best = sweep_table({"adamw": [{"lr": 0.02, "final_val_loss": 2.0},
+                                         {"lr": 0.01, "final_val_loss": 1.5}]})  # fmt: skip
+    assert best == {"adamw": 0.01}
+    assert table.splitlines()[2] == "| adamw | 0.01 | 1.5000 | **best** |"
+
+
+def test_compare_prints_results_before_it_needs_matplotlib(tmp_path):
+    # matplotlib made unimportable: the table and results.json still come, then one note
+    # naming the extra that installs plotting, and exit status 0.
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "from normuon.cli import main\n"
+        f"sys.exit(main(['compare', '--preset', 'cpu-smoke', '--steps', '4', '--no-progress', "
+        f"'--out', {str(tmp_path / 'cmp')!r}]))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "| optimizer | final val loss |" in done.stdout
+    assert "normuon[harness]" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "cmp" / "results.json").is_file()
+    assert not (tmp_path / "cmp" / "loss.png").exists()
+
+
+def test_fair_comparison_example_end_to_end(tmp_path):
+    script = pathlib.Path(__file__).parents[1] / "examples" / "fair_comparison.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "fair"
+    run = subprocess.run([sys.executable, str(script), "--sizes", "s", "--steps", "10",
+                          "--budget", "3", "--extend", "1", "--seeds", "2", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((out / "s" / "summary.json").read_text())
+    # Equal budget: 3 tuning runs per optimizer (+ at most 1 past a grid edge), all on seed 0;
+    # reporting on fresh seeds.
+    for name in ("adamw", "muon", "normuon"):
+        assert 3 <= len(summary["tuning"][name]["trials"]) <= 4, name
+    assert [r["seed"] for r in summary["final"]["muon"]["runs"]] == [1, 2]
+    report = subprocess.run([sys.executable, str(script), "--report", str(out), "--plot",
+                             str(tmp_path / "ladder.png")], capture_output=True, text=True,
+                            env=env, timeout=120)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "Welch t" in report.stdout and "| normuon |" in report.stdout
+    assert (tmp_path / "ladder.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ladder_presets_are_the_experiment_configs():
+    # The presets carry the tuned values of docs/results.md: their model and recipe must be the
+    # ones the fair-comparison example trained (only the learning rates come from tuning).
+    import importlib.util
+
+    from normuon.harness.config import LADDER_SHAPES, LADDER_TUNED, get_preset
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "fair_comparison.py"
+    spec = importlib.util.spec_from_file_location("fair_comparison", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for size in LADDER_SHAPES:
+        preset, trained = get_preset(f"ladder-{size}"), module.base_config(size, 300)
+        assert preset.model == trained.model and preset.train == trained.train, size
+        for name, opt in preset.optimizers.items():
+            assert (opt.lr, opt.adamw_lr) == LADDER_TUNED[size][name] or name == "adamw"
+            other = trained.optimizers[name]
+            for field in ("weight_decay", "betas", "momentum", "beta2", "update_scale"):
+                assert getattr(opt, field) == getattr(other, field), (size, name, field)
+    small = get_preset("cpu-small")
+    assert small.model == get_preset("ladder-m").model
+    assert small.train == get_preset("ladder-m").train
