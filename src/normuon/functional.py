@@ -21,7 +21,7 @@ __all__ = [
     "ADAM_RMS_TARGET",
     "accum_dtype",
     "adamw_step_",
-    "apply_update_",
+    "apply_updates_",
     "decay_",
     "finite_flags",
     "inverse_rms",
@@ -121,7 +121,7 @@ def inverse_rms(v: torch.Tensor, eps: float) -> torch.Tensor:
 def normuon_factors_(
     o: torch.Tensor,
     second_moment: torch.Tensor,
-    ok: torch.Tensor,
+    ok: torch.Tensor | None,
     beta2: float,
     eps: float,
     dim: int,
@@ -138,13 +138,17 @@ def normuon_factors_(
         adam_rms:      g = f * 0.2 sqrt(m n) / ||O f||                (paper, Algorithm 1)
 
     Both norms follow from r without another pass over O: with k entries per neuron,
-    ||O||^2 = k sum(r) and ||O f||^2 = k sum(r f^2). g is 0 where ``ok`` is False.
+    ||O||^2 = k sum(r) and ||O f||^2 = k sum(r f^2). g is 0 where ``ok`` is False (``ok``: a
+    0-d flag for the whole stack, or one per matrix (B,); None: all finite).
     """
     m, n = o.shape[-2], o.shape[-1]
+    ok = None if ok is None else ok.reshape(-1)  # (1,) or (B,)
     # mean of O*O per neuron, accumulated in float32 without a float32 copy of O: (B, L)
     r = torch.linalg.vector_norm(o, dim=dim, dtype=accum_dtype(o.dtype)).square_()
     r /= o.shape[dim]
-    second_moment.lerp_(r if ok is None else torch.where(ok, r, second_moment), 1.0 - beta2)
+    second_moment.lerp_(
+        r if ok is None else torch.where(ok[:, None], r, second_moment), 1.0 - beta2
+    )
     f = inverse_rms(second_moment, eps)
     sum_r = r.sum(dim=-1)
     sum_rf2 = (r * f.square()).sum(dim=-1)
@@ -165,17 +169,17 @@ def muon_factors(o: torch.Tensor, ok: torch.Tensor | None, update_scale: str) ->
     """Per-matrix Muon multiplier (B, 1): D = O * g.
 
     ``preserve_norm``: sqrt(max(1, m/n)) (Keller Jordan's Muon); ``adam_rms``: 0.2 sqrt(m n) /
-    ||O|| (update RMS 0.2, Moonlight). 0 where ``ok`` is False.
+    ||O|| (update RMS 0.2, Moonlight). 0 where ``ok`` (0-d, or (B,) per matrix) is False.
     """
     m, n = o.shape[-2], o.shape[-1]
-    okf = 1.0 if ok is None else ok.to(accum_dtype(o.dtype))
+    okf = 1.0 if ok is None else ok.reshape(-1).to(accum_dtype(o.dtype))  # (1,) or (B,)
     if update_scale == "preserve_norm":
         # In the accumulation dtype: a float32 sqrt(m/n) costs float64 runs ~1e-8 relative.
         scale = torch.full(
-            (o.shape[0], 1), math.sqrt(max(1.0, m / n)), dtype=accum_dtype(o.dtype),
+            (o.shape[0],), math.sqrt(max(1.0, m / n)), dtype=accum_dtype(o.dtype),
             device=o.device,
         )
-        return scale * okf
+        return (scale * okf)[:, None]
     if update_scale == "adam_rms":
         tiny = torch.finfo(torch.float32).tiny
         norm = torch.linalg.vector_norm(o, dim=(-2, -1), dtype=accum_dtype(o.dtype))
@@ -183,11 +187,12 @@ def muon_factors(o: torch.Tensor, ok: torch.Tensor | None, update_scale: str) ->
     raise ValueError(f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}")
 
 
-def apply_update_(
-    param_matrices: torch.Tensor, o: torch.Tensor, g: torch.Tensor, dim: int, lr: float
+def apply_updates_(
+    param_matrices: list[torch.Tensor], o: list[torch.Tensor], g: list[torch.Tensor], lr: float
 ) -> None:
-    """W -= lr * O * g, with g (B, L) broadcast along ``dim`` of the (B, m, n) stacks."""
-    param_matrices.addcmul_(o, g.unsqueeze(dim), value=-lr)
+    """W -= lr * O * g for every (B, m, n) view of a parameter, with its factors g already
+    shaped to broadcast ((B, m, 1) per row, (B, 1, n) per column, (B, 1, 1) per matrix)."""
+    torch._foreach_addcmul_(param_matrices, o, g, value=-lr)
 
 
 def decay_(

@@ -672,45 +672,66 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         # the update (each would otherwise convert a half-precision O again).
         o = orthogonalizer(u, coefficients, ns_dtype).to(dtype)
         del u
+        # The factors of the whole batch at once (a few kernels per batch, not per matrix): the
+        # members' second moments are gathered into one (B, L) stack and written back.
+        first = chosen[work[batch[0][0]][0]].geometry
+        dim = first.reduce_dims[batch[0][1]] if self._neuron_norm else -1
+        ok = None
+        if oks[work[batch[0][0]][0]] is not None:
+            ok = torch.cat([oks[work[w][0]].reshape(1).expand(size) for (w, _), size in
+                            zip(batch, sizes)])  # fmt: skip
+        if self._neuron_norm:
+            v_blocks = [self._second_moment_block(chosen, work, w, b) for w, b in batch]
+            v_stack = v_blocks[0] if len(v_blocks) == 1 else torch.cat(v_blocks)
+            g = F.normuon_factors_(
+                o, v_stack, ok, group["beta2"], group["eps"], dim, group["update_scale"]
+            )
+            if len(v_blocks) > 1:
+                torch._foreach_copy_(v_blocks, list(v_stack.split(sizes)))
+        else:
+            g = F.muon_factors(o, ok, group["update_scale"])
         pos = 0
+        local_targets, local_o, local_g = [], [], []
         for (w, b), size in zip(batch, sizes):
-            i, _, v, target = work[w]
+            i, _, _, target = work[w]
             geometry = chosen[i].geometry
-            start, stop = geometry.row_blocks[b]
-            block = o[pos : pos + size]
+            rows = slice(*geometry.row_blocks[b])
+            block, factors = o[pos : pos + size], g[pos : pos + size].unsqueeze(dim)
             pos += size
-            dim = geometry.reduce_dims[b]
-            if self._neuron_norm:
-                offset = sum(
-                    (e - s) if d == -1 else geometry.cols
-                    for (s, e), d in zip(geometry.row_blocks[:b], geometry.reduce_dims[:b])
-                )
-                length = (stop - start) if dim == -1 else geometry.cols
-                v_block = v.view(geometry.batch, -1)[:, offset : offset + length]
-                g = F.normuon_factors_(
-                    block, v_block, oks[i], group["beta2"], group["eps"], dim,
-                    group["update_scale"],
-                )  # fmt: skip
-            else:
-                g = F.muon_factors(block, oks[i], group["update_scale"])
-                dim = -1
             if target is not None:  # an owner's full update of a sharded matrix
-                geometry.as_matrices(target)[:, start:stop] = block * g.unsqueeze(dim)
+                geometry.as_matrices(target)[:, rows] = block * factors
+            elif params[i].is_contiguous():
+                local_targets.append(geometry.as_matrices(params[i])[:, rows])
+                local_o.append(block)
+                local_g.append(factors)
             else:
-                self._apply_local(params[i], geometry, slice(start, stop), block, g, dim, lr)
+                self._apply_non_contiguous(params[i], geometry, rows, block * factors, lr)
+        if local_targets:
+            F.apply_updates_(local_targets, local_o, local_g, lr)
 
     @staticmethod
-    def _apply_local(param, geometry, rows: slice, o, g, dim: int, lr: float) -> None:
-        """W -= lr * O * g on a row block (through a view when W is contiguous)."""
-        if param.is_contiguous():
-            F.apply_update_(geometry.as_matrices(param)[:, rows], o, g, dim, lr)
-            return
-        update = torch.zeros(
-            (geometry.batch, geometry.rows, geometry.cols),
-            dtype=F.accum_dtype(param.dtype), device=param.device,
+    def _second_moment_block(chosen, work, w: int, b: int) -> torch.Tensor:
+        """(B, L) view of the second-moment entries of row block ``b`` of work item ``w``."""
+        i, _, v, _ = work[w]
+        geometry = chosen[i].geometry
+        start, stop = geometry.row_blocks[b]
+        offset = sum(
+            (e - s) if d == -1 else geometry.cols
+            for (s, e), d in zip(geometry.row_blocks[:b], geometry.reduce_dims[:b])
+        )
+        length = (stop - start) if geometry.reduce_dims[b] == -1 else geometry.cols
+        return v.view(geometry.batch, -1)[:, offset : offset + length]
+
+    @staticmethod
+    def _apply_non_contiguous(param, geometry, rows: slice, update, lr: float) -> None:
+        """W -= lr * D for a parameter that cannot be viewed as matrices: D is scattered into a
+        parameter-shaped buffer first."""
+        full = torch.zeros(
+            (geometry.batch, geometry.rows, geometry.cols), dtype=update.dtype,
+            device=param.device,
         )  # fmt: skip
-        update[:, rows] = o * g.unsqueeze(dim)
-        param.add_(geometry.from_matrices(update).to(param.dtype), alpha=-lr)
+        full[:, rows] = update
+        param.add_(geometry.from_matrices(full).to(param.dtype), alpha=-lr)
 
     def _sync_replicated(self, plans: list[list[ParamPlan]]) -> None:
         """Replicated mode: every rank receives the parameters the other ranks updated."""
