@@ -110,6 +110,108 @@ def _qkv_split(name: str, module_name: str, out_dim: int, in_dim: int) -> tuple[
     return (in_dim,) * (out_dim // in_dim)
 
 
+@dataclass
+class _ModuleKinds:
+    """Parameter ids by what their module says about them (filled by :func:`_module_kinds`)."""
+
+    embeddings: set[int] = field(default_factory=set)
+    heads: set[int] = field(default_factory=set)
+    convs: set[int] = field(default_factory=set)
+    conv_transposes: set[int] = field(default_factory=set)
+    transposed: set[int] = field(default_factory=set)
+    #: parameter id -> qualified name of the module that owns it
+    module_of: dict[int, str] = field(default_factory=dict)
+
+
+def _module_kinds(model: nn.Module) -> _ModuleKinds:
+    """Walk the modules once: embeddings, heads, convolutions, transposed (Conv1D) weights."""
+    kinds = _ModuleKinds()
+    root_prefixes = _root_prefixes(model)
+    for module_name, module in model.named_modules():
+        own = [id(p) for p in module.parameters(recurse=False)]
+        for pid in own:
+            kinds.module_of.setdefault(pid, module_name)
+        if isinstance(module, _EMBEDDING_TYPES):
+            kinds.embeddings.update(own)
+        if _is_head_module(module_name, root_prefixes):
+            kinds.heads.update(own)
+        if isinstance(module, _CONV_TYPES):
+            kinds.convs.add(id(module.weight))
+        if isinstance(module, _CONV_TRANSPOSE_TYPES):
+            kinds.conv_transposes.add(id(module.weight))
+        if is_transposed_linear(module):
+            kinds.transposed.add(id(module.weight))
+    output_embeddings = _output_embeddings(model)
+    if output_embeddings is not None:
+        kinds.heads.update(id(p) for p in output_embeddings.parameters(recurse=False))
+    return kinds
+
+
+def _declared_transposed_ids(named, transposed, is_declared_transposed) -> set[int]:
+    """Ids of the weights the user declared (in, out); every declared name must match."""
+    ids: set[int] = set()
+    declared_hits: set[str] = set()
+    for name, p in named:
+        hit = is_declared_transposed(name, p)
+        if hit:
+            declared_hits.update(hit)
+            if p.ndim != 2:
+                raise ValueError(
+                    f"transposed: {name} has shape {tuple(p.shape)}; only 2-D weights stored "
+                    f"(in, out) can be declared transposed"
+                )
+            ids.add(id(p))
+    if not callable(transposed):
+        missing = [s for s in transposed if s not in declared_hits]
+        if missing:
+            raise ValueError(f"transposed: no parameter name contains {missing!r}")
+    return ids
+
+
+def _route(named, kinds: _ModuleKinds, extra_adamw: tuple[str, ...], split_qkv: bool):
+    """((layout, split_sizes) -> matrices in model order, AdamW parameters).
+
+    ``named`` lists a tied weight under every name (remove_duplicate=False), so a head tied to
+    an embedding is recognised whichever name comes first; each parameter lands once.
+    """
+    names_of: dict[int, list[str]] = {}
+    for name, p in named:
+        names_of.setdefault(id(p), []).append(name)
+    matrix_groups: dict[tuple[str, tuple[int, ...] | None], list[nn.Parameter]] = {}
+    adamw: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for name, p in named:
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        all_names = names_of[id(p)]
+        to_adamw = (
+            p.ndim < 2
+            or id(p) in kinds.embeddings
+            or id(p) in kinds.heads
+            or id(p) in kinds.conv_transposes
+            or any(hint in n.lower().rsplit(".", 1)[-1] for n in all_names
+                   for hint in EMBEDDING_NAME_HINTS)
+            or any(s in n for n in all_names for s in extra_adamw)
+        )  # fmt: skip
+        if to_adamw:
+            adamw.append(p)
+            continue
+        module_name = kinds.module_of.get(id(p), "")
+        if id(p) in kinds.convs:
+            key: tuple[str, tuple[int, ...] | None] = ("conv", None)
+        elif id(p) in kinds.transposed:  # stored (in, out): the output dim is dim 1
+            split = _qkv_split(name, module_name, p.shape[1], p.shape[0]) if split_qkv else None
+            key = ("transposed", split)
+        else:
+            split = None
+            if split_qkv and p.ndim == 2:
+                split = _qkv_split(name, module_name, p.shape[0], p.shape[1])
+            key = ("auto", split)
+        matrix_groups.setdefault(key, []).append(p)
+    return matrix_groups, adamw
+
+
 def param_groups(
     model: nn.Module,
     *,
@@ -179,86 +281,10 @@ def param_groups(
                 f"(declare transposed weights with transposed=..., fused QKV with split_qkv=True)"
             )
 
-    root_prefixes = _root_prefixes(model)
-    embedding_ids: set[int] = set()
-    head_ids: set[int] = set()
-    conv_ids: set[int] = set()
-    conv_transpose_ids: set[int] = set()
-    transposed_ids: set[int] = set()
-    module_of: dict[int, str] = {}  # parameter id -> qualified name of its module
-    for module_name, module in model.named_modules():
-        for p in module.parameters(recurse=False):
-            module_of.setdefault(id(p), module_name)
-        if isinstance(module, _EMBEDDING_TYPES):
-            embedding_ids.update(id(p) for p in module.parameters(recurse=False))
-        if _is_head_module(module_name, root_prefixes):
-            head_ids.update(id(p) for p in module.parameters(recurse=False))
-        if isinstance(module, _CONV_TYPES):
-            conv_ids.add(id(module.weight))
-        if isinstance(module, _CONV_TRANSPOSE_TYPES):
-            conv_transpose_ids.add(id(module.weight))
-        if is_transposed_linear(module):
-            transposed_ids.add(id(module.weight))
-    output_embeddings = _output_embeddings(model)
-    if output_embeddings is not None:
-        head_ids.update(id(p) for p in output_embeddings.parameters(recurse=False))
-
-    # remove_duplicate=False lists a tied weight under every name, so a head tied to an
-    # embedding is recognised whichever name comes first; ``seen`` keeps one entry.
+    kinds = _module_kinds(model)
     named = list(model.named_parameters(remove_duplicate=False))
-    names_of: dict[int, list[str]] = {}
-    for name, p in named:
-        names_of.setdefault(id(p), []).append(name)
-    declared_hits: set[str] = set()
-    for name, p in named:
-        hit = is_declared_transposed(name, p)
-        if hit:
-            declared_hits.update(hit)
-            if p.ndim != 2:
-                raise ValueError(
-                    f"transposed: {name} has shape {tuple(p.shape)}; only 2-D weights stored "
-                    f"(in, out) can be declared transposed"
-                )
-            transposed_ids.add(id(p))
-    if not callable(transposed):
-        missing = [s for s in transposed if s not in declared_hits]
-        if missing:
-            raise ValueError(f"transposed: no parameter name contains {missing!r}")
-
-    # (layout, split_sizes) -> parameters, in model order; "auto" first.
-    matrix_groups: dict[tuple[str, tuple[int, ...] | None], list[nn.Parameter]] = {}
-    adamw: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for name, p in named:
-        if id(p) in seen or not p.requires_grad:
-            continue
-        seen.add(id(p))
-        all_names = names_of[id(p)]
-        to_adamw = (
-            p.ndim < 2
-            or id(p) in embedding_ids
-            or id(p) in head_ids
-            or id(p) in conv_transpose_ids
-            or any(hint in n.lower().rsplit(".", 1)[-1] for n in all_names
-                   for hint in EMBEDDING_NAME_HINTS)
-            or any(s in n for n in all_names for s in extra_adamw)
-        )  # fmt: skip
-        if to_adamw:
-            adamw.append(p)
-            continue
-        if id(p) in conv_ids:
-            key: tuple[str, tuple[int, ...] | None] = ("conv", None)
-        elif id(p) in transposed_ids:
-            split = None
-            if split_qkv:  # stored (in, out): output dim is dim 1
-                split = _qkv_split(name, module_of.get(id(p), ""), p.shape[1], p.shape[0])
-            key = ("transposed", split)
-        else:
-            split = None
-            if split_qkv and p.ndim == 2:
-                split = _qkv_split(name, module_of.get(id(p), ""), p.shape[0], p.shape[1])
-            key = ("auto", split)
-        matrix_groups.setdefault(key, []).append(p)
+    kinds.transposed |= _declared_transposed_ids(named, transposed, is_declared_transposed)
+    matrix_groups, adamw = _route(named, kinds, extra_adamw, split_qkv)
 
     if not matrix_groups:
         raise ValueError(
