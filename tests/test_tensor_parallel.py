@@ -65,3 +65,14 @@ def test_dcp_checkpoints_move_across_mesh_shapes(tmp_path):
         path = str(tmp_path / f"stage{k}")
         spawn(T.dcp_stage, world, mesh, previous, path, done, steps)
         done, previous = done + steps, path
+
+
+def test_nonfinite_gradient_in_one_block_skips_the_whole_matrix(tmp_path):
+    """(dp 2, tp 2): a NaN in one rank's block of a split matrix leaves that matrix and its
+    state untouched on every rank, like one process, with host flags and with device masks."""
+    spawn(T.nonfinite_skip, 4, [2, 2], str(tmp_path))
+    for r in range(4):
+        result = json.loads((tmp_path / f"rank{r}.json").read_text())
+        for mode in ("True", "False"):
+            # Every rank counts the skipped matrix, as the single process does once.
+            assert result[mode]["skips"] == result[mode]["ref_skips"] == 1, (r, result)

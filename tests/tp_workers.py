@@ -288,3 +288,51 @@ def dcp_stage(
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=save)
     teardown()
+
+
+def nonfinite_skip(rank: int, world: int, port: int, mesh_shape, out_dir: str) -> None:
+    """A NaN in one rank's block of a split matrix skips the whole matrix on every rank (state
+    included), as one process skips it, with the flags read on the host and with device masks;
+    every other parameter steps normally."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from normuon.optimizer import _MatrixOptimizer
+
+    setup(rank, world, port)
+    results = {}
+    for host_flags in (True, False):
+        _MatrixOptimizer._host_flags_on_cpu = host_flags
+        ref = make_block()
+        ref_opt = make_opt(ref)
+        model = parallelize(make_block(), tuple(mesh_shape))
+        opt = make_opt(model)
+        for step in range(3):
+            x, y = batch(step)
+            nn.functional.mse_loss(ref(x), y).backward()
+            for p, q in zip(model.parameters(), ref.parameters()):
+                if isinstance(p, DTensor):
+                    p.grad = distribute_tensor(q.grad, p.device_mesh, p.placements,
+                                               src_data_rank=None)  # fmt: skip
+                else:
+                    p.grad = q.grad.clone()
+            if step == 1:
+                # Poison one element of rank 0's block of up.weight only; the single process
+                # sees that one element too.
+                if rank == 0:
+                    model.up.weight.grad.to_local().view(-1)[0] = float("nan")
+                first = model.up.weight.grad.full_tensor()
+                bad = torch.isnan(first).nonzero()[0].tolist()
+                ref.up.weight.grad[tuple(bad)] = float("nan")
+            ref_opt.step()
+            opt.step()
+            ref_opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
+        compare(model, opt, ref, ref_opt, what=f"nonfinite skip host_flags={host_flags}")
+        results[str(host_flags)] = {
+            "skips": opt.nonfinite_skips,
+            "ref_skips": ref_opt.nonfinite_skips,
+        }
+    _MatrixOptimizer._host_flags_on_cpu = True
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(results, fh)
+    teardown()
