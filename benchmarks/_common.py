@@ -13,6 +13,7 @@ import functools
 import importlib.metadata
 import os
 import platform
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -182,6 +183,39 @@ def write_report(out_dir: str | Path, stem: str, lines: list[str]) -> Path:
     path = out / f"{stem}-{today()}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now (for a spawned gloo group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bytes_written() -> int:
+    """``wchar`` of /proc/self/io: bytes this process (all threads, gloo's sockets included)
+    has written since it started; -1 where the kernel does not say."""
+    try:
+        with open("/proc/self/io") as fh:
+            for line in fh:
+                if line.startswith("wchar:"):
+                    return int(line.split(":")[1])
+    except OSError:
+        pass
+    return -1
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group without gloo's shutdown race (pytorch/pytorch#56297:
+    its destructor can abort or deadlock while its work thread finishes): barrier, pause."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    time.sleep(0.2)
+    dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------ peers' NS

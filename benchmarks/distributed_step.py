@@ -50,7 +50,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -66,7 +65,10 @@ from _common import (  # noqa: E402
     SHAPE_SETS as ALL_SHAPE_SETS,
 )
 from _common import (  # noqa: E402
+    bytes_written,
+    free_port,
     layer_shapes,
+    leave_process_group,
     load_average,
     machine_lines,
     md_table,
@@ -207,18 +209,6 @@ def install_hooks() -> None:
         setattr(dist, name, _count_payload(name, getattr(dist, name)))
 
 
-def wchar() -> int:
-    """Bytes this process has written (files, pipes and sockets) since it started."""
-    try:
-        with open("/proc/self/io") as fh:
-            for line in fh:
-                if line.startswith("wchar:"):
-                    return int(line.split(":")[1])
-    except OSError:
-        pass
-    return -1
-
-
 # ------------------------------------------------------------------------ baseline (a): ZeRO-1
 
 
@@ -352,7 +342,7 @@ def worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
             set_grads(model, grads)
             dist.barrier()
             METER.reset()
-            w0 = wchar()
+            w0 = bytes_written()
             try:
                 with CommDebugMode() as comm:
                     t0 = time.perf_counter()
@@ -361,7 +351,7 @@ def worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
             except Exception as exc:  # noqa: BLE001 - reported in the table
                 errors[method] = f"{type(exc).__name__}: {exc}"[:300]
                 continue
-            wire = wchar() - w0
+            wire = bytes_written() - w0
             if rep == 0:
                 continue
             r = results[method]
@@ -393,17 +383,7 @@ def worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
     }
     with open(os.path.join(out_dir, f"w{world}_r{rank}.json"), "w") as fh:
         json.dump(summary, fh)
-    # A barrier and a GIL-free pause first: gloo's destructor can otherwise deadlock on the GIL
-    # with its work thread (pytorch/pytorch#56297).
-    dist.barrier()
-    time.sleep(0.2)
-    dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    leave_process_group()
 
 
 # ------------------------------------------------------------------------ report

@@ -46,8 +46,6 @@ import json
 import math
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,8 +57,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from normuon import NorMuon
-from normuon.newton_schulz import default_orthogonalizer, resolve_ns_coefficients
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    bf16_gemm_native,
+    bytes_written,
+    cpu_model,
+    free_port,
+    leave_process_group,
+    load_average,
+    md_table,
+    median,
+    torch_muon_ns_float32,
+)
+
+from normuon import NorMuon  # noqa: E402
+from normuon.newton_schulz import default_orthogonalizer, resolve_ns_coefficients  # noqa: E402
 
 #: configuration name -> mesh dims as (name, size); () is one process without a mesh.
 CONFIGS: dict[str, tuple[tuple[str, int], ...]] = {
@@ -233,39 +244,6 @@ def install_payload_wrappers() -> None:
         setattr(dist, name, _payload_wrapper(name, getattr(dist, name)))
 
 
-def socket_bytes_written() -> int:
-    """``wchar`` of /proc/self/io: bytes this process (all threads, gloo's included) wrote."""
-    try:
-        with open("/proc/self/io") as fh:
-            for line in fh:
-                if line.startswith("wchar:"):
-                    return int(line.split(":")[1])
-    except OSError:
-        pass
-    return -1
-
-
-def bf16_gemm_supported() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _fp32_zeropower(grad, ns_coefficients, ns_steps, eps):
-    """torch.optim.Muon's quintic Newton-Schulz in float32 (its own runs in bfloat16)."""
-    a, b, c = ns_coefficients
-    x = grad.float()
-    tall = grad.size(0) > grad.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
-
-
 # ------------------------------------------------------------------------ baseline
 
 
@@ -431,10 +409,10 @@ def worker(rank: int, world: int, port: int, cfg: dict, config: str, out_dir: st
 
     install_payload_wrappers()
     patched_muon = False
-    if "torch-muon" in cfg.impls and not bf16_gemm_supported():
+    if "torch-muon" in cfg.impls and not bf16_gemm_native():
         import torch.optim._muon as torch_muon
 
-        torch_muon._zeropower_via_newtonschulz = _fp32_zeropower
+        torch_muon._zeropower_via_newtonschulz = torch_muon_ns_float32
         patched_muon = True
     runs = {}
     for impl in cfg.impls:
@@ -451,11 +429,11 @@ def worker(rank: int, world: int, port: int, cfg: dict, config: str, out_dir: st
             set_grads(model, grads)
             dist.barrier()
             METER.reset()
-            written = socket_bytes_written()
+            written = bytes_written()
             with CommDebugMode() as comm:
                 opt.step()
             results[impl] = {
-                "wire": socket_bytes_written() - written,
+                "wire": bytes_written() - written,
                 "payload": METER.payload,
                 "dist_calls": METER.calls,
                 "collectives": comm.get_total_counts(),
@@ -502,49 +480,10 @@ def worker(rank: int, world: int, port: int, cfg: dict, config: str, out_dir: st
     }
     with open(os.path.join(out_dir, f"{config}_r{rank}.json"), "w") as fh:
         json.dump(summary, fh)
-    # gloo's shutdown can abort a process whose work thread is still busy (pytorch#56297).
-    dist.barrier()
-    time.sleep(0.2)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 # ------------------------------------------------------------------------ report
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def median(xs: list[float]) -> float:
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
-
-
-def md_table(header: list[str], rows: list[list]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> str:
-    if not hasattr(os, "getloadavg"):
-        return "n/a"
-    return "(" + ", ".join(f"{x:.1f}" for x in os.getloadavg()) + ")"
 
 
 #: Bytes per matrix element on the wire for the floor column of each implementation.
@@ -615,7 +554,7 @@ def report(cfg: BenchConfig, per_config: dict[str, list[dict]], facts: dict) -> 
         f"# Optimizer step under tensor parallelism and 2-D meshes (gloo, CPU) - {facts['date']}",
         "",
         f"- date: {facts['started']}",
-        f"- machine: {cpu_name()} (lscpu), {os.cpu_count()} logical cores, no GPU",
+        f"- machine: {cpu_model()} (lscpu), {os.cpu_count()} logical cores, no GPU",
         f"- Python {platform.python_version()}, torch {torch.__version__}, gloo backend, "
         f"{cfg.threads} torch thread(s) per rank",
         f"- native bf16 GEMMs (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`): {bf16}",
@@ -721,7 +660,7 @@ def main(argv: list[str] | None = None) -> Path:
         "date": datetime.date.today().isoformat(),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "load_start": load_average(),
-        "bf16": bf16_gemm_supported(),
+        "bf16": bf16_gemm_native(),
     }
     per_config: dict[str, list[dict]] = {}
     plain = asdict(cfg)

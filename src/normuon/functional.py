@@ -26,7 +26,6 @@ __all__ = [
     "finite_flags",
     "inverse_rms",
     "momentum_update_",
-    "momentum_step_",
     "muon_factors",
     "newton_schulz_input",
     "normuon_factors_",
@@ -87,26 +86,6 @@ def newton_schulz_input(
     if ok is not None:
         grad = torch.where(ok, grad, momentum_buffer)
     torch.lerp(grad, momentum_buffer, beta1, out=out)
-
-
-def momentum_step_(
-    momentum_buffers: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    ok: list[torch.Tensor],
-    beta1: float,
-    nesterov: bool,
-) -> list[torch.Tensor]:
-    """M <- beta1 M + (1 - beta1) G, in place; returns the Newton-Schulz inputs U.
-
-    U = G.lerp(M, beta1) with ``nesterov``, else M itself (callers never write U). A skipped
-    parameter uses its own momentum as the gradient, so M stays and U stays finite.
-    """
-    safe = [torch.where(f, g, m) for f, g, m in zip(ok, grads, momentum_buffers)]
-    torch._foreach_lerp_(momentum_buffers, safe, 1.0 - beta1)
-    if not nesterov:
-        return list(momentum_buffers)
-    torch._foreach_lerp_(safe, momentum_buffers, beta1)  # U = (1 - beta1) G + beta1 M
-    return safe
 
 
 def inverse_rms(v: torch.Tensor, eps: float) -> torch.Tensor:

@@ -39,7 +39,8 @@ Coefficients = tuple[float, float, float]
 
 #: The optimizer's ``orthogonalizer`` option: ``fn(u, coefficients, dtype) -> O``, with ``u`` a
 #: (B, m, n) stack (never to be modified), ``coefficients`` one (a, b, c) per step and ``dtype``
-#: the requested dtype of the result, which has the shape of ``u``.
+#: the dtype to iterate in and return (``ns_dtype`` after :func:`ns_compute_dtype`); the result
+#: has the shape of ``u``.
 Orthogonalizer = Callable[[torch.Tensor, Sequence[Coefficients], torch.dtype], torch.Tensor]
 #: Keller Jordan's fixed quintic for Muon: a steep slope at 0 so that small singular values grow
 #: fast, at the price of never converging exactly (outputs land in roughly [0.7, 1.2]).
@@ -505,5 +506,9 @@ def default_orthogonalizer(
     half precision with the restarts of :func:`gram_restarts`, whose error against the float64
     polar factor matches the standard iteration's at the same dtype (docs/performance.md);
     square-ish matrices through the standard loop.
+
+    ``dtype`` is the dtype to iterate in: the optimizers resolve it once per device with
+    :func:`ns_compute_dtype` (a host-side capability query that ``torch.compile(fullgraph=True)``
+    cannot trace) and pass the result, so it is not queried again here.
     """
-    return newton_schulz(u, coefficients, dtype, method="auto")
+    return newton_schulz(u, coefficients, dtype, compute_dtype=dtype, method="auto")

@@ -57,16 +57,6 @@ def _number(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
-def _default_orthogonalizer(u: torch.Tensor, coefficients, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`normuon.newton_schulz.default_orthogonalizer` for an already resolved ``dtype``.
-
-    The optimizer passes the dtype that ``ns_compute_dtype`` chose (cached per device), so it is
-    also the iteration dtype; saying so skips newton_schulz's own capability query, which
-    torch.compile(fullgraph=True) cannot trace. Same result as the default orthogonalizer.
-    """
-    return NS.newton_schulz(u, coefficients, dtype, compute_dtype=dtype, method="auto")
-
-
 class _MatrixOptimizer(torch.optim.Optimizer):
     """Shared machinery of :class:`NorMuon` and :class:`Muon` (one code path, one flag apart)."""
 
@@ -305,12 +295,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         """
         for group, plans in zip(self.param_groups, self._plans()):
             for plan in plans:
-                if self._updates_here(plan):
+                if plan.updated_here:
                     self._init_state(group["params"][plan.index], plan, group)
-
-    @staticmethod
-    def _updates_here(plan: ParamPlan) -> bool:
-        return plan.kind != "replicated" or plan.owner == dist.get_rank(plan.group)
 
     # ---------------------------------------------------------------- checkpointing
 
@@ -385,7 +371,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         for group, plans in zip(self.param_groups, self._plans()):
             for plan in plans:
                 p = group["params"][plan.index]
-                if not self._updates_here(plan) and p in self.state:
+                if not plan.updated_here and p in self.state:
                     del self.state[p]
 
     # ---------------------------------------------------------------- non-finite gradients
@@ -415,17 +401,16 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         return flags
 
     def _step_flags(self, grads: list[torch.Tensor], plans: list[ParamPlan]):
-        """The finite flags a group's update is masked with, or None when none is needed.
+        """(device flags to mask with, or None; host flags of the entries to keep, or None).
 
-        ``"raise"`` mode checked every gradient before the step began: None. ``"skip"`` mode
-        computes the flags and counts the skipped parameters. On the CPU reading them costs
-        nothing, so they go to ``self._host_flags`` and the caller drops the skipped
-        parameters instead of masking every tensor (None is returned); on accelerators they
-        stay on the device (no host sync) and are returned for masking.
+        ``"raise"`` mode checked every gradient before the step began: nothing to mask or drop.
+        ``"skip"`` mode computes the flags and counts the skipped parameters. On the CPU reading
+        them costs nothing, so they come back as Python bools and the caller drops the skipped
+        parameters instead of masking every tensor; on accelerators they stay on the device (no
+        host sync) and every tensor is masked.
         """
         if self.nonfinite_grads == "raise":
-            self._host_flags = [True] * len(grads)
-            return None
+            return None, None
         flags = self._finite_flags(grads, plans)
         stacked = torch.stack(flags)
         bad_count = (~stacked).sum()
@@ -434,9 +419,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         self._skip_counter += bad_count.to(self._skip_counter.device)
         on_host = self._host_flags_on_cpu and stacked.device.type == "cpu"
         if on_host and not torch.compiler.is_compiling():
-            self._host_flags = stacked.tolist()
-            return None
-        return flags
+            return None, stacked.tolist()
+        return flags, None
 
     def _raise_on_nonfinite(self, plans: list[list[ParamPlan]]) -> None:
         """``nonfinite_grads="raise"``: check every gradient of every group before any change."""
@@ -495,14 +479,14 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         entries = []
         for plan in plans:
             p = group["params"][plan.index]
-            if p.grad is None or not self._updates_here(plan):
+            if p.grad is None or not plan.updated_here:
                 continue
             entries.append((plan, p, local_tensor(self._grad_of(p, plan.name))))
         if not entries:
             return entries, None
-        ok = self._step_flags([g for _, _, g in entries], [plan for plan, _, _ in entries])
-        if ok is None:
-            entries = [e for e, keep in zip(entries, self._host_flags) if keep]
+        ok, keep = self._step_flags([g for _, _, g in entries], [plan for plan, _, _ in entries])
+        if keep is not None:
+            entries = [e for e, finite in zip(entries, keep) if finite]
         return entries, ok
 
     def _adamw_step(self, group: dict[str, Any], plans: list[ParamPlan]) -> None:
@@ -616,7 +600,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         coefficients = NS.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
         requested = group["ns_dtype"]  # a name; a torch.dtype in state_dicts of 0.1.0 betas
         requested = getattr(torch, requested) if isinstance(requested, str) else requested
-        orthogonalizer = self.orthogonalizer or _default_orthogonalizer
+        orthogonalizer = self.orthogonalizer or NS.default_orthogonalizer
         # (work index, block index, rows) by block shape.
         by_shape: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
         for w, (i, _, _, _) in enumerate(work):

@@ -88,17 +88,11 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _ns_coefficients(name: str, value: Any) -> Any:
-    # Checked against ns_steps in validate_group; here only that it can be resolved at all.
-    NS.resolve_ns_coefficients(value, len(value) if _is_triple_list(value) else 1)
-    return tuple(tuple(v) for v in value) if _is_triple_list(value) else value
-
-
-def _is_triple_list(value: Any) -> bool:
-    return (
-        isinstance(value, (tuple, list))
-        and len(value) > 0
-        and all(isinstance(item, (tuple, list)) for item in value)
-    )
+    """Lists become tuples (JSON-read state dicts); the value itself is checked together with
+    ``ns_steps`` by :func:`validate_group`."""
+    if isinstance(value, (tuple, list)):
+        return tuple(tuple(v) if isinstance(v, (tuple, list)) else v for v in value)
+    return value
 
 
 def _ns_dtype(name: str, value: Any) -> str:

@@ -21,14 +21,8 @@ __all__ = [
     "block_layout",
     "build_plans",
     "chunk_range",
-    "dim0_offsets",
     "exchange",
     "packed_all_reduce_",
     "wire_dtype_for",
 ]
 
-
-def dim0_offsets(size: int, world: int) -> tuple[int, ...]:
-    """Row offsets (world + 1) of torch.chunk-style dim-0 sharding over ``world`` ranks, as
-    FSDP2's ``Shard(0)`` lays a parameter out."""
-    return tuple(chunk_range(range(size), world, r).start for r in range(world)) + (size,)

@@ -59,6 +59,7 @@ class ParamPlan:
         layout: sharded: every rank's block of the parameter.
         state_layout: sharded NorMuon: every rank's block of the second moment.
         state_placements: DTensor placements of the second moment (None: plain tensor).
+        rank: replicated kind: this rank in ``group`` (set with the owner).
     """
 
     index: int
@@ -70,6 +71,12 @@ class ParamPlan:
     layout: BlockLayout | None = None
     state_layout: BlockLayout | None = None
     state_placements: tuple | None = field(default=None)
+    rank: int = 0
+
+    @property
+    def updated_here(self) -> bool:
+        """Whether this rank updates the parameter (replicated: only its owner does)."""
+        return self.kind != "replicated" or self.owner == self.rank
 
 
 def assign_owners(costs: Sequence[float], world: int) -> list[int]:
@@ -198,8 +205,10 @@ def build_plans(
                 pl.geometry.ns_cost() if pl.geometry else float(group["params"][pl.index].numel())
                 for pl in replicated
             ]
+            rank = dist.get_rank(rgroup)
             for pl, owner in zip(replicated, assign_owners(costs, world)):
                 pl.owner = (owner + gi) % world
+                pl.rank = rank
         plans.append(group_plans)
     # Sharded matrices: one balanced assignment per mesh over every group.
     by_mesh: dict[int, list[ParamPlan]] = {}

@@ -25,10 +25,12 @@ def _by_mesh(plans: Sequence[ParamPlan]) -> dict[int, list[int]]:
     return out
 
 
-def _tensors(plan: ParamPlan, with_state: bool):
-    yield plan.layout
-    if with_state and plan.state_layout is not None:
-        yield plan.state_layout
+def _pieces(plan: ParamPlan, update: torch.Tensor, state: torch.Tensor | None):
+    """(layout, this rank's block) of the Newton-Schulz input and, for NorMuon, the second
+    moment."""
+    if state is None:
+        return [(plan.layout, update)]
+    return [(plan.layout, update), (plan.state_layout, state)]
 
 
 def gather_to_owners(
@@ -56,12 +58,11 @@ def gather_to_owners(
         device = updates[members[0]].device
         sends: list[list[torch.Tensor]] = [[] for _ in range(world)]
         expects: list[list] = [[] for _ in range(world)]
+        # Per plan, (layout, this rank's block) of U (in the wire dtype, cast once) and of v.
+        pieces = {k: _pieces(plans[k], updates[k].to(wire_dtype), states[k]) for k in members}
         for k in members:
             plan = plans[k]
-            pieces = [(plan.layout, updates[k].to(wire_dtype))]
-            if states[k] is not None:
-                pieces.append((plan.state_layout, states[k]))
-            for layout, local in pieces:
+            for layout, local in pieces[k]:
                 for src in layout.senders_to(plan.owner):
                     if src == rank:
                         sends[plan.owner].append(local)
@@ -74,10 +75,7 @@ def gather_to_owners(
             if plan.owner != rank:
                 continue
             full = []
-            pieces = [(plan.layout, updates[k].to(wire_dtype))]
-            if states[k] is not None:
-                pieces.append((plan.state_layout, states[k]))
-            for layout, local in pieces:
+            for layout, local in pieces[k]:
                 whole = torch.empty(layout.shape, dtype=local.dtype, device=device)
                 if local.numel():
                     whole[layout.index(rank)] = local
