@@ -92,7 +92,9 @@ def test_tensor_lr_equals_float_lr(cls):
     assert isinstance(opt_t.param_groups[0]["lr"], torch.Tensor)
     _run(opt_f, params_f, 3)
     _run(opt_t, params_t, 3)
-    _assert_all_equal(params_f, params_t)
+    # A Tensor lr is never read on the host: it scales the small per-neuron factors on the
+    # device instead of entering addcmul as a number, so rounding may differ in the last bit.
+    _assert_all_equal(params_f, params_t, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("cls", CLASSES)

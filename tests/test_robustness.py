@@ -18,10 +18,17 @@ BOTH = [NorMuon, Muon]
 @pytest.fixture(params=["host_flags", "device_masks"])
 def flag_path(request, monkeypatch):
     """Both ways a skipped parameter is left alone: flags read on the host (CPU tensors) and
-    dropped parameters, or flags kept on the device and every tensor masked (accelerators)."""
-    from normuon.optimizer import _MatrixOptimizer
+    dropped parameters, or flags kept on the device and every tensor masked (accelerators,
+    ``host_reads="never"``): every optimizer the test builds gets that ``host_reads``."""
+    reads = "auto" if request.param == "host_flags" else "never"
+    for cls in BOTH:
+        original = cls.__init__
 
-    monkeypatch.setattr(_MatrixOptimizer, "_host_flags_on_cpu", request.param == "host_flags")
+        def init(self, params, *args, _original=original, **kwargs):
+            kwargs.setdefault("host_reads", reads)
+            _original(self, params, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", init)
     return request.param
 
 

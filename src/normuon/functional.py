@@ -17,6 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
+#: A hyperparameter: a Python number, or a 0-d tensor on the parameters' device (read by
+#: device kernels only, never on the host, so schedulers can update it in place).
+Scalar = float | torch.Tensor
+
 __all__ = [
     "ADAM_RMS_TARGET",
     "accum_dtype",
@@ -25,10 +29,12 @@ __all__ = [
     "decay_",
     "finite_flags",
     "inverse_rms",
+    "momentum_and_input_",
     "momentum_update_",
     "muon_factors",
     "newton_schulz_input",
     "normuon_factors_",
+    "sub_scaled_",
 ]
 
 #: Update RMS of the ``adam_rms`` convention (NorMuon paper, Algorithm 1; Moonlight's 0.2).
@@ -58,7 +64,7 @@ def finite_flags(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def momentum_update_(
-    momentum_buffer: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor | None, beta1: float
+    momentum_buffer: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor | None, beta1: Scalar
 ) -> None:
     """M <- beta1 M + (1 - beta1) G in place; left as it is where ``ok`` is False (None: the
     caller knows the gradient is finite, and no masking pass is made)."""
@@ -72,7 +78,7 @@ def newton_schulz_input(
     momentum_buffer: torch.Tensor,
     grad: torch.Tensor,
     ok: torch.Tensor | None,
-    beta1: float,
+    beta1: Scalar,
     nesterov: bool,
     out: torch.Tensor,
 ) -> None:
@@ -88,7 +94,31 @@ def newton_schulz_input(
     torch.lerp(grad, momentum_buffer, beta1, out=out)
 
 
-def inverse_rms(v: torch.Tensor, eps: float) -> torch.Tensor:
+def momentum_and_input_(
+    momentum_buffer: torch.Tensor,
+    grad: torch.Tensor,
+    ok: torch.Tensor | None,
+    beta1: Scalar,
+    nesterov: bool,
+    out: torch.Tensor,
+) -> None:
+    """:func:`momentum_update_` then :func:`newton_schulz_input` into ``out``, with ``out`` as
+    the only scratch: no tensor is allocated (G is cast, or masked, into ``out`` first).
+
+    Same values as the two calls: M <- M.lerp(G', 1 - beta1), U = G'.lerp(M, beta1) or M, with
+    G' = G where ``ok`` and M elsewhere (so a skipped matrix keeps M and gets U = M)."""
+    if ok is None:
+        out.copy_(grad)
+    else:
+        torch.where(ok, grad, momentum_buffer, out=out)
+    momentum_buffer.lerp_(out, 1.0 - beta1)
+    if nesterov:
+        torch.lerp(out, momentum_buffer, beta1, out=out)
+    else:
+        out.copy_(momentum_buffer)
+
+
+def inverse_rms(v: torch.Tensor, eps: Scalar) -> torch.Tensor:
     """f = 1 / (sqrt(v) + eps): the per-neuron rescale of NorMuon.
 
     A neuron with v = 0 has had an all-zero row of O so far (its row of O is zero now too), so
@@ -101,8 +131,8 @@ def normuon_factors_(
     o: torch.Tensor,
     second_moment: torch.Tensor,
     ok: torch.Tensor | None,
-    beta2: float,
-    eps: float,
+    beta2: Scalar,
+    eps: Scalar,
     dim: int,
     update_scale: str,
 ) -> torch.Tensor:
@@ -167,19 +197,32 @@ def muon_factors(o: torch.Tensor, ok: torch.Tensor | None, update_scale: str) ->
 
 
 def apply_updates_(
-    param_matrices: list[torch.Tensor], o: list[torch.Tensor], g: list[torch.Tensor], lr: float
+    param_matrices: list[torch.Tensor], o: list[torch.Tensor], g: list[torch.Tensor], lr: Scalar
 ) -> None:
     """W -= lr * O * g for every (B, m, n) view of a parameter, with its factors g already
     shaped to broadcast ((B, m, 1) per row, (B, 1, n) per column, (B, 1, 1) per matrix)."""
-    torch._foreach_addcmul_(param_matrices, o, g, value=-lr)
+    if isinstance(lr, torch.Tensor):  # the small factors take -lr (no host read of lr)
+        g = [factors * -lr for factors in g]
+        torch._foreach_addcmul_(param_matrices, o, g)
+    else:
+        torch._foreach_addcmul_(param_matrices, o, g, value=-lr)
+
+
+def sub_scaled_(param: torch.Tensor, delta: torch.Tensor, lr: Scalar) -> None:
+    """W -= lr * delta, ``delta`` cast to W's dtype."""
+    delta = delta.to(param.dtype)
+    if isinstance(lr, torch.Tensor):
+        param.sub_(delta * lr)
+    else:
+        param.add_(delta, alpha=-lr)
 
 
 def decay_(
-    params: list[torch.Tensor], ok: list[torch.Tensor] | None, lr: float, weight_decay: float
+    params: list[torch.Tensor], ok: list[torch.Tensor] | None, lr: Scalar, weight_decay: Scalar
 ) -> None:
     """Decoupled weight decay W *= 1 - lr * weight_decay, skipped where ``ok`` is False (None:
     every parameter decays)."""
-    if weight_decay == 0 or not params:
+    if not params or (not isinstance(weight_decay, torch.Tensor) and weight_decay == 0):
         return
     if ok is None:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
@@ -198,11 +241,11 @@ def adamw_step_(
     steps: list[torch.Tensor],
     ok: list[torch.Tensor] | None,
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    lr: Scalar,
+    beta1: Scalar,
+    beta2: Scalar,
+    eps: Scalar,
+    weight_decay: Scalar,
 ) -> None:
     """Bias-corrected AdamW with decoupled weight decay, as torch.optim.AdamW, in place.
 
@@ -210,28 +253,29 @@ def adamw_step_(
     as torch.optim.AdamW) so that a gradient whose square overflows gives the same v as
     torch.optim.AdamW (possibly inf, then a zero update) instead of inf - inf = NaN. Squares
     are taken in the state dtype (a bf16 g*g would round every EMA term to 8 bits). ``ok``
-    None: every gradient is known to be finite (no masking passes).
+    None: every gradient is known to be finite (no masking passes). Tensor hyperparameters are
+    used on the device, never read on the host.
     """
     if ok is None:  # every gradient is known to be finite: no masking passes
         g_cast = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
         okf: list = [1.0] * len(params)
         torch._foreach_add_(steps, 1.0)
         decay_(params, None, lr, weight_decay)
-        torch._foreach_lerp_(exp_avgs, g_cast, 1.0 - beta1)
+        _lerp_all_(exp_avgs, g_cast, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, g_cast, g_cast, value=1.0 - beta2)
+        _addcmul_scaled_(exp_avg_sqs, g_cast, g_cast, 1.0 - beta2)
     else:
         # A skipped parameter sees its own state as the "gradient", so its first moment stays.
         g_safe = [torch.where(f, g.to(m.dtype), m) for f, g, m in zip(ok, grads, exp_avgs)]
         okf = [f.to(accum_dtype(p.dtype)) for f, p in zip(ok, params)]
         torch._foreach_add_(steps, [f.to(torch.float32) for f in ok])
         decay_(params, ok, lr, weight_decay)
-        torch._foreach_lerp_(exp_avgs, g_safe, 1.0 - beta1)
+        _lerp_all_(exp_avgs, g_safe, 1.0 - beta1)
         # v <- beta2 v + (1 - beta2) g^2, or v where skipped (factor 1, g masked to 0). addcmul
         # forms ((1 - beta2) g) g, as torch.optim.AdamW does: g = 1e20 gives 1e38, not g^2 = inf.
         masked = [g * f for g, f in zip(g_safe, okf)]
         torch._foreach_mul_(exp_avg_sqs, [torch.where(f, beta2, 1.0) for f in ok])
-        torch._foreach_addcmul_(exp_avg_sqs, g_safe, masked, value=1.0 - beta2)
+        _addcmul_scaled_(exp_avg_sqs, g_safe, masked, 1.0 - beta2)
     # step is 0 only for a parameter skipped since its first step; clamp keeps 1 - beta^0
     # away from a division by zero (its update is multiplied by 0 anyway).
     # The bias corrections are taken in the parameter's precision (float64 for float64
@@ -242,9 +286,28 @@ def adamw_step_(
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
-    if eps == 0 and ok is not None:
+    if ok is not None and (isinstance(eps, torch.Tensor) or eps == 0):
         # A skipped parameter may hold exp_avg = exp_avg_sq = 0: keep 0 / 0 out of it.
         denom = [torch.where(f, d, 1.0) for f, d in zip(ok, denom)]
     update = torch._foreach_div(exp_avgs, denom)
     torch._foreach_mul_(update, [-lr * f / bc for f, bc in zip(okf, bias_correction1)])
     torch._foreach_add_(params, update)
+
+
+def _lerp_all_(tensors: list[torch.Tensor], ends: list[torch.Tensor], weight: Scalar) -> None:
+    """t <- t.lerp(end, weight) for every pair (a Tensor weight stays on the device)."""
+    if isinstance(weight, torch.Tensor):
+        torch._foreach_lerp_(tensors, ends, [weight] * len(tensors))
+    else:
+        torch._foreach_lerp_(tensors, ends, weight)
+
+
+def _addcmul_scaled_(
+    tensors: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor], value: Scalar
+) -> None:
+    """t += value * a * b, formed as (value a) b when ``value`` is a Tensor (the order
+    torch.optim.AdamW uses, so large finite gradients do not overflow)."""
+    if isinstance(value, torch.Tensor):
+        torch._foreach_addcmul_(tensors, torch._foreach_mul(a, value), b)
+    else:
+        torch._foreach_addcmul_(tensors, a, b, value=value)

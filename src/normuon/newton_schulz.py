@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -19,18 +20,22 @@ __all__ = [
     "MUON_COEFFICIENTS",
     "NS_NORM_EPS",
     "Coefficients",
+    "NSScratch",
     "Orthogonalizer",
     "FAST_NS_LOWER",
     "FAST_NS_STEPS",
     "cpu_chunk_size",
+    "default_chunk_size",
     "default_orthogonalizer",
     "fast_ns_coefficients",
     "gram_restarts",
     "native_half_matmul",
     "newton_schulz",
+    "newton_schulz_",
     "newton_schulz_gram",
     "ns_compute_dtype",
     "polar_express_coefficients",
+    "prefers_gram",
     "resolve_ns_coefficients",
     "scalar_ns_map",
 ]
@@ -311,32 +316,36 @@ def newton_schulz(
     Returns:
         (B, m, n) tensor in ``dtype``: X_0 = U / (||U||_F + 1e-7) after the steps, i.e. singular
         values mapped by :func:`scalar_ns_map` and singular vectors kept.
+
+    :func:`newton_schulz_` is the same iteration writing into given buffers (no allocation).
     """
     if u.ndim != 3:
         raise ValueError(f"newton_schulz expects a (B, m, n) stack, got shape {tuple(u.shape)}")
     work = ns_compute_dtype(dtype, u.device) if compute_dtype is None else compute_dtype
-    m, n = u.shape[-2], u.shape[-1]
+    use_gram = _use_gram(u.shape[-2], u.shape[-1], method, restarts)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(u.shape, work, u.device)
+    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    out = torch.empty(u.shape, dtype=dtype, device=u.device)
+    scratch = NSScratch.allocate(min(chunk_size, u.shape[0]), u.shape[-2], u.shape[-1], work,
+                                 u.device)  # fmt: skip
+    newton_schulz_(u, out, coefficients, scratch, use_gram=use_gram, restarts=restarts)
+    return out
+
+
+def prefers_gram(m: int, n: int) -> bool:
+    """Whether ``method="auto"`` runs the Gram iteration for (m, n) matrices."""
+    return max(m, n) >= GRAM_MIN_ASPECT * min(m, n)
+
+
+def _use_gram(m: int, n: int, method: str, restarts: Sequence[int] | None) -> bool:
+    """Whether ``method`` runs the Gram iteration for (m, n) matrices (validates both)."""
     if method not in _METHODS:
         raise ValueError(f"method must be 'standard', 'gram' or 'auto', got {method!r}")
     if method == "standard" and restarts is not None:
         raise ValueError(f"restarts={restarts!r} needs method='gram' or 'auto'")
-    use_gram = method == "gram" or (
-        method == "auto" and max(m, n) >= GRAM_MIN_ASPECT * min(m, n)
-    )
-    if chunk_size is None:
-        chunk_size = cpu_chunk_size(m, n, work) if u.device.type == "cpu" else u.shape[0]
-    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if chunk_size >= u.shape[0]:
-        return _ns_batch(u, coefficients, dtype, work, use_gram, restarts)
-    # Chunks: each one's operands stay in the core's cache through all the steps.
-    out = torch.empty(u.shape, dtype=dtype, device=u.device)
-    for start in range(0, u.shape[0], chunk_size):
-        part = u[start : start + chunk_size]  # (c, m, n) view
-        out[start : start + chunk_size] = _ns_batch(
-            part, coefficients, dtype, work, use_gram, restarts
-        )
-    return out
+    return method == "gram" or (method == "auto" and prefers_gram(m, n))
 
 
 #: Bytes of one chunk's iterate from which :func:`newton_schulz` splits a batch on the CPU.
@@ -350,31 +359,158 @@ CPU_CHUNK_BYTES = 2**20
 def cpu_chunk_size(m: int, n: int, work_dtype: torch.dtype) -> int:
     """Matrices per chunk of :func:`newton_schulz` on a CPU: as many (m, n) iterates in
     ``work_dtype`` as fit in :data:`CPU_CHUNK_BYTES`, at least one."""
-    itemsize = torch.empty((), dtype=work_dtype).element_size()
-    return max(1, CPU_CHUNK_BYTES // (m * n * itemsize))
+    return max(1, CPU_CHUNK_BYTES // (m * n * work_dtype.itemsize))
 
 
-def _ns_batch(
+def default_chunk_size(
+    shape: Sequence[int], work_dtype: torch.dtype, device: torch.device | str
+) -> int:
+    """Matrices of a (B, m, n) batch iterated together: :func:`cpu_chunk_size` on a CPU (cache
+    reuse), the whole batch elsewhere (one kernel per operation)."""
+    batch, m, n = shape
+    if torch.device(device).type == "cpu":
+        return max(1, min(batch, cpu_chunk_size(m, n, work_dtype)))
+    return max(1, batch)
+
+
+@dataclass(frozen=True)
+class NSScratch:
+    """Buffers of one chunk of the Newton-Schulz iteration, reused across chunks and steps.
+
+    For a chunk of ``c`` matrices on the wide orientation (k, N), k = min(m, n): the iterate
+    ``x`` and ``x_next`` (c, k, N), and four (c, k, k) Gram-side buffers (the Gram matrix, the
+    polynomial P, the product Q of the Gram iteration and a spare), all in the iteration dtype.
+    Carved from one flat buffer (:meth:`carve`) so that an owner can keep a single arena.
+    """
+
+    x: torch.Tensor  # (c, k, N)
+    x_next: torch.Tensor  # (c, k, N)
+    gram: torch.Tensor  # (c, k, k)
+    poly: torch.Tensor  # (c, k, k)
+    q: torch.Tensor  # (c, k, k)
+    spare: torch.Tensor  # (c, k, k)
+
+    @staticmethod
+    def numel(chunk: int, m: int, n: int) -> int:
+        """Elements of the flat buffer :meth:`carve` needs."""
+        k, big = min(m, n), max(m, n)
+        return chunk * (2 * k * big + 4 * k * k)
+
+    @classmethod
+    def carve(cls, flat: torch.Tensor, chunk: int, m: int, n: int) -> NSScratch:
+        """Views of a 1-D buffer of at least :meth:`numel` elements (its dtype: the iteration's)."""
+        k, big = min(m, n), max(m, n)
+        sizes = [chunk * k * big] * 2 + [chunk * k * k] * 4
+        views, pos = [], 0
+        for size in sizes:
+            views.append(flat[pos : pos + size])
+            pos += size
+        return cls(
+            views[0].view(chunk, k, big), views[1].view(chunk, k, big),
+            *(v.view(chunk, k, k) for v in views[2:]),
+        )  # fmt: skip
+
+    @classmethod
+    def allocate(
+        cls, chunk: int, m: int, n: int, dtype: torch.dtype, device: torch.device | str
+    ) -> NSScratch:
+        flat = torch.empty(cls.numel(chunk, m, n), dtype=dtype, device=device)
+        return cls.carve(flat, chunk, m, n)
+
+    @property
+    def chunk(self) -> int:
+        return self.x.shape[0]
+
+
+def newton_schulz_(
     u: torch.Tensor,
+    out: torch.Tensor,
     coefficients: Sequence[Coefficients],
-    dtype: torch.dtype,
-    work: torch.dtype,
+    scratch: NSScratch,
+    *,
     use_gram: bool,
-    restarts: Sequence[int] | None,
-) -> torch.Tensor:
-    """One batched iteration (standard loop or Gram) of a (c, m, n) stack, result in dtype."""
-    if use_gram:
-        return newton_schulz_gram(u, coefficients, dtype, compute_dtype=work, restarts=restarts)
+    restarts: Sequence[int] | None = None,
+) -> None:
+    """:func:`newton_schulz` into ``out``, with every intermediate in ``scratch``: no allocation
+    beyond a (c, 1, 1) norm per chunk.
+
+    ``u`` (B, m, n) is read chunk by chunk (``scratch.chunk`` matrices each) and the polar
+    factors are written into ``out`` (B, m, n, any floating dtype). ``out`` may be ``u`` itself:
+    a chunk's input is consumed before its result is written. The iteration runs in the dtype
+    of ``scratch``. ``use_gram`` picks :func:`newton_schulz_gram`'s iteration (restarts: its
+    ``restarts`` argument, None for the default of the iteration dtype).
+    """
+    if u.ndim != 3 or out.shape != u.shape:
+        raise ValueError(
+            f"newton_schulz_ expects (B, m, n) u and out of the same shape, got "
+            f"{tuple(u.shape)} and {tuple(out.shape)}"
+        )
+    work = scratch.x.dtype
+    restart_at = (
+        _check_restarts(gram_restarts(len(coefficients), work) if restarts is None else restarts,
+                        len(coefficients))
+        if use_gram else frozenset()
+    )  # fmt: skip
     m, n = u.shape[-2], u.shape[-1]
-    # Work on the wide orientation so that A = X X^T is the small (min, min) Gram matrix.
-    x = u.mT if m > n else u
-    x = _ns_normalize(x, work)
-    for a, b, c in coefficients:
-        gram = torch.bmm(x, x.mT)  # (B, k, k), k = min(m, n)
-        poly = _gram_polynomial(gram, b, c)  # b A + c A A
-        x = torch.baddbmm(x, poly, x, beta=a, alpha=1.0)  # a X + (b A + c A A) X
-    x = x.to(dtype)
-    return x.mT if m > n else x
+    for start in range(0, u.shape[0], scratch.chunk):
+        stop = min(start + scratch.chunk, u.shape[0])
+        c = stop - start
+        part = u[start:stop]
+        x = _ns_normalize_into(part.mT if m > n else part, scratch.x[:c])
+        if use_gram:
+            x = _gram_iterate(x, coefficients, restart_at, scratch, c)
+        else:
+            x = _standard_iterate(x, coefficients, scratch, c)
+        out[start:stop].copy_(x.mT if m > n else x)
+
+
+def _standard_iterate(x, coefficients, scratch: NSScratch, c: int) -> torch.Tensor:
+    """The plain loop on the wide orientation, from ``x`` = ``scratch.x[:c]``; returns the
+    buffer holding the result."""
+    spare = scratch.x_next[:c]
+    gram, poly = scratch.gram[:c], scratch.poly[:c]
+    for a, b, c_ in coefficients:
+        torch.bmm(x, x.mT, out=gram)  # A = X X^T, (c, k, k)
+        _gram_polynomial_into(gram, b, c_, poly)  # b A + c A A
+        torch.baddbmm(x, poly, x, beta=a, alpha=1.0, out=spare)  # a X + (b A + c A A) X
+        x, spare = spare, x
+    return x
+
+
+def _gram_iterate(x, coefficients, restart_at, scratch: NSScratch, c: int) -> torch.Tensor:
+    """:func:`newton_schulz_gram`'s loop in the scratch buffers (see there for the algebra),
+    from ``x`` = ``scratch.x[:c]``; returns the buffer holding the result."""
+    k = x.shape[-2]
+    spare_x = scratch.x_next[:c]
+    gram, poly, q, spare = scratch.gram[:c], scratch.poly[:c], scratch.q[:c], scratch.spare[:c]
+    torch.bmm(x, x.mT, out=gram)  # A_0
+    have_q = False  # Q_t = P_{t-1} ... P_r since the last (re)start r, in q
+    steps = len(coefficients)
+    for t, (a, b, c_) in enumerate(coefficients):
+        if t in restart_at:
+            # X_t = Q_t X_r exactly; the Gram matrix recomputed from it drops the drift of A.
+            if have_q:
+                torch.bmm(q, x, out=spare_x)
+                x, spare_x = spare_x, x
+                have_q = False
+            torch.bmm(x, x.mT, out=gram)
+        _gram_polynomial_into(gram, b, c_, poly)  # b A + c A A
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)  # P = a I + b A + c A A
+        if have_q:
+            torch.bmm(poly, q, out=spare)
+            q, spare = spare, q
+        else:
+            q.copy_(poly)
+            have_q = True
+        if t + 1 < steps and t + 1 not in restart_at:
+            torch.bmm(poly, gram, out=spare)  # P A
+            pap = spare_x.view(-1)[: c * k * k].view(c, k, k)  # free until the next restart
+            torch.bmm(spare, poly, out=pap)  # A <- P A P
+            torch.add(pap, pap.mT, out=gram).mul_(0.5)
+    if have_q:
+        torch.bmm(q, x, out=spare_x)
+        x = spare_x
+    return x
 
 
 def newton_schulz_gram(
@@ -419,30 +555,13 @@ def newton_schulz_gram(
             f"newton_schulz_gram expects a (B, m, n) stack, got shape {tuple(u.shape)}"
         )
     work = ns_compute_dtype(dtype, u.device) if compute_dtype is None else compute_dtype
-    steps = len(coefficients)
-    restart_at = _check_restarts(
-        gram_restarts(steps, work) if restarts is None else restarts, steps
+    _check_restarts(
+        gram_restarts(len(coefficients), work) if restarts is None else restarts, len(coefficients)
     )
-    m, n = u.shape[-2], u.shape[-1]
-    x = _ns_normalize(u.mT if m > n else u, work)  # (B, k, N), k <= N
-    gram = torch.bmm(x, x.mT)  # A_0, (B, k, k)
-    q: torch.Tensor | None = None  # Q_t = P_{t-1} ... P_r since the last (re)start r
-    for t, (a, b, c) in enumerate(coefficients):
-        if t in restart_at:
-            # X_t = Q_t X_r exactly; the Gram matrix recomputed from it drops the drift of A.
-            if q is not None:
-                x = torch.bmm(q, x)
-                q = None
-            gram = torch.bmm(x, x.mT)
-        poly = _gram_polynomial(gram, b, c)  # b A + c A A
-        poly.diagonal(dim1=-2, dim2=-1).add_(a)  # P = a I + b A + c A A
-        q = poly if q is None else torch.bmm(poly, q)
-        if t + 1 < steps and t + 1 not in restart_at:
-            gram = torch.bmm(torch.bmm(poly, gram), poly)  # A <- P A P
-            gram = (gram + gram.mT).mul_(0.5)
-    x = x if q is None else torch.bmm(q, x)
-    x = x.to(dtype)
-    return x.mT if m > n else x
+    out = torch.empty(u.shape, dtype=dtype, device=u.device)
+    scratch = NSScratch.allocate(u.shape[0], u.shape[-2], u.shape[-1], work, u.device)
+    newton_schulz_(u, out, coefficients, scratch, use_gram=True, restarts=restarts)
+    return out
 
 
 def gram_restarts(steps: int, work_dtype: torch.dtype) -> tuple[int, ...]:
@@ -477,24 +596,27 @@ def _check_restarts(restarts: object, steps: int) -> frozenset[int]:
     return frozenset(restarts)
 
 
-def _gram_polynomial(gram: torch.Tensor, b: float, c: float) -> torch.Tensor:
-    """b A + c A A for a (B, k, k) stack, as a new tensor.
+def _gram_polynomial_into(gram: torch.Tensor, b: float, c: float, out: torch.Tensor) -> None:
+    """out = b A + c A A for a (B, k, k) stack.
 
     A cubic step (c = 0) is computed without a GEMM: oneDNN's bfloat16 ``baddbmm`` ignores
     ``beta`` when ``alpha`` is 0 and returns A unscaled (seen with torch 2.13 on CPUs with
     AVX512-BF16), so a degenerate BLAS parameter is never passed to a half-precision GEMM.
     """
     if c == 0:
-        return gram * b
-    return torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        torch.mul(gram, b, out=out)
+    else:
+        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=out)
 
 
-def _ns_normalize(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
-    """X / (||X||_F + 1e-7) in ``work``, contiguous (a transposed operand slows baddbmm ~20%)."""
+def _ns_normalize_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = X / (||X||_F + 1e-7) in out's dtype; ``out`` is contiguous (a transposed operand
+    slows baddbmm ~20%). Returns ``out``."""
     # The norm is taken in at least float32 so a bf16 input is not scaled by a rounded norm.
     norm_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else None
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
-    return (x / (norm + NS_NORM_EPS)).to(work, memory_format=torch.contiguous_format)
+    torch.div(x, norm.add_(NS_NORM_EPS), out=out)
+    return out
 
 
 def default_orthogonalizer(

@@ -14,15 +14,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from . import functional as F
 from . import newton_schulz as NS
 from .checkpoint import check_state_dict
-from .distributed import comm
+from .distributed.distributor import Distributor, OwnedMatrix
 from .distributed.plan import ParamPlan, build_plans, is_dtensor, local_tensor
-from .distributed.sharded import gather_to_owners, scatter_from_owners
+from .finite import FiniteCheck, NonfiniteGuard
 from .geometry import matrix_geometry
+from .matrix_step import LocalMatrix, MatrixHyper, StepTensors, run_batch
 from .options import (
     ADAMW_ALIAS_OPTIONS,
     ADAMW_OPTIONS,
@@ -33,6 +33,7 @@ from .options import (
     Option,
     validate_group,
 )
+from .step_plan import BlockBatch, Workspace, plan_batches, state_dtype
 
 __all__ = ["NorMuon", "Muon"]
 
@@ -47,26 +48,12 @@ def _present_aliases(group: dict[str, Any]) -> tuple[Option, ...]:
     return tuple(o for o in ADAMW_ALIAS_OPTIONS if o.name in group)
 
 
-def _state_dtype(p: torch.Tensor) -> torch.dtype:
-    # Low-precision parameters keep float32 state: bf16 momentum loses the small updates.
-    return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
-
-
-def _number(value: Any) -> Any:
-    """A Tensor hyperparameter (torch.optim allows a Tensor ``lr``) as a Python number."""
-    return value.item() if isinstance(value, torch.Tensor) else value
-
-
 class _MatrixOptimizer(torch.optim.Optimizer):
     """Shared machinery of :class:`NorMuon` and :class:`Muon` (one code path, one flag apart)."""
 
     _matrix_algorithm: str = ""
     _neuron_norm: bool = False
     _options: tuple[Option, ...] = ()
-    #: Read the finite-gradient flags on the host when they live on the CPU (free there) and
-    #: drop skipped parameters, instead of masking every tensor on the device. The tests turn
-    #: it off to run the accelerators' masking path on the CPU.
-    _host_flags_on_cpu: bool = True
 
     def __init__(self, params: Iterable[Any], **options: Any) -> None:
         known = {o.name for o in self._options}
@@ -99,8 +86,13 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def _init_runtime(self) -> None:
         """Attributes that are not saved: rebuilt after unpickling or deepcopy."""
-        self._skip_counter: torch.Tensor | None = None
+        self._guard = NonfiniteGuard(self.nonfinite_grads, self.host_reads)
+        self._distributor = Distributor(self.comm_dtype)
         self._plans_cache: list[list[ParamPlan]] | None = None
+        # Per group, the batches of its matrix blocks (empty for AdamW groups); with the plans.
+        self._batches_cache: list[tuple[BlockBatch, ...]] = []
+        # Buffers the batches run in, reused by every step (not saved).
+        self._workspace = Workspace()
         # ids of the parameters that have had a gradient (replicated mode: every rank knows
         # which ones have state somewhere).
         self._stepped: set[int] = set()
@@ -120,13 +112,14 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         skips = state.pop("_nonfinite_skips", 0)
+        for option in OPTIMIZER_OPTIONS:  # pickles of older versions lack newer options
+            state.setdefault(option.name, option.default)
         super().__setstate__(state)
         self._init_runtime()
         self._stepped = {id(p) for p in self.state}
         for group in self.param_groups:
             self._resolve_ns_dtypes(group["params"])
-        if skips:
-            self._skip_counter = torch.tensor(skips, dtype=torch.int64)
+        self._guard.restore(skips)
 
     # ---------------------------------------------------------------- groups and validation
 
@@ -237,11 +230,24 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             raise TypeError(f"params[{i}] has dtype {p.dtype}; a floating dtype is needed")
 
     def _plans(self) -> list[list[ParamPlan]]:
-        """Where every parameter is updated; built once, rebuilt when the groups change."""
+        """Where every parameter is updated, and the batches of every matrix group; built once,
+        rebuilt when the groups change (``add_param_group``, ``load_state_dict``)."""
         if self._plans_cache is None:
-            self._plans_cache = build_plans(
+            plans = build_plans(
                 self.param_groups, self._matrix_algorithm, self._neuron_norm, self.process_group
             )
+            self._batches_cache = [
+                ()
+                if group["algorithm"] == "adamw"
+                else plan_batches(
+                    group_plans,
+                    [local_tensor(group["params"][plan.index]) for plan in group_plans],
+                    self.ns_memory_budget,
+                )
+                for group, group_plans in zip(self.param_groups, plans)
+            ]
+            self._workspace.clear()
+            self._plans_cache = plans
         return self._plans_cache
 
     # ---------------------------------------------------------------- state
@@ -251,7 +257,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         if state:
             return state
-        dtype = _state_dtype(p)
+        dtype = state_dtype(p.dtype)
         if group["algorithm"] == "adamw":
             state["step"] = torch.zeros((), dtype=torch.float32, device=local_tensor(p).device)
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
@@ -262,28 +268,13 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         state["momentum_buffer"] = torch.zeros_like(
             p, dtype=dtype, memory_format=torch.contiguous_format
         )
-        if not self._neuron_norm:
-            return state
-        if not is_dtensor(p):
-            state["neuron_second_moment"] = torch.zeros(
-                plan.geometry.state_shape, dtype=dtype, device=p.device
+        if self._neuron_norm:
+            full_shape = matrix_geometry(
+                p.shape, group["layout"], group["split_sizes"], group["normalize"]
+            ).state_shape
+            state["neuron_second_moment"] = self._distributor.second_moment_state(
+                p, plan, full_shape, dtype
             )
-            return state
-        from torch.distributed.tensor import DTensor
-
-        shape = matrix_geometry(
-            p.shape, group["layout"], group["split_sizes"], group["normalize"]
-        ).state_shape
-        if plan.kind == "sharded":
-            local_shape = plan.state_layout.block_shape(plan.state_layout.rank)
-        else:
-            local_shape = plan.geometry.state_shape  # geometry of the local tensor
-        local = torch.zeros(local_shape, dtype=dtype, device=local_tensor(p).device)
-        stride = torch.empty(shape, device="meta").stride()
-        state["neuron_second_moment"] = DTensor.from_local(
-            local, p.device_mesh, plan.state_placements, run_check=False, shape=shape,
-            stride=stride,
-        )  # fmt: skip
         return state
 
     def init_state(self) -> None:
@@ -316,18 +307,16 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         ]
         if not replicated:
             return super().state_dict()
-        rgroup = replicated[0][1].group
-        rank, world = dist.get_rank(rgroup), dist.get_world_size(rgroup)
         borrowed, tensors, owners = [], [], []
         for group, plan in replicated:
             p = group["params"][plan.index]
-            if plan.owner != rank:
+            if not plan.updated_here:
                 borrowed.append(p)
                 self._init_state(p, plan, group)
             for key in sorted(self.state[p]):
                 tensors.append(self.state[p][key])
-                owners.append(plan.owner)
-        comm.all_gather_owned(tensors, owners, rgroup, rank, world)
+                owners.append(plan)
+        self._distributor.gather_owned_state(tensors, owners)
         result = super().state_dict()
         for p in borrowed:  # the returned dict keeps them; this rank does not
             del self.state[p]
@@ -379,48 +368,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
     @property
     def nonfinite_skips(self) -> int:
         """How many (parameter, step) updates were skipped for a NaN/Inf gradient (host sync)."""
-        return 0 if self._skip_counter is None else int(self._skip_counter.item())
+        return self._guard.skips
 
-    @staticmethod
-    def _finite_flags(grads: list[torch.Tensor], plans: list[ParamPlan]) -> list[torch.Tensor]:
-        """One 0-d bool tensor per gradient, True when every entry is finite (no host sync).
-
-        The flags of DTensor parameters are combined over their mesh, so that every block of a
-        parameter with a NaN/Inf gradient anywhere is skipped together.
-        """
-        flags = F.finite_flags(grads)
-        by_group: dict[int, list[int]] = {}
-        for i, plan in enumerate(plans):
-            if plan.kind != "replicated" and plan.group is not None:
-                by_group.setdefault(id(plan.group), []).append(i)
-        for members in by_group.values():
-            stacked = torch.stack([flags[i] for i in members]).to(torch.float32)
-            comm.packed_all_reduce_([stacked], plans[members[0]].group, op=dist.ReduceOp.MIN)
-            for k, i in enumerate(members):
-                flags[i] = stacked[k] > 0
-        return flags
-
-    def _step_flags(self, grads: list[torch.Tensor], plans: list[ParamPlan]):
-        """(device flags to mask with, or None; host flags of the entries to keep, or None).
-
-        ``"raise"`` mode checked every gradient before the step began: nothing to mask or drop.
-        ``"skip"`` mode computes the flags and counts the skipped parameters. On the CPU reading
-        them costs nothing, so they come back as Python bools and the caller drops the skipped
-        parameters instead of masking every tensor; on accelerators they stay on the device (no
-        host sync) and every tensor is masked.
-        """
-        if self.nonfinite_grads == "raise":
-            return None, None
-        flags = self._finite_flags(grads, plans)
-        stacked = torch.stack(flags)
-        bad_count = (~stacked).sum()
-        if self._skip_counter is None:
-            self._skip_counter = torch.zeros((), dtype=torch.int64, device=bad_count.device)
-        self._skip_counter += bad_count.to(self._skip_counter.device)
-        on_host = self._host_flags_on_cpu and stacked.device.type == "cpu"
-        if on_host and not torch.compiler.is_compiling():
-            return None, stacked.tolist()
-        return flags, None
+    def _combine(self, plans: list[ParamPlan]):
+        """The guard's ``combine``: finite flags agreed over each DTensor's mesh."""
+        return lambda flags: self._distributor.combine_flags(flags, plans)
 
     def _raise_on_nonfinite(self, plans: list[list[ParamPlan]]) -> None:
         """``nonfinite_grads="raise"``: check every gradient of every group before any change."""
@@ -431,12 +383,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 if p.grad is not None:
                     grads.append(local_tensor(self._grad_of(p, plan.name)))
                     chosen.append(plan)
-        if not grads:
-            return
-        flags = self._finite_flags(grads, chosen)
-        bad = [plan.name for plan, ok in zip(chosen, flags) if not bool(ok)]
-        if bad:
-            raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}")
+        self._guard.raise_on_nonfinite(grads, [plan.name for plan in chosen],
+                                       self._combine(chosen))  # fmt: skip
 
     @staticmethod
     def _grad_of(p: torch.Tensor, where: str) -> torch.Tensor:
@@ -451,30 +399,37 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        """Perform one optimization step over every group. ``closure`` re-evaluates the loss."""
+        """Perform one optimization step over every group. ``closure`` re-evaluates the loss.
+
+        Runs the plans built when the groups were added; reads no tensor value on the host
+        (except ``nonfinite_grads="raise"``, and the finite flags of CPU tensors with
+        ``host_reads="auto"``).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         plans = self._plans()
+        self._guard.mode, self._guard.host_reads = self.nonfinite_grads, self.host_reads
         if self.nonfinite_grads == "raise":
             self._raise_on_nonfinite(plans)
-        for group, group_plans in zip(self.param_groups, plans):
+        for group, group_plans, batches in zip(self.param_groups, plans, self._batches_cache):
             # Every replica sees the same gradients, so every rank knows which params have state.
             self._stepped.update(id(p) for p in group["params"] if p.grad is not None)
             if group["algorithm"] == "adamw":
                 self._adamw_step(group, group_plans)
             else:
-                self._matrix_step(group, group_plans)
+                self._matrix_step(group, group_plans, batches)
         self._sync_replicated(plans)
         return loss
 
     def _collect(self, group: dict, plans: list[ParamPlan]):
-        """The parameters this rank updates that have a gradient, and their finite flags.
+        """The parameters this rank updates that have a gradient, and what to do about
+        non-finite ones.
 
-        Returns ((plan, param, local grad) entries, flags): flags are None when the skipped
-        parameters were simply dropped (flags read on the host) or none can be skipped
-        (``"raise"`` mode); else one 0-d bool tensor per entry to mask with.
+        Returns ((plan, param, local grad) entries, masks): the entries whose gradient the
+        host-read flags found non-finite are dropped; masks are one 0-d bool tensor per kept
+        entry to mask with (device path), or None.
         """
         entries = []
         for plan in plans:
@@ -484,10 +439,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             entries.append((plan, p, local_tensor(self._grad_of(p, plan.name))))
         if not entries:
             return entries, None
-        ok, keep = self._step_flags([g for _, _, g in entries], [plan for plan, _, _ in entries])
-        if keep is not None:
-            entries = [e for e, finite in zip(entries, keep) if finite]
-        return entries, ok
+        chosen = [plan for plan, _, _ in entries]
+        check: FiniteCheck = self._guard.check([g for _, _, g in entries], self._combine(chosen))
+        if check.keep is not None:
+            entries = [e for e, finite in zip(entries, check.keep) if finite]
+        return entries, check.masks
 
     def _adamw_step(self, group: dict[str, Any], plans: list[ParamPlan]) -> None:
         entries, ok = self._collect(group, plans)
@@ -499,6 +455,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         if "momentum" in group:  # a scheduler cycling momentum drives beta1 (see _ADAMW_ALIASES)
             beta1 = group["momentum"]
             group["betas"] = (beta1, beta2)
+        device = grads[0].device
+        on_device = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
         F.adamw_step_(
             [local_tensor(p) for _, p, _ in entries],
             grads,
@@ -506,230 +464,87 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             [local_tensor(s["exp_avg_sq"]) for s in states],
             [s["step"] for s in states],
             ok,
-            lr=_number(group["lr"]),
-            beta1=_number(beta1),
-            beta2=_number(beta2),
-            eps=_number(group["eps"]),
-            weight_decay=_number(group["weight_decay"]),
+            lr=on_device(group["lr"]),
+            beta1=on_device(beta1),
+            beta2=on_device(beta2),
+            eps=on_device(group["eps"]),
+            weight_decay=on_device(group["weight_decay"]),
         )
 
-    def _matrix_step(self, group: dict[str, Any], plans: list[ParamPlan]) -> None:
-        """Momentum -> assemble sharded matrices on owners -> per batch of same-shaped blocks:
-        Newton-Schulz input, orthogonalize, scale, apply -> send sharded updates back."""
+    def _matrix_step(
+        self, group: dict[str, Any], plans: list[ParamPlan], batches: tuple[BlockBatch, ...]
+    ) -> None:
+        """Momentum of sharded matrices -> assemble them on their owners -> weight decay ->
+        each planned batch (U, Newton-Schulz, factors, apply) -> send sharded updates back."""
         if any(is_dtensor(group["params"][plan.index]) for plan in plans):
             # Every rank must hold the same state keys (DCP), whether or not a grad arrived.
             for plan in plans:
                 self._init_state(group["params"][plan.index], plan, group)
-        entries, ok = self._collect(group, plans)
+        entries, masks = self._collect(group, plans)
         if not entries:
             return
-        chosen = [plan for plan, _, _ in entries]
-        states = [self._init_state(p, plan, group) for plan, p, _ in entries]
-        lr, wd = _number(group["lr"]), _number(group["weight_decay"])
-        beta1, nesterov = _number(group["momentum"]), group["nesterov"]
-        params = [local_tensor(p) for _, p, _ in entries]
-        grads = [g for _, _, g in entries]
-        buffers = [local_tensor(s["momentum_buffer"]) for s in states]
-        second_moments = [
-            local_tensor(s["neuron_second_moment"]) if self._neuron_norm else None for s in states
-        ]
-        oks = ok if ok is not None else [None] * len(entries)
-        for m, g, f in zip(buffers, grads, oks):
-            F.momentum_update_(m, g, f, beta1)
-
-        # Sharded matrices: their Newton-Schulz inputs go to the owners.
-        sharded = [i for i, plan in enumerate(chosen) if plan.kind == "sharded"]
-        device = buffers[0].device
-        gathered: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        if sharded:
-            inputs = []
-            for i in sharded:
-                u = torch.empty_like(buffers[i])
-                F.newton_schulz_input(buffers[i], grads[i], oks[i], beta1, nesterov, u)
-                inputs.append(u)
-            wire = comm.wire_dtype_for(device, self.comm_dtype) or inputs[0].dtype
-            gathered = gather_to_owners(
-                [chosen[i] for i in sharded], inputs, [second_moments[i] for i in sharded], wire
-            )
-            del inputs
-
-        F.decay_(params, ok, lr, wd)
-        # Work items: (entry index, ready U or None (local: built per batch from G and M),
-        # second moment, where the update goes: the parameter or an owner's full update).
-        work = []
-        for i, plan in enumerate(chosen):
-            if plan.kind != "sharded":
-                work.append((i, None, second_moments[i], None))
-        owned: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        for k, (u, v) in gathered.items():
-            update = torch.zeros(u.shape, dtype=F.accum_dtype(u.dtype), device=device)
-            owned[k] = (update, v)
-            work.append((sharded[k], u, v, update))
-        self._orthogonalize_scale_apply(
-            group, chosen, oks, work, params, grads, buffers, beta1, nesterov, lr
-        )
-        if not sharded:
-            return
-        back = comm.wire_dtype_for(device, self.comm_dtype) or F.accum_dtype(buffers[0].dtype)
-        state_dtype = second_moments[sharded[0]].dtype if self._neuron_norm else back
-        returned = scatter_from_owners(
-            [chosen[i] for i in sharded],
-            owned,
-            [
-                (params[i].shape, second_moments[i].shape if self._neuron_norm else None)
-                for i in sharded
-            ],
-            (back, state_dtype),
-        )
-        for i, (update_block, v_block) in zip(sharded, returned):
-            if update_block.numel():
-                params[i].add_(update_block.to(params[i].dtype), alpha=-lr)
-            if v_block is not None and v_block.numel():
-                second_moments[i].copy_(v_block)
-
-    def _orthogonalize_scale_apply(
-        self, group, chosen, oks, work, params, grads, buffers, beta1, nesterov, lr
-    ) -> None:
-        """Newton-Schulz over batches of same-shaped row blocks, each batch at most
-        ``ns_memory_budget`` bytes of input, then the factors and the update of each block.
-
-        A batch's input U is written straight into one buffer from G and M (local matrices) or
-        copied from an owner's assembled matrix, so no per-parameter copy of U outlives its
-        batch: the step's transient memory is a few batches, not the model.
-        """
-        coefficients = NS.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
+        matrices = [self._local_matrix(group, plan, p, g) for plan, p, g in entries]
+        ok = None if masks is None else {plan.index: f for (plan, _, _), f in zip(entries, masks)}
+        device = matrices[0].param.device
         requested = group["ns_dtype"]  # a name; a torch.dtype in state_dicts of 0.1.0 betas
         requested = getattr(torch, requested) if isinstance(requested, str) else requested
-        orthogonalizer = self.orthogonalizer or NS.default_orthogonalizer
-        # (work index, block index, rows) by block shape.
-        by_shape: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
-        for w, (i, _, _, _) in enumerate(work):
-            geometry = chosen[i].geometry
-            if geometry.rows * geometry.cols == 0:
-                continue  # (k, 0) and empty matrices: nothing to orthogonalize
-            for b, (start, stop) in enumerate(geometry.row_blocks):
-                by_shape.setdefault((stop - start, geometry.cols, 0), []).append((w, b))
-        if not by_shape:
-            return
-        device = buffers[0].device
-        ns_dtype = self._ns_dtype(requested, device)
-        budget = self.ns_memory_budget
-        for (m, n, _), members in by_shape.items():
-            batches, batch, size = [], [], 0
-            for w, b in members:
-                bytes_wb = chosen[work[w][0]].geometry.batch * m * n * 4
-                if batch and budget is not None and size + bytes_wb > budget:
-                    batches.append(batch)
-                    batch, size = [], 0
-                batch.append((w, b))
-                size += bytes_wb
-            batches.append(batch)
-            for batch in batches:
-                self._run_batch(
-                    group, chosen, oks, work, params, grads, buffers, beta1, nesterov, lr,
-                    batch, m, n, orthogonalizer, coefficients, ns_dtype,
-                )  # fmt: skip
+        hyper = MatrixHyper.of(group, device, self._ns_dtype(requested, device),
+                               self.orthogonalizer, self._neuron_norm)  # fmt: skip
+        pairs = [(plan, m) for (plan, _, _), m in zip(entries, matrices)]
+        sharded = [(plan, m) for plan, m in pairs if plan.kind == "sharded"]
+        owned = self._gather_sharded(sharded, ok, hyper)
+        F.decay_([m.param for m in matrices], masks, hyper.lr, hyper.weight_decay)
+        local = {plan.index: m for plan, m in pairs if plan.kind != "sharded"}
+        tensors = StepTensors(local, {o.plan.index: o for o in owned}, ok)
+        for batch in batches:
+            run_batch(batch, tensors, hyper, self._workspace)
+        self._return_sharded(sharded, owned, hyper)
 
-    def _run_batch(
-        self, group, chosen, oks, work, params, grads, buffers, beta1, nesterov, lr, batch, m, n,
-        orthogonalizer, coefficients, ns_dtype,
-    ) -> None:  # fmt: skip
-        sizes = [chosen[work[w][0]].geometry.batch for w, _ in batch]
-        dtype = buffers[work[batch[0][0]][0]].dtype
-        u = torch.empty((sum(sizes), m, n), dtype=dtype, device=buffers[0].device)
-        pos = 0
-        for (w, b), size in zip(batch, sizes):
-            i, ready, _, _ = work[w]
-            geometry = chosen[i].geometry
-            start, stop = geometry.row_blocks[b]
-            out = u[pos : pos + size]
-            if ready is not None:
-                out.copy_(geometry.as_matrices(ready)[:, start:stop])
-            else:
-                F.newton_schulz_input(
-                    geometry.as_matrices(buffers[i])[:, start:stop],
-                    geometry.as_matrices(grads[i])[:, start:stop],
-                    oks[i], beta1, nesterov, out,
-                )  # fmt: skip
-            pos += size
-        # One cast of O to the statistics' precision serves both the per-neuron statistics and
-        # the update (each would otherwise convert a half-precision O again).
-        o = orthogonalizer(u, coefficients, ns_dtype).to(dtype)
-        del u
-        # The factors of the whole batch at once (a few kernels per batch, not per matrix): the
-        # members' second moments are gathered into one (B, L) stack and written back.
-        first = chosen[work[batch[0][0]][0]].geometry
-        dim = first.reduce_dims[batch[0][1]] if self._neuron_norm else -1
-        ok = None
-        if oks[work[batch[0][0]][0]] is not None:
-            ok = torch.cat([oks[work[w][0]].reshape(1).expand(size) for (w, _), size in
-                            zip(batch, sizes)])  # fmt: skip
-        if self._neuron_norm:
-            v_blocks = [self._second_moment_block(chosen, work, w, b) for w, b in batch]
-            v_stack = v_blocks[0] if len(v_blocks) == 1 else torch.cat(v_blocks)
-            g = F.normuon_factors_(
-                o, v_stack, ok, group["beta2"], group["eps"], dim, group["update_scale"]
-            )
-            if len(v_blocks) > 1:
-                torch._foreach_copy_(v_blocks, list(v_stack.split(sizes)))
-        else:
-            g = F.muon_factors(o, ok, group["update_scale"])
-        pos = 0
-        local_targets, local_o, local_g = [], [], []
-        for (w, b), size in zip(batch, sizes):
-            i, _, _, target = work[w]
-            geometry = chosen[i].geometry
-            rows = slice(*geometry.row_blocks[b])
-            block, factors = o[pos : pos + size], g[pos : pos + size].unsqueeze(dim)
-            pos += size
-            if target is not None:  # an owner's full update of a sharded matrix
-                geometry.as_matrices(target)[:, rows] = block * factors
-            elif params[i].is_contiguous():
-                local_targets.append(geometry.as_matrices(params[i])[:, rows])
-                local_o.append(block)
-                local_g.append(factors)
-            else:
-                self._apply_non_contiguous(params[i], geometry, rows, block * factors, lr)
-        if local_targets:
-            F.apply_updates_(local_targets, local_o, local_g, lr)
+    def _local_matrix(self, group: dict, plan: ParamPlan, p, grad) -> LocalMatrix:
+        state = self._init_state(p, plan, group)
+        v = state.get("neuron_second_moment")
+        return LocalMatrix(local_tensor(p), grad, local_tensor(state["momentum_buffer"]),
+                           None if v is None else local_tensor(v))  # fmt: skip
 
-    @staticmethod
-    def _second_moment_block(chosen, work, w: int, b: int) -> torch.Tensor:
-        """(B, L) view of the second-moment entries of row block ``b`` of work item ``w``."""
-        i, _, v, _ = work[w]
-        geometry = chosen[i].geometry
-        start, stop = geometry.row_blocks[b]
-        offset = sum(
-            (e - s) if d == -1 else geometry.cols
-            for (s, e), d in zip(geometry.row_blocks[:b], geometry.reduce_dims[:b])
+    def _gather_sharded(self, sharded, ok, hyper: MatrixHyper) -> list[OwnedMatrix]:
+        """Momentum and U of this rank's blocks of sharded matrices, sent to their owners;
+        returns the matrices this rank owns, assembled."""
+        if not sharded:
+            return []
+        inputs = []
+        for plan, m in sharded:
+            u = torch.empty_like(m.momentum)
+            flag = None if ok is None else ok[plan.index]
+            F.momentum_and_input_(m.momentum, m.grad, flag, hyper.momentum, hyper.nesterov, u)
+            inputs.append(u)
+        return self._distributor.gather(
+            [plan for plan, _ in sharded], inputs, [m.second_moment for _, m in sharded]
         )
-        length = (stop - start) if geometry.reduce_dims[b] == -1 else geometry.cols
-        return v.view(geometry.batch, -1)[:, offset : offset + length]
 
-    @staticmethod
-    def _apply_non_contiguous(param, geometry, rows: slice, update, lr: float) -> None:
-        """W -= lr * D for a parameter that cannot be viewed as matrices: D is scattered into a
-        parameter-shaped buffer first."""
-        full = torch.zeros(
-            (geometry.batch, geometry.rows, geometry.cols), dtype=update.dtype,
-            device=param.device,
+    def _return_sharded(self, sharded, owned: list[OwnedMatrix], hyper: MatrixHyper) -> None:
+        """Every rank's block of the owners' updates (and new second moments), applied."""
+        if not sharded:
+            return
+        returned = self._distributor.scatter(
+            [plan for plan, _ in sharded], owned, [m.param for _, m in sharded],
+            [m.second_moment for _, m in sharded],
         )  # fmt: skip
-        full[:, rows] = update
-        param.add_(geometry.from_matrices(full).to(param.dtype), alpha=-lr)
+        for (_, m), (update_block, v_block) in zip(sharded, returned):
+            if update_block.numel():
+                F.sub_scaled_(m.param, update_block, hyper.lr)
+            if v_block is not None and v_block.numel():
+                m.second_moment.copy_(v_block)
 
     def _sync_replicated(self, plans: list[list[ParamPlan]]) -> None:
         """Replicated mode: every rank receives the parameters the other ranks updated."""
-        tensors, owners, rgroup = [], [], None
+        tensors, chosen = [], []
         for group, group_plans in zip(self.param_groups, plans):
             for plan in group_plans:
                 p = group["params"][plan.index]
                 if plan.kind == "replicated" and p.grad is not None:
                     tensors.append(p)
-                    owners.append(plan.owner)
-                    rgroup = plan.group
-        if tensors:
-            rank, world = dist.get_rank(rgroup), dist.get_world_size(rgroup)
-            comm.all_gather_owned(tensors, owners, rgroup, rank, world)
+                    chosen.append(plan)
+        self._distributor.sync_replicated(tensors, chosen)
 
 
 def _signature(options: tuple[Option, ...]) -> inspect.Signature:

@@ -296,8 +296,16 @@ OPTIMIZER_OPTIONS: tuple[Option, ...] = (
         "ns_memory_budget",
         8 * 2**20,
         _ns_memory_budget,
-        "bytes of Newton-Schulz input per batch of same-shaped matrices; the step's transient "
-        "memory is about 4x this (None: one batch per shape)",
+        "bytes of Newton-Schulz input per batch of same-shaped matrices; the step's workspace, "
+        "kept and reused across steps, is about this (None: one batch per shape)",
+    ),
+    Option(
+        "host_reads",
+        "auto",
+        _choice("auto", "never"),
+        "'auto': on CPU tensors step() reads the finite-gradient flags back (free there) to drop "
+        "skipped parameters; 'never': step() reads no tensor value on the host on any device "
+        "(accelerators always behave so; for torch.compile / CUDA graphs)",
     ),
 )
 

@@ -1,0 +1,100 @@
+"""Non-finite gradients: per-parameter flags and the skip counter. No optimizer math.
+
+A NaN/Inf gradient must not poison optimizer state (``nonfinite_grads="skip"``): each parameter
+gets a 0-d bool flag, True when every entry of its gradient is finite. Two ways to act on them:
+
+- on the device (accelerators, and ``host_reads="never"`` anywhere): every update is masked by
+  its flag, nothing is read back, so a step can be traced or captured;
+- on the host (CPU tensors with ``host_reads="auto"``): the flags are read (free on a CPU) and the
+  skipped parameters dropped, which saves the masking passes.
+
+The flags of a parameter split over ranks are combined over its mesh by a ``combine`` function
+that the distributed layer supplies, so every block of it is skipped together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import functional as F
+
+__all__ = ["FiniteCheck", "NonfiniteGuard"]
+
+#: ``combine(flags) -> flags``: the flags agreed over each parameter's ranks (identity in one
+#: process).
+Combine = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class FiniteCheck:
+    """What the step does about non-finite gradients.
+
+    Attributes:
+        masks: one 0-d bool tensor per gradient to mask every update with (device path), or
+            None (nothing to mask).
+        keep: one bool per gradient, False for those to drop (host path), or None (keep all).
+    """
+
+    masks: list[torch.Tensor] | None = None
+    keep: list[bool] | None = None
+
+
+class NonfiniteGuard:
+    """Flags gradients with a NaN/Inf and counts the skipped (parameter, step) updates.
+
+    Args:
+        mode: ``"skip"`` or ``"raise"`` (the ``nonfinite_grads`` option).
+        host_reads: ``"auto"``: read the flags back where they live on the CPU; ``"never"``:
+            keep them on the device everywhere (the ``host_reads`` option).
+    """
+
+    def __init__(self, mode: str, host_reads: str) -> None:
+        self.mode = mode
+        self.host_reads = host_reads
+        #: int64 0-d tensor on the gradients' device; None until the first check.
+        self.counter: torch.Tensor | None = None
+
+    @property
+    def skips(self) -> int:
+        """Skipped updates so far (reads the counter: a host sync on accelerators)."""
+        return 0 if self.counter is None else int(self.counter.item())
+
+    def restore(self, skips: int) -> None:
+        """Set the counter (unpickling, deepcopy)."""
+        self.counter = torch.tensor(skips, dtype=torch.int64) if skips else None
+
+    def check(self, grads: Sequence[torch.Tensor], combine: Combine) -> FiniteCheck:
+        """Flags for one group's gradients (``"skip"`` mode; ``"raise"`` checked up front)."""
+        if self.mode == "raise" or not grads:
+            return FiniteCheck()
+        flags = combine(F.finite_flags(grads))
+        stacked = torch.stack(flags)
+        bad = (~stacked).sum()
+        if self.counter is None:
+            self.counter = torch.zeros((), dtype=torch.int64, device=bad.device)
+        self.counter += bad.to(self.counter.device)
+        if self._read_on_host(stacked.device):
+            return FiniteCheck(keep=stacked.tolist())
+        return FiniteCheck(masks=flags)
+
+    def raise_on_nonfinite(
+        self, grads: Sequence[torch.Tensor], names: Sequence[str], combine: Combine
+    ) -> None:
+        """``"raise"`` mode: FloatingPointError naming every parameter with a NaN/Inf gradient
+        (reads the flags: this mode syncs by design)."""
+        if not grads:
+            return
+        flags = combine(F.finite_flags(grads))
+        bad = [name for name, ok in zip(names, torch.stack(flags).tolist()) if not ok]
+        if bad:
+            raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}")
+
+    def _read_on_host(self, device: torch.device) -> bool:
+        return (
+            self.host_reads == "auto"
+            and device.type == "cpu"
+            and not torch.compiler.is_compiling()
+        )

@@ -1,0 +1,201 @@
+"""Running one matrix group's step over its planned batches (``normuon.step_plan``).
+
+Per batch of same-shaped blocks: write the Newton-Schulz input U into the workspace (the
+momentum update of local matrices happens there too), orthogonalize it in place, compute the
+per-neuron (NorMuon) or per-matrix (Muon) factors of the whole batch, and apply them. The math
+is :mod:`normuon.functional` and :mod:`normuon.newton_schulz`; this module only decides which
+tensor views they run on. Nothing here reads a tensor's value on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import functional as F
+from . import newton_schulz as NS
+from .distributed.distributor import OwnedMatrix
+from .step_plan import BlockBatch, MatrixBlock, Workspace
+
+__all__ = ["LocalMatrix", "MatrixHyper", "StepTensors", "run_batch"]
+
+
+@dataclass(frozen=True)
+class MatrixHyper:
+    """A matrix group's hyperparameters for one step (Tensors stay on the device)."""
+
+    lr: F.Scalar
+    weight_decay: F.Scalar
+    momentum: F.Scalar
+    beta2: F.Scalar
+    eps: F.Scalar
+    nesterov: bool
+    update_scale: str
+    coefficients: tuple[NS.Coefficients, ...]
+    ns_dtype: torch.dtype
+    orthogonalizer: Callable[..., torch.Tensor] | None
+    neuron_norm: bool
+
+    @classmethod
+    def of(cls, group: dict[str, Any], device: torch.device, ns_dtype: torch.dtype,
+           orthogonalizer, neuron_norm: bool) -> MatrixHyper:  # fmt: skip
+        """From a param group: Tensor values moved to ``device`` (a no-op when they live there,
+        as they must for a sync-free step)."""
+
+        def value(key: str, default: Any = 0.0) -> F.Scalar:
+            v = group.get(key, default)
+            return v.to(device) if isinstance(v, torch.Tensor) else v
+
+        return cls(
+            lr=value("lr"), weight_decay=value("weight_decay"), momentum=value("momentum"),
+            beta2=value("beta2"), eps=value("eps"), nesterov=group["nesterov"],
+            update_scale=group["update_scale"],
+            coefficients=NS.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"]),
+            ns_dtype=ns_dtype, orthogonalizer=orthogonalizer, neuron_norm=neuron_norm,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LocalMatrix:
+    """A matrix parameter this rank updates in place: its local tensors for this step."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    momentum: torch.Tensor
+    second_moment: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class StepTensors:
+    """What one step's blocks read and write, by parameter index in the group.
+
+    Attributes:
+        local: matrices updated from their own tensors (one process, DDP owners, DTensors
+            holding whole matrices).
+        owned: sharded matrices assembled on this rank, their owner.
+        ok: finite flag per parameter (0-d bool tensors), or None: nothing to mask.
+    """
+
+    local: dict[int, LocalMatrix]
+    owned: dict[int, OwnedMatrix]
+    ok: dict[int, torch.Tensor] | None
+
+    def present(self, block: MatrixBlock) -> bool:
+        return block.index in (self.owned if block.owned else self.local)
+
+    def flag(self, block: MatrixBlock) -> torch.Tensor | None:
+        return None if self.ok is None else self.ok[block.index]
+
+    def second_moment(self, block: MatrixBlock) -> torch.Tensor:
+        """(B, L) view of the block's second-moment entries."""
+        v = (self.owned if block.owned else self.local)[block.index].second_moment
+        return v.view(block.stack, -1)[:, block.moment[0] : block.moment[1]]
+
+
+def run_batch(
+    batch: BlockBatch, tensors: StepTensors, hyper: MatrixHyper, workspace: Workspace
+) -> None:
+    """Orthogonalize, scale and apply the blocks of ``batch`` that have a gradient this step."""
+    members = [block for block in batch.blocks if tensors.present(block)]
+    if not members:
+        return
+    stack = sum(block.stack for block in members)
+    # (stack, m, n): U is written here, overwritten by O, then read by the factors and updates.
+    u = workspace.flat("input", batch.dtype, batch.device, stack * batch.m * batch.n)
+    u = u.view(stack, batch.m, batch.n)
+    _write_inputs(members, tensors, hyper, u)
+    _orthogonalize_(u, hyper, workspace)
+    factors = _factors(members, tensors, hyper, u, batch.reduce_dim)
+    _apply(members, tensors, hyper, u, factors.unsqueeze(batch.reduce_dim))
+
+
+def _write_inputs(
+    members: Sequence[MatrixBlock], tensors: StepTensors, hyper: MatrixHyper, u: torch.Tensor
+) -> None:
+    """U of every member into its rows of ``u``; local matrices update their momentum here."""
+    pos = 0
+    for block in members:
+        out = u[pos : pos + block.stack]
+        pos += block.stack
+        geometry, rows = block.plan.geometry, block.row_slice
+        if block.owned:
+            out.copy_(geometry.as_matrices(tensors.owned[block.index].u)[:, rows])
+            continue
+        local = tensors.local[block.index]
+        F.momentum_and_input_(
+            geometry.as_matrices(local.momentum)[:, rows],
+            geometry.as_matrices(local.grad)[:, rows],
+            tensors.flag(block), hyper.momentum, hyper.nesterov, out,
+        )  # fmt: skip
+
+
+def _orthogonalize_(u: torch.Tensor, hyper: MatrixHyper, workspace: Workspace) -> None:
+    """O = NS(U), written over U. The default iteration runs in the workspace's scratch."""
+    if hyper.orthogonalizer is not None:
+        u.copy_(hyper.orthogonalizer(u, hyper.coefficients, hyper.ns_dtype))
+        return
+    _, m, n = u.shape
+    chunk = NS.default_chunk_size(u.shape, hyper.ns_dtype, u.device)
+    numel = NS.NSScratch.numel(chunk, m, n)
+    flat = workspace.flat("newton_schulz", hyper.ns_dtype, u.device, numel)
+    scratch = NS.NSScratch.carve(flat, chunk, m, n)
+    NS.newton_schulz_(u, u, hyper.coefficients, scratch, use_gram=NS.prefers_gram(m, n))
+
+
+def _factors(
+    members: Sequence[MatrixBlock],
+    tensors: StepTensors,
+    hyper: MatrixHyper,
+    o: torch.Tensor,
+    dim: int,
+) -> torch.Tensor:
+    """Factors of the whole batch at once: (stack, L) per neuron (NorMuon, whose second moments
+    are gathered into one stack and written back) or (stack, 1) per matrix (Muon)."""
+    ok = None
+    if tensors.ok is not None:
+        ok = torch.cat([tensors.flag(b).reshape(1).expand(b.stack) for b in members])
+    if not hyper.neuron_norm:
+        return F.muon_factors(o, ok, hyper.update_scale)
+    moments = [tensors.second_moment(block) for block in members]
+    stacked = moments[0] if len(moments) == 1 else torch.cat(moments)
+    factors = F.normuon_factors_(
+        o, stacked, ok, hyper.beta2, hyper.eps, dim, hyper.update_scale
+    )
+    if len(moments) > 1:
+        torch._foreach_copy_(moments, list(stacked.split([b.stack for b in members])))
+    return factors
+
+
+def _apply(
+    members: Sequence[MatrixBlock],
+    tensors: StepTensors,
+    hyper: MatrixHyper,
+    o: torch.Tensor,
+    factors: torch.Tensor,
+) -> None:
+    """W -= lr O g for local blocks (one foreach call); an owner's D = O g into its buffer."""
+    targets, blocks, block_factors = [], [], []
+    pos = 0
+    for block in members:
+        o_block, g_block = o[pos : pos + block.stack], factors[pos : pos + block.stack]
+        pos += block.stack
+        geometry, rows = block.plan.geometry, block.row_slice
+        if block.owned:
+            update = geometry.as_matrices(tensors.owned[block.index].update)[:, rows]
+            torch.mul(o_block, g_block, out=update)
+            continue
+        param = tensors.local[block.index].param
+        if param.is_contiguous():
+            targets.append(geometry.as_matrices(param)[:, rows])
+            blocks.append(o_block)
+            block_factors.append(g_block)
+        else:  # cannot be viewed as matrices: D is scattered into a parameter-shaped tensor
+            full = torch.zeros((geometry.batch, geometry.rows, geometry.cols),
+                               dtype=o_block.dtype, device=param.device)  # fmt: skip
+            full[:, rows] = o_block * g_block
+            F.sub_scaled_(param, geometry.from_matrices(full), hyper.lr)
+    if targets:
+        F.apply_updates_(targets, blocks, block_factors, hyper.lr)

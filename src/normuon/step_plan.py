@@ -1,0 +1,178 @@
+"""What every step of a matrix group repeats, planned once: its blocks, their batches, and the
+workspace their Newton-Schulz runs in. No tensor math.
+
+A matrix parameter is one or more *blocks* (row blocks of ``split_sizes``; one block covering
+every row by default), each a (B, m, n) stack. Blocks of the same shape and state dtype are
+*batched* so that Newton-Schulz runs once per batch, each batch at most ``ns_memory_budget``
+bytes of input. The plan is built when the optimizer's placement plans are (construction,
+``add_param_group``, ``load_state_dict``) and reused by every step; a step only skips the blocks
+of parameters that have no gradient this time.
+
+The :class:`Workspace` owns the buffers batches run in (the Newton-Schulz input, which is
+overwritten by its output, and the iteration's scratch), reused across batches and steps, so a
+steady-state step allocates no large tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .distributed.plan import ParamPlan
+
+__all__ = ["BlockBatch", "MatrixBlock", "Workspace", "plan_batches", "state_dtype"]
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of a parameter's optimizer state: low-precision parameters keep float32 state
+    (bf16 momentum loses the small updates)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+@dataclass(frozen=True)
+class MatrixBlock:
+    """One row block of one matrix parameter, as a step orthogonalizes it.
+
+    Attributes:
+        index: the parameter's position in its group's ``params``.
+        plan: the parameter's placement plan (its ``geometry`` describes the tensors the block
+            is read from: the local tensor, or the owner's assembled matrix).
+        rows: (start, stop) rows of each matrix of the stack.
+        stack: B, the matrices of the stack (the geometry's batch).
+        reduce_dim: axis of a (B, m, n) block averaged for its second moment (-1 rows, -2
+            columns).
+        moment: (start, stop) of the block's entries along the last dim of the (B, L) second
+            moment.
+        owned: True when the block is read from a matrix assembled on this rank (its owner)
+            from shards; False when from the parameter's own (local or replicated) tensors.
+    """
+
+    index: int
+    plan: ParamPlan
+    rows: tuple[int, int]
+    stack: int
+    reduce_dim: int
+    moment: tuple[int, int]
+    owned: bool
+
+    @property
+    def row_slice(self) -> slice:
+        return slice(*self.rows)
+
+
+@dataclass(frozen=True)
+class BlockBatch:
+    """Blocks of one shape (m, n) and state dtype orthogonalized together.
+
+    Attributes:
+        m, n: rows and columns of every matrix.
+        dtype: dtype of the Newton-Schulz input buffer (the members' state dtype).
+        device: where the members live.
+        blocks: the members, in order.
+        stack: total matrices of all members (the input buffer holds (stack, m, n)).
+    """
+
+    m: int
+    n: int
+    dtype: torch.dtype
+    device: torch.device
+    blocks: tuple[MatrixBlock, ...]
+
+    @property
+    def stack(self) -> int:
+        return sum(block.stack for block in self.blocks)
+
+    @property
+    def reduce_dim(self) -> int:
+        return self.blocks[0].reduce_dim
+
+
+def _blocks_of(plan: ParamPlan) -> list[MatrixBlock]:
+    geometry = plan.geometry
+    if geometry is None or geometry.rows * geometry.cols == 0:
+        return []  # AdamW, or (k, 0) and empty matrices: nothing to orthogonalize
+    owned = plan.kind == "sharded"
+    blocks, offset = [], 0
+    for (start, stop), dim in zip(geometry.row_blocks, geometry.reduce_dims):
+        length = (stop - start) if dim == -1 else geometry.cols
+        blocks.append(
+            MatrixBlock(plan.index, plan, (start, stop), geometry.batch, dim,
+                        (offset, offset + length), owned)
+        )  # fmt: skip
+        offset += length
+    return blocks
+
+
+def _computed_here(plan: ParamPlan) -> bool:
+    """Whether this rank orthogonalizes the parameter's matrices (sharded: their owner)."""
+    if plan.kind == "sharded":
+        return plan.owner == plan.layout.rank
+    return plan.updated_here
+
+
+def plan_batches(
+    plans: Sequence[ParamPlan],
+    params: Sequence[torch.Tensor],
+    budget: int | None,
+) -> tuple[BlockBatch, ...]:
+    """The batches of one matrix group: blocks grouped by (m, n, state dtype, device), split so
+    that a batch's input is at most ``budget`` bytes (None: one batch per key). ``params[i]`` is
+    the local tensor of ``plans[i]``'s parameter."""
+    by_key: dict[tuple, list[MatrixBlock]] = {}
+    for plan, p in zip(plans, params):
+        if not _computed_here(plan):
+            continue
+        dtype = state_dtype(p.dtype)
+        for block in _blocks_of(plan):
+            m = block.rows[1] - block.rows[0]
+            key = (m, plan.geometry.cols, dtype, p.device)
+            by_key.setdefault(key, []).append(block)
+    batches = []
+    for (m, n, dtype, device), blocks in by_key.items():
+        current: list[MatrixBlock] = []
+        size = 0
+        for block in blocks:
+            nbytes = block.stack * m * n * dtype.itemsize
+            if current and budget is not None and size + nbytes > budget:
+                batches.append(BlockBatch(m, n, dtype, device, tuple(current)))
+                current, size = [], 0
+            current.append(block)
+            size += nbytes
+        batches.append(BlockBatch(m, n, dtype, device, tuple(current)))
+    return tuple(batches)
+
+
+class Workspace:
+    """Flat buffers, one per (purpose, dtype, device), reused by every batch of every step.
+
+    A buffer is allocated on first use at the largest size asked so far (or reserved with
+    :meth:`reserve`), so after the first step nothing is allocated again. Batches run one after
+    another, so one buffer per purpose serves all of them.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
+        self._reserved: dict[tuple[str, torch.dtype, str], int] = {}
+
+    def reserve(self, purpose: str, dtype: torch.dtype, device: torch.device, numel: int) -> None:
+        """Make the first allocation of this buffer at least ``numel`` elements."""
+        key = (purpose, dtype, str(device))
+        self._reserved[key] = max(self._reserved.get(key, 0), numel)
+
+    def flat(self, purpose: str, dtype: torch.dtype, device: torch.device, numel: int):
+        """A 1-D view of ``numel`` elements of the buffer (contents undefined)."""
+        key = (purpose, dtype, str(device))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            size = max(numel, self._reserved.get(key, 0))
+            buffer = self._buffers[key] = torch.empty(size, dtype=dtype, device=device)
+        return buffer[:numel]
+
+    def nbytes(self) -> int:
+        """Bytes held (reported by benchmarks)."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
