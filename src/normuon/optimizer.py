@@ -112,8 +112,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         skips = state.pop("_nonfinite_skips", 0)
-        for option in OPTIMIZER_OPTIONS:  # pickles of older versions lack newer options
-            state.setdefault(option.name, option.default)
+        for option in OPTIMIZER_OPTIONS:
+            # Pickles of older versions lack newer options; torch.optim's load_state_dict calls
+            # this with groups and state only, and the optimizer keeps its own options.
+            if option.name not in state and not hasattr(self, option.name):
+                state[option.name] = option.default
         super().__setstate__(state)
         self._init_runtime()
         self._stepped = {id(p) for p in self.state}
