@@ -76,3 +76,13 @@ def test_nonfinite_gradient_in_one_block_skips_the_whole_matrix(tmp_path):
         for mode in ("True", "False"):
             # Every rank counts the skipped matrix, as the single process does once.
             assert result[mode]["skips"] == result[mode]["ref_skips"] == 1, (r, result)
+
+
+def test_no_host_reads_on_any_placement(tmp_path):
+    """FSDP2, tp 4, (dp 2, tp 2) and DDP: no host read in any step of the device path, with
+    Tensor hyperparameters and a NaN in one rank's block; equal to the single process."""
+    spawn(T.no_host_reads, 4, str(tmp_path))
+    for r in range(4):
+        result = json.loads((tmp_path / f"rank{r}.json").read_text())
+        # The NaN matrix is skipped once (every rank agrees), on every placement.
+        assert result == {"dp4": 1, "tp4": 1, "dp2xtp2": 1, "ddp": 1}, (r, result)

@@ -333,3 +333,60 @@ def nonfinite_skip(rank: int, world: int, port: int, mesh_shape, out_dir: str) -
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(results, fh)
     teardown()
+
+
+def no_host_reads(rank: int, world: int, port: int, out_dir: str) -> None:
+    """The accelerator path of every placement reads nothing back to the host: FSDP2 (dp 4),
+    tensor parallel (tp 4), both on (dp 2, tp 2), and DDP-style replicated parameters, with
+    Tensor hyperparameters, a NaN in one rank's block and the default ``comm_dtype``; results
+    equal the single process with float hyperparameters."""
+    from host_reads import NoHostReads
+
+    setup(rank, world, port)
+    layouts = {"dp4": ((4,), ("dp",)), "tp4": ((4,), ("tp",)), "dp2xtp2": ((2, 2), None)}
+    results = {}
+    for label in ("dp4", "tp4", "dp2xtp2", "ddp"):
+        ref = make_block()
+        if label == "ddp":
+            model, extra = make_block(), {"process_group": "auto"}
+        else:
+            shape, names = layouts[label]
+            model, extra = parallelize(make_block(), shape, names), {}
+        tensor = torch.tensor
+        opt = NorMuon(
+            groups(model, NorMuon, True), lr=tensor(0.02), weight_decay=tensor(0.1),
+            momentum=tensor(0.95), beta2=tensor(0.95), adamw_lr=tensor(1e-2),
+            ns_dtype=torch.float32, host_reads="never", **extra,
+        )  # fmt: skip
+        ref_opt = make_opt(ref, split=True)
+        for step in range(3):
+            x, y = batch(step)
+            nn.functional.mse_loss(ref(x), y).backward()
+            if step == 1:
+                ref.up.weight.grad[0, 0] = float("nan")
+            _copy_grads(model, ref)
+            with NoHostReads():
+                opt.step()
+            ref_opt.step()
+            ref_opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
+        if label == "ddp":  # state lives with each matrix's owner: compare the replicas
+            for p, q in zip(model.parameters(), ref.parameters()):
+                torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-6, atol=1e-7)
+        else:
+            compare(model, opt, ref, ref_opt, what=f"no host reads {label}")
+        results[label] = opt.nonfinite_skips
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(results, fh)
+    teardown()
+
+
+def _copy_grads(model, ref) -> None:
+    """The single process's gradients, laid out as each (DTensor) parameter of ``model`` is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for p, q in zip(model.parameters(), ref.parameters()):
+        if isinstance(p, DTensor):
+            p.grad = distribute_tensor(q.grad, p.device_mesh, p.placements, src_data_rank=None)
+        else:
+            p.grad = q.grad.clone()
