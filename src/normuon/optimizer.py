@@ -9,7 +9,9 @@ describe what happens; this module decides the order.
 
 from __future__ import annotations
 
+import copy
 import inspect
+from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,6 +48,18 @@ _ADAMW_ALIASES = frozenset(o.name for o in ADAMW_ALIAS_OPTIONS)
 def _present_aliases(group: dict[str, Any]) -> tuple[Option, ...]:
     """The alias options an AdamW group carries (validated like its options)."""
     return tuple(o for o in ADAMW_ALIAS_OPTIONS if o.name in group)
+
+
+def _loaded_value(key: Any, value: Any, p: torch.Tensor) -> Any:
+    """A private copy of one saved state entry for parameter ``p``, dtype kept."""
+    if not isinstance(value, torch.Tensor):
+        return copy.deepcopy(value)
+    if key == "step":
+        # Kept where it was saved (torch.optim keeps "step" on the CPU). A copy: the step is
+        # incremented in place, so sharing the saved tensor would make two optimizers
+        # loaded from one live state_dict double-count it.
+        return value.detach().clone()
+    return value.to(device=p.device, copy=True)
 
 
 class _MatrixOptimizer(torch.optim.Optimizer):
@@ -150,6 +164,17 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 raise ValueError("either every parameter comes with a name or none does")
             group["param_names"] = names
         group["params"] = params
+        # torch.optim (state_dict, and hooks that match parameters by name) expects names in
+        # every group or in none; a mix would only fail later, far from its cause.
+        if self.param_groups and ("param_names" in group) != (
+            "param_names" in self.param_groups[0]
+        ):
+            added, first = f"param_groups[{len(self.param_groups)}]", "param_groups[0]"
+            named, unnamed = (added, first) if "param_names" in group else (first, added)
+            raise ValueError(
+                f"{named} names its parameters ((name, tensor) pairs) but {unnamed} does not: "
+                f"give names in every parameter group or in none"
+            )
         algorithm = group.setdefault("algorithm", self._matrix_algorithm)
         options = self._options_of(algorithm)
         allowed = {o.name for o in options} | (_ADAMW_ALIASES if algorithm == "adamw" else set())
@@ -333,38 +358,63 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         hyperparameter (re-validated), and every state tensor's shape against its parameter.
         Saved state dtypes are kept (torch.optim would cast a bf16 parameter's float32 momentum
         to bf16 and break bit-exact resumption).
+
+        The hooks run as in torch.optim: the load-state-dict pre-hooks first (each may edit the
+        dict or return a new one), then the checks and the load of the dict they produced, then
+        the post-hooks, which see the loaded optimizer and may change it.
         """
+        # Shallow copy, as torch.optim makes: a pre-hook that replaces a top-level entry leaves
+        # the caller's dict alone. (A non-dict is left to check_state_dict to reject.)
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()
+        # torch.optim.Optimizer.load_state_dict is not called (it would run the hooks a second
+        # time and cast state dtypes), so its hooks run here.
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         checked_options = check_state_dict(
             state_dict, self.param_groups, type(self).__name__, self._group_options,
             self._neuron_norm,
         )  # fmt: skip
+        # Build the new groups and state completely before assigning them, so that nothing
+        # raising on the way leaves the optimizer half loaded.
+        groups = []
+        for saved, group, options in zip(
+            state_dict["param_groups"], self.param_groups, checked_options
+        ):
+            # Every saved entry (e.g. a scheduler's initial_lr), then the validated, normalized
+            # options (a JSON-read list of betas becomes a pair, a torch.dtype ns_dtype of 0.1.0
+            # betas its name; an option an older state dict lacks takes this group's value).
+            loaded = copy.deepcopy({k: v for k, v in saved.items() if k != "params"})
+            loaded.update(options)
+            loaded["params"] = group["params"]
+            # As torch.optim: saved names replace the current ones; without any, these stay.
+            if "param_names" in group and "param_names" not in loaded:
+                loaded["param_names"] = group["param_names"]
+            groups.append(loaded)
         saved_state = state_dict["state"]
-        super().load_state_dict(state_dict)
-        # torch.optim replaces each group by the saved one: put back the validated, normalized
-        # options (a JSON-read list of betas becomes a pair, a torch.dtype ns_dtype of 0.1.0
-        # betas its name) and any option an older state dict lacks (this group's value).
-        for group, options in zip(self.param_groups, checked_options):
-            group.update(options)
-        self._plans_cache = None
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         current = [p for g in self.param_groups for p in g["params"]]
+        state: defaultdict[Any, dict[Any, Any]] = defaultdict(dict)
         for pid, p in zip(saved_ids, current):
-            for key, value in saved_state.get(pid, {}).items():
-                if isinstance(value, torch.Tensor) and key != "step":
-                    self.state[p][key] = value.to(device=p.device, copy=True)
-                elif isinstance(value, torch.Tensor):
-                    # torch.optim keeps the saved "step" tensor itself; it is incremented in
-                    # place, so loading a live state_dict would make two optimizers share
-                    # (and double-count) one step counter.
-                    self.state[p][key] = value.detach().clone()
             if pid in saved_state:
-                self._stepped.add(id(p))
+                state[p] = {k: _loaded_value(k, v, p) for k, v in saved_state[pid].items()}
+        # State under ids that name no parameter is kept as it is, as torch.optim does.
+        known = set(saved_ids)
+        for pid, value in saved_state.items():
+            if pid not in known:
+                state[pid] = value
+        # Also rebuilds the runtime attributes (plans, the parameters that have state).
+        self.__setstate__({"state": state, "param_groups": groups})
         # Replicated mode: keep only the state of the parameters this rank owns now.
         for group, plans in zip(self.param_groups, self._plans()):
             for plan in plans:
                 p = group["params"][plan.index]
                 if not plan.updated_here and p in self.state:
                     del self.state[p]
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     # ---------------------------------------------------------------- non-finite gradients
 
