@@ -19,6 +19,7 @@ from normuon.diagnostics import (
     spread,
     update_stats,
 )
+from normuon.geometry import matrix_geometry, neuron_rows
 
 
 def _rows_with_norms(norms: list[float], fan_in: int, seed: int = 0) -> torch.Tensor:
@@ -159,3 +160,190 @@ def test_bad_arguments():
         NeuronDiagnostics([("b", nn.Parameter(torch.ones(3)))])
     with pytest.raises(TypeError, match="pairs"):
         NeuronDiagnostics([w])
+
+
+# ------------------------------------------------- neurons as the optimizer's geometry sees them
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 ``Conv1D``: weight stored (nx, nf) = (in, out), used as ``x @ W``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+class Experts(nn.Module):
+    """A stack of E expert matrices (E, out, in) in one parameter."""
+
+    def __init__(self, experts: int, out: int, fan_in: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts, out, fan_in) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("eoi,bi->beo", self.w, x).sum(1)
+
+
+def _optimizer_view_norms(update: torch.Tensor, layout: str) -> torch.Tensor:
+    # Independent of diagnostics: the rows of the (B, m, n) stack the optimizer works on.
+    stack = matrix_geometry(update.shape, layout).as_matrices(update).double()
+    return torch.linalg.vector_norm(stack, dim=-1).flatten()
+
+
+def _sgd_step(model: nn.Module, grads: dict[str, torch.Tensor], diag: NeuronDiagnostics):
+    # SGD with lr 1: the recorded update is exactly -grad.
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    diag.attach(opt)
+    named = dict(model.named_parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for name, g in grads.items():
+        named[name].grad = g.clone()
+    opt.step()
+    diag.detach()
+    return diag.records[-1]["matrices"]
+
+
+def test_hf_conv1d_neurons_are_the_columns_of_the_stored_weight():
+    # Conv1D(nf=4, nx=6): weight (6, 4). Output neuron j is column j; its norms are 1, 2, 3, 4
+    # while the 6 stored rows (input features) have other, unequal norms.
+    model = nn.Sequential(Conv1D(4, 6), nn.ReLU(), nn.Linear(4, 3))
+    grad = _rows_with_norms([1.0, 2.0, 3.0, 4.0], fan_in=6).T.float().contiguous()
+    assert grad.shape == model[0].weight.shape == (6, 4)
+    expected = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    assert torch.allclose(_optimizer_view_norms(grad, "transposed"), expected, atol=1e-6)
+    assert not torch.allclose(neuron_norms(grad)[:4], expected, atol=1e-3)  # rows differ
+
+    got = neuron_norms(grad, layout="transposed")
+    assert got.shape == (4,)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert neuron_rows(grad, "transposed").shape == (4, 6)
+
+    diag = NeuronDiagnostics(model, every=1)  # layouts learnt from the modules
+    assert diag.layouts == {"0.weight": "transposed", "2.weight": "auto"}
+    stats = _sgd_step(model, {"0.weight": grad}, diag)["0.weight"]
+    assert stats["neuron_cv"] == pytest.approx(math.sqrt(1.25) / 2.5, rel=1e-5)
+    assert stats["neuron_max_min"] == pytest.approx(4.0, rel=1e-5)
+    assert stats["condition"] == pytest.approx(4.0, rel=1e-5)
+
+
+def test_hf_conv1d_with_hidden_matrices_and_normuon():
+    model = nn.Sequential(nn.Embedding(16, 6), Conv1D(8, 6), nn.ReLU(), Conv1D(6, 8))
+    tracked = hidden_matrices(model)
+    assert [n for n, _ in tracked] == ["1.weight", "3.weight"]
+    # Without the model the pairs are read by shape; model= gives the optimizer's layouts.
+    assert set(NeuronDiagnostics(tracked).layouts.values()) == {"auto"}
+    diag = NeuronDiagnostics(tracked, model=model, every=1)
+    assert diag.layouts == {"1.weight": "transposed", "3.weight": "transposed"}
+    opt = normuon.NorMuon(normuon.param_groups(model, lr=0.02), ns_dtype=torch.float32)
+    diag.attach(opt)
+    before = model[1].weight.detach().clone()
+    model(torch.randint(0, 16, (5,))).square().mean().backward()
+    opt.step()
+    update = model[1].weight.detach() - before
+    stats = diag.records[-1]["matrices"]["1.weight"]
+    expected = spread(_optimizer_view_norms(update, "transposed"))  # 8 neurons, per column
+    assert stats["neuron_cv"] == pytest.approx(expected["cv"], rel=1e-6)
+    assert stats["neuron_max_min"] == pytest.approx(expected["max_min"], rel=1e-6)
+    assert opt.state[model[1].weight]["neuron_second_moment"].numel() == 8
+
+
+def test_conv1d_kernel_has_one_neuron_per_output_channel():
+    conv = nn.Conv1d(4, 6, 3, bias=False)
+    g = torch.Generator().manual_seed(1)
+    grad = torch.randn(6, 4, 3, generator=g)
+    grad[:, 1:] = 0.0  # the stack view would see dead (in, k) rows: max/min inf
+    grad = grad / torch.linalg.vector_norm(grad.flatten(1), dim=1)[:, None, None]
+    grad = grad * torch.arange(1.0, 7.0)[:, None, None]  # channel c has norm c + 1
+    expected = torch.arange(1.0, 7.0, dtype=torch.float64)
+
+    assert neuron_rows(grad, "conv").shape == (6, 12)
+    assert torch.allclose(neuron_norms(grad, layout="conv"), expected, atol=1e-6)
+    assert torch.allclose(_optimizer_view_norms(grad, "conv"), expected, atol=1e-6)
+    assert neuron_norms(grad).shape == (24,)  # auto: a 3-D tensor is a stack, as before
+
+    model = nn.Sequential(conv)
+    diag = NeuronDiagnostics(model, every=1)
+    assert diag.layouts == {"0.weight": "conv"}
+    stats = _sgd_step(model, {"0.weight": grad}, diag)["0.weight"]
+    assert stats["neuron_max_min"] == pytest.approx(6.0, rel=1e-5)
+    assert stats["neuron_cv"] == pytest.approx(float(expected.std(unbiased=False) / 3.5),
+                                               rel=1e-5)  # fmt: skip
+    assert stats["effective_rank"] <= 6.0 + 1e-9  # of a (6, 12) matrix, not (24, 3)
+
+
+def test_stacked_parameter_has_e_times_m_neurons():
+    model = Experts(experts=2, out=3, fan_in=5)
+    norms = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    grad = _rows_with_norms(norms, fan_in=6)[:, :5].float()  # 6 rows; truncate to fan_in 5
+    row_norms = torch.linalg.vector_norm(grad.double(), dim=1)
+    grad = grad.reshape(2, 3, 5)
+    for layout in ("auto", "stacked"):
+        got = neuron_norms(grad, layout=layout)
+        assert got.shape == (6,)
+        assert torch.allclose(got, row_norms, atol=1e-6)
+        assert torch.allclose(got, _optimizer_view_norms(grad, layout), atol=1e-6)
+    diag = NeuronDiagnostics(model, every=1)
+    assert diag.layouts == {"w": "auto"}
+    stats = _sgd_step(model, {"w": grad}, diag)["w"]
+    assert stats["neuron_cv"] == pytest.approx(float(spread(row_norms)["cv"]), rel=1e-5)
+    assert stats["neuron_max_min"] == pytest.approx(float(spread(row_norms)["max_min"]),
+                                                    rel=1e-5)  # fmt: skip
+
+
+def test_linear_is_unchanged():
+    u = _rows_with_norms([1.0, 2.0, 3.0], fan_in=5)
+    expected = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert torch.allclose(neuron_norms(u), expected)
+    assert torch.allclose(neuron_norms(u, layout="auto"), expected)
+    assert torch.allclose(_optimizer_view_norms(u, "auto"), expected)
+    model = nn.Sequential(nn.Linear(5, 3, bias=False))
+    diag = NeuronDiagnostics(model, every=1)
+    assert diag.layouts == {"0.weight": "auto"}
+    stats = _sgd_step(model, {"0.weight": u.float()}, diag)["0.weight"]
+    assert stats["neuron_max_min"] == pytest.approx(3.0, rel=1e-5)
+
+
+def test_optimizer_group_layout_wins_while_attached():
+    # A weight declared (in, out) only through its group: the diagnostics read it that way
+    # while attached to that optimizer, and by shape again after detach.
+    w = nn.Parameter(torch.randn(6, 4))
+    opt = normuon.NorMuon([{"params": [w], "lr": 0.02, "layout": "transposed"}],
+                          ns_dtype=torch.float32)  # fmt: skip
+    diag = NeuronDiagnostics([("w", w)], every=1)
+    assert diag.layouts == {"w": "auto"}
+    diag.attach(opt)
+    assert diag.layouts == {"w": "transposed"}
+    before = w.detach().clone()
+    w.grad = _rows_with_norms([1.0, 2.0, 3.0, 4.0], fan_in=6).T.float().contiguous()
+    opt.step()
+    stats = diag.records[-1]["matrices"]["w"]
+    expected = spread(_optimizer_view_norms(w.detach() - before, "transposed"))
+    assert stats["neuron_cv"] == pytest.approx(expected["cv"], rel=1e-6)
+    assert opt.state[w]["neuron_second_moment"].numel() == 4  # one per neuron measured
+    diag.detach()
+    assert diag.layouts == {"w": "auto"}
+    # Explicit layouts= for loops without such an optimizer.
+    assert NeuronDiagnostics([("w", w)], layouts={"w": "transposed"}).layouts == {
+        "w": "transposed"}  # fmt: skip
+
+
+def test_bad_layouts():
+    w = nn.Parameter(torch.ones(3, 2))
+    with pytest.raises(ValueError, match="'bogus'"):
+        neuron_norms(torch.ones(3, 2), layout="bogus")
+    with pytest.raises(ValueError, match="'bogus'"):
+        NeuronDiagnostics([("w", w)], layouts={"w": "bogus"})
+    with pytest.raises(ValueError, match=r"\['v'\]"):
+        NeuronDiagnostics([("w", w)], layouts={"v": "auto"})
+    with pytest.raises(TypeError, match="list"):
+        NeuronDiagnostics([("w", w)], layouts=[("w", "auto")])
+    with pytest.raises(TypeError, match="str"):
+        NeuronDiagnostics([("w", w)], model="model")
+    with pytest.raises(ValueError, match="not a parameter of the model Linear"):
+        NeuronDiagnostics([("w", w)], model=nn.Linear(2, 3))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from normuon import Muon, NorMuon, param_groups
-from normuon.grouping import describe_groups
+from normuon.grouping import describe_groups, matrix_layouts
 
 BOTH = [NorMuon, Muon]
 
@@ -662,6 +662,32 @@ def test_user_declared_transposed(spec):
     model.proj = nn.Linear(6, 4)
     got = _assignment(model, param_groups(model, transposed=spec))
     assert got == {"mixer.w": "transposed", "proj.weight": "matrix", "proj.bias": "adamw"}
+
+
+def test_matrix_layouts_agree_with_the_groups():
+    # matrix_layouts is what the neuron diagnostics read weights with: it must give every
+    # matrix the layout of its param_groups group, and heads/embeddings a layout too.
+    model = MoEConv1d()
+    model.c_fc = FakeConv1D(8, 5)
+    model.mixer = TransposedLinear(5, 7)
+    model.tok_emb = nn.Embedding(9, 5)
+    model.lm_head = nn.Linear(5, 9, bias=False)
+    layouts = matrix_layouts(model, transposed=["mixer.w"])
+    assert layouts == {"conv.weight": "conv", "experts": "auto", "router.weight": "auto",
+                       "c_fc.weight": "transposed", "mixer.w": "transposed",
+                       "tok_emb.weight": "auto", "lm_head.weight": "auto"}  # fmt: skip
+    names = {id(p): n for n, p in model.named_parameters()}
+    matrices = 0
+    for g in param_groups(model, transposed=["mixer.w"]):
+        if g.get("algorithm") == "adamw":
+            continue
+        for p in g["params"]:
+            assert layouts[names[id(p)]] == g.get("layout", "auto"), names[id(p)]
+            matrices += 1
+    assert matrices == 5
+    assert matrix_layouts(model)["mixer.w"] == "auto"  # not declared: the shape decides
+    with pytest.raises(TypeError, match="got list"):
+        matrix_layouts([model.experts])
 
 
 def test_transposed_bad_input():

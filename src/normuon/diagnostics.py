@@ -6,20 +6,40 @@ them out. :class:`NeuronDiagnostics` measures that in any training loop, for any
 ``torch.optim.Optimizer`` (AdamW, :class:`~normuon.Muon`, :class:`~normuon.NorMuon`), through
 the optimizer's step hooks::
 
-    diag = NeuronDiagnostics(model.named_parameters(), every=50, jsonl="diagnostics.jsonl")
+    diag = NeuronDiagnostics(hidden_matrices(model), model=model, every=50,
+                             jsonl="diagnostics.jsonl")
     diag.attach(optimizer)          # register_step_pre_hook / register_step_post_hook
     ...                             # train as usual; every 50th step is recorded
     diag.detach()
 
+Neurons are the optimizer's: :func:`normuon.geometry.neuron_rows` (the rows of
+:meth:`~normuon.geometry.MatrixGeometry.as_matrices`, the view NorMuon normalizes) decides them
+from each parameter's ``layout``. A conv kernel ``(out, in, *k)`` is ``(out, in*prod(k))``, one
+neuron per output channel; a 3-D stack ``(E, m, n)`` is ``(E*m, n)``; a Hugging Face ``Conv1D``
+weight, stored ``(in, out)``, is read as its transpose, one neuron per column. The layout of a
+parameter comes from, first to last:
+
+1. the optimizer's parameter group while attached, when the group has a ``layout`` (NorMuon
+   and Muon matrix groups; their ``split_sizes`` are checked against the weight too): the
+   neurons measured are then the ones the optimizer normalizes;
+2. ``layouts={name: layout}`` given to :class:`NeuronDiagnostics`;
+3. the model's modules, as :func:`normuon.param_groups` routes them
+   (:func:`normuon.grouping.matrix_layouts`: ``"conv"`` for convolutions, ``"transposed"`` for
+   ``Conv1D``), when a module is given as ``params`` or as ``model=``;
+4. the shape (``layout="auto"``: 2-D is one matrix, 3-D a stack, 4-D and 5-D conv kernels).
+
+Pass ``model=`` when tracking :func:`hidden_matrices` of a model with ``Conv1D`` or Conv1d
+layers so that AdamW (whose groups carry no layout) is measured on the same neurons.
+
 What is measured, every ``every`` optimizer steps, per tracked matrix parameter:
 
 - the update ``U = p_after - p_before`` of that step (learning rate, schedule and weight decay
-  included), viewed as ``(out, in)`` (a conv kernel ``(out, in, kh, kw)`` flattened to
-  ``(out, in*kh*kw)``; a 3-D stack ``(E, out, in)`` as ``(E*out, in)``): neurons are rows;
+  included), viewed as ``(neurons, fan_in)`` as above;
 - ``neuron_cv``: coefficient of variation (std / mean) of the row norms ``||U[i, :]||``;
   ``neuron_max_min``: their max / min ratio (0 rows make it ``inf``);
-- ``effective_rank``: ``exp(entropy(s / sum(s)))`` of the singular values ``s`` of ``U``
-  (between 1 and min(out, in)); ``condition``: ``s_max / s_min`` (``inf`` if rank deficient);
+- ``effective_rank``: ``exp(entropy(s / sum(s)))`` of the singular values ``s`` of that
+  ``(neurons, fan_in)`` view (between 1 and min(neurons, fan_in)); ``condition``:
+  ``s_max / s_min`` (``inf`` if rank deficient);
 - NorMuon only: ``second_moment_cv`` and ``second_moment_max_min`` of the optimizer state
   ``neuron_second_moment`` (one entry per neuron).
 
@@ -37,12 +57,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .geometry import LAYOUTS, matrix_geometry, neuron_rows
+from .grouping import matrix_layouts, param_groups
 
 __all__ = [
     "NeuronDiagnostics",
@@ -55,18 +78,24 @@ __all__ = [
 ]
 
 
-def _as_rows(update: torch.Tensor) -> torch.Tensor:
-    """A parameter-shaped tensor as (neurons, fan_in): dim 0 (and a stack's leading dim) = rows."""
-    if update.ndim < 2:
+def _as_rows(
+    update: torch.Tensor, layout: str = "auto", split_sizes: Sequence[int] | None = None
+) -> torch.Tensor:
+    """A parameter-shaped tensor as (neurons, fan_in), the optimizer's view of its neurons."""
+    if not isinstance(update, torch.Tensor):
+        raise TypeError(f"expected a tensor, got {type(update).__name__}")
+    if update.ndim < 2:  # checked here: geometry's own message speaks of param groups
         raise ValueError(f"a matrix parameter has >= 2 dims, got shape {tuple(update.shape)}")
-    if update.ndim == 3:  # (E, out, in): a stack of E matrices, E*out neurons
-        return update.reshape(-1, update.shape[-1])
-    return update.reshape(update.shape[0], -1)  # (out, in) or conv (out, in*kh*kw...)
+    return neuron_rows(update, layout, split_sizes)
 
 
-def neuron_norms(update: torch.Tensor) -> torch.Tensor:
-    """(neurons,) float64 L2 norms of the rows of ``update`` viewed as (out, in)."""
-    return torch.linalg.vector_norm(_as_rows(update).double(), dim=1)
+def neuron_norms(update: torch.Tensor, layout: str = "auto") -> torch.Tensor:
+    """(neurons,) float64 L2 norms of the neurons of ``update`` (see the module docstring).
+
+    ``layout`` is the parameter's group layout (``"auto"``, ``"conv"``, ``"stacked"``,
+    ``"transposed"``); for a plain 2-D ``(out, in)`` tensor the default gives its row norms.
+    """
+    return torch.linalg.vector_norm(_as_rows(update, layout).double(), dim=1)
 
 
 def spread(values: torch.Tensor) -> dict[str, float]:
@@ -80,9 +109,10 @@ def spread(values: torch.Tensor) -> dict[str, float]:
     return {"cv": cv, "max_min": hi / lo if lo > 0 else math.inf}
 
 
-def spectrum_stats(update: torch.Tensor) -> dict[str, float]:
-    """Effective rank (entropy of the normalized singular values) and condition number."""
-    s = torch.linalg.svdvals(_as_rows(update).double())  # (min(out, in),) descending
+def spectrum_stats(update: torch.Tensor, layout: str = "auto") -> dict[str, float]:
+    """Effective rank (entropy of the normalized singular values) and condition number of the
+    ``(neurons, fan_in)`` view of ``update`` under ``layout``."""
+    s = torch.linalg.svdvals(_as_rows(update, layout).double())  # (min(m, n),) descending
     total = float(s.sum())
     if total == 0:
         return {"effective_rank": 0.0, "condition": math.inf}
@@ -96,13 +126,15 @@ def spectrum_stats(update: torch.Tensor) -> dict[str, float]:
             "condition": float(s[0]) / smin if smin > tiny else math.inf}  # fmt: skip
 
 
-def update_stats(update: torch.Tensor, spectrum: bool = True) -> dict[str, float]:
+def update_stats(
+    update: torch.Tensor, spectrum: bool = True, layout: str = "auto"
+) -> dict[str, float]:
     """All per-matrix statistics of one update (see the module docstring for the keys)."""
-    rows = spread(neuron_norms(update))
+    rows = spread(neuron_norms(update, layout))
     out = {"neuron_cv": rows["cv"], "neuron_max_min": rows["max_min"],
            "update_norm": float(torch.linalg.vector_norm(update.double()))}  # fmt: skip
     if spectrum:
-        out.update(spectrum_stats(update))
+        out.update(spectrum_stats(update, layout))
     return out
 
 
@@ -115,10 +147,10 @@ def hidden_matrices(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The parameters :func:`normuon.param_groups` gives to Muon/NorMuon, with their names.
 
     Tracking the same set for every optimizer (AdamW too) keeps the comparison like for like:
-    hidden weight matrices, not embeddings, head or vectors.
+    hidden weight matrices, not embeddings, head or vectors. Give the model to
+    :class:`NeuronDiagnostics` as well (``model=``) so that each one is read with the layout
+    :func:`normuon.param_groups` gives it (:func:`normuon.grouping.matrix_layouts`).
     """
-    from normuon import param_groups
-
     matrix_ids = {id(p) for g in param_groups(model) if g.get("algorithm") != "adamw"
                   for p in g["params"]}  # fmt: skip
     return [(n, p) for n, p in model.named_parameters() if id(p) in matrix_ids]
@@ -144,6 +176,14 @@ class NeuronDiagnostics:
         spectrum: also compute the effective rank and condition number (one SVD per matrix).
         start_step: optimizer steps already taken (a resumed run).
         layer_type_fn: maps a parameter name to its layer type (default :func:`layer_type`).
+        model: the module the parameters belong to (default: ``params`` when it is a module):
+            each parameter's layout is learnt from its module as :func:`normuon.param_groups`
+            does (convolutions ``"conv"``, Hugging Face ``Conv1D`` ``"transposed"``).
+        layouts: ``{name: layout}`` for parameters whose layout the modules do not tell (your
+            own weights stored (in, out): ``"transposed"``); overrides ``model``.
+
+    :attr:`layouts` holds the layout each tracked parameter is read with; while attached, an
+    optimizer group's own ``layout`` takes precedence (see the module docstring).
     """
 
     def __init__(
@@ -156,8 +196,13 @@ class NeuronDiagnostics:
         spectrum: bool = True,
         start_step: int = 0,
         layer_type_fn: Callable[[str], str] = layer_type,
+        model: nn.Module | None = None,
+        layouts: Mapping[str, str] | None = None,
     ) -> None:
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(params, nn.Module):
+            model = params if model is None else model
             params = params.named_parameters()
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
@@ -173,6 +218,9 @@ class NeuronDiagnostics:
                 self.params[name] = p
         if not self.params:
             raise ValueError("no matrix parameter (>= 2 dims, requires_grad) to track")
+        #: name -> layout the parameter's neurons are read with (see the module docstring).
+        self.layouts: dict[str, str] = self._initial_layouts(model, layouts)
+        self._base_layouts = dict(self.layouts)
         self.every = every
         self.jsonl = Path(jsonl) if jsonl is not None else None
         self.writer = writer
@@ -183,10 +231,49 @@ class NeuronDiagnostics:
         self._before: dict[str, torch.Tensor] | None = None
         self._handles: list[Any] = []
 
+    def _initial_layouts(
+        self, model: nn.Module | None, layouts: Mapping[str, str] | None
+    ) -> dict[str, str]:
+        """Each tracked parameter's layout from ``layouts``, else its module, else the shape."""
+        resolved = dict.fromkeys(self.params, "auto")
+        if model is not None:
+            # Matched by identity: the tracked names need not be the model's (a wrapper's
+            # prefix, or names given by hand).
+            named = dict(model.named_parameters(remove_duplicate=False))
+            by_id = {id(named[n]): layout for n, layout in matrix_layouts(model).items()}
+            for name, p in self.params.items():
+                if id(p) not in by_id:
+                    raise ValueError(
+                        f"{name} (shape {tuple(p.shape)}) is not a parameter of the model "
+                        f"{type(model).__name__} given as model="
+                    )
+                resolved[name] = by_id[id(p)]
+        if layouts is not None:
+            if not isinstance(layouts, Mapping):
+                raise TypeError(f"layouts must map parameter names to layouts, got "
+                                f"{type(layouts).__name__}")  # fmt: skip
+            unknown = sorted(set(layouts) - set(self.params))
+            if unknown:
+                raise ValueError(f"layouts names parameters that are not tracked: {unknown}")
+            for name, layout in layouts.items():
+                if layout not in LAYOUTS:
+                    raise ValueError(f"layouts[{name!r}] must be one of {LAYOUTS}, got "
+                                     f"{layout!r}")  # fmt: skip
+                resolved[name] = layout
+        for name, layout in resolved.items():
+            _check_geometry(name, self.params[name], layout, None)
+        return resolved
+
     def attach(self, optimizer: torch.optim.Optimizer) -> NeuronDiagnostics:
-        """Register the step hooks on ``optimizer``; returns self."""
+        """Register the step hooks on ``optimizer``; returns self.
+
+        A tracked parameter in a group with a ``layout`` (a NorMuon or Muon matrix group) is
+        read with that layout and ``split_sizes`` while attached: the neurons measured are the
+        ones the optimizer normalizes, whatever the model or ``layouts`` said.
+        """
         if self._handles:
             raise RuntimeError("already attached; call detach() first")
+        self.layouts = self._group_layouts(optimizer)
         self._optimizer = optimizer
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                          optimizer.register_step_post_hook(self._post_step)]  # fmt: skip
@@ -198,6 +285,24 @@ class NeuronDiagnostics:
             handle.remove()
         self._handles = []
         self._before = None
+        self.layouts = dict(self._base_layouts)
+
+    def _group_layouts(self, optimizer: torch.optim.Optimizer) -> dict[str, str]:
+        """The current layouts, with those of ``optimizer``'s matrix groups taking precedence."""
+        name_of = {id(p): name for name, p in self.params.items()}
+        resolved = dict(self._base_layouts)
+        for index, group in enumerate(optimizer.param_groups):
+            # AdamW groups (and torch's own optimizers) have no layout: keep the model's.
+            if group.get("algorithm") == "adamw" or "layout" not in group:
+                continue
+            for p in group["params"]:
+                name = name_of.get(id(p))
+                if name is None:
+                    continue
+                _check_geometry(f"param_groups[{index}] {name}", p, group["layout"],
+                                group.get("split_sizes"))  # fmt: skip
+                resolved[name] = group["layout"]
+        return resolved
 
     # The hooks' signature is torch's: (optimizer, args, kwargs).
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -239,7 +344,7 @@ class NeuronDiagnostics:
         for name, update in updates.items():
             if not bool(update.any()):
                 continue
-            stats = update_stats(update, self.spectrum)
+            stats = update_stats(update, self.spectrum, self.layouts.get(name, "auto"))
             v = (second_moments or {}).get(name)
             if v is not None:
                 sm = spread(v.double().clamp_min(0))
@@ -270,6 +375,16 @@ class NeuronDiagnostics:
     def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
         keys = sorted({k for r in rows for k in r})
         return {k: _finite_mean([r[k] for r in rows if k in r]) for k in keys}
+
+
+def _check_geometry(
+    where: str, p: torch.Tensor, layout: str, split_sizes: Sequence[int] | None
+) -> None:
+    """Raise ValueError naming ``where`` when ``layout`` does not fit ``p`` (early, not mid-run)."""
+    try:
+        matrix_geometry(p.shape, layout, split_sizes)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def _json_safe(obj: Any) -> Any:

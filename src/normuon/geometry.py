@@ -11,7 +11,8 @@ NorMuon and Muon work on matrices W of shape (m, n) whose row i belongs to outpu
   ``layout="transposed"`` treats it as its transpose, so rows are still output neurons.
 
 No tensor math beyond views lives here; the second moment's shape and the row blocks of
-``split_sizes`` are decided here so the optimizer and the distributed layer agree on them.
+``split_sizes`` are decided here so the optimizer, the distributed layer and the neuron
+diagnostics (:func:`neuron_rows`) agree on them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LAYOUTS", "MatrixGeometry", "matrix_geometry", "reduce_dim"]
+__all__ = ["LAYOUTS", "MatrixGeometry", "matrix_geometry", "neuron_rows", "reduce_dim"]
 
 #: Values of the ``layout`` group option.
 LAYOUTS = ("auto", "conv", "stacked", "transposed")
@@ -167,3 +168,20 @@ def matrix_geometry(
         neuron_dim=neuron_dim,
         batch_dims=tuple(range(len(lead))),
     )
+
+
+def neuron_rows(
+    t: torch.Tensor, layout: str = "auto", split_sizes: Sequence[int] | None = None
+) -> torch.Tensor:
+    """A parameter-shaped tensor as (neurons, fan_in): one row per output neuron.
+
+    The rows of :meth:`MatrixGeometry.as_matrices` with the stack flattened: a (E, m, n) stack
+    gives E*m rows of length n, a conv kernel (out, in, *k) out rows of length in*prod(k), a
+    transposed (in, out) weight its transpose. ``layout`` and ``split_sizes`` are the group
+    options (``split_sizes`` does not move rows; it is checked against them). A view of ``t``
+    whenever ``reshape`` can give one.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"neuron_rows expects a tensor, got {type(t).__name__}")
+    matrices = matrix_geometry(t.shape, layout, split_sizes).as_matrices(t)
+    return matrices.reshape(-1, matrices.shape[-1])

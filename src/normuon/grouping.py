@@ -9,9 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .geometry import matrix_geometry
+
 __all__ = [
     "param_groups",
     "describe_groups",
+    "matrix_layouts",
     "RouteRow",
     "RoutingSummary",
     "HEAD_NAMES",
@@ -168,6 +171,47 @@ def _declared_transposed_ids(named, transposed, is_declared_transposed) -> set[i
     return ids
 
 
+def _model_kinds(model: nn.Module, transposed, is_declared_transposed):
+    """(module kinds with the declared transposed weights added, every (name, parameter) pair).
+
+    The one walk behind :func:`param_groups` and :func:`matrix_layouts`, so the two agree.
+    ``named`` lists a tied weight under every name (see :func:`_route`).
+    """
+    kinds = _module_kinds(model)
+    named = list(model.named_parameters(remove_duplicate=False))
+    kinds.transposed |= _declared_transposed_ids(named, transposed, is_declared_transposed)
+    return kinds, named
+
+
+def _matrix_layout(p: torch.Tensor, kinds: _ModuleKinds) -> str:
+    """The ``layout`` a matrix parameter gets: what its module says, else the shape decides.
+
+    Convolution kernels are flattened per output channel (a 3-D Conv1d kernel would otherwise
+    be read as a stack); Conv1D and declared (in, out) weights are read as their transpose.
+    """
+    if id(p) in kinds.convs:
+        return "conv"
+    if id(p) in kinds.transposed:
+        return "transposed"
+    return "auto"
+
+
+def matrix_layouts(model: nn.Module, *, transposed: TransposedSpec = ()) -> dict[str, str]:
+    """Qualified name -> the ``layout`` :func:`param_groups` gives each parameter of 2+ dims.
+
+    ``"conv"`` for convolution kernels, ``"transposed"`` for Hugging Face ``Conv1D`` weights
+    and the weights declared in ``transposed`` (as in :func:`param_groups`), ``"auto"`` for the
+    rest. Parameters that :func:`param_groups` sends to AdamW (heads, embeddings) are listed
+    too, so that anything viewing a weight as neurons (:mod:`normuon.diagnostics`) reads every
+    matrix the way the optimizer would; a tied weight is listed under each of its names.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"matrix_layouts expects an nn.Module, got {type(model).__name__}")
+    transposed, is_declared_transposed = _transposed_predicate(transposed)
+    kinds, named = _model_kinds(model, transposed, is_declared_transposed)
+    return {name: _matrix_layout(p, kinds) for name, p in named if p.ndim >= 2}
+
+
 def _route(named, kinds: _ModuleKinds, extra_adamw: tuple[str, ...], split_qkv: bool):
     """((layout, split_sizes) -> matrices in model order, AdamW parameters).
 
@@ -198,17 +242,13 @@ def _route(named, kinds: _ModuleKinds, extra_adamw: tuple[str, ...], split_qkv: 
             adamw.append(p)
             continue
         module_name = kinds.module_of.get(id(p), "")
-        if id(p) in kinds.convs:
-            key: tuple[str, tuple[int, ...] | None] = ("conv", None)
-        elif id(p) in kinds.transposed:  # stored (in, out): the output dim is dim 1
+        layout = _matrix_layout(p, kinds)
+        split: tuple[int, ...] | None = None
+        if layout == "transposed":  # stored (in, out): the output dim is dim 1
             split = _qkv_split(name, module_name, p.shape[1], p.shape[0]) if split_qkv else None
-            key = ("transposed", split)
-        else:
-            split = None
-            if split_qkv and p.ndim == 2:
-                split = _qkv_split(name, module_name, p.shape[0], p.shape[1])
-            key = ("auto", split)
-        matrix_groups.setdefault(key, []).append(p)
+        elif layout == "auto" and split_qkv and p.ndim == 2:
+            split = _qkv_split(name, module_name, p.shape[0], p.shape[1])
+        matrix_groups.setdefault((layout, split), []).append(p)
     return matrix_groups, adamw
 
 
@@ -281,9 +321,7 @@ def param_groups(
                 f"(declare transposed weights with transposed=..., fused QKV with split_qkv=True)"
             )
 
-    kinds = _module_kinds(model)
-    named = list(model.named_parameters(remove_duplicate=False))
-    kinds.transposed |= _declared_transposed_ids(named, transposed, is_declared_transposed)
+    kinds, named = _model_kinds(model, transposed, is_declared_transposed)
     matrix_groups, adamw = _route(named, kinds, extra_adamw, split_qkv)
 
     if not matrix_groups:
@@ -416,14 +454,9 @@ class RoutingSummary:
 
 
 def _neurons(shape: Sequence[int], layout: str) -> int:
-    if layout == "transposed":
-        return shape[1]
-    if len(shape) == 2 or layout == "conv" or (layout == "auto" and len(shape) >= 4):
-        return shape[0]
-    stack = 1
-    for s in shape[:-2]:
-        stack *= s
-    return stack * shape[-2]  # 3-D stack (E, m, n): m neurons per matrix
+    # The optimizer's own geometry decides: m neurons per matrix, times the stack size.
+    geometry = matrix_geometry(shape, layout)
+    return geometry.batch * geometry.rows
 
 
 def describe_groups(

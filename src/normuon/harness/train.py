@@ -486,7 +486,7 @@ class Trainer:
                 path.unlink()
             self.diagnostics = NeuronDiagnostics(
                 hidden_matrices(self.raw_model), every=self._diagnostics_every, jsonl=path,
-                writer=self.writer, start_step=self.step,
+                writer=self.writer, start_step=self.step, model=self.raw_model,
             ).attach(self.optimizer)  # fmt: skip
 
     # ---------------------------------------------------------------- bookkeeping
