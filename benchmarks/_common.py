@@ -1,9 +1,9 @@
 """Helpers shared by the benchmark scripts (step_time.py, distributed_step.py, ns_quality.py).
 
 Machine facts (CPU model, SIMD flags, whether this CPU multiplies bfloat16 natively), timing
-(median, matmul rate), the GPT-shaped parameter sets and their Newton-Schulz flop count,
-markdown tables and report files, and the peers' Newton-Schulz in float32 (like for like on
-CPUs without bfloat16 GEMMs) with a timer around it.
+(median, matmul rate), the bytes allocated during a step, the GPT-shaped parameter sets and their
+Newton-Schulz flop count, markdown tables and report files, and the peers' Newton-Schulz in
+float32 (like for like on CPUs without bfloat16 GEMMs) with a timer around it.
 """
 
 from __future__ import annotations
@@ -141,6 +141,38 @@ def matmul_rate(
         size *= 2
     times = [timed(lambda: a @ b) for _ in range(reps)]
     return 2.0 * size**3 / median(times) / 1e9, size
+
+
+# ------------------------------------------------------------------------------ allocations
+
+
+def step_allocated_bytes(step_fn: Callable[[], object]) -> int:
+    """Bytes the allocator hands out while ``step_fn()`` runs: the sizes of all allocations
+    summed, each counted once, freed again before the end or not.
+
+    With ``profile_memory=True`` torch's allocators report every allocation (+size) and every
+    free (-size) to the profiler, one ``[memory]`` event each, whichever op (however deeply
+    nested) asked for it; the positive events are summed. Views, in-place ops and ``out=``
+    writes allocate nothing and so count nothing. Not ``cpu_memory_usage`` of
+    ``prof.events()``: that is the net of the events inside an op and its children, so frees
+    cancel allocations and an allocation counts again in every enclosing op.
+
+    The profiler's state is thread-local: allocations made on other threads (a Python thread
+    started by ``step_fn``) are not seen; torch's CPU kernels allocate their outputs on the
+    calling thread before they fan out to intra-op threads. Memory that
+    libraries take from malloc directly (BLAS / oneDNN workspaces) is not torch's allocator
+    and is not counted either.
+    """
+    # Imported here: the profiler is only needed by the scripts that measure allocations.
+    from torch.autograd.profiler_util import MEMORY_EVENT_NAME
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step_fn()
+    # The raw events (what torch's own profiler_util parses): the FunctionEvent list has
+    # already folded the memory events into per-op net sums.
+    events = prof.profiler.kineto_results.events()
+    return sum(e.nbytes() for e in events if e.name() == MEMORY_EVENT_NAME and e.nbytes() > 0)
 
 
 # ------------------------------------------------------------------------------ shapes, flops

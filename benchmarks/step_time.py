@@ -1,4 +1,5 @@
-"""Optimizer step time, Newton-Schulz share, transient memory: normuon against its peers.
+"""Optimizer step time, Newton-Schulz share, transient memory, bytes allocated per step:
+normuon against its peers.
 
 One run, one set of inputs: every implementation gets its own copy of the same float32
 parameters and gradients, and the timed repetitions go round-robin over the implementations
@@ -42,6 +43,7 @@ from _common import (  # noqa: E402
     md_table,
     median,
     ns_flops,
+    step_allocated_bytes,
     timed,
     today,
     write_report,
@@ -323,7 +325,8 @@ def state_numbers(opt, params) -> tuple[int, int]:
 
 
 def memory_probe(shape_set: str, labels: list[str], ns_dtype: torch.dtype) -> dict:
-    """Runs in a fresh subprocess (see measure_memory): peak RSS growth during a step."""
+    """Runs in a fresh subprocess (see measure_memory): peak RSS growth during the first and the
+    second step, then the bytes allocated during a third (steady-state: all state exists)."""
     d, layers = SHAPE_SETS[shape_set]
     shapes = layer_shapes(d, layers)
     init, grads = make_inputs(shapes)
@@ -349,6 +352,9 @@ def memory_probe(shape_set: str, labels: list[str], ns_dtype: torch.dtype) -> di
                 first_kb=first, step_kb=steady, state_numbers=numbers, state_bytes=nbytes,
                 reset_ok=ok,
             )  # fmt: skip
+            # After the RSS steps, so the profiler's own buffers stay out of them; step 3,
+            # since some implementations still allocate state on step 2.
+            out[label]["alloc_bytes"] = step_allocated_bytes(lambda impl=impl: do_step(impl))
         except Exception as exc:
             out[label] = dict(error=f"{type(exc).__name__}: {exc}"[:200])
         impl = None
@@ -412,22 +418,24 @@ def run_set(name: str, args, log) -> list[str]:
         transient = (
             f"{r['step_kb'] * 1024 / param_bytes:.2f}" if "step_kb" in r else "-"
         )
+        alloc = f"{r['alloc_bytes'] / param_bytes:.2f}" if "alloc_bytes" in r else "-"
         rows.append([
             i.label, fmt_ms(t), fmt_ms(min(i.times)) if i.times else "-", str(len(i.times)),
             ratio(t, base), ratio(t, po), ratio(t, adamw, 2), fmt_ms(ns), non_ns, transient,
-            i.note,
+            alloc, i.note,
         ])  # fmt: skip
     lines += ["### Optimizer step (ms; ratios of medians from this run)", ""]
     lines += [
         "NS = median time inside Newton-Schulz per step (normuon: its `orthogonalizer`; peers: "
         "their Newton-Schulz function); non-NS share = (step - NS) / step. Transient = peak "
-        "memory growth of a step (state already allocated, see Memory) / parameter bytes.",
+        "memory growth of a step (state already allocated, see Memory) / parameter bytes. "
+        "Alloc = bytes allocated during a steady-state step (see Memory) / parameter bytes.",
         "",
     ]
     lines += md_table(
         [
             "implementation", "median", "min", "reps", "vs torch Muon", "vs po NorMuon",
-            "vs AdamW", "NS", "non-NS share", "transient / params", "note",
+            "vs AdamW", "NS", "non-NS share", "transient / params", "alloc / params", "note",
         ],  # fmt: skip
         rows,
     )
@@ -443,10 +451,11 @@ def run_set(name: str, args, log) -> list[str]:
             r = mem.get(i.label, {})
             if "error" in r or not r:
                 err = r.get("error", mem.get("error", "missing"))
-                mrows.append([i.label, "-", "-", "-", "-", "-", "-", str(err)[:200]])
+                mrows.append([i.label, "-", "-", "-", "-", "-", "-", "-", "-", str(err)[:200]])
                 continue
             mrows.append([
                 i.label, f"{r['step_kb'] / 1024:.1f}", f"{r['step_kb'] * 1024 / param_bytes:.2f}",
+                f"{r['alloc_bytes'] / 2**20:.1f}", f"{r['alloc_bytes'] / param_bytes:.2f}",
                 f"{r['first_kb'] / 1024:.1f}", f"{r['state_bytes'] / 2**20:.2f}",
                 f"{r['state_bytes'] / adam_bytes:.3f}" if adam_bytes else "-",
                 f"{r['state_numbers'] / (mn + rows_sum):.4f}",
@@ -457,13 +466,15 @@ def run_set(name: str, args, log) -> list[str]:
             "",
             f"Parameters: {param_bytes / 2**20:.2f} MiB. m*n + m numbers over all matrices: "
             f"{mn + rows_sum}. 'state / (mn + m)' = state numbers / (sum of m*n + m); 1.0000 is "
-            "exactly one momentum matrix plus one number per row.",
+            "exactly one momentum matrix plus one number per row. 'alloc/step' = bytes torch's "
+            "allocator hands out during the third step (all state exists), every allocation "
+            "counted once whether freed within the step or not (torch.profiler memory events).",
             "",
         ]
         lines += md_table(
             [
-                "implementation", "step peak", "step peak / params",
-                "first-step peak (allocates state)", "state", "state vs AdamW",
+                "implementation", "step peak", "step peak / params", "alloc/step MiB",
+                "alloc / params", "first-step peak (allocates state)", "state", "state vs AdamW",
                 "state / (mn + m)", "note",
             ],  # fmt: skip
             mrows,

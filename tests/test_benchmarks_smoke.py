@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on tiny shapes and write their markdown tables; the
-ZeRO-1 baseline of distributed_step.py (its own few lines of NorMuon math) equals the library."""
+ZeRO-1 baseline of distributed_step.py (its own few lines of NorMuon math) equals the library;
+the allocation count of _common.py counts each allocation once and nothing else."""
 
 from __future__ import annotations
 
@@ -46,18 +47,22 @@ def test_step_time_quick_writes_table(tmp_path, ns_dtype):
     assert "### Memory" in text and "### Newton-Schulz" in text
     if ns_dtype == "fp32":
         assert "Newton-Schulz in fp32 for everyone" in text
-    step_rows = [r for r in table_rows(text, "normuon.NorMuon (default)") if len(r) == 11]
+    step_rows = [r for r in table_rows(text, "normuon.NorMuon (default)") if len(r) == 12]
     assert len(step_rows) == 1, text
-    # NS time, non-NS share and transient memory are reported for normuon and every peer.
+    # NS time, non-NS share, transient memory and steady-state allocations are reported for
+    # normuon and every peer.
     for label in ["normuon.NorMuon (default)", "torch.optim.Muon", "torch.optim.AdamW foreach"]:
-        row = next(r for r in table_rows(text, label) if len(r) == 11)
+        row = next(r for r in table_rows(text, label) if len(r) == 12)
         assert float(row[1]) > 0, row  # median ms
         assert row[8].endswith("%"), row  # non-NS share
         float(row[9])  # transient / params is a number
+        float(row[10])  # alloc / params is a number
+        mem_row = next(r for r in table_rows(text, label) if len(r) == 10)
+        assert float(mem_row[3]) >= 0 and float(mem_row[4]) == float(row[10]), mem_row
     assert table_rows(text, "torch.optim.AdamW foreach")[0][8] == "100%"
     # NorMuon's state is exactly one momentum matrix plus one number per row.
-    mem_rows = [r for r in table_rows(text, "normuon.NorMuon (default)") if len(r) == 8]
-    assert mem_rows and mem_rows[0][6] == "1.0000", mem_rows
+    mem_rows = [r for r in table_rows(text, "normuon.NorMuon (default)") if len(r) == 10]
+    assert mem_rows and mem_rows[0][8] == "1.0000", mem_rows
 
 
 def test_ns_quality_quick_writes_tables(tmp_path):
@@ -68,6 +73,40 @@ def test_ns_quality_quick_writes_tables(tmp_path):
     text = files[0].read_text()
     assert "## Accuracy against the SVD polar factor" in text and "## Speed" in text
     assert "gram" in text and "native bf16 GEMMs" in text
+
+
+@pytest.fixture(scope="module")
+def common():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("_common")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _allocate_and_free(n: int, times: int) -> None:
+    for _ in range(times):
+        torch.empty(n)  # freed at once; the allocator may hand out the same block again
+
+
+def test_step_allocated_bytes_counts_each_allocation_once(common):
+    a, b, c = torch.randn(64, 64), torch.randn(64, 64), torch.empty(64, 64)
+    x = torch.randn(1 << 16)
+    count = common.step_allocated_bytes
+    assert count(lambda: None) == 0
+    assert count(lambda: torch.empty(1 << 20)) == 4 << 20
+    # Freed again inside the region: still handed out, three times (not the net, 0).
+    assert count(lambda: _allocate_and_free(1 << 18, 3)) == 3 << 20
+    # Nested ops (stack calls cat, which allocates the output) count it once.
+    assert count(lambda: torch.stack([a, b])) == 2 * a.nbytes
+    # A temporary freed within the region counts; the sum adds only a scalar.
+    assert a.nbytes <= count(lambda: (a * 2).sum()) < a.nbytes + 64
+    # In place, out= and views allocate no tensor data (a Python scalar operand is wrapped in
+    # a 0-d tensor: a few bytes).
+    assert count(lambda: x.mul_(2)) < 64
+    assert count(lambda: x.add_(x)) == 0
+    assert count(lambda: torch.mm(a, b, out=c)) == 0
+    assert count(lambda: (a.view(-1), a.t(), a[1:], a.unsqueeze(0).expand(3, 64, 64))) == 0
 
 
 @pytest.fixture(scope="module")
