@@ -55,13 +55,14 @@ def _groups(params, tensor_hyper: bool, device="cpu"):
     def h(v):
         return torch.tensor(v, device=device) if tensor_hyper else v
 
-    matrix = dict(lr=h(0.02), weight_decay=h(0.1), momentum=h(0.9))
+    # Values exact in float32, so that 0-d float32 tensors hold the same numbers as the floats.
+    matrix = dict(lr=h(2**-6), weight_decay=h(0.125), momentum=h(0.875))
     return [
         {"params": [params[k] for k in ("square", "tall", "wide", "conv", "stacked")], **matrix},
         {"params": [params["transposed"]], "layout": "transposed", **matrix},
         {"params": [params["fused"]], "split_sizes": [4, 8], **matrix},
-        {"params": [params["bias"], params["gain"]], "algorithm": "adamw", "lr": h(3e-3),
-         "betas": (h(0.9), h(0.95)), "weight_decay": h(0.01)},
+        {"params": [params["bias"], params["gain"]], "algorithm": "adamw", "lr": h(2**-8),
+         "betas": (h(0.875), h(0.9375)), "weight_decay": h(2**-6)},
     ]  # fmt: skip
 
 
@@ -76,8 +77,9 @@ def _grads(params, step):
 
 def _train(cls, tensor_hyper: bool, host_reads: str, guard: bool, steps=4, dtype=torch.float32):
     params = _params(dtype=dtype)
-    extra = {"beta2": torch.tensor(0.9), "eps": torch.tensor(1e-8)} if tensor_hyper else {}
-    extra = extra if cls is NorMuon else {}
+    extra = {"beta2": 0.9375, "eps": 2**-27} if cls is NorMuon else {}
+    if tensor_hyper:
+        extra = {k: torch.tensor(v) for k, v in extra.items()}
     opt = cls(_groups(params, tensor_hyper), ns_dtype="float32", host_reads=host_reads, **extra)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
     for step in range(steps):
@@ -104,7 +106,7 @@ def test_device_path_step_has_no_host_reads_and_equals_host_path(cls, tensor_hyp
     assert opt.nonfinite_skips == ref_opt.nonfinite_skips == 2
     if tensor_hyper:  # the scheduler moved the Tensor lr in place: still a tensor
         assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
-        torch.testing.assert_close(opt.param_groups[0]["lr"], torch.tensor(0.02 / 4))
+        torch.testing.assert_close(opt.param_groups[0]["lr"], torch.tensor(2**-6 / 5))
 
 
 @pytest.mark.parametrize("cls", CLASSES)

@@ -82,7 +82,11 @@ def test_no_host_reads_on_any_placement(tmp_path):
     """FSDP2, tp 4, (dp 2, tp 2) and DDP: no host read in any step of the device path, with
     Tensor hyperparameters and a NaN in one rank's block; equal to the single process."""
     spawn(T.no_host_reads, 4, str(tmp_path))
-    for r in range(4):
-        result = json.loads((tmp_path / f"rank{r}.json").read_text())
-        # The NaN matrix is skipped once (every rank agrees), on every placement.
-        assert result == {"dp4": 1, "tp4": 1, "dp2xtp2": 1, "ddp": 1}, (r, result)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    for r, result in enumerate(results):
+        # DTensors: every rank counts the skipped matrix, as the single process does once.
+        assert {k: result[k] for k in ("dp4", "tp4", "dp2xtp2")} == {
+            "dp4": 1, "tp4": 1, "dp2xtp2": 1
+        }, (r, result)  # fmt: skip
+    # DDP: only the matrix's owner updates it, so only the owner counts the skip.
+    assert sorted(result["ddp"] for result in results) == [0, 0, 0, 1], results

@@ -351,14 +351,16 @@ def no_host_reads(rank: int, world: int, port: int, out_dir: str) -> None:
             model, extra = make_block(), {"process_group": "auto"}
         else:
             shape, names = layouts[label]
-            model, extra = parallelize(make_block(), shape, names), {}
-        tensor = torch.tensor
+            model = parallelize(make_block(), shape, names)
+            extra = {"process_group": None}  # plain tensors under tp: copies on every rank
+        # Values exact in float32, so that the 0-d float32 tensors equal the Python floats.
+        hyper = dict(lr=2**-6, weight_decay=0.125, momentum=0.875, beta2=0.9375, adamw_lr=2**-7)
         opt = NorMuon(
-            groups(model, NorMuon, True), lr=tensor(0.02), weight_decay=tensor(0.1),
-            momentum=tensor(0.95), beta2=tensor(0.95), adamw_lr=tensor(1e-2),
+            groups(model, NorMuon, True), **{k: torch.tensor(v) for k, v in hyper.items()},
             ns_dtype=torch.float32, host_reads="never", **extra,
         )  # fmt: skip
-        ref_opt = make_opt(ref, split=True)
+        ref_opt = NorMuon(groups(ref, NorMuon, True), **hyper, ns_dtype=torch.float32,
+                          process_group=None)  # fmt: skip
         for step in range(3):
             x, y = batch(step)
             nn.functional.mse_loss(ref(x), y).backward()

@@ -206,8 +206,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         self.param_groups.append(group)
         self._plans_cache = None
         self._resolve_ns_dtypes(params)
-        if is_dtensor(params[0] if params else None):
-            self._plans()  # unsupported placements fail here, not at step()
+        # Planned now, not in step(): unsupported placements fail here, and step() only runs
+        # the plan (reading DTensor meshes while planning is no business of a step).
+        self._plans()
 
     def _resolve_ns_dtypes(self, params: list[torch.Tensor]) -> None:
         """Answer the half-precision capability queries for these parameters' devices now,
