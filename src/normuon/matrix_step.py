@@ -142,7 +142,7 @@ def _orthogonalize_(u: torch.Tensor, hyper: MatrixHyper, workspace: Workspace) -
     numel = NS.NSScratch.numel(chunk, m, n)
     flat = workspace.flat("newton_schulz", hyper.ns_dtype, u.device, numel)
     scratch = NS.NSScratch.carve(flat, chunk, m, n)
-    NS.newton_schulz_(u, u, hyper.coefficients, scratch, use_gram=NS.prefers_gram(m, n))
+    NS.newton_schulz_(u, hyper.coefficients, scratch, use_gram=NS.prefers_gram(m, n))
 
 
 def _factors(

@@ -330,7 +330,7 @@ def newton_schulz(
     out = torch.empty(u.shape, dtype=dtype, device=u.device)
     scratch = NSScratch.allocate(min(chunk_size, u.shape[0]), u.shape[-2], u.shape[-1], work,
                                  u.device)  # fmt: skip
-    newton_schulz_(u, out, coefficients, scratch, use_gram=use_gram, restarts=restarts)
+    newton_schulz_(u, coefficients, scratch, use_gram=use_gram, restarts=restarts, out=out)
     return out
 
 
@@ -424,22 +424,26 @@ class NSScratch:
 
 def newton_schulz_(
     u: torch.Tensor,
-    out: torch.Tensor,
     coefficients: Sequence[Coefficients],
     scratch: NSScratch,
     *,
     use_gram: bool,
     restarts: Sequence[int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> None:
-    """:func:`newton_schulz` into ``out``, with every intermediate in ``scratch``: no allocation
-    beyond a (c, 1, 1) norm per chunk.
+    """:func:`newton_schulz` with every intermediate in ``scratch``: no allocation beyond a
+    (c, 1, 1) norm per chunk.
 
-    ``u`` (B, m, n) is read chunk by chunk (``scratch.chunk`` matrices each) and the polar
-    factors are written into ``out`` (B, m, n, any floating dtype). ``out`` may be ``u`` itself:
-    a chunk's input is consumed before its result is written. The iteration runs in the dtype
-    of ``scratch``. ``use_gram`` picks :func:`newton_schulz_gram`'s iteration (restarts: its
-    ``restarts`` argument, None for the default of the iteration dtype).
+    ``u`` (B, m, n) is read chunk by chunk (``scratch.chunk`` matrices each); the polar factors
+    are written into ``out`` (B, m, n, any floating dtype), or over ``u`` itself when ``out`` is
+    None (a chunk's input is consumed before its result is written; ``u`` is then also used to
+    scale the input, which saves a temporary when it is in another dtype than the iteration).
+    The iteration runs in the dtype of ``scratch``. ``use_gram`` picks
+    :func:`newton_schulz_gram`'s iteration (restarts: its ``restarts`` argument, None for the
+    default of the iteration dtype).
     """
+    overwrite = out is None
+    out = u if out is None else out
     if u.ndim != 3 or out.shape != u.shape:
         raise ValueError(
             f"newton_schulz_ expects (B, m, n) u and out of the same shape, got "
@@ -456,7 +460,7 @@ def newton_schulz_(
         stop = min(start + scratch.chunk, u.shape[0])
         c = stop - start
         part = u[start:stop]
-        x = _ns_normalize_into(part.mT if m > n else part, scratch.x[:c])
+        x = _ns_normalize_into(part.mT if m > n else part, scratch.x[:c], overwrite)
         if use_gram:
             x = _gram_iterate(x, coefficients, restart_at, scratch, c)
         else:
@@ -560,7 +564,7 @@ def newton_schulz_gram(
     )
     out = torch.empty(u.shape, dtype=dtype, device=u.device)
     scratch = NSScratch.allocate(u.shape[0], u.shape[-2], u.shape[-1], work, u.device)
-    newton_schulz_(u, out, coefficients, scratch, use_gram=True, restarts=restarts)
+    newton_schulz_(u, coefficients, scratch, use_gram=True, restarts=restarts, out=out)
     return out
 
 
@@ -609,13 +613,23 @@ def _gram_polynomial_into(gram: torch.Tensor, b: float, c: float, out: torch.Ten
         torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=out)
 
 
-def _ns_normalize_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _ns_normalize_into(x: torch.Tensor, out: torch.Tensor, overwrite: bool) -> torch.Tensor:
     """out = X / (||X||_F + 1e-7) in out's dtype; ``out`` is contiguous (a transposed operand
-    slows baddbmm ~20%). Returns ``out``."""
+    slows baddbmm ~20%). Returns ``out``.
+
+    ``overwrite``: X may be scaled in place first. A division whose output is in another dtype
+    than its inputs computes into a temporary of the inputs' dtype and casts that (a fresh
+    allocation of X's size every call); scaling X in place, then casting it into ``out``, gives
+    the same values without it.
+    """
     # The norm is taken in at least float32 so a bf16 input is not scaled by a rounded norm.
     norm_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else None
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
-    torch.div(x, norm.add_(NS_NORM_EPS), out=out)
+    norm.add_(NS_NORM_EPS)
+    if overwrite and norm.dtype == x.dtype and x.dtype != out.dtype:
+        out.copy_(x.div_(norm))
+    else:
+        torch.div(x, norm, out=out)
     return out
 
 
