@@ -8,6 +8,7 @@ float32 (like for like on CPUs without bfloat16 GEMMs) with a timer around it.
 
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
 import functools
 import importlib.metadata
@@ -173,6 +174,55 @@ def step_allocated_bytes(step_fn: Callable[[], object]) -> int:
     # already folded the memory events into per-op net sums.
     events = prof.profiler.kineto_results.events()
     return sum(e.nbytes() for e in events if e.name() == MEMORY_EVENT_NAME and e.nbytes() > 0)
+
+
+#: Matrix-product ops whose CPU kernels (oneDNN, for bf16) take a scratchpad from torch's
+#: allocator on every call, whatever the caller does with the output.
+GEMM_OPS = frozenset({"aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm", "aten::matmul"})
+
+
+def step_allocations(step_fn: Callable[[], object]) -> tuple[int, int]:
+    """(bytes allocated while ``step_fn()`` runs, as :func:`step_allocated_bytes`; of those, the
+    bytes allocated inside matrix-product kernels that were given their output buffer).
+
+    The second number is the GEMM library's own scratch (bf16 oneDNN kernels on CPUs: ~100 KiB
+    per call, none in float32): an allocation counts there when the innermost op around it is
+    one of :data:`GEMM_OPS` called with ``out=`` (its output then needs no allocation, so what
+    it allocates is the kernel's). A product that allocates its result is not counted there.
+    """
+    from torch.autograd.profiler_util import MEMORY_EVENT_NAME
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                 record_shapes=True) as prof:  # fmt: skip
+        step_fn()
+    events = prof.profiler.kineto_results.events()
+    allocations = [
+        (e.start_ns(), e.nbytes())
+        for e in events
+        if e.name() == MEMORY_EVENT_NAME and e.nbytes() > 0
+    ]
+    # Product ops given an output buffer: their last input is out= (record_shapes lists it).
+    gemms = sorted(
+        (e.start_ns(), e.end_ns())
+        for e in events
+        if e.name() in GEMM_OPS and _has_out(e)
+    )
+    starts = [start for start, _ in gemms]
+    in_gemm = 0
+    for t, nbytes in allocations:
+        k = bisect.bisect_right(starts, t) - 1
+        if k >= 0 and gemms[k][0] <= t <= gemms[k][1]:
+            in_gemm += nbytes
+    return sum(n for _, n in allocations), in_gemm
+
+
+def _has_out(event) -> bool:
+    """Whether a profiled bmm/baddbmm/mm/addmm call was given ``out=`` (one more tensor input
+    than its functional form: bmm/mm 2, baddbmm/addmm 3)."""
+    functional_inputs = {"aten::bmm": 2, "aten::mm": 2, "aten::baddbmm": 3, "aten::addmm": 3}
+    shapes = [s for s in event.shapes() if s]
+    return len(shapes) > functional_inputs.get(event.name(), 99)
 
 
 # ------------------------------------------------------------------------------ shapes, flops

@@ -43,7 +43,7 @@ from _common import (  # noqa: E402
     md_table,
     median,
     ns_flops,
-    step_allocated_bytes,
+    step_allocations,
     timed,
     today,
     write_report,
@@ -363,7 +363,8 @@ def memory_probe(shape_set: str, labels: list[str], ns_dtype: torch.dtype) -> di
             )  # fmt: skip
             # After the RSS steps, so the profiler's own buffers stay out of them; step 3,
             # since some implementations still allocate state on step 2.
-            out[label]["alloc_bytes"] = step_allocated_bytes(lambda impl=impl: do_step(impl))
+            total, in_gemm = step_allocations(lambda impl=impl: do_step(impl))
+            out[label]["alloc_bytes"], out[label]["alloc_gemm_bytes"] = total, in_gemm
         except Exception as exc:
             out[label] = dict(error=f"{type(exc).__name__}: {exc}"[:200])
         impl = None
@@ -428,23 +429,30 @@ def run_set(name: str, args, log) -> list[str]:
             f"{r['step_kb'] * 1024 / param_bytes:.2f}" if "step_kb" in r else "-"
         )
         alloc = f"{r['alloc_bytes'] / param_bytes:.2f}" if "alloc_bytes" in r else "-"
+        own = (
+            f"{(r['alloc_bytes'] - r['alloc_gemm_bytes']) / param_bytes:.3f}"
+            if "alloc_bytes" in r else "-"
+        )  # fmt: skip
         rows.append([
             i.label, fmt_ms(t), fmt_ms(min(i.times)) if i.times else "-", str(len(i.times)),
             ratio(t, base), ratio(t, po), ratio(t, adamw, 2), fmt_ms(ns), non_ns, transient,
-            alloc, i.note,
+            alloc, own, i.note,
         ])  # fmt: skip
     lines += ["### Optimizer step (ms; ratios of medians from this run)", ""]
     lines += [
         "NS = median time inside Newton-Schulz per step (normuon: its `orthogonalizer`; peers: "
         "their Newton-Schulz function); non-NS share = (step - NS) / step. Transient = peak "
         "memory growth of a step (state already allocated, see Memory) / parameter bytes. "
-        "Alloc = bytes allocated during a steady-state step (see Memory) / parameter bytes.",
+        "Alloc = bytes allocated during a steady-state step (see Memory) / parameter bytes; "
+        "'outside GEMMs' leaves out the scratchpads that matrix-product kernels given their "
+        "output buffer take on every call (oneDNN's bf16 kernels: ~100 KiB per call).",
         "",
     ]
     lines += md_table(
         [
             "implementation", "median", "min", "reps", "vs torch Muon", "vs po NorMuon",
-            "vs AdamW", "NS", "non-NS share", "transient / params", "alloc / params", "note",
+            "vs AdamW", "NS", "non-NS share", "transient / params", "alloc / params",
+            "alloc outside GEMMs / params", "note",
         ],  # fmt: skip
         rows,
     )
@@ -460,12 +468,14 @@ def run_set(name: str, args, log) -> list[str]:
             r = mem.get(i.label, {})
             if "error" in r or not r:
                 err = r.get("error", mem.get("error", "missing"))
-                mrows.append([i.label, "-", "-", "-", "-", "-", "-", "-", "-", str(err)[:200]])
+                mrows.append([i.label, "-", "-", "-", "-", "-", "-", "-", "-", "-",
+                              str(err)[:200]])  # fmt: skip
                 continue
             mrows.append([
                 i.label, f"{r['step_kb'] / 1024:.1f}", f"{r['step_kb'] * 1024 / param_bytes:.2f}",
                 f"{r['alloc_bytes'] / 2**20:.1f}", f"{r['alloc_bytes'] / param_bytes:.2f}",
-                f"{r['first_kb'] / 1024:.1f}", f"{r['state_bytes'] / 2**20:.2f}",
+                f"{r['alloc_gemm_bytes'] / 2**20:.1f}", f"{r['first_kb'] / 1024:.1f}",
+                f"{r['state_bytes'] / 2**20:.2f}",
                 f"{r['state_bytes'] / adam_bytes:.3f}" if adam_bytes else "-",
                 f"{r['state_numbers'] / (mn + rows_sum):.4f}",
                 "" if r.get("reset_ok") else "peak reset unavailable",
@@ -477,13 +487,16 @@ def run_set(name: str, args, log) -> list[str]:
             f"{mn + rows_sum}. 'state / (mn + m)' = state numbers / (sum of m*n + m); 1.0000 is "
             "exactly one momentum matrix plus one number per row. 'alloc/step' = bytes torch's "
             "allocator hands out during the third step (all state exists), every allocation "
-            "counted once whether freed within the step or not (torch.profiler memory events).",
+            "counted once whether freed within the step or not (torch.profiler memory events); "
+            "'in GEMM kernels' = the part allocated inside matrix products given an output "
+            "buffer (the kernels' own scratchpads).",
             "",
         ]
         lines += md_table(
             [
                 "implementation", "step peak", "step peak / params", "alloc/step MiB",
-                "alloc / params", "first-step peak (allocates state)", "state", "state vs AdamW",
+                "alloc / params", "in GEMM kernels MiB", "first-step peak (allocates state)",
+                "state", "state vs AdamW",
                 "state / (mn + m)", "note",
             ],  # fmt: skip
             mrows,

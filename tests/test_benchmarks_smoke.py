@@ -47,22 +47,24 @@ def test_step_time_quick_writes_table(tmp_path, ns_dtype):
     assert "### Memory" in text and "### Newton-Schulz" in text
     if ns_dtype == "fp32":
         assert "Newton-Schulz in fp32 for everyone" in text
-    step_rows = [r for r in table_rows(text, "normuon.NorMuon (default)") if len(r) == 12]
+    step_rows = [r for r in table_rows(text, "normuon.NorMuon (default)") if len(r) == 13]
     assert len(step_rows) == 1, text
     # NS time, non-NS share, transient memory and steady-state allocations are reported for
     # normuon and every peer.
     for label in ["normuon.NorMuon (default)", "torch.optim.Muon", "torch.optim.AdamW foreach"]:
-        row = next(r for r in table_rows(text, label) if len(r) == 12)
+        row = next(r for r in table_rows(text, label) if len(r) == 13)
         assert float(row[1]) > 0, row  # median ms
         assert row[8].endswith("%"), row  # non-NS share
         float(row[9])  # transient / params is a number
         float(row[10])  # alloc / params is a number
-        mem_row = next(r for r in table_rows(text, label) if len(r) == 10)
+        assert 0 <= float(row[11]) <= float(row[10]) + 1e-3, row  # of which outside GEMMs
+        mem_row = next(r for r in table_rows(text, label) if len(r) == 11)
         assert float(mem_row[3]) >= 0 and float(mem_row[4]) == float(row[10]), mem_row
+        assert 0 <= float(mem_row[5]) <= float(mem_row[3]), mem_row  # in GEMM kernels
     assert table_rows(text, "torch.optim.AdamW foreach")[0][8] == "100%"
     # NorMuon's state is exactly one momentum matrix plus one number per row.
-    mem_rows = [r for r in table_rows(text, "normuon.NorMuon (default)") if len(r) == 10]
-    assert mem_rows and mem_rows[0][8] == "1.0000", mem_rows
+    mem_rows = [r for r in table_rows(text, "normuon.NorMuon (default)") if len(r) == 11]
+    assert mem_rows and mem_rows[0][9] == "1.0000", mem_rows
 
 
 def test_ns_quality_quick_writes_tables(tmp_path):
@@ -151,3 +153,19 @@ def test_distributed_benchmark_zero1_equals_normuon_at_one_rank(tmp_path):
     assert "native bf16 GEMMs" in text
     agreement = re.search(r"W=1: zero1 baseline vs normuon .* difference ([0-9.e+-]+)", text)
     assert agreement and float(agreement.group(1)) < 1e-5, text
+
+
+def test_step_allocations_splits_off_only_scratch_of_products_given_out(common):
+    a = torch.randn(3, 64, 64)
+    out = torch.empty(3, 64, 64)
+    # A product allocating its own result: counted in the total, not as kernel scratch.
+    assert common.step_allocations(lambda: torch.bmm(a, a)) == (a.nbytes, 0)
+    # float32 products into a given buffer allocate nothing at all.
+    assert common.step_allocations(lambda: torch.bmm(a, a, out=out)) == (0, 0)
+    # Whatever a product given out= allocates is its kernel's scratch (bf16 oneDNN: a
+    # scratchpad; elsewhere possibly nothing), and nothing outside it is counted there.
+    b = a.bfloat16()
+    total, in_gemm = common.step_allocations(
+        lambda: (torch.bmm(b, b, out=out.bfloat16()), torch.empty(1000))
+    )
+    assert in_gemm == total - out.bfloat16().nbytes - 4000

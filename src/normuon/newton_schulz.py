@@ -348,12 +348,14 @@ def _use_gram(m: int, n: int, method: str, restarts: Sequence[int] | None) -> bo
     return method == "gram" or (method == "auto" and prefers_gram(m, n))
 
 
-#: Bytes of one chunk's iterate from which :func:`newton_schulz` splits a batch on the CPU.
-#: The standard loop touches X, A, P and the new X every step (~4x these bytes); kept within a
-#: core's L2 cache they are not re-read from memory. Measured on an AMD EPYC with native bf16
-#: GEMMs, 1 thread (docs/performance.md): 24 x (384, 384) bfloat16 in chunks of 2-3 took
-#: 135-147 ms against 184 ms as one batch; float32 and the (1536, 384) buckets gain ~5%.
-CPU_CHUNK_BYTES = 2**20
+#: Bytes of one chunk's iterate from which :func:`newton_schulz` splits a batch on the CPU, so
+#: that a chunk's operands (X, A, P and the next X, ~3x these bytes) stay in the cache through
+#: all steps. With the iteration in kept buffers (:func:`newton_schulz_`), measured on a 2-core
+#: AMD EPYC with native bf16 GEMMs (docs/performance.md), optimizer steps over the gpt-small
+#: shapes: 1 MiB chunks 2% faster than 4 MiB at 1 thread and 9% slower at 2 threads; each
+#: chunk's GEMMs also take a ~100 KiB oneDNN scratchpad per call, so fewer, larger chunks
+#: allocate less (1 MiB: 36 MiB per step, 4 MiB: 11 MiB).
+CPU_CHUNK_BYTES = 4 * 2**20
 
 
 def cpu_chunk_size(m: int, n: int, work_dtype: torch.dtype) -> int:
