@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     SHAPE_SETS,
+    BuiltinNSTimer,
     PeerNewtonSchulz,
     TimedOrthogonalizer,
     default_ns_dtype,
@@ -53,8 +54,12 @@ from normuon import Muon, NorMuon  # noqa: E402
 from normuon import newton_schulz as F  # noqa: E402
 
 NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+#: normuon's built-in Newton-Schulz, run in the optimizer's kept buffers (no orthogonalizer).
+BUILTIN = "builtin"
 #: The peers' Newton-Schulz: timed, and switched to float32 for ``--ns-dtype fp32``.
 PEER_NS = PeerNewtonSchulz()
+#: normuon's built-in Newton-Schulz, timed without replacing it.
+BUILTIN_NS = BuiltinNSTimer()
 
 # ------------------------------------------------------------------------------ implementations
 
@@ -79,8 +84,9 @@ class ImplSpec:
     factory: Callable
     #: Orthogonalizes matrices (counts towards the Newton-Schulz flops and the probe gate).
     is_matrix: bool
-    #: The normuon ``orthogonalizer`` to time (None: a peer timed through PEER_NS, or AdamW).
-    orthogonalizer: Callable | None = None
+    #: The normuon ``orthogonalizer`` to time; BUILTIN: normuon's default path (kept buffers),
+    #: timed through BUILTIN_NS; None: a peer timed through PEER_NS, or AdamW.
+    orthogonalizer: Callable | str | None = None
 
 
 IMPLS: list[ImplSpec] = [
@@ -88,7 +94,7 @@ IMPLS: list[ImplSpec] = [
         "normuon.NorMuon (default)",
         lambda ps, dt, ortho: NorMuon(ps, ns_dtype=dt, orthogonalizer=ortho),
         True,
-        F.default_orthogonalizer,
+        BUILTIN,
     ),
     ImplSpec(
         "normuon.NorMuon standard NS",
@@ -103,13 +109,13 @@ IMPLS: list[ImplSpec] = [
             ns_coefficients=F.fast_ns_coefficients(), orthogonalizer=ortho,
         ),  # fmt: skip
         True,
-        F.default_orthogonalizer,
+        BUILTIN,
     ),
     ImplSpec(
         "normuon.Muon (default)",
         lambda ps, dt, ortho: Muon(ps, ns_dtype=dt, orthogonalizer=ortho),
         True,
-        F.default_orthogonalizer,
+        BUILTIN,
     ),
     ImplSpec("torch.optim.Muon", lambda ps, dt, ortho: torch.optim.Muon(ps), True),
     ImplSpec("pytorch_optimizer.NorMuon", lambda ps, dt, ortho: _po_normuon(ps, dt), True),
@@ -130,7 +136,7 @@ class Impl:
     params: list[torch.Tensor] = field(default_factory=list)
     grads: list[torch.Tensor] = field(default_factory=list)
     opt: object = None
-    timer: TimedOrthogonalizer | None = None
+    timer: TimedOrthogonalizer | BuiltinNSTimer.Seconds | None = None
     note: str = ""
     first_step: float = float("nan")
     times: list[float] = field(default_factory=list)
@@ -162,11 +168,14 @@ def build(spec: ImplSpec, init, grads, ns_dtype: torch.dtype) -> Impl:
     impl = Impl(spec)
     impl.params = [torch.nn.Parameter(t.clone()) for t in init]
     impl.grads = [g.clone() for g in grads]
-    if spec.orthogonalizer is not None:
-        impl.timer = TimedOrthogonalizer(spec.orthogonalizer)
+    ortho = None
+    if spec.orthogonalizer == BUILTIN:
+        impl.timer = BuiltinNSTimer.Seconds()
+    elif spec.orthogonalizer is not None:
+        impl.timer = ortho = TimedOrthogonalizer(spec.orthogonalizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        impl.opt = spec.factory(impl.params, ns_dtype, impl.timer)
+        impl.opt = spec.factory(impl.params, ns_dtype, ortho)
     return impl
 
 
@@ -175,11 +184,13 @@ def do_step(impl: Impl) -> tuple[float, float]:
     for p, g in zip(impl.params, impl.grads, strict=True):
         p.grad = g
     ns0 = impl.ns_seconds()
+    BUILTIN_NS.active = impl.timer if impl.spec.orthogonalizer == BUILTIN else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
         impl.opt.step()
         seconds = time.perf_counter() - t0
+    BUILTIN_NS.active = None
     return seconds, impl.ns_seconds() - ns0
 
 
@@ -440,7 +451,9 @@ def run_set(name: str, args, log) -> list[str]:
         ])  # fmt: skip
     lines += ["### Optimizer step (ms; ratios of medians from this run)", ""]
     lines += [
-        "NS = median time inside Newton-Schulz per step (normuon: its `orthogonalizer`; peers: "
+        "NS = median time inside Newton-Schulz per step (normuon: its built-in Newton-Schulz, "
+        "or the `orthogonalizer` given (standard NS row, which thus allocates its own "
+        "buffers); peers: "
         "their Newton-Schulz function); non-NS share = (step - NS) / step. Transient = peak "
         "memory growth of a step (state already allocated, see Memory) / parameter bytes. "
         "Alloc = bytes allocated during a steady-state step (see Memory) / parameter bytes; "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +24,7 @@ Scalar = float | torch.Tensor
 
 __all__ = [
     "ADAM_RMS_TARGET",
+    "AdamWHyper",
     "accum_dtype",
     "adamw_step_",
     "apply_updates_",
@@ -233,6 +235,17 @@ def decay_(
         torch._foreach_mul_(params, factors)
 
 
+@dataclass(frozen=True)
+class AdamWHyper:
+    """One AdamW group's hyperparameters for a step (numbers, or 0-d tensors on the device)."""
+
+    lr: Scalar
+    beta1: Scalar
+    beta2: Scalar
+    eps: Scalar
+    weight_decay: Scalar
+
+
 def adamw_step_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -240,12 +253,7 @@ def adamw_step_(
     exp_avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor],
     ok: list[torch.Tensor] | None,
-    *,
-    lr: Scalar,
-    beta1: Scalar,
-    beta2: Scalar,
-    eps: Scalar,
-    weight_decay: Scalar,
+    hyper: AdamWHyper,
 ) -> None:
     """Bias-corrected AdamW with decoupled weight decay, as torch.optim.AdamW, in place.
 
@@ -256,6 +264,8 @@ def adamw_step_(
     None: every gradient is known to be finite (no masking passes). Tensor hyperparameters are
     used on the device, never read on the host.
     """
+    lr, beta1, beta2, eps = hyper.lr, hyper.beta1, hyper.beta2, hyper.eps
+    weight_decay = hyper.weight_decay
     if ok is None:  # every gradient is known to be finite: no masking passes
         g_cast = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
         okf: list = [1.0] * len(params)

@@ -518,11 +518,10 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             [local_tensor(s["exp_avg_sq"]) for s in states],
             [s["step"] for s in states],
             ok,
-            lr=on_device(group["lr"]),
-            beta1=on_device(beta1),
-            beta2=on_device(beta2),
-            eps=on_device(group["eps"]),
-            weight_decay=on_device(group["weight_decay"]),
+            F.AdamWHyper(
+                lr=on_device(group["lr"]), beta1=on_device(beta1), beta2=on_device(beta2),
+                eps=on_device(group["eps"]), weight_decay=on_device(group["weight_decay"]),
+            ),
         )
 
     def _matrix_step(
