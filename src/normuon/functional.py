@@ -32,9 +32,7 @@ __all__ = [
     "finite_flags",
     "inverse_rms",
     "momentum_and_input_",
-    "momentum_update_",
     "muon_factors",
-    "newton_schulz_input",
     "normuon_factors_",
     "sub_scaled_",
 ]
@@ -65,37 +63,6 @@ def finite_flags(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return flags
 
 
-def momentum_update_(
-    momentum_buffer: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor | None, beta1: Scalar
-) -> None:
-    """M <- beta1 M + (1 - beta1) G in place; left as it is where ``ok`` is False (None: the
-    caller knows the gradient is finite, and no masking pass is made)."""
-    grad = grad.to(momentum_buffer.dtype)  # bf16 gradients meet float32 state
-    if ok is not None:
-        grad = torch.where(ok, grad, momentum_buffer)
-    momentum_buffer.lerp_(grad, 1.0 - beta1)
-
-
-def newton_schulz_input(
-    momentum_buffer: torch.Tensor,
-    grad: torch.Tensor,
-    ok: torch.Tensor | None,
-    beta1: Scalar,
-    nesterov: bool,
-    out: torch.Tensor,
-) -> None:
-    """Write U = G.lerp(M, beta1) (``nesterov``) or M into ``out``, from the updated momentum.
-
-    Where ``ok`` is False U is M (finite, and the update is zeroed later anyway)."""
-    if not nesterov:
-        out.copy_(momentum_buffer)
-        return
-    grad = grad.to(momentum_buffer.dtype)
-    if ok is not None:
-        grad = torch.where(ok, grad, momentum_buffer)
-    torch.lerp(grad, momentum_buffer, beta1, out=out)
-
-
 def momentum_and_input_(
     momentum_buffer: torch.Tensor,
     grad: torch.Tensor,
@@ -104,11 +71,13 @@ def momentum_and_input_(
     nesterov: bool,
     out: torch.Tensor,
 ) -> None:
-    """:func:`momentum_update_` then :func:`newton_schulz_input` into ``out``, with ``out`` as
-    the only scratch: no tensor is allocated (G is cast, or masked, into ``out`` first).
+    """The momentum update M <- beta1 M + (1 - beta1) G in place, then the Newton-Schulz input
+    U = G.lerp(M, beta1) (``nesterov``) or U = M written into ``out``, with ``out`` as the only
+    scratch: no tensor is allocated (G is cast, or masked, into ``out`` first; bf16 gradients
+    meet float32 state there).
 
-    Same values as the two calls: M <- M.lerp(G', 1 - beta1), U = G'.lerp(M, beta1) or M, with
-    G' = G where ``ok`` and M elsewhere (so a skipped matrix keeps M and gets U = M)."""
+    Where ``ok`` (a 0-d bool tensor) is False, G is replaced by M: M stays as it was and U = M
+    (finite; the update is zeroed later anyway). None: the caller knows G is finite."""
     if ok is None:
         out.copy_(grad)
     else:
