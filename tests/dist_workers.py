@@ -155,6 +155,9 @@ def fsdp_matches_single(rank: int, world: int, port: int) -> None:
     setup(rank, world, port)
     mesh = init_device_mesh("cpu", (world,))
     cases = [(NorMuon, o) for o in OPTION_SETS] + [(Muon, dict(update_scale="adam_rms"))]
+    # Cautious weight decay is elementwise on each rank's block of W and of the update D.
+    cases += [(NorMuon, dict(cautious_weight_decay=True)),
+              (Muon, dict(cautious_weight_decay=True))]  # fmt: skip
     for cls, opts in cases:
         ref_model = make_model()
         ref_opt = make_opt(ref_model, cls, process_group=None, **opts)
@@ -170,7 +173,8 @@ def ddp_matches_single(rank: int, world: int, port: int) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     setup(rank, world, port)
-    for cls, opts in [(NorMuon, o) for o in OPTION_SETS[:2]] + [(Muon, {})]:
+    cases = [(NorMuon, o) for o in OPTION_SETS[:2]] + [(Muon, {})]
+    for cls, opts in cases + [(NorMuon, dict(cautious_weight_decay=True))]:
         ref_model = make_model()
         ref_opt = make_opt(ref_model, cls, process_group=None, **opts)
         train(ref_model, ref_opt, STEPS)

@@ -57,6 +57,7 @@ class ReferenceMatrixOptimizer:
         normalize="rows",
         split_sizes=None,
         layout="auto",
+        cautious_weight_decay=False,
     ):
         self.params = [p.detach().double().clone() for p in params]
         self.momentum = [torch.zeros_like(p) for p in self.params]
@@ -65,6 +66,7 @@ class ReferenceMatrixOptimizer:
             neuron_norm=neuron_norm, lr=lr, beta1=momentum, beta2=beta2, nesterov=nesterov,
             eps=eps, wd=weight_decay, coefficients=coefficients, update_scale=update_scale,
             normalize=normalize, split_sizes=split_sizes, layout=layout,
+            cautious=cautious_weight_decay,
         )  # fmt: skip
 
     def _blocks(self, m):
@@ -94,7 +96,10 @@ class ReferenceMatrixOptimizer:
                     m = r1 - r0
                     D3[b, r0:r1] = self._scale(O, m, n, i, b * len(blocks) + k)
             D = D3.mT.reshape(p.shape) if self.layout == "transposed" else D3.reshape(p.shape)
-            p.mul_(1 - self.lr * self.wd).sub_(self.lr * D)
+            if self.cautious:  # arXiv 2510.12402: decay where D and W agree in sign (ties too)
+                p.sub_(self.lr * (D + self.wd * (D * p >= 0) * p))
+            else:
+                p.mul_(1 - self.lr * self.wd).sub_(self.lr * D)
 
     def _scale(self, O, m, n, i, slot):
         if not self.neuron_norm:
@@ -114,8 +119,9 @@ class ReferenceMatrixOptimizer:
         return Oh * 0.2 * math.sqrt(m * n) / torch.linalg.norm(Oh)
 
 
-def adamw_reference(params, grads_per_step, lr, betas, eps, weight_decay):
-    """Textbook AdamW (decoupled decay, bias correction) in float64; returns final params."""
+def adamw_reference(params, grads_per_step, lr, betas, eps, weight_decay, cautious=False):
+    """Textbook AdamW (decoupled decay, bias correction) in float64; returns final params.
+    ``cautious``: decay only where the update and the weight agree in sign (>= 0)."""
     params = [p.detach().double().clone() for p in params]
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
@@ -123,10 +129,11 @@ def adamw_reference(params, grads_per_step, lr, betas, eps, weight_decay):
     for t, grads in enumerate(grads_per_step, start=1):
         for i, (p, g) in enumerate(zip(params, grads)):
             g = g.double()
-            p.mul_(1 - lr * weight_decay)
             m[i] = b1 * m[i] + (1 - b1) * g
             v[i] = b2 * v[i] + (1 - b2) * g * g
             mhat = m[i] / (1 - b1**t)
             vhat = v[i] / (1 - b2**t)
-            p.sub_(lr * mhat / (vhat.sqrt() + eps))
+            u = mhat / (vhat.sqrt() + eps)
+            mask = (u * p >= 0) if cautious else torch.ones_like(p, dtype=torch.bool)
+            p.sub_(lr * (u + weight_decay * mask * p))
     return params

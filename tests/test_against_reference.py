@@ -129,3 +129,55 @@ def test_bf16_parameters_follow_fp32_run():
     assert opt.state[p16[0]]["neuron_second_moment"].dtype == torch.float32
     err = (p16[0].double() - p32[0].double()).abs().max() / p32[0].double().abs().max()
     assert err < 2e-2
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("cls", [NorMuon, Muon])
+def test_cautious_weight_decay_matches_reference(case, cls):
+    """Decay only where D * W >= 0 (arXiv 2510.12402), every layout; a large weight decay so
+    that the mask matters, and the result differs from plain decay."""
+    shapes, extra = CASES[case]
+    opts = dict(lr=0.02, weight_decay=2.0, cautious_weight_decay=True, **extra)
+    params, ref, _ = _run(cls, shapes, opts, torch.float32, torch.float32)
+    for p, r in zip(params, ref.params):
+        assert _rel_err(p.detach(), r) < 2e-6
+    plain, _, _ = _run(cls, shapes, dict(opts, cautious_weight_decay=False), torch.float32,
+                       torch.float32)  # fmt: skip
+    assert max(_rel_err(p.detach(), q.detach().double()) for p, q in zip(params, plain)) > 1e-3
+
+
+@pytest.mark.parametrize("host_reads", ["auto", "never"])
+def test_cautious_weight_decay_skips_a_nonfinite_matrix(host_reads):
+    """A NaN gradient leaves the matrix untouched, its cautious decay included (device masks
+    and host flags), while the other matrix decays cautiously."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(8, 6, generator=gen)) for _ in range(2)]
+    opt = NorMuon(params, lr=0.1, weight_decay=1.0, cautious_weight_decay=True,
+                  ns_dtype="float32", host_reads=host_reads)  # fmt: skip
+    before = [p.detach().clone() for p in params]
+    params[0].grad = torch.full((8, 6), float("nan"))
+    params[1].grad = torch.randn(8, 6, generator=gen)
+    opt.step()
+    assert torch.equal(params[0].detach(), before[0])
+    assert not torch.equal(params[1].detach(), before[1])
+    assert opt.nonfinite_skips == 1
+
+
+def test_adamw_groups_cautious_weight_decay_match_reference():
+    from reference import adamw_reference
+
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in [(7,), (4, 5)]]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = NorMuon([{"params": params, "algorithm": "adamw", "cautious_weight_decay": True}],
+                  adamw_lr=1e-2, adamw_weight_decay=3.0)  # fmt: skip
+    grads = _grads([(7,), (4, 5)], STEPS, seed=7, dtype=torch.float64)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    expected = adamw_reference(init, grads, 1e-2, (0.9, 0.95), 1e-8, 3.0, cautious=True)
+    plain = adamw_reference(init, grads, 1e-2, (0.9, 0.95), 1e-8, 3.0)
+    for p, r, q in zip(params, expected, plain):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-10, atol=1e-12)
+        assert (r - q).abs().max() > 1e-3  # the mask changed something

@@ -97,8 +97,9 @@ def test_tensor_lr_equals_float_lr(cls):
     _assert_all_equal(params_f, params_t, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("cautious", [False, True], ids=["plain", "cautious"])
 @pytest.mark.parametrize("cls", CLASSES)
-def test_non_contiguous_params_equal_contiguous_twin(cls):
+def test_non_contiguous_params_equal_contiguous_twin(cls, cautious):
     contiguous = _params()
     # Same values, stored transposed: p.t() of a contiguous (n, m) tensor is an (m, n) leaf.
     strided = [
@@ -107,7 +108,8 @@ def test_non_contiguous_params_equal_contiguous_twin(cls):
         for p in contiguous
     ]  # fmt: skip
     assert not strided[0].is_contiguous() and not strided[2].is_contiguous()
-    opt_c, opt_s = _make(cls, contiguous), _make(cls, strided)
+    opts = dict(weight_decay=1.0, cautious_weight_decay=True) if cautious else {}
+    opt_c, opt_s = _make(cls, contiguous, **opts), _make(cls, strided, **opts)
     _run(opt_c, contiguous, 3)
     _run(opt_s, strided, 3)
     _assert_all_equal(contiguous, strided, rtol=1e-6, atol=1e-6)

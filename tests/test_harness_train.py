@@ -196,3 +196,25 @@ def test_torchrun_ddp_matches_one_process(tmp_path):
                                                        .parameters()))  # fmt: skip
     for key, value in full["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_cautious_weight_decay_from_the_command_line_setting(tmp_path, data, optimizer):
+    """``--set <optimizer>.cautious_weight_decay=true`` reaches the optimizer's matrix groups
+    (the AdamW baseline then runs normuon's AdamW groups, which offer it) and trains."""
+    from normuon.harness.config import apply_overrides
+    from normuon.harness.train import build_optimizer
+
+    cfg = get_preset("cpu-smoke")
+    apply_overrides(cfg, [f"{optimizer}.cautious_weight_decay=true",
+                          f"{optimizer}.weight_decay=0.5"])  # fmt: skip
+    assert cfg.optimizers[optimizer].cautious_weight_decay is True
+    model = GPT(cfg.model)
+    opt = build_optimizer(optimizer, model, cfg.optimizers[optimizer], torch.device("cpu"))
+    decayed = [g for g in opt.param_groups if g["weight_decay"] > 0]
+    assert decayed and all(g["cautious_weight_decay"] for g in decayed)
+    cfg.train.steps = 3
+    r = train_run(cfg, optimizer, data, seed=0, out_dir=tmp_path, progress=False)
+    assert math.isfinite(r.final_val_loss)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["config"]["optimizers"][optimizer]["cautious_weight_decay"] is True

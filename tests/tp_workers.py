@@ -129,6 +129,8 @@ CASES = [
     (NorMuon, dict(update_scale="adam_rms", normalize="larger_dim")),
     (Muon, dict(update_scale="preserve_norm", split=True)),
     (Muon, dict(update_scale="adam_rms")),
+    # Elementwise on each rank's blocks of W and D, column-sharded blocks included.
+    (NorMuon, dict(update_scale="preserve_norm", normalize="rows", cautious_weight_decay=True)),
 ]
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "accum_dtype",
     "adamw_step_",
     "apply_updates_",
+    "cautious_decay_",
     "decay_",
     "finite_flags",
     "inverse_rms",
@@ -213,6 +214,29 @@ class AdamWHyper:
     beta2: Scalar
     eps: Scalar
     weight_decay: Scalar
+    #: decay only where the update agrees in sign with the weight (:func:`cautious_decay_`)
+    cautious: bool = False
+
+
+def cautious_decay_(
+    param: torch.Tensor,
+    update: torch.Tensor,
+    ok: torch.Tensor | None,
+    lr: Scalar,
+    weight_decay: Scalar,
+) -> None:
+    """Cautious weight decay (Chen et al. 2025, "Cautious Weight Decay", arXiv 2510.12402):
+    W <- W - lr * weight_decay * I(D * W >= 0) * W, with D the update that the step subtracts
+    (W <- W - lr D) and W as it was before it, so only coordinates whose update agrees in sign
+    with the weight are decayed. Ties decay, as the paper's indicator is ``>= 0`` (a zero
+    weight is unchanged either way). Nothing where ``ok`` is False."""
+    if not isinstance(weight_decay, torch.Tensor) and weight_decay == 0:
+        return
+    factor = lr * weight_decay
+    if ok is not None:
+        factor = factor * ok.to(accum_dtype(param.dtype))
+    agree = torch.where(update * param >= 0, param, 0.0)
+    param.sub_(agree * factor)
 
 
 def adamw_step_(
@@ -234,7 +258,8 @@ def adamw_step_(
     used on the device, never read on the host.
     """
     lr, beta1, beta2, eps = hyper.lr, hyper.beta1, hyper.beta2, hyper.eps
-    weight_decay = hyper.weight_decay
+    # Cautious decay needs the update's sign: it is applied below, once the update is known.
+    weight_decay = 0.0 if hyper.cautious else hyper.weight_decay
     if ok is None:  # every gradient is known to be finite: no masking passes
         g_cast = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
         okf: list = [1.0] * len(params)
@@ -269,6 +294,10 @@ def adamw_step_(
         # A skipped parameter may hold exp_avg = exp_avg_sq = 0: keep 0 / 0 out of it.
         denom = [torch.where(f, d, 1.0) for f, d in zip(ok, denom)]
     update = torch._foreach_div(exp_avgs, denom)
+    if hyper.cautious:  # the update direction is exp_avg / denom up to a positive factor
+        for i, (p, u) in enumerate(zip(params, update)):
+            flag = None if ok is None else ok[i]
+            cautious_decay_(p, u, flag, lr, hyper.weight_decay)
     torch._foreach_mul_(update, [-lr * f / bc for f, bc in zip(okf, bias_correction1)])
     torch._foreach_add_(params, update)
 

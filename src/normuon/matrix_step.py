@@ -38,6 +38,9 @@ class MatrixHyper:
     ns_dtype: torch.dtype
     orthogonalizer: Callable[..., torch.Tensor] | None
     neuron_norm: bool
+    #: decay only where D * W >= 0 (:func:`normuon.functional.cautious_decay_`), applied per
+    #: block with its update instead of one decay of every matrix before the batches
+    cautious: bool = False
 
     @classmethod
     def of(cls, group: dict[str, Any], device: torch.device, ns_dtype: torch.dtype,
@@ -55,6 +58,7 @@ class MatrixHyper:
             update_scale=group["update_scale"],
             coefficients=NS.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"]),
             ns_dtype=ns_dtype, orthogonalizer=orthogonalizer, neuron_norm=neuron_norm,
+            cautious=group.get("cautious_weight_decay", False),
         )  # fmt: skip
 
 
@@ -189,13 +193,22 @@ def _apply(
             continue
         param = tensors.local[block.index].param
         if param.is_contiguous():
-            targets.append(geometry.as_matrices(param)[:, rows])
+            target = geometry.as_matrices(param)[:, rows]
+            if hyper.cautious:  # W before the update, masked by the sign of D = O g
+                F.cautious_decay_(target, o_block * g_block, tensors.flag(block), hyper.lr,
+                                  hyper.weight_decay)  # fmt: skip
+            targets.append(target)
             blocks.append(o_block)
             block_factors.append(g_block)
         else:  # cannot be viewed as matrices: D is scattered into a parameter-shaped tensor
             full = torch.zeros((geometry.batch, geometry.rows, geometry.cols),
                                dtype=o_block.dtype, device=param.device)  # fmt: skip
             full[:, rows] = o_block * g_block
+            if hyper.cautious:  # W <- W - lr (D + wd I(D W >= 0) W), on this block's rows
+                w = geometry.as_matrices(param)[:, rows].to(full.dtype)  # a copy of W
+                decay = torch.where(full[:, rows] * w >= 0, w, 0.0) * hyper.weight_decay
+                flag = tensors.flag(block)
+                full[:, rows] += decay if flag is None else decay * flag
             F.sub_scaled_(param, geometry.from_matrices(full), hyper.lr)
     if targets:
         F.apply_updates_(targets, blocks, block_factors, hyper.lr)

@@ -521,6 +521,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             F.AdamWHyper(
                 lr=on_device(group["lr"]), beta1=on_device(beta1), beta2=on_device(beta2),
                 eps=on_device(group["eps"]), weight_decay=on_device(group["weight_decay"]),
+                cautious=group.get("cautious_weight_decay", False),
             ),
         )
 
@@ -546,12 +547,13 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         pairs = [(plan, m) for (plan, _, _), m in zip(entries, matrices)]
         sharded = [(plan, m) for plan, m in pairs if plan.kind == "sharded"]
         owned = self._gather_sharded(sharded, ok, hyper)
-        F.decay_([m.param for m in matrices], masks, hyper.lr, hyper.weight_decay)
+        if not hyper.cautious:  # cautious decay needs each update's sign: applied with it
+            F.decay_([m.param for m in matrices], masks, hyper.lr, hyper.weight_decay)
         local = {plan.index: m for plan, m in pairs if plan.kind != "sharded"}
         tensors = StepTensors(local, {o.plan.index: o for o in owned}, ok)
         for batch in batches:
             run_batch(batch, tensors, hyper, self._workspace)
-        self._return_sharded(sharded, owned, hyper)
+        self._return_sharded(sharded, owned, ok, hyper)
 
     def _local_matrix(self, group: dict, plan: ParamPlan, p, grad) -> LocalMatrix:
         state = self._init_state(p, plan, group)
@@ -574,7 +576,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             [plan for plan, _ in sharded], inputs, [m.second_moment for _, m in sharded]
         )
 
-    def _return_sharded(self, sharded, owned: list[OwnedMatrix], hyper: MatrixHyper) -> None:
+    def _return_sharded(
+        self, sharded, owned: list[OwnedMatrix], ok, hyper: MatrixHyper
+    ) -> None:
         """Every rank's block of the owners' updates (and new second moments), applied."""
         if not sharded:
             return
@@ -582,8 +586,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             [plan for plan, _ in sharded], owned, [m.param for _, m in sharded],
             [m.second_moment for _, m in sharded],
         )  # fmt: skip
-        for (_, m), (update_block, v_block) in zip(sharded, returned):
+        for (plan, m), (update_block, v_block) in zip(sharded, returned):
             if update_block.numel():
+                if hyper.cautious:  # elementwise: this rank's block of W and of D suffice
+                    flag = None if ok is None else ok[plan.index]
+                    F.cautious_decay_(m.param, update_block, flag, hyper.lr, hyper.weight_decay)
                 F.sub_scaled_(m.param, update_block, hyper.lr)
             if v_block is not None and v_block.numel():
                 m.second_moment.copy_(v_block)

@@ -201,6 +201,15 @@ _MATRIX_COMMON = (
     ),
 )
 
+_CAUTIOUS = Option(
+    "cautious_weight_decay",
+    False,
+    _boolean,
+    "decay only the coordinates where the update and the weight have the same sign "
+    "(update * W >= 0: a zero counts as agreeing)",
+    "Cautious Weight Decay, arXiv 2510.12402",
+)
+
 #: Options of ``algorithm="normuon"`` groups.
 NORMUON_OPTIONS: tuple[Option, ...] = (
     _MATRIX_COMMON[:2]
@@ -221,11 +230,12 @@ NORMUON_OPTIONS: tuple[Option, ...] = (
             "'rows' (one second-moment entry per output neuron) or 'larger_dim'",
             "paper / modded-nanogpt",
         ),
+        _CAUTIOUS,
     )
 )  # fmt: skip
 
 #: Options of ``algorithm="muon"`` groups.
-MUON_OPTIONS: tuple[Option, ...] = _MATRIX_COMMON
+MUON_OPTIONS: tuple[Option, ...] = _MATRIX_COMMON + (_CAUTIOUS,)
 
 #: Options of ``algorithm="adamw"`` groups (constructor arguments ``adamw_<name>``).
 ADAMW_OPTIONS: tuple[Option, ...] = (
@@ -233,7 +243,12 @@ ADAMW_OPTIONS: tuple[Option, ...] = (
     Option("betas", (0.9, 0.95), _betas, "AdamW (beta1, beta2)", "paper"),
     Option("eps", 1e-8, _nonnegative, "AdamW epsilon", "torch.optim.AdamW"),
     Option("weight_decay", 0.0, _nonnegative, "AdamW decoupled weight decay", ""),
-)
+    Option(
+        "cautious_weight_decay", False, _boolean,
+        "AdamW groups: decay only where AdamW's update and the weight have the same sign",
+        "arXiv 2510.12402",
+    ),
+)  # fmt: skip
 
 #: Keys AdamW groups also accept, validated like options but with no default: ``momentum`` is
 #: written by schedulers with ``cycle_momentum`` and drives ``betas[0]`` (it must be a valid

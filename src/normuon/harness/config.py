@@ -67,6 +67,9 @@ class OptimizerConfig:
     """Muon/NorMuon only: AdamW learning rate of embeddings, output head and vectors."""
     weight_decay: float = 0.0
     """Decoupled weight decay of the hidden matrices (never on embeddings, head or vectors)."""
+    cautious_weight_decay: bool = False
+    """Decay only where the update and the weight agree in sign (arXiv 2510.12402); for the
+    AdamW baseline this runs normuon's AdamW groups, which offer it, instead of torch.optim's."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas (the AdamW baseline and the AdamW part of Muon/NorMuon)."""
     momentum: float = 0.95

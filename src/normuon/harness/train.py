@@ -143,6 +143,13 @@ def build_optimizer(
         groups = param_groups(model)
         hidden = [p for g in groups if g.get("algorithm") != "adamw" for p in g["params"]]
         rest = [p for g in groups if g.get("algorithm") == "adamw" for p in g["params"]]
+        if ocfg.cautious_weight_decay:  # torch.optim.AdamW has no cautious decay; ours does
+            return NorMuon(
+                [{"params": hidden, "algorithm": "adamw", "weight_decay": ocfg.weight_decay,
+                  "cautious_weight_decay": True},
+                 {"params": rest, "algorithm": "adamw", "weight_decay": 0.0}],
+                adamw_lr=ocfg.lr, adamw_betas=ocfg.betas, adamw_eps=1e-8,
+            )  # fmt: skip
         return torch.optim.AdamW(
             [{"params": hidden, "weight_decay": ocfg.weight_decay},
              {"params": rest, "weight_decay": 0.0}],
@@ -151,6 +158,7 @@ def build_optimizer(
     groups = param_groups(
         model, lr=ocfg.lr, weight_decay=ocfg.weight_decay, adamw_lr=ocfg.adamw_lr,
         adamw_betas=ocfg.betas, adamw_weight_decay=0.0,
+        cautious_weight_decay=ocfg.cautious_weight_decay,
     )  # fmt: skip
     common: dict[str, Any] = dict(
         momentum=ocfg.momentum,
