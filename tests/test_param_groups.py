@@ -525,7 +525,8 @@ def test_timm_like_routing(head_with_fc):
     got = _assignment(model, groups)
     head = "head.fc" if head_with_fc else "head"
     assert got[f"{head}.weight"] == "adamw" and got[f"{head}.bias"] == "adamw"
-    assert got["patch_embed.proj.weight"] == "conv"
+    # The patch embedding embeds the input: AdamW, as token embeddings.
+    assert got["patch_embed.proj.weight"] == "adamw"
     assert got["cls_token"] == "adamw" and got["pos_embed"] == "adamw"
     for i in range(2):
         for layer in ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]:
@@ -780,3 +781,102 @@ def test_describe_groups_stacked_layout_counts_every_matrix():
     model.kernels.grad = torch.randn_like(model.kernels)
     opt.step()
     assert opt.state[model.kernels]["neuron_second_moment"].numel() == 2 * 3 * 4
+
+
+def test_vit_patch_embedding_goes_to_adamw_and_other_convs_stay_matrices():
+    """Hugging Face ViT: the Conv2d patch embedding is an input embedding; a conv elsewhere
+    (not named as an embedding) stays a matrix."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        image_size=8, patch_size=4, num_channels=3, num_labels=3,
+    ))  # fmt: skip
+    groups = param_groups(model)
+    got = _assignment(model, groups)
+    assert got["vit.embeddings.patch_embeddings.projection.weight"] == "adamw"
+    assert got["vit.layers.0.attention.q_proj.weight"] == "matrix"
+    assert got["vit.layers.0.mlp.fc1.weight"] == "matrix"
+    assert got["classifier.weight"] == "adamw"
+    cnn = ResNetLikeConv()  # a conv stem that is not named as an embedding
+    assert _assignment(cnn, param_groups(cnn))["conv1.weight"] == "conv"
+
+
+class ResNetLikeConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+
+def _mixtral_like(rows_fused: bool = True) -> nn.Module:
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            if rows_fused:  # transformers' Mixtral layout: (E, 2 ff, d) and (E, d, ff)
+                self.gate_up_proj = nn.Parameter(torch.randn(4, 2 * 6, 8))
+                self.down_proj = nn.Parameter(torch.randn(4, 8, 6))
+            else:  # Aria's: (E, d, 2 ff) and (E, ff, d)
+                self.gate_up_proj = nn.Parameter(torch.randn(4, 8, 2 * 6))
+                self.down_proj = nn.Parameter(torch.randn(4, 6, 8))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = Experts()
+            self.mlp = nn.ModuleDict({"gate_up_proj": nn.Linear(8, 10), "down": nn.Linear(5, 8)})
+
+    return Model()
+
+
+@pytest.mark.parametrize("rows_fused", [True, False], ids=["E-2ff-d", "E-d-2ff"])
+def test_split_gate_up_splits_fused_experts_and_linears(rows_fused):
+    model = _mixtral_like(rows_fused)
+    plain = param_groups(model)
+    assert all(g.get("split_sizes") is None for g in plain)
+    groups = param_groups(model, split_gate_up=True)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    experts = by_param[id(model.experts.gate_up_proj)]
+    assert experts["split_sizes"] == (6, 6)
+    assert experts.get("layout", "auto") == ("auto" if rows_fused else "transposed")
+    linear = by_param[id(model.mlp["gate_up_proj"].weight)]
+    assert linear["split_sizes"] == (5, 5) and linear.get("layout", "auto") == "auto"
+    assert by_param[id(model.experts.down_proj)].get("split_sizes") is None
+    table = str(describe_groups(model, groups))
+    assert "6+6" in table and "5+5" in table
+    # Each half is orthogonalized alone: the optimizer runs on these groups.
+    opt = NorMuon(groups, ns_dtype=torch.float32)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+
+def test_split_gate_up_rejects_an_odd_fused_projection():
+    model = nn.Module()
+    model.gate_up_proj = nn.Linear(4, 7)
+    with pytest.raises(ValueError, match="gate_up_proj.weight of shape \\(7, 4\\)"):
+        param_groups(model, split_gate_up=True)
+    with pytest.raises(TypeError, match="split_gate_up"):
+        param_groups(model, split_gate_up="yes")
+
+
+def test_split_gate_up_on_transformers_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=16,
+    ))  # fmt: skip
+    groups = param_groups(model, split_gate_up=True)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    experts = model.model.layers[0].mlp.experts
+    assert tuple(experts.gate_up_proj.shape) == (4, 48, 16)
+    assert by_param[id(experts.gate_up_proj)]["split_sizes"] == (24, 24)
+    assert by_param[id(experts.down_proj)].get("split_sizes") is None
+    opt = NorMuon(groups, ns_dtype=torch.float32)
+    tokens = torch.randint(0, 32, (2, 8))
+    model(tokens, labels=tokens).loss.backward()
+    opt.step()

@@ -22,6 +22,7 @@ __all__ = [
     "ROOT_HEAD_NAMES",
     "EMBEDDING_NAME_HINTS",
     "FUSED_QKV_NAMES",
+    "FUSED_GATE_UP_NAMES",
 ]
 
 #: Module names that mark an output head wherever they appear in a parameter's qualified name
@@ -42,6 +43,10 @@ EMBEDDING_NAME_HINTS = ("embed", "wte", "wpe", "pos_emb", "tok_emb", "position",
 #: Own names of fused query/key/value projections that ``split_qkv=True`` splits into equal
 #: blocks along the output dim (GPT-2 ``c_attn``, timm ``qkv``, nn.MultiheadAttention).
 FUSED_QKV_NAMES = frozenset({"c_attn", "qkv", "qkv_proj", "Wqkv", "query_key_value"})
+#: Own names of fused gate/up projections of gated MLPs that ``split_gate_up=True`` splits into
+#: their two halves: a Linear (Phi-3's ``gate_up_proj``) or the stacked experts of
+#: transformers' MoE models (Mixtral, DeepSeek, Qwen-MoE: ``experts.gate_up_proj``).
+FUSED_GATE_UP_NAMES = frozenset({"gate_up_proj", "gate_up", "w13"})
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Transposed convolutions store (in, out / groups, *k): dim 0 is not the output neuron, so the
@@ -86,6 +91,16 @@ def _root_prefixes(model: nn.Module) -> set[str]:
         prefixes.add(prefix)
 
 
+def _is_patch_embedding(module_name: str, module: nn.Module) -> bool:
+    """A convolution that embeds the input, named as such: ViT's
+    ``embeddings.patch_embeddings.projection``, timm's ``patch_embed.proj``, CLIP's
+    ``embeddings.patch_embedding``. Input embeddings go to AdamW, as token embeddings do (the
+    Muon convention this routing follows: the matrix algorithm is for hidden layers)."""
+    if not isinstance(module, _CONV_TYPES):
+        return False
+    return any("embed" in part.lower() for part in module_name.split("."))
+
+
 def _is_head_module(module_name: str, root_prefixes: set[str]) -> bool:
     parts = module_name.split(".") if module_name else []
     if not parts:
@@ -113,6 +128,33 @@ def _qkv_split(name: str, module_name: str, out_dim: int, in_dim: int) -> tuple[
     return (in_dim,) * (out_dim // in_dim)
 
 
+def _gate_up_split(name: str, p: torch.Tensor, module_name: str, by_name: dict[str, Any]):
+    """(layout, split_sizes) of a fused gate/up projection, or None when ``p`` is not one.
+
+    A Linear weight (2 ff, d) splits its rows in half. Stacked experts are stored (E, 2 ff, d)
+    by most of transformers' MoE models (Mixtral's ``experts.gate_up_proj``, with
+    ``down_proj`` (E, d, ff)) and (E, d, 2 ff) by some (Aria); the sibling ``down_proj``
+    tells which, and the second kind is read as transposed (its outputs are the last dim).
+    """
+    own_param = name.rsplit(".", 1)[-1]
+    own_module = module_name.rsplit(".", 1)[-1]
+    if own_param not in FUSED_GATE_UP_NAMES and own_module not in FUSED_GATE_UP_NAMES:
+        return None
+    layout, outputs = "auto", p.shape[-2]
+    if p.ndim == 3:
+        down = by_name.get(name[: len(name) - len(own_param)] + "down_proj")
+        if (down is not None and down.ndim == 3 and p.shape[-1] == 2 * down.shape[-2]
+                and p.shape[-2] == down.shape[-1]):  # fmt: skip
+            layout, outputs = "transposed", p.shape[-1]
+    if outputs % 2:
+        raise ValueError(
+            f"split_gate_up=True: {name} of shape {tuple(p.shape)} has {outputs} outputs per "
+            f"matrix, not two equal halves; give it its own group with explicit split_sizes, or "
+            f"leave split_gate_up=False"
+        )
+    return layout, (outputs // 2, outputs // 2)
+
+
 @dataclass
 class _ModuleKinds:
     """Parameter ids by what their module says about them (filled by :func:`_module_kinds`)."""
@@ -134,7 +176,7 @@ def _module_kinds(model: nn.Module) -> _ModuleKinds:
         own = [id(p) for p in module.parameters(recurse=False)]
         for pid in own:
             kinds.module_of.setdefault(pid, module_name)
-        if isinstance(module, _EMBEDDING_TYPES):
+        if isinstance(module, _EMBEDDING_TYPES) or _is_patch_embedding(module_name, module):
             kinds.embeddings.update(own)
         if _is_head_module(module_name, root_prefixes):
             kinds.heads.update(own)
@@ -212,7 +254,8 @@ def matrix_layouts(model: nn.Module, *, transposed: TransposedSpec = ()) -> dict
     return {name: _matrix_layout(p, kinds) for name, p in named if p.ndim >= 2}
 
 
-def _route(named, kinds: _ModuleKinds, extra_adamw: tuple[str, ...], split_qkv: bool):
+def _route(named, kinds: _ModuleKinds, extra_adamw: tuple[str, ...], split_qkv: bool,
+           split_gate_up: bool):  # fmt: skip
     """((layout, split_sizes) -> matrices in model order, AdamW parameters).
 
     ``named`` lists a tied weight under every name (remove_duplicate=False), so a head tied to
@@ -221,6 +264,7 @@ def _route(named, kinds: _ModuleKinds, extra_adamw: tuple[str, ...], split_qkv: 
     names_of: dict[int, list[str]] = {}
     for name, p in named:
         names_of.setdefault(id(p), []).append(name)
+    by_name = dict(named)
     matrix_groups: dict[tuple[str, tuple[int, ...] | None], list[nn.Parameter]] = {}
     adamw: list[nn.Parameter] = []
     seen: set[int] = set()
@@ -248,6 +292,10 @@ def _route(named, kinds: _ModuleKinds, extra_adamw: tuple[str, ...], split_qkv: 
             split = _qkv_split(name, module_name, p.shape[1], p.shape[0]) if split_qkv else None
         elif layout == "auto" and split_qkv and p.ndim == 2:
             split = _qkv_split(name, module_name, p.shape[0], p.shape[1])
+        if split_gate_up and layout == "auto":
+            fused = _gate_up_split(name, p, module_name, by_name)
+            if fused is not None:
+                layout, split = fused
         matrix_groups.setdefault((layout, split), []).append(p)
     return matrix_groups, adamw
 
@@ -258,6 +306,7 @@ def param_groups(
     extra_adamw: Iterable[str] = (),
     transposed: TransposedSpec = (),
     split_qkv: bool = False,
+    split_gate_up: bool = False,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Parameter groups for :class:`~normuon.NorMuon` or :class:`~normuon.Muon` over a whole model.
@@ -269,8 +318,9 @@ def param_groups(
     are a batch of matrices). Everything else goes to an ``algorithm="adamw"`` group:
 
     - every parameter with fewer than 2 dims (biases, norm gains, scalars);
-    - embeddings (``nn.Embedding``/``nn.EmbeddingBag`` weights, and free 2-D parameters whose name
-      contains one of :data:`EMBEDDING_NAME_HINTS`);
+    - embeddings (``nn.Embedding``/``nn.EmbeddingBag`` weights, free 2-D parameters whose name
+      contains one of :data:`EMBEDDING_NAME_HINTS`, and convolutions that embed the input,
+      named so: ViT's ``embeddings.patch_embeddings.projection``, timm's ``patch_embed.proj``);
     - output heads: a module named in :data:`HEAD_NAMES` anywhere in the qualified name
       (``lm_head``, ``classifier.1``, ``head.fc``), a Linear whose own name is ``output``, a
       top-level ``fc`` (ResNet; :data:`ROOT_HEAD_NAMES`), the module returned by a Hugging Face
@@ -288,6 +338,10 @@ def param_groups(
         split_qkv: orthogonalize fused query/key/value projections (own name in
             :data:`FUSED_QKV_NAMES`, or ``nn.MultiheadAttention.in_proj_weight``) as 2 or 3 equal
             blocks along the output dim (``split_sizes``), as if they were separate Linears.
+        split_gate_up: orthogonalize fused gate/up projections of gated MLPs (own name in
+            :data:`FUSED_GATE_UP_NAMES`: a Linear, or stacked MoE experts such as Mixtral's
+            ``experts.gate_up_proj`` (E, 2 ff, d)) as their two halves, as if the gate and the
+            up projection were separate matrices; ``describe_groups`` shows the split.
             The paper treats the fused matrix as one (False, the default).
         overrides: group options: ``lr=0.02, weight_decay=0.1`` go to the matrix groups;
             options prefixed ``adamw_`` (``adamw_lr=3e-4``, ``adamw_betas=...``) go to the AdamW
@@ -312,6 +366,8 @@ def param_groups(
     transposed, is_declared_transposed = _transposed_predicate(transposed)
     if not isinstance(split_qkv, bool):
         raise TypeError(f"split_qkv must be True or False, got {split_qkv!r}")
+    if not isinstance(split_gate_up, bool):
+        raise TypeError(f"split_gate_up must be True or False, got {split_gate_up!r}")
     matrix_opts = {k: v for k, v in overrides.items() if not k.startswith("adamw_")}
     adamw_opts = {k[len("adamw_") :]: v for k, v in overrides.items() if k.startswith("adamw_")}
     for key in ("layout", "split_sizes", "params", "algorithm"):
@@ -322,7 +378,7 @@ def param_groups(
             )
 
     kinds, named = _model_kinds(model, transposed, is_declared_transposed)
-    matrix_groups, adamw = _route(named, kinds, extra_adamw, split_qkv)
+    matrix_groups, adamw = _route(named, kinds, extra_adamw, split_qkv, split_gate_up)
 
     if not matrix_groups:
         raise ValueError(
