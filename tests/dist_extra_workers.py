@@ -112,3 +112,40 @@ def ddp_dcp_load(
             fh,
         )
     teardown()
+
+
+def bf16_state_sharded(rank: int, world: int, port: int, out_dir: str) -> None:
+    """FSDP2 and DDP with ``state_dtype="bfloat16"``: momentum DTensors (FSDP2) / tensors (DDP)
+    in bf16, training close to one process with the same option (the stochastic rounding draws
+    different bits per rank, so equality holds to bf16 resolution, not to float rounding)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    W.setup(rank, world, port)
+    mesh = init_device_mesh("cpu", (world,))
+    ref = W.make_model()
+    ref_opt = W.make_opt(ref, NorMuon, process_group=None, state_dtype="bfloat16")
+    W.train(ref, ref_opt, W.STEPS)
+    result = {}
+    for label in ("fsdp2", "ddp"):
+        model = W.make_model()
+        if label == "fsdp2":
+            model = W.shard(model, mesh)
+            opt = W.make_opt(model, NorMuon, state_dtype="bfloat16")
+            W.train(model, opt, W.STEPS)
+        else:
+            opt = W.make_opt(model, NorMuon, state_dtype="bfloat16")
+            ddp = DDP(model)
+            _ddp_train(ddp, opt, W.STEPS, 0)
+        errors, dtypes = [], set()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            a = W.full(p.detach())
+            errors.append(((a - q.detach()).norm() / q.detach().norm()).item())
+            state = opt.state.get(p, {})
+            if "momentum_buffer" in state:
+                m = state["momentum_buffer"]
+                dtypes.add(str((m.to_local() if hasattr(m, "to_local") else m).dtype))
+        result[label] = {"max_rel_err": max(errors), "momentum_dtypes": sorted(dtypes)}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+    teardown()

@@ -66,3 +66,13 @@ def test_ddp_dcp_checkpoint_loads_into_other_world_sizes(ddp_checkpoint, tmp_pat
     # 6 NorMuon matrices x (momentum, v) + 5 AdamW tensors x (exp_avg, exp_avg_sq).
     assert sum(r["states"] for r in results) == 6 * 2 + 5 * 2, results
     assert all(r["strict_error"] is None for r in results), results
+
+
+def test_bf16_state_under_fsdp2_and_ddp(tmp_path):
+    spawn(X.bf16_state_sharded, 2, str(tmp_path))
+    for r in range(2):
+        result = json.loads((tmp_path / f"rank{r}.json").read_text())
+        for label in ("fsdp2", "ddp"):
+            # Matrices' momentum in bf16 (AdamW groups keep float32 state).
+            assert "torch.bfloat16" in result[label]["momentum_dtypes"], result
+            assert result[label]["max_rel_err"] < 2e-2, (label, result)

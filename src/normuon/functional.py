@@ -33,8 +33,10 @@ __all__ = [
     "finite_flags",
     "inverse_rms",
     "momentum_and_input_",
+    "momentum_and_input_rounded_",
     "muon_factors",
     "normuon_factors_",
+    "stochastic_round_",
     "sub_scaled_",
 ]
 
@@ -88,6 +90,52 @@ def momentum_and_input_(
         torch.lerp(out, momentum_buffer, beta1, out=out)
     else:
         out.copy_(momentum_buffer)
+
+
+def momentum_and_input_rounded_(
+    momentum_buffer: torch.Tensor,
+    grad: torch.Tensor,
+    ok: torch.Tensor | None,
+    beta1: Scalar,
+    nesterov: bool,
+    out: torch.Tensor,
+    scratch: tuple[torch.Tensor, torch.Tensor, torch.Generator | None],
+) -> None:
+    """:func:`momentum_and_input_` for a bfloat16 momentum buffer: M and U are computed in
+    ``out``'s precision (float32) and M is stored back stochastically rounded, so the buffer is
+    unbiased: E[bf16(M)] = M, and updates far below bf16's resolution are not lost.
+
+    ``scratch``: (a float32 tensor shaped like ``out`` for the new M, an int32 one for the
+    random bits, the generator drawing them, or None for torch's default).
+    """
+    m_new, noise, generator = scratch
+    if ok is None:
+        out.copy_(grad)
+    else:
+        torch.where(ok, grad, momentum_buffer, out=out)
+    m_new.copy_(momentum_buffer)
+    m_new.lerp_(out, 1.0 - beta1)
+    if nesterov:
+        torch.lerp(out, m_new, beta1, out=out)
+    else:
+        out.copy_(m_new)
+    stochastic_round_(momentum_buffer, m_new, noise, generator)
+
+
+def stochastic_round_(
+    dst: torch.Tensor, src: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None
+) -> None:
+    """dst = bfloat16(src) rounded up with probability equal to the dropped fraction (unbiased).
+
+    A float32's top 16 bits are its bfloat16 value (truncated toward zero); adding 16 uniform
+    random bits below them and truncating rounds the magnitude up exactly with probability
+    (dropped bits) / 2^16. ``src`` (float32) is overwritten; ``noise`` is an int32 scratch of its
+    shape. Values already exact in bfloat16 come back unchanged (the carry never reaches bit 16).
+    """
+    noise.random_(0, 1 << 16, generator=generator)
+    bits = src.view(torch.int32)
+    bits.add_(noise).bitwise_and_(-(1 << 16))
+    dst.copy_(src)
 
 
 def inverse_rms(v: torch.Tensor, eps: Scalar) -> torch.Tensor:

@@ -110,14 +110,18 @@ def run_batch(
     # (stack, m, n): U is written here, overwritten by O, then read by the factors and updates.
     u = workspace.flat("input", batch.dtype, batch.device, stack * batch.m * batch.n)
     u = u.view(stack, batch.m, batch.n)
-    _write_inputs(members, tensors, hyper, u)
+    _write_inputs(members, tensors, hyper, u, workspace)
     _orthogonalize_(u, hyper, workspace)
     factors = _factors(members, tensors, hyper, u, batch.reduce_dim)
     _apply(members, tensors, hyper, u, factors.unsqueeze(batch.reduce_dim))
 
 
 def _write_inputs(
-    members: Sequence[MatrixBlock], tensors: StepTensors, hyper: MatrixHyper, u: torch.Tensor
+    members: Sequence[MatrixBlock],
+    tensors: StepTensors,
+    hyper: MatrixHyper,
+    u: torch.Tensor,
+    workspace: Workspace,
 ) -> None:
     """U of every member into its rows of ``u``; local matrices update their momentum here."""
     pos = 0
@@ -129,11 +133,15 @@ def _write_inputs(
             out.copy_(geometry.as_matrices(tensors.owned[block.index].u)[:, rows])
             continue
         local = tensors.local[block.index]
-        F.momentum_and_input_(
-            geometry.as_matrices(local.momentum)[:, rows],
-            geometry.as_matrices(local.grad)[:, rows],
-            tensors.flag(block), hyper.momentum, hyper.nesterov, out,
-        )  # fmt: skip
+        momentum = geometry.as_matrices(local.momentum)[:, rows]
+        grad = geometry.as_matrices(local.grad)[:, rows]
+        if momentum.dtype == out.dtype:
+            F.momentum_and_input_(momentum, grad, tensors.flag(block), hyper.momentum,
+                                  hyper.nesterov, out)  # fmt: skip
+        else:  # a bf16 momentum (state_dtype): updated in float32, stored rounded
+            F.momentum_and_input_rounded_(momentum, grad, tensors.flag(block), hyper.momentum,
+                                          hyper.nesterov, out,
+                                          workspace.rounding_scratch(out))  # fmt: skip
 
 
 def _orthogonalize_(u: torch.Tensor, hyper: MatrixHyper, workspace: Workspace) -> None:

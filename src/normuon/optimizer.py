@@ -62,6 +62,12 @@ def _loaded_value(key: Any, value: Any, p: torch.Tensor) -> Any:
     return value.to(device=p.device, copy=True)
 
 
+def _momentum_dtype(p: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
+    """The ``state_dtype`` option: a dtype's name, or None for the default of ``p``."""
+    name = group.get("state_dtype")
+    return state_dtype(p.dtype) if name is None else getattr(torch, name)
+
+
 class _MatrixOptimizer(torch.optim.Optimizer):
     """Shared machinery of :class:`NorMuon` and :class:`Muon` (one code path, one flag apart)."""
 
@@ -271,6 +277,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 else plan_batches(
                     group_plans,
                     [local_tensor(group["params"][plan.index]) for plan in group_plans],
+                    [_momentum_dtype(group["params"][plan.index], group) for plan in group_plans],
                     self.ns_memory_budget,
                 )
                 for group, group_plans in zip(self.param_groups, plans)
@@ -295,7 +302,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             )
             return state
         state["momentum_buffer"] = torch.zeros_like(
-            p, dtype=dtype, memory_format=torch.contiguous_format
+            p, dtype=_momentum_dtype(p, group), memory_format=torch.contiguous_format
         )
         if self._neuron_norm:
             full_shape = matrix_geometry(
@@ -568,9 +575,15 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             return []
         inputs = []
         for plan, m in sharded:
-            u = torch.empty_like(m.momentum)
+            u = torch.empty_like(m.momentum, dtype=F.accum_dtype(m.momentum.dtype))
             flag = None if ok is None else ok[plan.index]
-            F.momentum_and_input_(m.momentum, m.grad, flag, hyper.momentum, hyper.nesterov, u)
+            if m.momentum.dtype == u.dtype:
+                F.momentum_and_input_(m.momentum, m.grad, flag, hyper.momentum, hyper.nesterov, u)
+            else:  # a bf16 momentum (state_dtype): updated in float32, stored rounded
+                scratch = (torch.empty_like(u), torch.empty_like(u, dtype=torch.int32),
+                           self._workspace.generator(u.device))  # fmt: skip
+                F.momentum_and_input_rounded_(m.momentum, m.grad, flag, hyper.momentum,
+                                              hyper.nesterov, u, scratch)  # fmt: skip
             inputs.append(u)
         return self._distributor.gather(
             [plan for plan, _ in sharded], inputs, [m.second_moment for _, m in sharded]

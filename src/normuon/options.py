@@ -201,6 +201,26 @@ _MATRIX_COMMON = (
     ),
 )
 
+def _state_dtype(name: str, value: Any) -> str | None:
+    """None (float32 for half-precision parameters, the parameter's dtype otherwise), or a
+    dtype's name: ``"float32"`` or ``"bfloat16"`` (stored by name, like ``ns_dtype``)."""
+    if value is None:
+        return None
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{name} must be None, 'float32' or 'bfloat16', got {value!r}")
+    return str(dtype).removeprefix("torch.")
+
+
+_STATE_DTYPE = Option(
+    "state_dtype",
+    None,
+    _state_dtype,
+    "dtype of the momentum: None (float32 for bf16/fp16 parameters, else theirs), 'float32' or "
+    "'bfloat16' (half the bytes; stochastically rounded, so unbiased)",
+    "dion's bf16 momentum",
+)
+
 _CAUTIOUS = Option(
     "cautious_weight_decay",
     False,
@@ -231,11 +251,12 @@ NORMUON_OPTIONS: tuple[Option, ...] = (
             "paper / modded-nanogpt",
         ),
         _CAUTIOUS,
+        _STATE_DTYPE,
     )
 )  # fmt: skip
 
 #: Options of ``algorithm="muon"`` groups.
-MUON_OPTIONS: tuple[Option, ...] = _MATRIX_COMMON + (_CAUTIOUS,)
+MUON_OPTIONS: tuple[Option, ...] = _MATRIX_COMMON + (_CAUTIOUS, _STATE_DTYPE)
 
 #: Options of ``algorithm="adamw"`` groups (constructor arguments ``adamw_<name>``).
 ADAMW_OPTIONS: tuple[Option, ...] = (

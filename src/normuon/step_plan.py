@@ -115,16 +115,18 @@ def _computed_here(plan: ParamPlan) -> bool:
 def plan_batches(
     plans: Sequence[ParamPlan],
     params: Sequence[torch.Tensor],
+    momentum_dtypes: Sequence[torch.dtype],
     budget: int | None,
 ) -> tuple[BlockBatch, ...]:
-    """The batches of one matrix group: blocks grouped by (m, n, state dtype, device), split so
+    """The batches of one matrix group: blocks grouped by (m, n, input dtype, device), split so
     that a batch's input is at most ``budget`` bytes (None: one batch per key). ``params[i]`` is
-    the local tensor of ``plans[i]``'s parameter."""
+    the local tensor of ``plans[i]``'s parameter, ``momentum_dtypes[i]`` its momentum's dtype;
+    U is formed in at least float32 (a bf16 momentum is updated in float32)."""
     by_key: dict[tuple, list[MatrixBlock]] = {}
-    for plan, p in zip(plans, params):
+    for plan, p, momentum_dtype in zip(plans, params, momentum_dtypes):
         if not _computed_here(plan):
             continue
-        dtype = state_dtype(p.dtype)
+        dtype = torch.promote_types(momentum_dtype, torch.float32)
         for block in _blocks_of(plan):
             m = block.rows[1] - block.rows[0]
             key = (m, plan.geometry.cols, dtype, p.device)
@@ -155,6 +157,7 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
         self._reserved: dict[tuple[str, torch.dtype, str], int] = {}
+        self._generators: dict[str, torch.Generator] = {}
 
     def reserve(self, purpose: str, dtype: torch.dtype, device: torch.device, numel: int) -> None:
         """Make the first allocation of this buffer at least ``numel`` elements."""
@@ -169,6 +172,21 @@ class Workspace:
             size = max(numel, self._reserved.get(key, 0))
             buffer = self._buffers[key] = torch.empty(size, dtype=dtype, device=device)
         return buffer[:numel]
+
+    def rounding_scratch(self, like: torch.Tensor):
+        """(float32 and int32 buffers shaped like ``like``, this device's generator) for
+        :func:`normuon.functional.momentum_and_input_rounded_`."""
+        m_new = self.flat("rounded_momentum", like.dtype, like.device, like.numel())
+        noise = self.flat("rounding_noise", torch.int32, like.device, like.numel())
+        return m_new.view(like.shape), noise.view(like.shape), self.generator(like.device)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The random bits of stochastic rounding on ``device`` (seeded 0 when first used, so a
+        run is reproducible; not saved with the state, so a resumed run rounds differently)."""
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(0)
+        return self._generators[key]
 
     def nbytes(self) -> int:
         """Bytes held (reported by benchmarks)."""
