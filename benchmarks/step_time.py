@@ -112,6 +112,13 @@ IMPLS: list[ImplSpec] = [
         BUILTIN,
     ),
     ImplSpec(
+        "normuon.NorMuon bf16 state",
+        lambda ps, dt, ortho: NorMuon(ps, ns_dtype=dt, orthogonalizer=ortho,
+                                      state_dtype="bfloat16"),  # fmt: skip
+        True,
+        BUILTIN,
+    ),
+    ImplSpec(
         "normuon.Muon (default)",
         lambda ps, dt, ortho: Muon(ps, ns_dtype=dt, orthogonalizer=ortho),
         True,

@@ -138,7 +138,7 @@ def bf16_state_sharded(rank: int, world: int, port: int, out_dir: str) -> None:
             ddp = DDP(model)
             _ddp_train(ddp, opt, W.STEPS, 0)
         errors, dtypes = [], set()
-        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        for p, q in zip(model.parameters(), ref.parameters()):
             a = W.full(p.detach())
             errors.append(((a - q.detach()).norm() / q.detach().norm()).item())
             state = opt.state.get(p, {})

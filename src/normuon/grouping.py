@@ -338,11 +338,11 @@ def param_groups(
         split_qkv: orthogonalize fused query/key/value projections (own name in
             :data:`FUSED_QKV_NAMES`, or ``nn.MultiheadAttention.in_proj_weight``) as 2 or 3 equal
             blocks along the output dim (``split_sizes``), as if they were separate Linears.
+            The paper treats the fused matrix as one (False, the default).
         split_gate_up: orthogonalize fused gate/up projections of gated MLPs (own name in
             :data:`FUSED_GATE_UP_NAMES`: a Linear, or stacked MoE experts such as Mixtral's
             ``experts.gate_up_proj`` (E, 2 ff, d)) as their two halves, as if the gate and the
             up projection were separate matrices; ``describe_groups`` shows the split.
-            The paper treats the fused matrix as one (False, the default).
         overrides: group options: ``lr=0.02, weight_decay=0.1`` go to the matrix groups;
             options prefixed ``adamw_`` (``adamw_lr=3e-4``, ``adamw_betas=...``) go to the AdamW
             group.
@@ -356,6 +356,17 @@ def param_groups(
             ``transposed`` name matches no parameter or a non-2-D one, or when ``split_qkv`` meets
             a fused projection that is not 2 or 3 equal blocks.
         TypeError: when ``transposed`` is neither strings nor a callable.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from normuon import NorMuon, param_groups
+        >>> model = nn.ModuleDict({"embed": nn.Embedding(10, 8), "mlp": nn.Linear(8, 32),
+        ...                        "lm_head": nn.Linear(32, 10)})
+        >>> groups = param_groups(model, lr=0.02, adamw_lr=3e-3)
+        >>> [(g.get("algorithm", "matrix"), [tuple(p.shape) for p in g["params"]]) for g in groups]
+        [('matrix', [(32, 8)]), ('adamw', [(10, 8), (32,), (10, 32), (10,)])]
+        >>> opt = NorMuon(groups)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups expects an nn.Module, got {type(model).__name__}")

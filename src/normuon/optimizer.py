@@ -688,6 +688,18 @@ class NorMuon(_MatrixOptimizer):
     one process, DDP (replicated parameters), FSDP2 and tensor-parallel DTensors
     (``docs/distributed.md``).
 
+    Examples:
+        >>> import torch
+        >>> from normuon import NorMuon
+        >>> w = torch.nn.Parameter(torch.randn(8, 4))
+        >>> opt = NorMuon([w], lr=0.02, weight_decay=0.01)
+        >>> w.grad = torch.randn(8, 4)
+        >>> opt.step()
+        >>> sorted(opt.state[w])
+        ['momentum_buffer', 'neuron_second_moment']
+        >>> opt.state[w]["neuron_second_moment"].shape  # one entry per output neuron (row)
+        torch.Size([8])
+
     ARGS
     """
 

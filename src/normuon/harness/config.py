@@ -80,6 +80,9 @@ class OptimizerConfig:
     """Muon/NorMuon update scale: ``preserve_norm`` (Muon lrs) or ``adam_rms`` (AdamW lrs)."""
     ns_dtype: str = "auto"
     """Newton-Schulz dtype: ``auto`` = bfloat16 on CUDA, float32 on CPU (CPU bf16 is slow)."""
+    state_dtype: str = "auto"
+    """Muon/NorMuon momentum dtype: ``auto`` (float32 for these float32 weights) or
+    ``bfloat16`` (half the bytes, stochastically rounded)."""
 
 
 @dataclass
@@ -201,6 +204,11 @@ class RunConfig:
                                  f"got {opt.update_scale!r}")  # fmt: skip
             if opt.ns_dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
                 raise ValueError(f"{name}.ns_dtype: unknown dtype {opt.ns_dtype!r}")
+            if opt.state_dtype not in ("auto", "float32", "bfloat16"):
+                raise ValueError(
+                    f"{name}.state_dtype must be auto, float32 or bfloat16, got "
+                    f"{opt.state_dtype!r}"
+                )
 
 
 def _is_int(value: Any) -> bool:

@@ -159,6 +159,7 @@ def build_optimizer(
         model, lr=ocfg.lr, weight_decay=ocfg.weight_decay, adamw_lr=ocfg.adamw_lr,
         adamw_betas=ocfg.betas, adamw_weight_decay=0.0,
         cautious_weight_decay=ocfg.cautious_weight_decay,
+        state_dtype=None if ocfg.state_dtype == "auto" else ocfg.state_dtype,
     )  # fmt: skip
     common: dict[str, Any] = dict(
         momentum=ocfg.momentum,

@@ -56,7 +56,9 @@ def optimizer_cls_and_kwargs(
             With ``model_init`` (hyperparameter search) Trainer builds new models; use
             :func:`create_optimizer` in a ``Trainer.create_optimizer`` override instead.
         algorithm: ``"normuon"`` or ``"muon"``.
-        extra_adamw, transposed, split_qkv: as in :func:`normuon.param_groups`.
+        extra_adamw: as in :func:`normuon.param_groups`.
+        transposed: as in :func:`normuon.param_groups`.
+        split_qkv: as in :func:`normuon.param_groups`.
         optimizer_options: constructor options of :class:`~normuon.NorMuon` /
             :class:`~normuon.Muon` (``lr``, ``weight_decay``, ``adamw_lr``, ``adamw_betas``,
             ``ns_dtype``, ...); matrix options are the defaults of the matrix groups and
