@@ -1,9 +1,10 @@
 """Where should an MoE router go: NorMuon (a matrix) or AdamW (like a head)? An experiment.
 
 A router (Mixtral's ``mlp.gate``, an (E, d) weight with one row per expert) is a 2-D matrix, so
-``normuon.param_groups`` sends it to the matrix algorithm by default. Its few rows are not
+a plain "2-D weights to the matrix algorithm" rule would orthogonalize it. Its few rows are not
 hidden neurons, and an orthogonalized update moves every expert's logit row by the same amount,
-so the alternative is AdamW (``param_groups(model, extra_adamw=("mlp.gate",))``). This trains a
+so the alternative is AdamW, where ``normuon.param_groups`` sends routers since this experiment
+(docs/moe-router.md). This trains a
 tiny transformers Mixtral on the embedded Shakespeare corpus (bytes) both ways with the same
 seeds, batches and schedule, and reports the final validation loss per seed, the mean
 difference with a 95% confidence interval, and how evenly the tokens spread over the experts.
@@ -64,11 +65,23 @@ def expert_balance(model, tokens: torch.Tensor) -> float:
     return entropy / math.log(len(p))
 
 
+def groups_for(model, router: str, args) -> list[dict]:
+    """``param_groups``' routing (routers to AdamW), or with the routers moved to a matrix
+    group of their own (``router="normuon"``: what a plain 2-D rule would do)."""
+    groups = param_groups(model, lr=args.lr, adamw_lr=args.adamw_lr)
+    routers = [layer.mlp.gate.weight for layer in model.model.layers]
+    ids = {id(p) for p in routers}
+    adamw = next(g for g in groups if g.get("algorithm") == "adamw")
+    assert ids <= {id(p) for p in adamw["params"]}, "param_groups no longer routes routers"
+    if router == "normuon":
+        adamw["params"] = [p for p in adamw["params"] if id(p) not in ids]
+        groups.append({"params": routers, "lr": args.lr})
+    return groups
+
+
 def train(router: str, seed: int, args, data) -> tuple[float, float]:
     model = build_model(seed, args.d, args.experts)
-    extra = ("mlp.gate",) if router == "adamw" else ()
-    groups = param_groups(model, extra_adamw=extra, lr=args.lr, adamw_lr=args.adamw_lr)
-    opt = NorMuon(groups, ns_dtype=torch.float32)
+    opt = NorMuon(groups_for(model, router, args), ns_dtype=torch.float32)
     warmup = max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: min(1.0, (t + 1) / warmup) * max(0.0, 1 - t / args.steps)

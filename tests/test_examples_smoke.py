@@ -78,3 +78,13 @@ def test_distributed_benchmark_smoke(tmp_path):
     assert 0.95 < float(rows["normuon"][10]) < 1.3, rows["normuon"]
     agreement = re.search(r"zero1 baseline vs normuon .* difference ([0-9.e+-]+)", text)
     assert agreement and float(agreement.group(1)) < 1e-5, text
+
+
+def test_moe_router_experiment_quick(tmp_path):
+    """examples/moe_router.py (the evidence behind routing MoE routers to AdamW) runs both
+    arms and writes its table."""
+    out = tmp_path / "router.md"
+    run([sys.executable, str(ROOT / "examples" / "moe_router.py"), "--quick", "--threads", "1",
+         "--out", str(out)])  # fmt: skip
+    text = out.read_text()
+    assert "| 0 |" in text and "| 1 |" in text and "Mean difference (AdamW - NorMuon)" in text

@@ -260,7 +260,7 @@ def test_moe_and_conv1d():
         "conv.weight": "conv",
         "conv.bias": "adamw",
         "experts": "matrix",
-        "router.weight": "matrix",
+        "router.weight": "adamw",  # an MoE router (beside experts): docs/moe-router.md
         "norm.weight": "adamw",
         "norm.bias": "adamw",
         "scale": "adamw",
@@ -377,7 +377,7 @@ def test_groups_work_with_optimizer(cls, kind):
             assert not torch.equal(p, before[name]), f"{name} did not move"
         state = opt.state[p]
         if p.ndim < 2 or name in ("pos_emb", "tok_emb.weight", "lm_head.weight",
-                                  "classifier.weight"):
+                                  "classifier.weight", "router.weight"):
             assert "exp_avg" in state, name
         else:
             assert "momentum_buffer" in state, name
@@ -685,7 +685,7 @@ def test_matrix_layouts_agree_with_the_groups():
         for p in g["params"]:
             assert layouts[names[id(p)]] == g.get("layout", "auto"), names[id(p)]
             matrices += 1
-    assert matrices == 5
+    assert matrices == 4  # conv, experts, c_fc, mixer (the router goes to AdamW)
     assert matrix_layouts(model)["mixer.w"] == "auto"  # not declared: the shape decides
     with pytest.raises(TypeError, match="got list"):
         matrix_layouts([model.experts])
@@ -739,7 +739,7 @@ def test_describe_groups_layouts_and_neurons():
     rows = {r.name: r for r in describe_groups(model, param_groups(model)).rows}
     assert (rows["conv.weight"].layout, rows["conv.weight"].neurons) == ("conv", 5)
     assert (rows["experts"].layout, rows["experts"].neurons) == ("auto", 4 * 6)  # E x m
-    assert (rows["router.weight"].algorithm, rows["router.weight"].neurons) == ("matrix", 4)
+    assert (rows["router.weight"].algorithm, rows["router.weight"].neurons) == ("adamw", None)
     assert (rows["scale"].algorithm, rows["scale"].shape, rows["scale"].neurons) == (
         "adamw", (), None)  # fmt: skip
     assert "scalar" in str(describe_groups(model, param_groups(model)))
@@ -748,7 +748,7 @@ def test_describe_groups_layouts_and_neurons():
     opt.step()
     # The neuron count is the size of NorMuon's second moment for these layouts.
     rows = {r.name: r for r in describe_groups(model, opt).rows}
-    for name in ["conv.weight", "experts", "router.weight"]:
+    for name in ["conv.weight", "experts"]:
         p = dict(model.named_parameters())[name]
         assert rows[name].algorithm == "normuon"
         assert opt.state[p]["neuron_second_moment"].numel() == rows[name].neurons, name
@@ -880,3 +880,38 @@ def test_split_gate_up_on_transformers_mixtral():
     tokens = torch.randint(0, 32, (2, 8))
     model(tokens, labels=tokens).loss.backward()
     opt.step()
+
+
+def test_moe_routers_go_to_adamw_and_other_gates_stay_matrices():
+    """Routers (a ...Router module, or gate/router beside experts) go to AdamW (evidence:
+    docs/moe-router.md); a gated MLP's gate projection is a hidden matrix."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    mixtral = MixtralForCausalLM(MixtralConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=16,
+    ))  # fmt: skip
+    got = _assignment(mixtral, param_groups(mixtral))
+    assert got["model.layers.0.mlp.gate.weight"] == "adamw"
+    assert got["model.layers.0.mlp.experts.gate_up_proj"] == "matrix"
+
+    class MoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = nn.Linear(8, 4, bias=False)
+            self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+
+    class GatedMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(8, 16)  # a gated MLP's gate: hidden
+            self.up = nn.Linear(8, 16)
+            self.down = nn.Linear(16, 8)
+
+    model = nn.ModuleDict({"moe": MoE(), "mlp": GatedMLP()})
+    got = _assignment(model, param_groups(model))
+    assert got["moe.router.weight"] == "adamw"
+    assert got["moe.experts.0.weight"] == "matrix"
+    assert got["mlp.gate.weight"] == "matrix"
