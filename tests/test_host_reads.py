@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from host_reads import HostReadError, NoHostReads
 from torch import nn
 
 from normuon import Muon, NorMuon
+from normuon.host_reads import HostReadError, NoHostReads
 
 CLASSES = [NorMuon, Muon]
 

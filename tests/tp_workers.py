@@ -342,7 +342,7 @@ def no_host_reads(rank: int, world: int, port: int, out_dir: str) -> None:
     tensor parallel (tp 4), both on (dp 2, tp 2), and DDP-style replicated parameters, with
     Tensor hyperparameters, a NaN in one rank's block and the default ``comm_dtype``; results
     equal the single process with float hyperparameters."""
-    from host_reads import NoHostReads
+    from normuon.host_reads import NoHostReads
 
     setup(rank, world, port)
     layouts = {"dp4": ((4,), ("dp",)), "tp4": ((4,), ("tp",)), "dp2xtp2": ((2, 2), None)}

@@ -112,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                    help="train nothing: combine the sweep.json of these sweep folders into OUT")
+    k = sub.add_parser("check", help="self-check on this device: correctness against float64, "
+                                     "host syncs, compile, speed against the peers")
+    k.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    k.add_argument("--quick", action="store_true",
+                   help="fewer shapes and repetitions (about two minutes on a 2-core CPU)")
+    k.add_argument("--out", default=None, help="also write the report as OUT/check-DEVICE.md")
     t = sub.add_parser("train", help="one run: one optimizer, one seed (resumable)")
     _common(t, "runs/train")
     t.add_argument("--optimizer", default="normuon", choices=["adamw", "muon", "normuon"])
@@ -267,6 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"
     say = print if main_rank else (lambda *a, **k: None)
     prog = f"normuon {args.command}"
+    if args.command == "check":
+        from .check import main_check
+
+        try:
+            return main_check(args.device, args.quick, args.out)
+        except (ValueError, OSError) as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
     clean = False
     try:
         code = _run(args, say)

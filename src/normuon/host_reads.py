@@ -1,8 +1,9 @@
 """Catching host reads: any op that copies a tensor's value back to the host.
 
 On an accelerator such a read stalls the step until the device catches up, breaks CUDA-graph
-capture and causes graph breaks or recompiles under ``torch.compile``. The CPU-only suite
-proves the optimizer's step has none: :class:`NoHostReads` fails on every dispatched host read
+capture and causes graph breaks or recompiles under ``torch.compile``. The test suite and
+``normuon check`` prove the optimizer's step has none, on any device: :class:`NoHostReads`
+fails on every dispatched host read
 (``aten._local_scalar_dense`` behind ``.item()``, ``bool(t)``, ``int(t)``; ``aten.nonzero``;
 ``aten.is_nonzero``; ``aten.equal``) and on ``Tensor.tolist()`` / ``Tensor.numpy()``, which do
 not go through the dispatcher.
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["HOST_READ_OPS", "HostReadError", "NoHostReads"]
 
 #: Dispatched ops whose result is a host value computed from tensor data.
 HOST_READ_OPS = frozenset({
@@ -27,8 +30,8 @@ HOST_READ_OPS = frozenset({
 })  # fmt: skip
 
 
-class HostReadError(AssertionError):
-    pass
+class HostReadError(RuntimeError):
+    """A host read happened inside :class:`NoHostReads`."""
 
 
 class NoHostReads(TorchDispatchMode):

@@ -1,0 +1,38 @@
+"""``normuon check``: the quick self-check passes on this CPU, and a failing check exits 1
+naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+from normuon import check
+from normuon.cli import main
+
+
+def test_quick_check_on_the_cpu_passes_and_writes_its_report(tmp_path, capsys):
+    assert main(["check", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "check-cpu.md").read_text()
+    assert "0 failed of" in text
+    for section in ("correctness", "newton-schulz", "host syncs", "compile", "speed"):
+        assert f"| {section} |" in text, section
+    assert "NorMuon transposed float32 | pass" in text
+    assert "torch.optim.Muon" in text  # the peer timed beside it
+    assert "correctness: ok" in capsys.readouterr().out
+
+
+def test_a_failing_check_exits_1_and_names_it(monkeypatch, capsys):
+    monkeypatch.setattr(check, "_rel_err", lambda a, b: 1.0)  # every comparison off
+    monkeypatch.setattr(check, "check_speed", lambda device, quick: [])
+    monkeypatch.setattr(check, "check_compile", lambda device, quick=False: [])
+    assert main(["check", "--device", "cpu", "--quick"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: correctness: NorMuon square float32" in out
+
+
+def test_a_device_without_cuda_is_a_clear_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the error path needs a build without it")
+    assert main(["check", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
