@@ -216,7 +216,39 @@ def check_compile(device: torch.device, quick: bool = False) -> list[CheckResult
                                        f"{type(exc).__name__}: {str(exc)[:160]}"))
     if device.type != "cuda":
         results.append(CheckResult("compile", "CUDA graph capture", None, "needs CUDA"))
+    else:
+        results.append(_check_cuda_graph(device))
     return results
+
+
+def _check_cuda_graph(device: torch.device) -> CheckResult:
+    """Six steps through :class:`normuon.cuda_graphs.GraphedStep` (two eager, a capture, three
+    replays) against the same steps taken eagerly."""
+    from .cuda_graphs import GraphedStep, prepare_for_capture
+
+    try:
+        runs = []
+        for graphed in (True, False):
+            gen = torch.Generator().manual_seed(4)
+            params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device))
+                      for s in [(64, 32), (32, 96), (32,)]]  # fmt: skip
+            opt = NorMuon([{"params": params[:2]}, {"params": params[2:], "algorithm": "adamw"}],
+                          ns_dtype="float32")  # fmt: skip
+            step = GraphedStep(opt, warmup=2).step if graphed else opt.step
+            if not graphed:
+                prepare_for_capture(opt)
+            for _ in range(6):
+                for p in params:
+                    p.grad.copy_(torch.randn(p.shape, generator=gen).to(device))
+                step()
+            runs.append(params)
+        torch.cuda.synchronize(device)
+        err = max(_rel_err(a, b) for a, b in zip(*runs))
+        return CheckResult("compile", "CUDA graph capture", err < 1e-5,
+                           f"GraphedStep vs eager after 6 steps: max rel. difference {err:.2e}")
+    except Exception as exc:  # noqa: BLE001 - a capture failure is a failed check
+        return CheckResult("compile", "CUDA graph capture", False,
+                           f"{type(exc).__name__}: {str(exc)[:160]}")
 
 
 def _sync(device: torch.device) -> None:

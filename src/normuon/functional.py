@@ -337,7 +337,8 @@ def adamw_step_(
     bias_correction2_sqrt = [(1.0 - torch.pow(beta2, s)).sqrt() for s in safe_steps]
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, bias_correction2_sqrt)
-    torch._foreach_add_(denom, eps)
+    # A Tensor eps as a list: the single-Tensor overload of _foreach_add_ reads it on the host.
+    torch._foreach_add_(denom, [eps] * len(denom) if isinstance(eps, torch.Tensor) else eps)
     if ok is not None and (isinstance(eps, torch.Tensor) or eps == 0):
         # A skipped parameter may hold exp_avg = exp_avg_sq = 0: keep 0 / 0 out of it.
         denom = [torch.where(f, d, 1.0) for f, d in zip(ok, denom)]

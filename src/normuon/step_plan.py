@@ -188,6 +188,10 @@ class Workspace:
             self._generators[key] = torch.Generator(device=device).manual_seed(0)
         return self._generators[key]
 
+    def generators(self) -> list[torch.Generator]:
+        """The generators created so far (a CUDA graph must register them)."""
+        return list(self._generators.values())
+
     def nbytes(self) -> int:
         """Bytes held (reported by benchmarks)."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
