@@ -2,7 +2,8 @@
 # One command for a machine with a GPU: the CUDA tests, `normuon check --device cuda` and a
 # short AdamW/Muon/NorMuon comparison at GPT-2 124M scale on the embedded corpus. Everything it
 # produces goes under OUT (default: device-check/); a stage that fails is recorded and the next
-# one still runs; every stage has its own time limit so the whole script stays under 8 minutes.
+# one still runs; every stage has its own time limit (30 + 120 + 120 + 180 s), so the whole
+# script stays under 8 minutes.
 #
 #   bash scripts/device_check.sh [OUT]
 #
@@ -35,11 +36,11 @@ for pkg in pytest; do
   fi
 done
 
-stage environment 60 bash -c 'nvidia-smi; python -c "import sys, torch; print(sys.version);
+stage environment 30 bash -c 'nvidia-smi; python -c "import sys, torch; print(sys.version);
 print(torch.__version__, torch.version.cuda, torch.cuda.is_available());
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU\")"'
-stage pytest-cuda 150 python -m pytest -q -rs -m cuda tests/test_cuda.py -p no:cacheprovider
-stage check 150 python -m normuon check --device cuda --out "$OUT"
+stage pytest-cuda 120 python -m pytest -q -rs -m cuda tests/test_cuda.py -p no:cacheprovider
+stage check 120 python -m normuon check --device cuda --quick --out "$OUT"
 # GPT-2 124M shape, one short run per optimizer: 60 steps of 32 x 1024 bytes, eager (no
 # compile, whose warm-up would take most of the budget), validation every 20 steps.
 stage compare 180 python -m normuon compare --preset gpt2-124m --device cuda --steps 60 \

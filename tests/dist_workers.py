@@ -96,7 +96,9 @@ def loss_fn(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def make_opt(model: nn.Module, cls=NorMuon, **opts):
     groups = param_groups(model, lr=0.02, weight_decay=0.1, adamw_lr=1e-2)
-    return cls(groups, ns_dtype=torch.float32, comm_dtype=None, **opts)
+    # comm_dtype as users get it ("auto": exact on the CPU, bf16 on CUDA); the bf16 wire is
+    # forced where it is tested (hsdp_and_bf16_wire, tp_workers.bf16_wire).
+    return cls(groups, ns_dtype=torch.float32, **opts)
 
 
 def train(model, opt, steps, start=0):

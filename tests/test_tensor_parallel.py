@@ -90,3 +90,11 @@ def test_no_host_reads_on_any_placement(tmp_path):
         }, (r, result)  # fmt: skip
     # DDP: only the matrix's owner updates it, so only the owner counts the skip.
     assert sorted(result["ddp"] for result in results) == [0, 0, 0, 1], results
+
+
+def test_bf16_wire_on_a_2d_mesh_stays_within_bf16_accuracy(tmp_path):
+    spawn(T.bf16_wire, 4, str(tmp_path))
+    for r in range(4):
+        errors = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert errors and max(errors.values()) < 0.1, (r, errors)  # U and D rounded to bf16
+        assert max(errors.values()) > 0, errors  # the wire really was bf16

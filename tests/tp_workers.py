@@ -97,7 +97,7 @@ def make_opt(model, cls=NorMuon, split=False, **opts):
     opts.setdefault("process_group", None)
     return cls(
         groups(model, cls, split), lr=0.02, weight_decay=0.1, adamw_lr=1e-2,
-        ns_dtype=torch.float32, comm_dtype=None, **opts,
+        ns_dtype=torch.float32, **opts,
     )  # fmt: skip
 
 
@@ -394,3 +394,27 @@ def _copy_grads(model, ref) -> None:
             p.grad = distribute_tensor(q.grad, p.device_mesh, p.placements, src_data_rank=None)
         else:
             p.grad = q.grad.clone()
+
+
+def bf16_wire(rank: int, world: int, port: int, out_dir: str) -> None:
+    """(dp 2, tp 2) with U and D in bf16 on the wire (what ``comm_dtype="auto"`` picks on CUDA),
+    forced on the CPU: uneven (11 -> 6/5, 3 -> 2/1) and column-sharded blocks; every matrix's
+    total update within bf16 accuracy of one process, and fewer bytes sent than fp32."""
+    from torch.distributed.tensor import DTensor
+
+    setup(rank, world, port)
+    ref = make_block()
+    ref_opt = make_opt(ref)
+    model = parallelize(make_block(), (2, 2))
+    opt = make_opt(model, comm_dtype=torch.bfloat16)
+    for step in range(STEPS):
+        _step_with_reference_grads(model, opt, ref, ref_opt, step)
+    init = make_block()
+    errors = {}
+    for (name, p), q, p0 in zip(model.named_parameters(), ref.parameters(), init.parameters()):
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        moved, moved_ref = full.detach() - p0.detach(), q.detach() - p0.detach()
+        errors[name] = ((moved - moved_ref).norm() / moved_ref.norm()).item()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(errors, fh)
+    teardown()
