@@ -2,7 +2,7 @@
 # One command for a machine with a GPU: the CUDA tests, `normuon check --device cuda` and a
 # short AdamW/Muon/NorMuon comparison at GPT-2 124M scale on the embedded corpus. Everything it
 # produces goes under OUT (default: device-check/); a stage that fails is recorded and the next
-# one still runs; every stage has its own time limit (30 + 120 + 120 + 180 s), so the whole
+# one still runs; every stage has its own time limit (30 + 120 + 120 + 150 s, and at most 15 s each to stop), so the whole
 # script stays under 8 minutes.
 #
 #   bash scripts/device_check.sh [OUT]
@@ -43,7 +43,7 @@ stage pytest-cuda 120 python -m pytest -q -rs -m cuda tests/test_cuda.py -p no:c
 stage check 120 python -m normuon check --device cuda --quick --out "$OUT"
 # GPT-2 124M shape, one short run per optimizer: 60 steps of 32 x 1024 bytes, eager (no
 # compile, whose warm-up would take most of the budget), validation every 20 steps.
-stage compare 180 python -m normuon compare --preset gpt2-124m --device cuda --steps 60 \
+stage compare 150 python -m normuon compare --preset gpt2-124m --device cuda --steps 60 \
   --optimizers adamw,muon,normuon --out "$OUT/compare" --no-progress --overwrite \
   --set train.batch_size=32 --set train.grad_accum=1 --set train.val_every=20 \
   --set train.val_batches=4 --set train.compile=false --set train.checkpoint_every=0
