@@ -369,36 +369,6 @@ class PeerNewtonSchulz:
         return wrapper
 
 
-class BuiltinNSTimer:
-    """Times normuon's built-in Newton-Schulz (the default path, which runs
-    ``normuon.newton_schulz.newton_schulz_`` in the optimizer's kept buffers; passing an
-    ``orthogonalizer`` to time it would take the allocating custom path instead).
-
-    The module function is wrapped once; the time of each call goes to the :class:`Seconds`
-    counter made :attr:`active` by whoever is stepping (one optimizer at a time).
-    """
-
-    class Seconds:
-        def __init__(self) -> None:
-            self.seconds = 0.0
-
-    def __init__(self) -> None:
-        import normuon.newton_schulz as ns
-
-        self.active: BuiltinNSTimer.Seconds | None = None
-        original = ns.newton_schulz_
-
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                if self.active is not None:
-                    self.active.seconds += time.perf_counter() - t0
-
-        ns.newton_schulz_ = timed
-
-
 class TimedOrthogonalizer:
     """normuon's ``orthogonalizer`` option wrapped to add its wall time to :attr:`seconds`.
 

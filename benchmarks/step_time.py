@@ -26,15 +26,16 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     SHAPE_SETS,
-    BuiltinNSTimer,
     PeerNewtonSchulz,
     TimedOrthogonalizer,
     default_ns_dtype,
@@ -52,14 +53,14 @@ from _common import (  # noqa: E402
 
 from normuon import Muon, NorMuon  # noqa: E402
 from normuon import newton_schulz as F  # noqa: E402
+from normuon.check import newton_schulz_timer  # noqa: E402
 
 NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 #: normuon's built-in Newton-Schulz, run in the optimizer's kept buffers (no orthogonalizer).
 BUILTIN = "builtin"
 #: The peers' Newton-Schulz: timed, and switched to float32 for ``--ns-dtype fp32``.
 PEER_NS = PeerNewtonSchulz()
-#: normuon's built-in Newton-Schulz, timed without replacing it.
-BUILTIN_NS = BuiltinNSTimer()
+
 
 # ------------------------------------------------------------------------------ implementations
 
@@ -85,7 +86,7 @@ class ImplSpec:
     #: Orthogonalizes matrices (counts towards the Newton-Schulz flops and the probe gate).
     is_matrix: bool
     #: The normuon ``orthogonalizer`` to time; BUILTIN: normuon's default path (kept buffers),
-    #: timed through BUILTIN_NS; None: a peer timed through PEER_NS, or AdamW.
+    #: timed by normuon.check.newton_schulz_timer; None: a peer timed through PEER_NS, or AdamW.
     orthogonalizer: Callable | str | None = None
 
 
@@ -143,7 +144,8 @@ class Impl:
     params: list[torch.Tensor] = field(default_factory=list)
     grads: list[torch.Tensor] = field(default_factory=list)
     opt: object = None
-    timer: TimedOrthogonalizer | BuiltinNSTimer.Seconds | None = None
+    #: what holds the Newton-Schulz seconds: the orthogonalizer given, or (BUILTIN) a namespace
+    timer: TimedOrthogonalizer | SimpleNamespace | None = None
     note: str = ""
     first_step: float = float("nan")
     times: list[float] = field(default_factory=list)
@@ -177,7 +179,7 @@ def build(spec: ImplSpec, init, grads, ns_dtype: torch.dtype) -> Impl:
     impl.grads = [g.clone() for g in grads]
     ortho = None
     if spec.orthogonalizer == BUILTIN:
-        impl.timer = BuiltinNSTimer.Seconds()
+        impl.timer = SimpleNamespace(seconds=0.0)
     elif spec.orthogonalizer is not None:
         impl.timer = ortho = TimedOrthogonalizer(spec.orthogonalizer)
     with warnings.catch_warnings():
@@ -191,13 +193,14 @@ def do_step(impl: Impl) -> tuple[float, float]:
     for p, g in zip(impl.params, impl.grads, strict=True):
         p.grad = g
     ns0 = impl.ns_seconds()
-    BUILTIN_NS.active = impl.timer if impl.spec.orthogonalizer == BUILTIN else None
-    with warnings.catch_warnings():
+    builtin = impl.spec.orthogonalizer == BUILTIN
+    with warnings.catch_warnings(), newton_schulz_timer() if builtin else nullcontext() as ns:
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
         impl.opt.step()
         seconds = time.perf_counter() - t0
-    BUILTIN_NS.active = None
+    if builtin:
+        impl.timer.seconds += ns[0]
     return seconds, impl.ns_seconds() - ns0
 
 

@@ -34,6 +34,20 @@ def tiny_llama(seed: int = 0, tied: bool = False) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
+def tiny_mixtral(seed: int = 0) -> nn.Module:
+    """MixtralForCausalLM, 1 layer of width 16, 4 experts (top 2): experts.gate_up_proj is a
+    fused (4, 48, 16) stack and mlp.gate the (4, 16) router."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=16,
+    )  # fmt: skip
+    return MixtralForCausalLM(config)
+
+
 def build(kind: str, seed: int = 0) -> nn.Module:
     if kind == "gpt2":
         return tiny_gpt2(seed)

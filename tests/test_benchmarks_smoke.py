@@ -77,13 +77,19 @@ def test_ns_quality_quick_writes_tables(tmp_path):
     assert "gram" in text and "native bf16 GEMMs" in text
 
 
-@pytest.fixture(scope="module")
-def common():
+def _bench_module(name: str):
+    """A module of benchmarks/ (they import each other by plain name), imported with that
+    folder on sys.path for the duration of the fixture."""
     sys.path.insert(0, str(BENCH))
     try:
-        yield importlib.import_module("_common")
+        yield importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def common():
+    yield from _bench_module("_common")
 
 
 def _allocate_and_free(n: int, times: int) -> None:
@@ -113,11 +119,7 @@ def test_step_allocated_bytes_counts_each_allocation_once(common):
 
 @pytest.fixture(scope="module")
 def dist_bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("distributed_step")
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from _bench_module("distributed_step")
 
 
 @pytest.mark.parametrize("shape", [(12, 8), (8, 24), (16, 16)])

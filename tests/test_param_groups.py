@@ -862,14 +862,9 @@ def test_split_gate_up_rejects_an_odd_fused_projection():
 
 
 def test_split_gate_up_on_transformers_mixtral():
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from hf_models import tiny_mixtral
 
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
-        num_experts_per_tok=2, max_position_embeddings=16,
-    ))  # fmt: skip
+    model = tiny_mixtral()
     groups = param_groups(model, split_gate_up=True)
     by_param = {id(p): g for g in groups for p in g["params"]}
     experts = model.model.layers[0].mlp.experts
@@ -885,14 +880,9 @@ def test_split_gate_up_on_transformers_mixtral():
 def test_moe_routers_go_to_adamw_and_other_gates_stay_matrices():
     """Routers (a ...Router module, or gate/router beside experts) go to AdamW (evidence:
     docs/moe-router.md); a gated MLP's gate projection is a hidden matrix."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from hf_models import tiny_mixtral
 
-    torch.manual_seed(0)
-    mixtral = MixtralForCausalLM(MixtralConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
-        num_experts_per_tok=2, max_position_embeddings=16,
-    ))  # fmt: skip
+    mixtral = tiny_mixtral()
     got = _assignment(mixtral, param_groups(mixtral))
     assert got["model.layers.0.mlp.gate.weight"] == "adamw"
     assert got["model.layers.0.mlp.experts.gate_up_proj"] == "matrix"

@@ -138,15 +138,9 @@ def _step_with_reference_grads(model, opt, ref, ref_opt, step: int) -> None:
     """One step of both optimizers on identical gradients: the single process's, laid out as
     each DTensor parameter is by torch itself (``distribute_tensor``), so that the comparison
     sees the optimizer alone and not the different summation order of a parallel forward."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     x, y = batch(step)
     nn.functional.mse_loss(ref(x), y).backward()
-    for p, q in zip(model.parameters(), ref.parameters()):
-        if isinstance(p, DTensor):
-            p.grad = distribute_tensor(q.grad, p.device_mesh, p.placements, src_data_rank=None)
-        else:
-            p.grad = q.grad.clone()
+    _copy_grads(model, ref)
     ref_opt.step()
     opt.step()
     ref_opt.zero_grad(set_to_none=True)
@@ -296,8 +290,6 @@ def nonfinite_skip(rank: int, world: int, port: int, mesh_shape, out_dir: str) -
     """A NaN in one rank's block of a split matrix skips the whole matrix on every rank (state
     included), as one process skips it, with the flags read on the host and with device masks;
     every other parameter steps normally."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     setup(rank, world, port)
     results = {}
     for host_flags in (True, False):
@@ -309,12 +301,7 @@ def nonfinite_skip(rank: int, world: int, port: int, mesh_shape, out_dir: str) -
         for step in range(3):
             x, y = batch(step)
             nn.functional.mse_loss(ref(x), y).backward()
-            for p, q in zip(model.parameters(), ref.parameters()):
-                if isinstance(p, DTensor):
-                    p.grad = distribute_tensor(q.grad, p.device_mesh, p.placements,
-                                               src_data_rank=None)  # fmt: skip
-                else:
-                    p.grad = q.grad.clone()
+            _copy_grads(model, ref)
             if step == 1:
                 # Poison one element of rank 0's block of up.weight only; the single process
                 # sees that one element too.

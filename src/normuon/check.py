@@ -34,7 +34,7 @@ from . import newton_schulz as NS
 from .host_reads import HostReadError, NoHostReads
 from .optimizer import Muon, NorMuon
 
-__all__ = ["CheckResult", "PAPER_LAYERS", "main_check", "run_check"]
+__all__ = ["CheckResult", "PAPER_LAYERS", "main_check", "newton_schulz_timer", "run_check"]
 
 
 @dataclass
@@ -322,6 +322,32 @@ def _speed_impls(ns_dtype: torch.dtype):
     yield "pytorch_optimizer.NorMuon", po
 
 
+@contextlib.contextmanager
+def newton_schulz_timer(device: torch.device | str = "cpu") -> Iterator[list[float]]:
+    """Time normuon's built-in Newton-Schulz within the block: yields a one-element list that
+    collects the seconds spent in :func:`normuon.newton_schulz.newton_schulz_` (the optimizers'
+    default path, kept buffers), synchronizing ``device`` around each call. Replacing the
+    ``orthogonalizer`` option to time it would take the allocating custom path instead."""
+    device = torch.device(device)
+    seconds = [0.0]
+    original = NS.newton_schulz_
+
+    def timed(*args, **kwargs):
+        _sync(device)
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _sync(device)
+            seconds[0] += time.perf_counter() - t0
+
+    NS.newton_schulz_ = timed
+    try:
+        yield seconds
+    finally:
+        NS.newton_schulz_ = original
+
+
 def _step_seconds(factory, shapes, device, reps) -> tuple[float, float]:
     """(median step seconds, median seconds inside normuon's Newton-Schulz) after a warm-up."""
     gen = torch.Generator().manual_seed(3)
@@ -329,17 +355,6 @@ def _step_seconds(factory, shapes, device, reps) -> tuple[float, float]:
               for s in shapes]  # fmt: skip
     grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
     opt = factory(params)
-    ns_time = [0.0]
-    original = NS.newton_schulz_
-
-    def timed_ns(*args, **kwargs):
-        _sync(device)
-        t0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            _sync(device)
-            ns_time[0] += time.perf_counter() - t0
 
     def step():
         for p, g in zip(params, grads):
@@ -347,15 +362,11 @@ def _step_seconds(factory, shapes, device, reps) -> tuple[float, float]:
         opt.step()
 
     step()
-    NS.newton_schulz_ = timed_ns
-    try:
-        steps, ns = [], []
-        for _ in range(reps):
-            ns_time[0] = 0.0
+    steps, ns = [], []
+    for _ in range(reps):
+        with newton_schulz_timer(device) as seconds:
             steps.append(_timed(step, device))
-            ns.append(ns_time[0])
-    finally:
-        NS.newton_schulz_ = original
+        ns.append(seconds[0])
     steps.sort()
     ns.sort()
     return steps[len(steps) // 2], ns[len(ns) // 2]

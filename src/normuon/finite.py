@@ -45,15 +45,11 @@ class FiniteCheck:
 class NonfiniteGuard:
     """Flags gradients with a NaN/Inf and counts the skipped (parameter, step) updates.
 
-    Args:
-        mode: ``"skip"`` or ``"raise"`` (the ``nonfinite_grads`` option).
-        host_reads: ``"auto"``: read the flags back where they live on the CPU; ``"never"``:
-            keep them on the device everywhere (the ``host_reads`` option).
+    Holds only the counter; what to do (the ``nonfinite_grads`` and ``host_reads`` options) is
+    the caller's, passed with each call.
     """
 
-    def __init__(self, mode: str, host_reads: str) -> None:
-        self.mode = mode
-        self.host_reads = host_reads
+    def __init__(self) -> None:
         #: int64 0-d tensor on the gradients' device; None until the first check.
         self.counter: torch.Tensor | None = None
 
@@ -66,9 +62,15 @@ class NonfiniteGuard:
         """Set the counter (unpickling, deepcopy)."""
         self.counter = torch.tensor(skips, dtype=torch.int64) if skips else None
 
-    def check(self, grads: Sequence[torch.Tensor], combine: Combine) -> FiniteCheck:
-        """Flags for one group's gradients (``"skip"`` mode; ``"raise"`` checked up front)."""
-        if self.mode == "raise" or not grads:
+    def check(
+        self, grads: Sequence[torch.Tensor], combine: Combine, host_reads: str
+    ) -> FiniteCheck:
+        """Flags for one group's gradients (``"skip"`` mode), counted.
+
+        ``host_reads``: ``"auto"`` reads the flags back where they live on the CPU (and the
+        caller drops the skipped parameters); ``"never"`` keeps them on the device as masks.
+        """
+        if not grads:
             return FiniteCheck()
         flags = combine(F.finite_flags(grads))
         stacked = torch.stack(flags)
@@ -76,12 +78,14 @@ class NonfiniteGuard:
         if self.counter is None:
             self.counter = torch.zeros((), dtype=torch.int64, device=bad.device)
         self.counter += bad.to(self.counter.device)
-        if self._read_on_host(stacked.device):
+        on_host = host_reads == "auto" and stacked.device.type == "cpu"
+        if on_host and not torch.compiler.is_compiling():
             return FiniteCheck(keep=stacked.tolist())
         return FiniteCheck(masks=flags)
 
+    @staticmethod
     def raise_on_nonfinite(
-        self, grads: Sequence[torch.Tensor], names: Sequence[str], combine: Combine
+        grads: Sequence[torch.Tensor], names: Sequence[str], combine: Combine
     ) -> None:
         """``"raise"`` mode: FloatingPointError naming every parameter with a NaN/Inf gradient
         (reads the flags: this mode syncs by design)."""
@@ -91,10 +95,3 @@ class NonfiniteGuard:
         bad = [name for name, ok in zip(names, torch.stack(flags).tolist()) if not ok]
         if bad:
             raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}")
-
-    def _read_on_host(self, device: torch.device) -> bool:
-        return (
-            self.host_reads == "auto"
-            and device.type == "cpu"
-            and not torch.compiler.is_compiling()
-        )

@@ -33,7 +33,6 @@ __all__ = [
     "finite_flags",
     "inverse_rms",
     "momentum_and_input_",
-    "momentum_and_input_rounded_",
     "muon_factors",
     "normuon_factors_",
     "stochastic_round_",
@@ -73,6 +72,7 @@ def momentum_and_input_(
     beta1: Scalar,
     nesterov: bool,
     out: torch.Tensor,
+    rounding: tuple[torch.Tensor, torch.Tensor, torch.Generator | None] | None = None,
 ) -> None:
     """The momentum update M <- beta1 M + (1 - beta1) G in place, then the Newton-Schulz input
     U = G.lerp(M, beta1) (``nesterov``) or U = M written into ``out``, with ``out`` as the only
@@ -80,46 +80,28 @@ def momentum_and_input_(
     meet float32 state there).
 
     Where ``ok`` (a 0-d bool tensor) is False, G is replaced by M: M stays as it was and U = M
-    (finite; the update is zeroed later anyway). None: the caller knows G is finite."""
-    if ok is None:
-        out.copy_(grad)
-    else:
-        torch.where(ok, grad, momentum_buffer, out=out)
-    momentum_buffer.lerp_(out, 1.0 - beta1)
-    if nesterov:
-        torch.lerp(out, momentum_buffer, beta1, out=out)
-    else:
-        out.copy_(momentum_buffer)
+    (finite; the update is zeroed later anyway). None: the caller knows G is finite.
 
-
-def momentum_and_input_rounded_(
-    momentum_buffer: torch.Tensor,
-    grad: torch.Tensor,
-    ok: torch.Tensor | None,
-    beta1: Scalar,
-    nesterov: bool,
-    out: torch.Tensor,
-    scratch: tuple[torch.Tensor, torch.Tensor, torch.Generator | None],
-) -> None:
-    """:func:`momentum_and_input_` for a bfloat16 momentum buffer: M and U are computed in
-    ``out``'s precision (float32) and M is stored back stochastically rounded, so the buffer is
-    unbiased: E[bf16(M)] = M, and updates far below bf16's resolution are not lost.
-
-    ``scratch``: (a float32 tensor shaped like ``out`` for the new M, an int32 one for the
-    random bits, the generator drawing them, or None for torch's default).
+    ``rounding``, for a momentum stored in lower precision than ``out`` (bfloat16): (a tensor
+    shaped like ``out`` in its dtype, an int32 one, a generator or None). M and U are then
+    computed in ``out``'s precision and M is stored back with :func:`stochastic_round_`, so the
+    buffer is unbiased and updates far below bf16's resolution are not lost.
     """
-    m_new, noise, generator = scratch
     if ok is None:
         out.copy_(grad)
     else:
         torch.where(ok, grad, momentum_buffer, out=out)
-    m_new.copy_(momentum_buffer)
-    m_new.lerp_(out, 1.0 - beta1)
+    m = momentum_buffer
+    if rounding is not None:
+        m = rounding[0]
+        m.copy_(momentum_buffer)
+    m.lerp_(out, 1.0 - beta1)
     if nesterov:
-        torch.lerp(out, m_new, beta1, out=out)
+        torch.lerp(out, m, beta1, out=out)
     else:
-        out.copy_(m_new)
-    stochastic_round_(momentum_buffer, m_new, noise, generator)
+        out.copy_(m)
+    if rounding is not None:
+        stochastic_round_(momentum_buffer, m, rounding[1], rounding[2])
 
 
 def stochastic_round_(

@@ -135,13 +135,10 @@ def _write_inputs(
         local = tensors.local[block.index]
         momentum = geometry.as_matrices(local.momentum)[:, rows]
         grad = geometry.as_matrices(local.grad)[:, rows]
-        if momentum.dtype == out.dtype:
-            F.momentum_and_input_(momentum, grad, tensors.flag(block), hyper.momentum,
-                                  hyper.nesterov, out)  # fmt: skip
-        else:  # a bf16 momentum (state_dtype): updated in float32, stored rounded
-            F.momentum_and_input_rounded_(momentum, grad, tensors.flag(block), hyper.momentum,
-                                          hyper.nesterov, out,
-                                          workspace.rounding_scratch(out))  # fmt: skip
+        # A bf16 momentum (state_dtype) is updated in float32 and stored rounded.
+        rounding = None if momentum.dtype == out.dtype else workspace.rounding_scratch(out)
+        F.momentum_and_input_(momentum, grad, tensors.flag(block), hyper.momentum,
+                              hyper.nesterov, out, rounding)  # fmt: skip
 
 
 def _orthogonalize_(u: torch.Tensor, hyper: MatrixHyper, workspace: Workspace) -> None:

@@ -575,9 +575,6 @@ def newton_schulz_gram(
             f"newton_schulz_gram expects a (B, m, n) stack, got shape {tuple(u.shape)}"
         )
     work = ns_compute_dtype(dtype, u.device) if compute_dtype is None else compute_dtype
-    _check_restarts(
-        gram_restarts(len(coefficients), work) if restarts is None else restarts, len(coefficients)
-    )
     out = torch.empty(u.shape, dtype=dtype, device=u.device)
     scratch = NSScratch.allocate(u.shape[0], u.shape[-2], u.shape[-1], work, u.device)
     newton_schulz_(u, coefficients, scratch, use_gram=True, restarts=restarts, out=out)

@@ -106,8 +106,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def _init_runtime(self) -> None:
         """Attributes that are not saved: rebuilt after unpickling or deepcopy."""
-        self._guard = NonfiniteGuard(self.nonfinite_grads, self.host_reads)
-        self._distributor = Distributor(self.comm_dtype)
+        self._guard = NonfiniteGuard()
+        self._distributor = Distributor()
         self._plans_cache: list[list[ParamPlan]] | None = None
         # Per group, the batches of its matrix blocks (empty for AdamW groups); with the plans.
         self._batches_cache: list[tuple[BlockBatch, ...]] = []
@@ -352,7 +352,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             for key in sorted(self.state[p]):
                 tensors.append(self.state[p][key])
                 owners.append(plan)
-        self._distributor.gather_owned_state(tensors, owners)
+        self._distributor.sync_replicated(tensors, owners)
         result = super().state_dict()
         for p in borrowed:  # the returned dict keeps them; this rank does not
             del self.state[p]
@@ -471,7 +471,6 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plans = self._plans()
-        self._guard.mode, self._guard.host_reads = self.nonfinite_grads, self.host_reads
         if self.nonfinite_grads == "raise":
             self._raise_on_nonfinite(plans)
         for group, group_plans, batches in zip(self.param_groups, plans, self._batches_cache):
@@ -500,8 +499,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             entries.append((plan, p, local_tensor(self._grad_of(p, plan.name))))
         if not entries:
             return entries, None
+        if self.nonfinite_grads == "raise":  # every gradient was checked before the step
+            return entries, None
         chosen = [plan for plan, _, _ in entries]
-        check: FiniteCheck = self._guard.check([g for _, _, g in entries], self._combine(chosen))
+        check: FiniteCheck = self._guard.check([g for _, _, g in entries], self._combine(chosen),
+                                               self.host_reads)  # fmt: skip
         if check.keep is not None:
             entries = [e for e, finite in zip(entries, check.keep) if finite]
         return entries, check.masks
@@ -577,17 +579,17 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         for plan, m in sharded:
             u = torch.empty_like(m.momentum, dtype=F.accum_dtype(m.momentum.dtype))
             flag = None if ok is None else ok[plan.index]
-            if m.momentum.dtype == u.dtype:
-                F.momentum_and_input_(m.momentum, m.grad, flag, hyper.momentum, hyper.nesterov, u)
-            else:  # a bf16 momentum (state_dtype): updated in float32, stored rounded
-                scratch = (torch.empty_like(u), torch.empty_like(u, dtype=torch.int32),
-                           self._workspace.generator(u.device))  # fmt: skip
-                F.momentum_and_input_rounded_(m.momentum, m.grad, flag, hyper.momentum,
-                                              hyper.nesterov, u, scratch)  # fmt: skip
+            rounding = None  # a bf16 momentum (state_dtype): updated in float32, stored rounded
+            if m.momentum.dtype != u.dtype:
+                rounding = (torch.empty_like(u), torch.empty_like(u, dtype=torch.int32),
+                            self._workspace.generator(u.device))  # fmt: skip
+            F.momentum_and_input_(m.momentum, m.grad, flag, hyper.momentum, hyper.nesterov, u,
+                                  rounding)  # fmt: skip
             inputs.append(u)
         return self._distributor.gather(
-            [plan for plan, _ in sharded], inputs, [m.second_moment for _, m in sharded]
-        )
+            [plan for plan, _ in sharded], inputs, [m.second_moment for _, m in sharded],
+            self.comm_dtype,
+        )  # fmt: skip
 
     def _return_sharded(
         self, sharded, owned: list[OwnedMatrix], ok, hyper: MatrixHyper
@@ -597,7 +599,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             return
         returned = self._distributor.scatter(
             [plan for plan, _ in sharded], owned, [m.param for _, m in sharded],
-            [m.second_moment for _, m in sharded],
+            [m.second_moment for _, m in sharded], self.comm_dtype,
         )  # fmt: skip
         for (plan, m), (update_block, v_block) in zip(sharded, returned):
             if update_block.numel():

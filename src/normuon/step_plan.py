@@ -70,8 +70,8 @@ class BlockBatch:
         m, n: rows and columns of every matrix.
         dtype: dtype of the Newton-Schulz input buffer (the members' state dtype).
         device: where the members live.
-        blocks: the members, in order.
-        stack: total matrices of all members (the input buffer holds (stack, m, n)).
+        blocks: the members, in order (a step's input buffer holds the (stack, m, n) matrices of
+            those that have a gradient).
     """
 
     m: int
@@ -79,10 +79,6 @@ class BlockBatch:
     dtype: torch.dtype
     device: torch.device
     blocks: tuple[MatrixBlock, ...]
-
-    @property
-    def stack(self) -> int:
-        return sum(block.stack for block in self.blocks)
 
     @property
     def reduce_dim(self) -> int:
@@ -149,33 +145,26 @@ def plan_batches(
 class Workspace:
     """Flat buffers, one per (purpose, dtype, device), reused by every batch of every step.
 
-    A buffer is allocated on first use at the largest size asked so far (or reserved with
-    :meth:`reserve`), so after the first step nothing is allocated again. Batches run one after
-    another, so one buffer per purpose serves all of them.
+    A buffer is (re)allocated when a batch asks for more than it holds, so after the first
+    step nothing is allocated again. Batches run one after another, so one buffer per purpose
+    serves all of them.
     """
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
-        self._reserved: dict[tuple[str, torch.dtype, str], int] = {}
         self._generators: dict[str, torch.Generator] = {}
-
-    def reserve(self, purpose: str, dtype: torch.dtype, device: torch.device, numel: int) -> None:
-        """Make the first allocation of this buffer at least ``numel`` elements."""
-        key = (purpose, dtype, str(device))
-        self._reserved[key] = max(self._reserved.get(key, 0), numel)
 
     def flat(self, purpose: str, dtype: torch.dtype, device: torch.device, numel: int):
         """A 1-D view of ``numel`` elements of the buffer (contents undefined)."""
         key = (purpose, dtype, str(device))
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
-            size = max(numel, self._reserved.get(key, 0))
-            buffer = self._buffers[key] = torch.empty(size, dtype=dtype, device=device)
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buffer[:numel]
 
     def rounding_scratch(self, like: torch.Tensor):
-        """(float32 and int32 buffers shaped like ``like``, this device's generator) for
-        :func:`normuon.functional.momentum_and_input_rounded_`."""
+        """(float32 and int32 buffers shaped like ``like``, this device's generator): the
+        ``rounding`` of :func:`normuon.functional.momentum_and_input_`."""
         m_new = self.flat("rounded_momentum", like.dtype, like.device, like.numel())
         noise = self.flat("rounding_noise", torch.int32, like.device, like.numel())
         return m_new.view(like.shape), noise.view(like.shape), self.generator(like.device)
@@ -191,10 +180,6 @@ class Workspace:
     def generators(self) -> list[torch.Generator]:
         """The generators created so far (a CUDA graph must register them)."""
         return list(self._generators.values())
-
-    def nbytes(self) -> int:
-        """Bytes held (reported by benchmarks)."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
     def clear(self) -> None:
         self._buffers.clear()

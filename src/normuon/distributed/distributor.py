@@ -44,13 +44,10 @@ class OwnedMatrix:
 class Distributor:
     """Moves the step's data for sharded (FSDP2 / TP) and replicated (DDP) parameters.
 
-    Args:
-        comm_dtype: the ``comm_dtype`` option: ``"auto"`` (bf16 on CUDA, exact elsewhere),
-            None (exact) or a dtype for U and D on the wire.
+    Stateless: what the wire carries comes with each call (the optimizer's ``comm_dtype``
+    option: ``"auto"``, bf16 on CUDA and exact elsewhere; None, exact; or a dtype), so changing
+    the option on a live optimizer takes effect at the next step.
     """
-
-    def __init__(self, comm_dtype: Any) -> None:
-        self.comm_dtype = comm_dtype
 
     # ------------------------------------------------------------------ finite flags
 
@@ -73,19 +70,21 @@ class Distributor:
 
     # ------------------------------------------------------------------ sharded matrices
 
-    def wire_dtype(self, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    @staticmethod
+    def wire_dtype(device: torch.device, dtype: torch.dtype, comm_dtype: Any) -> torch.dtype:
         """dtype of U and D on the wire for tensors of ``dtype`` on ``device``."""
-        return comm.wire_dtype_for(device, self.comm_dtype) or dtype
+        return comm.wire_dtype_for(device, comm_dtype) or dtype
 
     def gather(
         self,
         plans: Sequence[ParamPlan],
         inputs: Sequence[torch.Tensor],
         second_moments: Sequence[torch.Tensor | None],
+        comm_dtype: Any,
     ) -> list[OwnedMatrix]:
         """Send every rank's block of U (and of the second moment) to the matrix's owner; returns
         the matrices this rank owns, assembled (one all_to_all per mesh)."""
-        wire = self.wire_dtype(inputs[0].device, inputs[0].dtype)
+        wire = self.wire_dtype(inputs[0].device, inputs[0].dtype, comm_dtype)
         full = gather_to_owners(plans, inputs, second_moments, wire)
         return [OwnedMatrix(plans[k], u, v) for k, (u, v) in sorted(full.items())]
 
@@ -95,13 +94,14 @@ class Distributor:
         owned: Sequence[OwnedMatrix],
         params: Sequence[torch.Tensor],
         second_moments: Sequence[torch.Tensor | None],
+        comm_dtype: Any,
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Send the owners' updates (and new second moments) back; returns per plan this rank's
         (block of D, block of v or None), shaped like ``params[k]`` / ``second_moments[k]``."""
         index = {id(plan): k for k, plan in enumerate(plans)}
         results = {index[id(o.plan)]: (o.update, o.second_moment) for o in owned}
         device = params[0].device
-        back = self.wire_dtype(device, accum_dtype(params[0].dtype))
+        back = self.wire_dtype(device, accum_dtype(params[0].dtype), comm_dtype)
         moment = next((v for v in second_moments if v is not None), None)
         dtypes = (back, moment.dtype if moment is not None else back)
         shapes = [
@@ -114,8 +114,9 @@ class Distributor:
 
     @staticmethod
     def sync_replicated(tensors: Sequence[torch.Tensor], plans: Sequence[ParamPlan]) -> None:
-        """Every rank receives the replicated tensors their owners updated (one all_gather per
-        dtype)."""
+        """Every rank receives the replicated tensors their owners updated (``tensors[j]``
+        belongs to ``plans[j]``; one all_gather per dtype): parameters after a step, and the
+        state for ``state_dict()``."""
         if not tensors:
             return
         group = plans[0].group
@@ -144,9 +145,3 @@ class Distributor:
             local, p.device_mesh, plan.state_placements, run_check=False, shape=full_shape,
             stride=stride,
         )  # fmt: skip
-
-    @staticmethod
-    def gather_owned_state(tensors: Sequence[torch.Tensor], plans: Sequence[ParamPlan]) -> None:
-        """Replicated mode, for ``state_dict()``: every rank receives the owners' state
-        (``tensors[j]`` belongs to ``plans[j]``)."""
-        Distributor.sync_replicated(tensors, plans)
