@@ -39,7 +39,10 @@ def as_matrices(t: torch.Tensor, layout: str = "auto") -> torch.Tensor:
 
 
 class ReferenceMatrixOptimizer:
-    """NorMuon (neuron_norm=True) or Muon (False) on a list of float64 tensors."""
+    """NorMuon (neuron_norm=True) or Muon (False) on a list of float64 tensors, with the
+    paper's ablations as options: ``normalize="elements"`` (Muon+Adam), ``normalize_input``
+    (NorMuon (Front)), ``normalize_matrices="tall"`` (NorMuon on m > n blocks only) and
+    ``beta2=0`` (Muon with row normalization)."""
 
     def __init__(
         self,
@@ -58,6 +61,8 @@ class ReferenceMatrixOptimizer:
         split_sizes=None,
         layout="auto",
         cautious_weight_decay=False,
+        normalize_input=False,
+        normalize_matrices="all",
     ):
         self.params = [p.detach().double().clone() for p in params]
         self.momentum = [torch.zeros_like(p) for p in self.params]
@@ -66,7 +71,8 @@ class ReferenceMatrixOptimizer:
             neuron_norm=neuron_norm, lr=lr, beta1=momentum, beta2=beta2, nesterov=nesterov,
             eps=eps, wd=weight_decay, coefficients=coefficients, update_scale=update_scale,
             normalize=normalize, split_sizes=split_sizes, layout=layout,
-            cautious=cautious_weight_decay,
+            cautious=cautious_weight_decay, normalize_input=normalize_input,
+            normalize_matrices=normalize_matrices,
         )  # fmt: skip
 
     def _blocks(self, m):
@@ -92,28 +98,47 @@ class ReferenceMatrixOptimizer:
                 self.v[i] = [None] * (B * len(blocks))
             for b in range(B):
                 for k, (r0, r1) in enumerate(blocks):
+                    m, slot = r1 - r0, b * len(blocks) + k
+                    rescaled = self.neuron_norm and (self.normalize_matrices == "all" or m > n)
+                    if rescaled and self.normalize_input:  # NorMuon (Front): rescale U, then Muon
+                        Ub = U3[b, r0:r1]
+                        O = ns_reference(
+                            Ub / self._denominator(Ub, m, n, i, slot), self.coefficients
+                        )
+                        D3[b, r0:r1] = self._muon(O, m, n)
+                        continue
                     O = ns_reference(U3[b, r0:r1], self.coefficients)
-                    m = r1 - r0
-                    D3[b, r0:r1] = self._scale(O, m, n, i, b * len(blocks) + k)
+                    D3[b, r0:r1] = (
+                        self._scale(O, m, n, i, slot) if rescaled else self._muon(O, m, n)
+                    )
             D = D3.mT.reshape(p.shape) if self.layout == "transposed" else D3.reshape(p.shape)
             if self.cautious:  # arXiv 2510.12402: decay where D and W agree in sign (ties too)
                 p.sub_(self.lr * (D + self.wd * (D * p >= 0) * p))
             else:
                 p.mul_(1 - self.lr * self.wd).sub_(self.lr * D)
 
-    def _scale(self, O, m, n, i, slot):
-        if not self.neuron_norm:
-            if self.update_scale == "preserve_norm":
-                return O * math.sqrt(max(1.0, m / n))
-            return O * 0.2 * math.sqrt(m * n) / torch.linalg.norm(O)
-        rows = self.normalize == "rows" or m >= n
-        r = (O * O).mean(dim=1) if rows else (O * O).mean(dim=0)
+    def _muon(self, O, m, n):
+        if self.update_scale == "preserve_norm":
+            return O * math.sqrt(max(1.0, m / n))
+        return O * 0.2 * math.sqrt(m * n) / torch.linalg.norm(O)
+
+    def _denominator(self, X, m, n, i, slot):
+        """sqrt(v) + eps after v's EMA step with X's statistic, shaped to divide X:
+        per row (m, 1), per column (1, n), or per weight (m, n) for normalize="elements"."""
+        if self.normalize == "elements":
+            r = X * X
+        elif self.normalize == "rows" or m >= n:
+            r = (X * X).mean(dim=1, keepdim=True)
+        else:
+            r = (X * X).mean(dim=0, keepdim=True)
         if self.v[i][slot] is None:
             self.v[i][slot] = torch.zeros_like(r)
         v = self.v[i][slot]
         v.mul_(self.beta2).add_((1 - self.beta2) * r)
-        denom = v.sqrt() + self.eps
-        Oh = O / denom[:, None] if rows else O / denom[None, :]
+        return v.sqrt() + self.eps
+
+    def _scale(self, O, m, n, i, slot):
+        Oh = O / self._denominator(O, m, n, i, slot)
         if self.update_scale == "preserve_norm":
             return Oh * torch.linalg.norm(O) / torch.linalg.norm(Oh) * math.sqrt(max(1.0, m / n))
         return Oh * 0.2 * math.sqrt(m * n) / torch.linalg.norm(Oh)

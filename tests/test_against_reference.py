@@ -181,3 +181,95 @@ def test_adamw_groups_cautious_weight_decay_match_reference():
     for p, r, q in zip(params, expected, plain):
         torch.testing.assert_close(p.detach(), r, rtol=1e-10, atol=1e-12)
         assert (r - q).abs().max() > 1e-3  # the mask changed something
+
+
+# The paper's ablations (arXiv 2510.05491, Sec. 4.1.3 and App. A.2) as NorMuon options.
+VARIANTS = {
+    "muon_adam": {"normalize": "elements"},
+    "front": {"normalize_input": True},
+    "front_larger_dim": {"normalize_input": True, "normalize": "larger_dim"},
+    "tall_only": {"normalize_matrices": "tall"},
+    "rownorm": {"beta2": 0.0},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("update_scale", ["preserve_norm", "adam_rms"])
+def test_ablation_variants_match_reference(case, variant, update_scale):
+    shapes, extra = CASES[case]
+    opts = dict(lr=0.02, update_scale=update_scale, weight_decay=0.1, **VARIANTS[variant],
+                **extra)  # fmt: skip
+    params, ref, _ = _run(NorMuon, shapes, opts, torch.float32, torch.float32)
+    for p, r in zip(params, ref.params):
+        assert _rel_err(p.detach(), r) < 2e-6
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_ablation_variants_float64_exact(variant):
+    # (in, out) weights split in three, tall and wide ones among them
+    opts = dict(lr=0.02, layout="transposed", split_sizes=(4, 8, 12), **VARIANTS[variant])
+    shapes = [(8, 24), (3, 24), (30, 24)]
+    params, ref, _ = _run(NorMuon, shapes, opts, torch.float64, torch.float64)
+    for p, r in zip(params, ref.params):
+        assert _rel_err(p.detach(), r) < 1e-12
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_ablation_variants_differ_from_normuon_and_muon(variant):
+    """On tall and wide matrices every variant is its own algorithm (so the reference tests
+    above can fail): its updates differ from NorMuon's and from Muon's."""
+    shapes = [(24, 8), (8, 24)]
+    ours, _, _ = _run(NorMuon, shapes, dict(lr=0.02, **VARIANTS[variant]), torch.float32,
+                      torch.float32)  # fmt: skip
+    for cls in (NorMuon, Muon):
+        other, _, _ = _run(cls, shapes, {"lr": 0.02}, torch.float32, torch.float32)
+        assert max(_rel_err(p.detach(), q.detach().double()) for p, q in zip(ours, other)) > 1e-3
+
+
+def test_tall_only_is_normuon_on_tall_and_muon_on_wide():
+    tall_wide = [(24, 8), (8, 24)]
+    ours, _, _ = _run(NorMuon, tall_wide, {"normalize_matrices": "tall"}, torch.float64,
+                      torch.float64)  # fmt: skip
+    normuon, _, _ = _run(NorMuon, tall_wide, {}, torch.float64, torch.float64)
+    muon, _, _ = _run(Muon, tall_wide, {}, torch.float64, torch.float64)
+    torch.testing.assert_close(ours[0], normuon[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(ours[1], muon[1], rtol=1e-12, atol=0)
+
+
+def test_ablation_state_sizes():
+    """Muon+Adam keeps a second moment shaped like each parameter (2mn with the momentum);
+    the others NorMuon's m entries per matrix."""
+    shapes = [(24, 8), (4, 6, 5), (8, 24)]
+    for opts, key, expected in [
+        ({"normalize": "elements"}, "element_second_moment", shapes),
+        ({"normalize_input": True}, "neuron_second_moment", [(24,), (4, 6), (8,)]),
+        ({"normalize_matrices": "tall"}, "neuron_second_moment", [(24,), (4, 6), (8,)]),
+        ({"beta2": 0.0}, "neuron_second_moment", [(24,), (4, 6), (8,)]),
+    ]:
+        params, _, opt = _run(NorMuon, shapes, opts, torch.float32, torch.float32, steps=1)
+        for p, shape in zip(params, expected):
+            assert sorted(opt.state[p]) == sorted(["momentum_buffer", key])
+            assert tuple(opt.state[p][key].shape) == tuple(shape)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("host_reads", ["auto", "never"])
+def test_ablation_variants_skip_a_nonfinite_matrix(variant, host_reads):
+    """A NaN gradient leaves its matrix and its state untouched under every variant."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(8, 6, generator=gen)) for _ in range(2)]
+    opt = NorMuon(params, lr=0.1, ns_dtype="float32", host_reads=host_reads, **VARIANTS[variant])
+    for p in params:
+        p.grad = torch.randn(8, 6, generator=gen)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    params[0].grad = torch.full((8, 6), float("nan"))
+    params[1].grad = torch.randn(8, 6, generator=gen)
+    opt.step()
+    assert torch.equal(params[0].detach(), before[0])
+    for k, v in state.items():
+        assert torch.equal(opt.state[params[0]][k], v), k
+    assert not torch.equal(params[1].detach(), before[1])
+    assert opt.nonfinite_skips == 1

@@ -75,11 +75,13 @@ def _grads(params, step):
     return grads
 
 
-def _train(cls, tensor_hyper: bool, host_reads: str, guard: bool, steps=4, dtype=torch.float32):
+def _train(cls, tensor_hyper: bool, host_reads: str, guard: bool, steps=4, dtype=torch.float32,
+           **options):  # fmt: skip
     params = _params(dtype=dtype)
     extra = {"beta2": 0.9375, "eps": 2**-27} if cls is NorMuon else {}
+    extra.update(options)
     if tensor_hyper:
-        extra = {k: torch.tensor(v) for k, v in extra.items()}
+        extra = {k: torch.tensor(v) if isinstance(v, float) else v for k, v in extra.items()}
     opt = cls(_groups(params, tensor_hyper), ns_dtype="float32", host_reads=host_reads, **extra)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
     for step in range(steps):
@@ -107,6 +109,27 @@ def test_device_path_step_has_no_host_reads_and_equals_host_path(cls, tensor_hyp
     if tensor_hyper:  # the scheduler moved the Tensor lr in place: still a tensor
         assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
         torch.testing.assert_close(opt.param_groups[0]["lr"], torch.tensor(2**-6 / 5))
+
+
+ABLATIONS = {
+    "muon_adam": {"normalize": "elements"},
+    "front": {"normalize_input": True},
+    "tall_only": {"normalize_matrices": "tall"},
+    "rownorm": {"beta2": 0.0},
+}
+
+
+@pytest.mark.parametrize("variant", list(ABLATIONS))
+@pytest.mark.parametrize("tensor_hyper", [False, True], ids=["float", "tensor"])
+def test_ablation_variants_have_no_host_reads(variant, tensor_hyper):
+    """The paper's ablations (NorMuon options) keep the device path free of host reads and
+    equal to the host path."""
+    options = ABLATIONS[variant]
+    params, opt = _train(NorMuon, tensor_hyper, "never", guard=True, **options)
+    reference, _ = _train(NorMuon, False, "auto", guard=False, **options)
+    for name in params:
+        torch.testing.assert_close(params[name], reference[name], rtol=2e-6, atol=1e-7)
+    assert opt.nonfinite_skips == 2
 
 
 @pytest.mark.parametrize("cls", CLASSES)

@@ -53,9 +53,11 @@ def test_tensor_parallel_matches_single_process(tmp_path, mesh_shape):
         assert report["collectives"] <= 12, report
 
 
-def test_dcp_checkpoints_move_across_mesh_shapes(tmp_path):
+@pytest.mark.parametrize("opts", [{}, {"normalize": "elements"}], ids=["normuon", "muon_adam"])
+def test_dcp_checkpoints_move_across_mesh_shapes(tmp_path, opts):
     """(dp 2, tp 2) -> one process -> (dp 4) FSDP2 -> (tp 2), each stage equal to the
-    uninterrupted single process after it."""
+    uninterrupted single process after it (Muon+Adam: a second moment placed as each
+    parameter, resharded with it)."""
     stages = [([("dp", 2), ("tp", 2)], 2), ([], 1), ([("dp", 4)], 1), ([("tp", 2)], 1)]
     done, previous = 0, None
     for k, (mesh, steps) in enumerate(stages):
@@ -63,7 +65,7 @@ def test_dcp_checkpoints_move_across_mesh_shapes(tmp_path):
         for _, size in mesh:
             world *= size
         path = str(tmp_path / f"stage{k}")
-        spawn(T.dcp_stage, world, mesh, previous, path, done, steps)
+        spawn(T.dcp_stage, world, mesh, previous, path, done, steps, opts)
         done, previous = done + steps, path
 
 

@@ -201,8 +201,31 @@ def test_bad_update_scale(cls, value):
 
 @pytest.mark.parametrize("value", ["columns", "larger", None])
 def test_bad_normalize(value):
-    with pytest.raises(ValueError, match=r"normalize must be one of \('rows', 'larger_dim'\)"):
+    pattern = r"normalize must be one of \('rows', 'larger_dim', 'elements'\)"
+    with pytest.raises(ValueError, match=pattern):
         NorMuon([_w(4, 4)], normalize=value)
+
+
+@pytest.mark.parametrize(
+    "option,value,pattern",
+    [
+        ("normalize_input", 1, "normalize_input must be True or False, got 1"),
+        ("normalize_input", "yes", "normalize_input must be True or False"),
+        ("normalize_matrices", "wide", r"normalize_matrices must be one of \('all', 'tall'\)"),
+        ("normalize_matrices", None, "normalize_matrices must be one of"),
+    ],
+)
+def test_bad_ablation_options(option, value, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        NorMuon([_w(4, 4)], **{option: value})
+    with pytest.raises(ValueError, match=pattern):
+        NorMuon([{"params": [_w(4, 4)], option: value}])
+
+
+def test_ablation_options_are_normuon_only():
+    for option, value in (("normalize_input", True), ("normalize_matrices", "tall")):
+        with pytest.raises(TypeError, match=option):
+            Muon([_w(4, 4)], **{option: value})
 
 
 @pytest.mark.parametrize("cls", BOTH)

@@ -131,6 +131,11 @@ CASES = [
     (Muon, dict(update_scale="adam_rms")),
     # Elementwise on each rank's blocks of W and D, column-sharded blocks included.
     (NorMuon, dict(update_scale="preserve_norm", normalize="rows", cautious_weight_decay=True)),
+    # The paper's ablations: the Muon+Adam second moment is a DTensor placed as its parameter.
+    (NorMuon, dict(normalize="elements", split=True)),
+    (NorMuon, dict(normalize_input=True, update_scale="adam_rms")),
+    (NorMuon, dict(normalize_matrices="tall", split=True)),
+    (NorMuon, dict(beta2=0.0)),
 ]
 
 
@@ -257,7 +262,7 @@ def _floor_bytes(model, opt, rank: int) -> int:
 
 def dcp_stage(
     rank: int, world: int, port: int, mesh: list, load: str | None, save: str, done: int,
-    more: int,
+    more: int, opts: dict,
 ) -> None:  # fmt: skip
     """Load a DCP checkpoint saved at another mesh shape (or start fresh), train ``more`` steps,
     check against the uninterrupted single process, and save again."""
@@ -269,14 +274,14 @@ def dcp_stage(
     mesh_shape = tuple(size for _, size in mesh)
     if mesh:
         model = parallelize(model, mesh_shape, [name for name, _ in mesh])
-    opt = make_opt(model)
+    opt = make_opt(model, **opts)
     if load:
         model_sd, optim_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=load)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     ref = make_block()
-    ref_opt = make_opt(ref)
+    ref_opt = make_opt(ref, **opts)
     train(ref, ref_opt, done)
     for step in range(done, done + more):
         _step_with_reference_grads(model, opt, ref, ref_opt, step)

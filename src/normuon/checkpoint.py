@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .geometry import matrix_geometry
+from .geometry import matrix_geometry, second_moment_key
 from .options import Option, validate_group
 
 __all__ = ["check_state_dict"]
@@ -87,7 +87,7 @@ def _check_saved_state(
             geometry = matrix_geometry(
                 p.shape, group["layout"], group["split_sizes"], group["normalize"]
             )
-            expected["neuron_second_moment"] = geometry.state_shape
+            expected[second_moment_key(group["normalize"])] = geometry.state_shape
     missing = sorted(set(expected) - set(saved))
     if missing:
         raise ValueError(f"{where}: saved state lacks {missing} (has {sorted(saved)})")

@@ -35,8 +35,10 @@ __all__ = [
     "momentum_and_input_",
     "muon_factors",
     "normuon_factors_",
+    "rescale_input_",
     "stochastic_round_",
     "sub_scaled_",
+    "update_second_moment_",
 ]
 
 #: Update RMS of the ``adam_rms`` convention (NorMuon paper, Algorithm 1; Moonlight's 0.2).
@@ -129,20 +131,53 @@ def inverse_rms(v: torch.Tensor, eps: Scalar) -> torch.Tensor:
     return torch.where(v > 0, 1.0 / (v.sqrt() + eps), 0.0)
 
 
+def update_second_moment_(
+    x: torch.Tensor,
+    second_moment: torch.Tensor,
+    ok: torch.Tensor | None,
+    beta2: Scalar,
+    dim: int | None,
+) -> torch.Tensor:
+    """v <- beta2 v + (1 - beta2) r in place, and return r.
+
+    ``x`` is a (B, m, n) stack (the orthogonalized update O, or the Newton-Schulz input U for
+    ``normalize_input``). r is the mean of x*x per neuron along ``dim``: (B, m) for -1 (rows),
+    (B, n) for -2 (columns), accumulated in float32 without a float32 copy of x; or x*x itself,
+    (B, m, n), for ``dim=None`` (one entry per weight, the Muon+Adam ablation). ``v`` keeps its
+    value where ``ok`` (0-d, or (B,) per matrix) is False.
+    """
+    if dim is None:
+        r = x.to(accum_dtype(x.dtype)).square()
+    else:
+        r = torch.linalg.vector_norm(x, dim=dim, dtype=accum_dtype(x.dtype)).square_()
+        r /= x.shape[dim]
+    if ok is not None:  # (1,) or (B,), broadcast over the entries of each matrix
+        ok = ok.reshape((-1,) + (1,) * (r.ndim - 1))
+        r = torch.where(ok, r, second_moment)
+    second_moment.lerp_(r, 1.0 - beta2)
+    return r
+
+
+def _per_matrix(scale: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(B,) -> (B, 1) or (B, 1, 1): broadcast over one matrix's factors."""
+    return scale.reshape((-1,) + (1,) * (ndim - 1))
+
+
 def normuon_factors_(
     o: torch.Tensor,
     second_moment: torch.Tensor,
     ok: torch.Tensor | None,
     beta2: Scalar,
     eps: Scalar,
-    dim: int,
+    dim: int | None,
     update_scale: str,
 ) -> torch.Tensor:
     """Update NorMuon's second moment in place and return per-neuron multipliers g.
 
     ``o`` is a (B, m, n) stack of orthogonalized updates, ``second_moment`` its (B, L) state with
-    one entry per neuron along ``dim`` (-1: rows, L = m; -2: columns, L = n). The update is
-    D = O * g, g broadcast along ``dim``:
+    one entry per neuron along ``dim`` (-1: rows, L = m; -2: columns, L = n), or (B, m, n) with
+    one entry per weight (``dim=None``: the Muon+Adam ablation). The update is D = O * g, g
+    broadcast along ``dim``:
 
         r  = mean of O*O per neuron;  v <- beta2 v + (1 - beta2) r;  f = 1 / (sqrt(v) + eps)
         preserve_norm: g = f * ||O|| / ||O f|| * sqrt(max(1, m/n))   (authors' code)
@@ -150,30 +185,45 @@ def normuon_factors_(
 
     Both norms follow from r without another pass over O: with k entries per neuron,
     ||O||^2 = k sum(r) and ||O f||^2 = k sum(r f^2). g is 0 where ``ok`` is False (``ok``: a
-    0-d flag for the whole stack, or one per matrix (B,); None: all finite).
+    0-d flag for the whole stack, or one per matrix (B,); None: all finite). g is (B, L), or
+    (B, m, n) for ``dim=None``.
     """
     m, n = o.shape[-2], o.shape[-1]
-    ok = None if ok is None else ok.reshape(-1)  # (1,) or (B,)
-    # mean of O*O per neuron, accumulated in float32 without a float32 copy of O: (B, L)
-    r = torch.linalg.vector_norm(o, dim=dim, dtype=accum_dtype(o.dtype)).square_()
-    r /= o.shape[dim]
-    second_moment.lerp_(
-        r if ok is None else torch.where(ok[:, None], r, second_moment), 1.0 - beta2
-    )
+    r = update_second_moment_(o, second_moment, ok, beta2, dim)
     f = inverse_rms(second_moment, eps)
-    sum_r = r.sum(dim=-1)
-    sum_rf2 = (r * f.square()).sum(dim=-1)
+    entries = tuple(range(1, r.ndim))  # the entries of one matrix
+    per_neuron = 1 if dim is None else o.shape[dim]  # weights behind one entry of r
+    sum_r = r.sum(dim=entries)
+    sum_rf2 = (r * f.square()).sum(dim=entries)
     tiny = torch.finfo(torch.float32).tiny
     if update_scale == "preserve_norm":
         scale = (sum_r / sum_rf2.clamp_min(tiny)).sqrt() * math.sqrt(max(1.0, m / n))
     elif update_scale == "adam_rms":
-        per_neuron = n if dim == -1 else m
         scale = ADAM_RMS_TARGET * math.sqrt(m * n) / (per_neuron * sum_rf2).clamp_min(tiny).sqrt()
     else:
         raise ValueError(
             f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}"
         )
-    return f * (scale if ok is None else scale * ok).unsqueeze(-1)
+    if ok is not None:
+        scale = scale * ok.reshape(-1)
+    return f * _per_matrix(scale, f.ndim)
+
+
+def rescale_input_(
+    u: torch.Tensor,
+    second_moment: torch.Tensor,
+    ok: torch.Tensor | None,
+    beta2: Scalar,
+    eps: Scalar,
+    dim: int | None,
+) -> None:
+    """NorMuon (Front), the paper's ablation: the per-neuron second moment of the Newton-Schulz
+    input U (a (B, m, n) stack) and U <- U / (sqrt(v) + eps) in place, before orthogonalization
+    (whose output is then scaled as Muon's). ``second_moment``, ``ok`` and ``dim`` as in
+    :func:`normuon_factors_`."""
+    update_second_moment_(u, second_moment, ok, beta2, dim)
+    f = inverse_rms(second_moment, eps)
+    u.mul_(f if dim is None else f.unsqueeze(dim))
 
 
 def muon_factors(o: torch.Tensor, ok: torch.Tensor | None, update_scale: str) -> torch.Tensor:

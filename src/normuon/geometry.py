@@ -23,22 +23,39 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LAYOUTS", "MatrixGeometry", "matrix_geometry", "neuron_rows", "reduce_dim"]
+__all__ = [
+    "LAYOUTS",
+    "MatrixGeometry",
+    "matrix_geometry",
+    "neuron_rows",
+    "reduce_dim",
+    "second_moment_key",
+]
 
 #: Values of the ``layout`` group option.
 LAYOUTS = ("auto", "conv", "stacked", "transposed")
 
 
-def reduce_dim(m: int, n: int, normalize: str) -> int:
+def reduce_dim(m: int, n: int, normalize: str) -> int | None:
     """Axis of a (B, m, n) stack averaged to get one second-moment entry per neuron.
 
     ``"rows"`` (paper): one entry per row (output neuron), so average over columns (dim -1).
     ``"larger_dim"`` (modded-nanogpt): one entry per element of the larger dimension; rows win
-    ties.
+    ties. ``"elements"`` (the paper's Muon+Adam ablation): None, nothing is averaged, one entry
+    per weight.
     """
+    if normalize == "elements":
+        return None
     if normalize == "rows" or m >= n:
         return -1
     return -2
+
+
+def second_moment_key(normalize: str) -> str:
+    """The state key of NorMuon's second moment: ``"neuron_second_moment"`` (one entry per
+    neuron, ``normalize="rows"`` / ``"larger_dim"``) or ``"element_second_moment"`` (shaped
+    like the parameter, ``normalize="elements"``)."""
+    return "element_second_moment" if normalize == "elements" else "neuron_second_moment"
 
 
 @dataclass(frozen=True)
@@ -52,9 +69,10 @@ class MatrixGeometry:
         row_blocks: (start, stop) row ranges orthogonalized and scaled separately
             (``split_sizes``; one block covering every row by default).
         reduce_dims: per row block, the axis averaged for its second moment (-1: one entry per
-            row; -2: one per column, ``normalize="larger_dim"`` on a wide block).
+            row; -2: one per column, ``normalize="larger_dim"`` on a wide block; None: one per
+            element, ``normalize="elements"``).
         state_shape: shape of NorMuon's second moment: the stack dims, then the neurons of all
-            blocks concatenated.
+            blocks concatenated; the parameter's own shape for ``normalize="elements"``.
         neuron_dim: the parameter dim whose indices are the second moment's last dim one for one
             (rows of a matrix: dim 0, or dim 1 of a transposed weight, or dim -2 of a stack), or
             None when some block keeps per-column statistics.
@@ -67,10 +85,15 @@ class MatrixGeometry:
     rows: int
     cols: int
     row_blocks: tuple[tuple[int, int], ...]
-    reduce_dims: tuple[int, ...]
+    reduce_dims: tuple[int | None, ...]
     state_shape: tuple[int, ...]
     neuron_dim: int | None
     batch_dims: tuple[int, ...]
+
+    @property
+    def elementwise(self) -> bool:
+        """Whether the second moment has one entry per weight (``normalize="elements"``)."""
+        return any(d is None for d in self.reduce_dims)
 
     @property
     def matrix_dims(self) -> tuple[int, ...]:
@@ -151,6 +174,9 @@ def matrix_geometry(
         (stop - start) if dim == -1 else cols
         for (start, stop), dim in zip(blocks, reduce_dims)
     )
+    state_shape = lead + (neurons,)
+    if normalize == "elements":  # one entry per weight: the parameter's shape and sharding
+        state_shape = shape
     neuron_dim = row_dim if all(d == -1 for d in reduce_dims) else None
     if len(blocks) == 1 and reduce_dims[0] == -2 and kind in ("matrix", "stacked"):
         neuron_dim = len(shape) - 1  # one entry per column of a single wide block
@@ -164,7 +190,7 @@ def matrix_geometry(
         cols=cols,
         row_blocks=blocks,
         reduce_dims=reduce_dims,
-        state_shape=lead + (neurons,),
+        state_shape=state_shape,
         neuron_dim=neuron_dim,
         batch_dims=tuple(range(len(lead))),
     )

@@ -41,6 +41,14 @@ class MatrixHyper:
     #: decay only where D * W >= 0 (:func:`normuon.functional.cautious_decay_`), applied per
     #: block with its update instead of one decay of every matrix before the batches
     cautious: bool = False
+    #: NorMuon (Front): the per-neuron rescale of the Newton-Schulz input, not of its output
+    normalize_input: bool = False
+    #: NorMuon's rescale for blocks with more rows than columns only; Muon for the others
+    tall_only: bool = False
+
+    def rescales(self, m: int, n: int) -> bool:
+        """Whether (m, n) blocks get NorMuon's per-neuron rescale (else Muon's update)."""
+        return self.neuron_norm and (not self.tall_only or m > n)
 
     @classmethod
     def of(cls, group: dict[str, Any], device: torch.device, ns_dtype: torch.dtype,
@@ -59,6 +67,8 @@ class MatrixHyper:
             coefficients=NS.resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"]),
             ns_dtype=ns_dtype, orthogonalizer=orthogonalizer, neuron_norm=neuron_norm,
             cautious=group.get("cautious_weight_decay", False),
+            normalize_input=group.get("normalize_input", False),
+            tall_only=group.get("normalize_matrices", "all") == "tall",
         )  # fmt: skip
 
 
@@ -94,8 +104,10 @@ class StepTensors:
         return None if self.ok is None else self.ok[block.index]
 
     def second_moment(self, block: MatrixBlock) -> torch.Tensor:
-        """(B, L) view of the block's second-moment entries."""
+        """(B, L) view of the block's second-moment entries ((B, m, n) for one per weight)."""
         v = (self.owned if block.owned else self.local)[block.index].second_moment
+        if block.reduce_dim is None:  # normalize="elements": shaped like the parameter
+            return block.plan.geometry.as_matrices(v)[:, block.row_slice]
         return v.view(block.stack, -1)[:, block.moment[0] : block.moment[1]]
 
 
@@ -111,9 +123,18 @@ def run_batch(
     u = workspace.flat("input", batch.dtype, batch.device, stack * batch.m * batch.n)
     u = u.view(stack, batch.m, batch.n)
     _write_inputs(members, tensors, hyper, u, workspace)
+    rescale = hyper.rescales(batch.m, batch.n)
+    dim = batch.reduce_dim
+    if rescale and hyper.normalize_input:  # NorMuon (Front): rescale U, then Muon
+        moments, stacked = _stacked_moments(members, tensors)
+        F.rescale_input_(u, stacked, _batch_ok(members, tensors), hyper.beta2, hyper.eps, dim)
+        _write_back(moments, stacked, members)
+        rescale = False
     _orthogonalize_(u, hyper, workspace)
-    factors = _factors(members, tensors, hyper, u, batch.reduce_dim)
-    _apply(members, tensors, hyper, u, factors.unsqueeze(batch.reduce_dim))
+    factors = _factors(members, tensors, hyper, u, dim, rescale)
+    if factors.ndim == 2:  # (B, L) per neuron along dim, or (B, 1) per matrix
+        factors = factors.unsqueeze(-1 if dim is None else dim)
+    _apply(members, tensors, hyper, u, factors)
 
 
 def _write_inputs(
@@ -154,27 +175,44 @@ def _orthogonalize_(u: torch.Tensor, hyper: MatrixHyper, workspace: Workspace) -
     NS.newton_schulz_(u, hyper.coefficients, scratch, use_gram=NS.prefers_gram(m, n))
 
 
+def _batch_ok(members: Sequence[MatrixBlock], tensors: StepTensors) -> torch.Tensor | None:
+    """(stack,) finite flags of the batch's matrices, or None: nothing to mask."""
+    if tensors.ok is None:
+        return None
+    return torch.cat([tensors.flag(b).reshape(1).expand(b.stack) for b in members])
+
+
+def _stacked_moments(members: Sequence[MatrixBlock], tensors: StepTensors):
+    """(the members' second-moment views, one stack of them): the views themselves when there
+    is one member, else a copy to be written back with :func:`_write_back`."""
+    moments = [tensors.second_moment(block) for block in members]
+    return moments, (moments[0] if len(moments) == 1 else torch.cat(moments))
+
+
+def _write_back(moments, stacked: torch.Tensor, members: Sequence[MatrixBlock]) -> None:
+    if len(moments) > 1:
+        torch._foreach_copy_(moments, list(stacked.split([b.stack for b in members])))
+
+
 def _factors(
     members: Sequence[MatrixBlock],
     tensors: StepTensors,
     hyper: MatrixHyper,
     o: torch.Tensor,
-    dim: int,
+    dim: int | None,
+    rescale: bool,
 ) -> torch.Tensor:
-    """Factors of the whole batch at once: (stack, L) per neuron (NorMuon, whose second moments
-    are gathered into one stack and written back) or (stack, 1) per matrix (Muon)."""
-    ok = None
-    if tensors.ok is not None:
-        ok = torch.cat([tensors.flag(b).reshape(1).expand(b.stack) for b in members])
-    if not hyper.neuron_norm:
+    """Factors of the whole batch at once: (stack, L) per neuron, (stack, m, n) per weight
+    (``rescale``: NorMuon, whose second moments are gathered into one stack and written back)
+    or (stack, 1) per matrix (Muon)."""
+    ok = _batch_ok(members, tensors)
+    if not rescale:
         return F.muon_factors(o, ok, hyper.update_scale)
-    moments = [tensors.second_moment(block) for block in members]
-    stacked = moments[0] if len(moments) == 1 else torch.cat(moments)
+    moments, stacked = _stacked_moments(members, tensors)
     factors = F.normuon_factors_(
         o, stacked, ok, hyper.beta2, hyper.eps, dim, hyper.update_scale
     )
-    if len(moments) > 1:
-        torch._foreach_copy_(moments, list(stacked.split([b.stack for b in members])))
+    _write_back(moments, stacked, members)
     return factors
 
 

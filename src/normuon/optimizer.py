@@ -23,7 +23,7 @@ from .checkpoint import check_state_dict
 from .distributed.distributor import Distributor, OwnedMatrix
 from .distributed.plan import ParamPlan, build_plans, is_dtensor, local_tensor
 from .finite import FiniteCheck, NonfiniteGuard
-from .geometry import matrix_geometry
+from .geometry import matrix_geometry, second_moment_key
 from .matrix_step import LocalMatrix, MatrixHyper, StepTensors, run_batch
 from .options import (
     ADAMW_ALIAS_OPTIONS,
@@ -308,7 +308,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             full_shape = matrix_geometry(
                 p.shape, group["layout"], group["split_sizes"], group["normalize"]
             ).state_shape
-            state["neuron_second_moment"] = self._distributor.second_moment_state(
+            state[second_moment_key(group["normalize"])] = self._distributor.second_moment_state(
                 p, plan, full_shape, dtype
             )
         return state
@@ -566,7 +566,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def _local_matrix(self, group: dict, plan: ParamPlan, p, grad) -> LocalMatrix:
         state = self._init_state(p, plan, group)
-        v = state.get("neuron_second_moment")
+        v = state.get(second_moment_key(group.get("normalize", "rows")))
         return LocalMatrix(local_tensor(p), grad, local_tensor(state["momentum_buffer"]),
                            None if v is None else local_tensor(v))  # fmt: skip
 

@@ -235,7 +235,9 @@ NORMUON_OPTIONS: tuple[Option, ...] = (
     _MATRIX_COMMON[:2]
     + (
         Option(
-            "beta2", 0.95, _unit_interval, "EMA factor of the per-neuron second moment",
+            "beta2", 0.95, _unit_interval,
+            "EMA factor of the per-neuron second moment (0: each row normalized afresh every "
+            "step, the paper's 'Muon with normalization' ablation)",
             "authors' code",
         ),
     )
@@ -246,12 +248,31 @@ NORMUON_OPTIONS: tuple[Option, ...] = (
         Option(
             "normalize",
             "rows",
-            _choice("rows", "larger_dim"),
-            "'rows' (one second-moment entry per output neuron) or 'larger_dim'",
+            _choice("rows", "larger_dim", "elements"),
+            "'rows' (one second-moment entry per output neuron), 'larger_dim', or 'elements' "
+            "(one per weight, Adam's after orthogonalization: the paper's Muon+Adam ablation, "
+            "state 2x Muon's)",
             "paper / modded-nanogpt",
         ),
         _CAUTIOUS,
         _STATE_DTYPE,
+        Option(
+            "normalize_input",
+            False,
+            _boolean,
+            "rescale the Newton-Schulz input per neuron instead of its output, whose update is "
+            "then scaled as Muon's (the paper's NorMuon (Front) ablation)",
+            "paper Sec. 4.1.3",
+        ),
+        Option(
+            "normalize_matrices",
+            "all",
+            _choice("all", "tall"),
+            "'all', or 'tall': only matrices (row blocks) with more rows than columns are "
+            "rescaled, the others get Muon's update (the paper's m > n ablation; their second "
+            "moment stays 0)",
+            "paper Sec. 4.1.3",
+        ),
     )
 )  # fmt: skip
 

@@ -42,7 +42,7 @@ class MatrixBlock:
         rows: (start, stop) rows of each matrix of the stack.
         stack: B, the matrices of the stack (the geometry's batch).
         reduce_dim: axis of a (B, m, n) block averaged for its second moment (-1 rows, -2
-            columns).
+            columns, None: nothing averaged, one entry per weight).
         moment: (start, stop) of the block's entries along the last dim of the (B, L) second
             moment.
         owned: True when the block is read from a matrix assembled on this rank (its owner)
@@ -53,7 +53,7 @@ class MatrixBlock:
     plan: ParamPlan
     rows: tuple[int, int]
     stack: int
-    reduce_dim: int
+    reduce_dim: int | None
     moment: tuple[int, int]
     owned: bool
 
@@ -81,7 +81,7 @@ class BlockBatch:
     blocks: tuple[MatrixBlock, ...]
 
     @property
-    def reduce_dim(self) -> int:
+    def reduce_dim(self) -> int | None:
         return self.blocks[0].reduce_dim
 
 

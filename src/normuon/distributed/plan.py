@@ -94,12 +94,15 @@ def assign_owners(costs: Sequence[float], world: int) -> list[int]:
 
 
 def _state_placements(placements: Sequence, geometry: MatrixGeometry) -> tuple:
-    """Placements of NorMuon's second moment (shape: stack dims, then neurons) that follow the
+    """Placements of NorMuon's second moment (shape: stack dims, then neurons; or the
+    parameter's own shape under ``normalize="elements"``, placed as it is) that follow the
     parameter's: stack dims keep their sharding, the neuron dim takes the sharding of the
     parameter dim its entries correspond to, every other sharding becomes Replicate."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
+    if geometry.elementwise:  # shaped like the parameter (normalize="elements"): sharded alike
+        return tuple(placements)
     neuron_axis = len(geometry.state_shape) - 1
     out = []
     for placement in placements:
