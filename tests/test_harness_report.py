@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -79,7 +80,8 @@ def test_compare_prints_results_before_it_needs_matplotlib(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
-    assert "| optimizer | final val loss |" in done.stdout
+    assert "| optimizer | final val loss (mean ± 95% CI) |" in done.stdout
+    assert "(1 seed)" in done.stdout and "±" not in done.stdout.split("(mean ± 95% CI)")[1]
     assert "normuon[harness]" in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "cmp" / "results.json").is_file()
     assert not (tmp_path / "cmp" / "loss.png").exists()
@@ -112,7 +114,7 @@ def test_ladder_presets_are_the_experiment_configs():
     # ones the fair-comparison example trained (only the learning rates come from tuning).
     import importlib.util
 
-    from normuon.harness.config import LADDER_SHAPES, LADDER_TUNED, get_preset
+    from normuon.harness.config import ABLATIONS, LADDER_SHAPES, LADDER_TUNED, get_preset
 
     path = pathlib.Path(__file__).parents[1] / "examples" / "fair_comparison.py"
     spec = importlib.util.spec_from_file_location("fair_comparison", path)
@@ -121,11 +123,17 @@ def test_ladder_presets_are_the_experiment_configs():
     for size in LADDER_SHAPES:
         preset, trained = get_preset(f"ladder-{size}"), module.base_config(size, 300)
         assert preset.model == trained.model and preset.train == trained.train, size
-        for name, opt in preset.optimizers.items():
+        for name in LADDER_TUNED[size]:
+            opt = preset.optimizers[name]
             assert (opt.lr, opt.adamw_lr) == LADDER_TUNED[size][name] or name == "adamw"
             other = trained.optimizers[name]
             for field in ("weight_decay", "betas", "momentum", "beta2", "update_scale"):
                 assert getattr(opt, field) == getattr(other, field), (size, name, field)
+        # The ablations run at NorMuon's tuned settings (muon-rownorm: beta2 = 0).
+        for name in ABLATIONS:
+            expected = dataclasses.replace(preset.optimizers["normuon"],
+                                           beta2=0.0 if name == "muon-rownorm" else 0.95)
+            assert preset.optimizers[name] == expected, (size, name)
     small = get_preset("cpu-small")
     assert small.model == get_preset("ladder-m").model
     assert small.train == get_preset("ladder-m").train

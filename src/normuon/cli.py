@@ -95,7 +95,16 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train each optimizer on the same model, data and seeds")
     _common(c, "runs/compare")
     c.add_argument("--seeds", type=_positive_int, default=1, help="seeds per optimizer")
-    c.add_argument("--optimizers", default="adamw,muon,normuon", help="comma-separated list")
+    c.add_argument("--first-seed", type=_non_negative_int, default=0, metavar="N",
+                   help="seeds N .. N+seeds-1 (default 0), e.g. 1 to keep seed 0 for tuning")
+    c.add_argument("--optimizers", default="adamw,muon,normuon",
+                   help="comma-separated list of adamw, muon, normuon and the paper's "
+                        "ablations muon-adam, normuon-front, normuon-tall-only, muon-rownorm "
+                        "(default adamw,muon,normuon)")
+    c.add_argument("--stretch", default=None, metavar="F1,F2,...",
+                   help="also train muon on schedules F times longer (same shape), e.g. "
+                        "1.05,1.1,1.2, and report how many more steps Muon needs to match each "
+                        "optimizer's final loss (the paper's protocol against Muon)")
     c.add_argument("--jobs", type=_positive_int, default=1,
                    help="runs trained at once in worker processes, one thread each (default 1)")
     c.add_argument("--resume", action="store_true",
@@ -118,9 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--quick", action="store_true",
                    help="fewer shapes and repetitions (about two minutes on a 2-core CPU)")
     k.add_argument("--out", default=None, help="also write the report as OUT/check-DEVICE.md")
+    from .harness.config import OPTIMIZERS
+
     t = sub.add_parser("train", help="one run: one optimizer, one seed (resumable)")
     _common(t, "runs/train")
-    t.add_argument("--optimizer", default="normuon", choices=["adamw", "muon", "normuon"])
+    t.add_argument("--optimizer", default="normuon", choices=list(OPTIMIZERS))
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--stop-at-step", type=_positive_int, default=None,
@@ -155,6 +166,24 @@ def _parse_lrs(specs: list[str] | None, optimizers: list[str], cfg) -> dict[str,
                 lrs.append(lr)
             out[target] = lrs
     return out
+
+
+def _parse_factors(text: str | None) -> list[float]:
+    """``--stretch 1.05,1.1`` -> [1.05, 1.1]; ValueError naming a malformed entry."""
+    if text is None:
+        return []
+    factors = []
+    for item in text.split(","):
+        try:
+            factors.append(float(item))
+        except ValueError:
+            raise ValueError(f"--stretch: {item.strip()!r} is not a number") from None
+    return factors
+
+
+def main_rank() -> bool:
+    """Rank 0 under torchrun (every rank runs the command), or a plain process."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _resolve_config(args):
@@ -233,8 +262,10 @@ def _run(args, say) -> int:
     start = time.perf_counter()
     if args.command == "compare":
         optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+        stretch = _parse_factors(args.stretch)
         summary = run_compare(cfg, data, optimizers=optimizers, seeds=args.seeds, out=args.out,
-                              device=args.device, progress=progress, jobs=args.jobs,
+                              first_seed=args.first_seed, stretch=stretch, device=args.device,
+                              progress=progress, jobs=args.jobs,
                               resume=args.resume, overwrite=args.overwrite,
                               diagnostics_every=args.diagnostics_every,
                               tensorboard=args.tensorboard,
@@ -243,7 +274,8 @@ def _run(args, say) -> int:
         if summary.get("neuron_table"):
             say("\nneuron balance of the hidden-matrix updates (mean over recorded steps):")
             say(summary["neuron_table"])
-        _plots(say, write_compare_plots, summary, args.out)
+        if main_rank():  # the other ranks of a torchrun wrote nothing
+            _plots(say, write_compare_plots, summary, args.out)
     elif args.command == "sweep":
         optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
         lrs = _parse_lrs(args.lrs, optimizers, cfg)
@@ -270,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     from .harness.train import RunInterrupted
 
     # Under torchrun every rank runs this; only rank 0 prints.
-    main_rank = os.environ.get("RANK", "0") == "0"
-    say = print if main_rank else (lambda *a, **k: None)
+    say = print if main_rank() else (lambda *a, **k: None)
     prog = f"normuon {args.command}"
     if args.command == "check":
         from .check import main_check
@@ -287,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         clean = True
         return code
     except RunInterrupted as exc:
-        if main_rank:
+        if main_rank():
             print(f"{prog}: interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:

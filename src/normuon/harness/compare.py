@@ -14,11 +14,13 @@ import copy
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import signal
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +45,14 @@ from .report import (
 )
 from .train import RunInterrupted, RunResult, defer_stop_signals, train_run
 
+#: The optimizer trained on stretched schedules (``stretch``): the paper's "Muon-rescale".
+BASELINE = "muon"
+
 __all__ = [
+    "BASELINE",
     "OptimizerSummary",
     "run_compare",
+    "stretched",
     "write_compare_plots",
     "run_sweep",
     "write_sweep",
@@ -100,6 +107,43 @@ def _claim_folder(out: Path, resolved: dict[str, Any], *, resume: bool, overwrit
     write_json(out / "config.json", resolved)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One training of a comparison: an optimizer, a seed, its config and folder; ``factor``
+    > 1 for the baseline trained on a stretched schedule."""
+
+    name: str
+    seed: int
+    cfg: RunConfig = field(compare=False)  # (hashed by the other fields: one run, one folder)
+    run_dir: Path = Path()
+    factor: float = 1.0
+
+
+def stretched(cfg: RunConfig, factor: float) -> RunConfig:
+    """``cfg`` trained ``factor`` times longer on the same schedule shape: steps and warmup
+    scaled (the decay is a fraction of the steps already), evaluation points unchanged."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.steps = int(round(cfg.train.steps * factor))
+    cfg.train.warmup_steps = int(round(cfg.train.warmup_steps * factor))
+    return cfg
+
+
+def _check_stretch(stretch: Sequence[float], optimizers: Sequence[str]) -> list[float]:
+    factors = sorted(set(stretch))
+    for factor in factors:
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
+            raise ValueError(f"--stretch factors must be numbers > 1, got {factor!r}")
+    if factors and BASELINE not in optimizers:
+        raise ValueError(f"--stretch trains {BASELINE} longer: add {BASELINE} to --optimizers")
+    return factors
+
+
+def _torchrun_rank() -> tuple[int, int]:
+    """(rank, world size) of this process under torchrun, (0, 1) otherwise (the process group
+    is created later, by the first run)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _finished(run_dir: Path, cfg: RunConfig) -> RunResult | None:
     """The result of a finished run in ``run_dir``, if there is one for the full step count."""
     path = run_dir / "result.json"
@@ -116,6 +160,8 @@ def run_compare(
     optimizers: Sequence[str],
     seeds: int,
     out: str | Path,
+    first_seed: int = 0,
+    stretch: Sequence[float] = (),
     device: str | None = None,
     progress: bool | None = None,
     jobs: int = 1,
@@ -126,106 +172,163 @@ def run_compare(
     dist_timeout_s: float | None = None,
     log=print,
 ) -> dict[str, Any]:
-    """Train each optimizer for seeds 0..seeds-1; write results.json and config.json.
+    """Train each optimizer for seeds ``first_seed`` .. ``first_seed + seeds - 1``; write
+    results.json and config.json.
 
-    ``jobs > 1`` runs that many trainings at once in worker processes (one thread each).
-    ``resume``: reuse finished runs in ``out`` and continue interrupted ones from their
-    checkpoints. ``diagnostics_every`` (default: the validation interval; 0 disables) records
-    the neuron diagnostics. Figures: :func:`write_compare_plots`.
+    ``stretch``: factors > 1 at which Muon (the baseline) is also trained, on the same
+    schedule shape stretched (:func:`stretched`), to measure how many more steps it needs to
+    match each optimizer's final loss (the paper's protocol against Muon). ``jobs > 1`` runs
+    that many trainings at once in worker processes (one thread each). ``resume``: reuse
+    finished runs in ``out`` and continue interrupted ones from their checkpoints.
+    ``diagnostics_every`` (default: the validation interval, off under FSDP2; 0 disables)
+    records the neuron diagnostics. Under torchrun every rank calls this; rank 0 owns the folder and the
+    summary. Figures: :func:`write_compare_plots`.
     """
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if not isinstance(first_seed, int) or first_seed < 0:
+        raise ValueError(f"--first-seed must be an int >= 0, got {first_seed!r}")
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    rank, world = _torchrun_rank()
+    if world > 1 and jobs > 1:
+        raise ValueError("--jobs > 1 runs trainings in worker processes; under torchrun every "
+                         "run already uses all ranks: leave --jobs at 1")  # fmt: skip
     _check_optimizers(cfg, optimizers)
+    factors = _check_stretch(stretch, optimizers)
     cfg.validate()
     out = Path(out)
-    if diagnostics_every is None:
-        diagnostics_every = cfg.train.val_every
-    _claim_folder(out, _resolved(cfg, data), resume=resume, overwrite=overwrite)
-    jobs_list = [(seed, name) for seed in range(seeds) for name in optimizers]
+    sharded = world > 1 and cfg.train.parallel == "fsdp2"
+    if diagnostics_every is None:  # they need whole parameters: off by default under FSDP2
+        diagnostics_every = 0 if sharded else cfg.train.val_every
+    elif diagnostics_every and sharded:
+        raise ValueError("--diagnostics-every needs whole parameters: not available with "
+                         "--parallel fsdp2 (use ddp, or --diagnostics-every 0)")  # fmt: skip
+    resolved = _resolved(cfg, data)
+    if factors:
+        resolved["stretch"] = factors
+    if rank == 0:  # the other ranks write nothing (their runs' files are rank 0's too)
+        _claim_folder(out, resolved, resume=resume, overwrite=overwrite)
+    else:
+        log = _quiet
+    seed_list = list(range(first_seed, first_seed + seeds))
+    runs = [_Run(name, seed, cfg, out / name / f"seed{seed}")
+            for seed in seed_list for name in optimizers]  # fmt: skip
+    runs += [_Run(BASELINE, seed, stretched(cfg, f), out / f"{BASELINE}-x{f:g}" / f"seed{seed}", f)
+             for f in factors for seed in seed_list]  # fmt: skip
     options = {"device": device, "diagnostics_every": diagnostics_every,
                "tensorboard": tensorboard, "dist_timeout_s": dist_timeout_s}  # fmt: skip
-
-    def report(r: RunResult) -> None:
-        log(f"{r.optimizer:8s} seed {r.seed}: final val loss {r.final_val_loss:.4f}, "
-            f"{r.train_time_s:.1f}s, optimizer step {100 * r.optimizer_share:.1f}%")
-
-    done: dict[tuple[int, str], RunResult] = {}
-    todo = []
-    for seed, name in jobs_list:
-        run_dir = out / name / f"seed{seed}"
-        finished = _finished(run_dir, cfg) if resume else None
-        if finished is not None:
-            done[seed, name] = finished
-            report(finished)
-        else:
-            todo.append((seed, name, run_dir, resume and (run_dir / CHECKPOINT_NAME).is_file()))
-    if jobs == 1:
-        for seed, name, run_dir, cont in todo:
-            done[seed, name] = train_run(cfg, name, data, seed=seed, out_dir=run_dir,
-                                         resume=cont, overwrite=resume and not cont,
-                                         progress=progress, **options)  # fmt: skip
-            report(done[seed, name])
-    elif todo:
-        # Independent runs in worker processes, one torch thread each (CPU machines with
-        # several cores). Each run's timings then include the other workers' contention.
-        import concurrent.futures
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx,
-                                                    initializer=defer_stop_signals) as pool:
-            # At most `jobs` runs submitted at a time, so that after an interrupt no queued
-            # run starts (the running ones get the signal, checkpoint and stop).
-            pending, running = list(todo), {}
-            error: BaseException | None = None
-            with _forward_sigterm(pool):
-                while running or (pending and error is None):
-                    while pending and error is None and len(running) < jobs:
-                        seed, name, run_dir, cont = pending.pop(0)
-                        future = pool.submit(_worker_run, cfg, name, data, seed, str(run_dir),
-                                             cont, resume and not cont, options)  # fmt: skip
-                        running[future] = (seed, name)
-                    try:
-                        finished, _ = concurrent.futures.wait(
-                            running, return_when=concurrent.futures.FIRST_COMPLETED)
-                    except KeyboardInterrupt as exc:  # Ctrl-C: the workers got it too
-                        error = error or exc
-                        continue
-                    for future in finished:
-                        key = running.pop(future)
-                        try:
-                            done[key] = future.result()
-                        except BaseException as exc:
-                            error = error or exc
-                            continue
-                        report(done[key])
-            if error is not None:
-                if not isinstance(error, RunInterrupted) and isinstance(
-                        error, concurrent.futures.process.BrokenProcessPool):
-                    # A worker killed while starting up (before it could defer signals).
-                    raise KeyboardInterrupt from error
-                raise error
+    done = _train_all(runs, data, options, jobs=jobs, resume=resume, progress=progress, log=log)
     results: dict[str, list[RunResult]] = {name: [] for name in optimizers}
-    for seed, name in jobs_list:
-        results[name].append(done[seed, name])
-    rows = summarize(results)
+    for run in runs:
+        if run.factor == 1.0:
+            results[run.name].append(done[run])
+    stretch_runs = {f: [done[r] for r in runs if r.factor == f] for f in factors}
+    rows = summarize(results, stretch_runs)
     diag_runs = {name: [_read_jsonl(out / name / f"seed{seed}" / "diagnostics.jsonl")
-                        for seed in range(seeds)] for name in optimizers}  # fmt: skip
-    has_diag = any(recs for runs in diag_runs.values() for recs in runs)
+                        for seed in seed_list] for name in optimizers}  # fmt: skip
+    has_diag = any(recs for runs_ in diag_runs.values() for recs in runs_)
     summary = {
         "preset": cfg.preset,
         "data": data.source,
-        "environment": {**_environment(), "jobs": jobs},
-        "target": "AdamW mean final validation loss",
+        "environment": {**_environment(), "jobs": jobs, "world_size": world},
+        "target": "AdamW mean final validation loss; vs Muon: Muon's mean final validation loss",
+        "stretch": factors,
         "table": format_table(rows),
         "neuron_table": neuron_table(diag_runs) if has_diag else None,
         "rows": [dataclasses.asdict(r) for r in rows],
         "runs": {k: [dataclasses.asdict(r) for r in v] for k, v in results.items()},
+        "stretch_runs": {f"{f:g}": [dataclasses.asdict(r) for r in v]
+                         for f, v in stretch_runs.items()},  # fmt: skip
     }
-    write_json(out / "results.json", summary)
+    if rank == 0:
+        write_json(out / "results.json", summary)
     return summary
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """The log of ranks other than 0 under torchrun."""
+
+
+def _train_all(
+    runs: Sequence[_Run],
+    data: TokenData,
+    options: dict[str, Any],
+    *,
+    jobs: int,
+    resume: bool,
+    progress: bool | None,
+    log,
+) -> dict[_Run, RunResult]:
+    """Every run's result: finished ones read back (``resume``), the others trained here
+    (``jobs == 1``) or in worker processes."""
+
+    def report(run: _Run, r: RunResult) -> None:
+        label = r.optimizer if run.factor == 1.0 else f"{r.optimizer} x{run.factor:g}"
+        log(f"{label:8s} seed {r.seed}: final val loss {r.final_val_loss:.4f}, "
+            f"{r.train_time_s:.1f}s, optimizer step {100 * r.optimizer_share:.1f}%")
+
+    done: dict[_Run, RunResult] = {}
+    todo: list[tuple[_Run, bool]] = []
+    for run in runs:
+        finished = _finished(run.run_dir, run.cfg) if resume else None
+        if finished is not None:
+            done[run] = finished
+            report(run, finished)
+        else:
+            todo.append((run, resume and (run.run_dir / CHECKPOINT_NAME).is_file()))
+    if jobs == 1:
+        for run, cont in todo:
+            done[run] = train_run(run.cfg, run.name, data, seed=run.seed, out_dir=run.run_dir,
+                                  resume=cont, overwrite=resume and not cont,
+                                  progress=progress, **options)  # fmt: skip
+            report(run, done[run])
+    elif todo:
+        _train_in_workers(todo, data, options, jobs, resume, done, report)
+    return done
+
+
+def _train_in_workers(todo, data, options, jobs, resume, done, report) -> None:
+    """Independent runs in worker processes, one torch thread each (CPU machines with several
+    cores). Each run's timings then include the other workers' contention."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx,
+                                                initializer=defer_stop_signals) as pool:
+        # At most `jobs` runs submitted at a time, so that after an interrupt no queued run
+        # starts (the running ones get the signal, checkpoint and stop).
+        pending, running = list(todo), {}
+        error: BaseException | None = None
+        with _forward_sigterm():
+            while running or (pending and error is None):
+                while pending and error is None and len(running) < jobs:
+                    run, cont = pending.pop(0)
+                    future = pool.submit(_worker_run, run.cfg, run.name, data, run.seed,
+                                         str(run.run_dir), cont, resume and not cont,
+                                         options)  # fmt: skip
+                    running[future] = run
+                try:
+                    finished, _ = concurrent.futures.wait(
+                        running, return_when=concurrent.futures.FIRST_COMPLETED)
+                except KeyboardInterrupt as exc:  # Ctrl-C: the workers got it too
+                    error = error or exc
+                    continue
+                for future in finished:
+                    run = running.pop(future)
+                    try:
+                        done[run] = future.result()
+                    except BaseException as exc:
+                        error = error or exc
+                        continue
+                    report(run, done[run])
+        if error is not None:
+            if not isinstance(error, RunInterrupted) and isinstance(
+                    error, concurrent.futures.process.BrokenProcessPool):
+                # A worker killed while starting up (before it could defer signals).
+                raise KeyboardInterrupt from error
+            raise error
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -253,8 +356,9 @@ def write_compare_plots(summary: dict[str, Any], out: str | Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _forward_sigterm(pool):
-    """Pass a SIGTERM of this process on to the pool's workers, which checkpoint and stop.
+def _forward_sigterm():
+    """Pass a SIGTERM of this process on to its worker processes (the pool's, the only
+    children it has then), which checkpoint and stop.
 
     (Ctrl-C reaches the workers directly: they share the terminal's process group.)
     """
@@ -263,7 +367,7 @@ def _forward_sigterm(pool):
         return
 
     def forward(signum: int, frame: Any) -> None:
-        for proc in list(getattr(pool, "_processes", {}).values()):
+        for proc in multiprocessing.active_children():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signum)
 
@@ -331,10 +435,20 @@ def write_sweep(
     table, best = sweep_table(points)
     summary = {"preset": preset, "environment": _environment(), "seed": seed,
                "points": points, "best_lr": best, "table": table}  # fmt: skip
-    # json cannot hold inf: a diverged run is written as null.
-    safe = json.loads(json.dumps(summary).replace("Infinity", "null"))
-    write_json(out / "sweep.json", safe)
+    write_json(out / "sweep.json", _finite_or_null(summary))
     return summary
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every non-finite float (a diverged run's loss) replaced by None: JSON has
+    no infinities, and ``merge_sweeps`` reads null back as an infinite loss."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def write_sweep_plot(summary: dict[str, Any], out: str | Path) -> Path:

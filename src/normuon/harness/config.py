@@ -23,6 +23,7 @@ __all__ = [
     "PRESETS",
     "DEFAULT_PRESET",
     "OPTIMIZERS",
+    "ABLATIONS",
     "get_preset",
     "config_from_dict",
     "apply_overrides",
@@ -30,8 +31,16 @@ __all__ = [
     "settable_fields",
 ]
 
+#: The paper's ablations (arXiv 2510.05491, Sec. 4.1.3 and App. A.2): NorMuon with these
+#: library options (``docs/algorithm.md``, "Ablations"). Presets give them NorMuon's settings.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "muon-adam": {"normalize": "elements"},  # Adam's second moment after orthogonalization
+    "normuon-front": {"normalize_input": True},  # the per-neuron rate before orthogonalization
+    "normuon-tall-only": {"normalize_matrices": "tall"},  # NorMuon on m > n matrices, else Muon
+    "muon-rownorm": {"beta2": 0.0},  # each row of O normalized every step, no EMA
+}
 #: The optimizers the harness knows, in the order tables and plots list them.
-OPTIMIZERS = ("adamw", "muon", "normuon")
+OPTIMIZERS = ("adamw", "muon", "normuon", *ABLATIONS)
 SCHEDULES = ("wsd", "cosine", "linear", "constant")
 
 
@@ -123,7 +132,8 @@ class TrainConfig:
     compile: bool = False
     """Wrap the model in torch.compile (worth it on GPUs, not for CPU smoke runs)."""
     parallel: str = "ddp"
-    """Under torchrun with WORLD_SIZE > 1: ``ddp`` (``fsdp2`` is planned, not yet built)."""
+    """Under torchrun with WORLD_SIZE > 1: ``ddp`` (replicated model, NorMuon's replicated
+    mode) or ``fsdp2`` (``fully_shard`` per block on a 1-D mesh, NorMuon's sharded mode)."""
 
 
 @dataclass
@@ -139,7 +149,8 @@ class RunConfig:
     train: TrainConfig
     """Training recipe."""
     optimizers: dict[str, OptimizerConfig] = field(default_factory=dict)
-    """Settings per optimizer name (``adamw``, ``muon``, ``normuon``)."""
+    """Settings per optimizer name (:data:`OPTIMIZERS`: ``adamw``, ``muon``, ``normuon`` and
+    the ablations of :data:`ABLATIONS`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -204,6 +215,11 @@ class RunConfig:
                                  f"got {opt.update_scale!r}")  # fmt: skip
             if opt.ns_dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
                 raise ValueError(f"{name}.ns_dtype: unknown dtype {opt.ns_dtype!r}")
+            if name == "muon-rownorm" and opt.beta2 != 0:
+                raise ValueError(
+                    f"muon-rownorm.beta2 must be 0 (row normalization without an EMA), got "
+                    f"{opt.beta2!r}; NorMuon with another beta2 is the normuon optimizer"
+                )
             if opt.state_dtype not in ("auto", "float32", "bfloat16"):
                 raise ValueError(
                     f"{name}.state_dtype must be auto, float32 or bfloat16, got "
@@ -366,7 +382,17 @@ def _presets() -> dict[str, RunConfig]:
     return presets
 
 
-PRESETS: dict[str, RunConfig] = _presets()
+def _with_ablations(cfg: RunConfig) -> RunConfig:
+    """The ablations run with NorMuon's settings (its tuned lrs): the paper compares them at
+    NorMuon's hyperparameters too."""
+    for name, options in ABLATIONS.items():
+        cfg.optimizers[name] = dataclasses.replace(
+            cfg.optimizers["normuon"], **{k: v for k, v in options.items() if k == "beta2"}
+        )
+    return cfg
+
+
+PRESETS: dict[str, RunConfig] = {k: _with_ablations(v) for k, v in _presets().items()}
 DEFAULT_PRESET = "cpu-small"
 
 
@@ -520,18 +546,21 @@ def apply_config_file(cfg: RunConfig, path: str | Path) -> RunConfig:
         if section in ("preset", "description"):
             continue
         if section == "optimizers" and isinstance(values, dict):
-            items = [(f"{o}.{k}", v) for o, fields in values.items()
-                     for k, v in (fields.items() if isinstance(fields, dict) else [(None, None)])]
+            items = []
+            for name, fields in values.items():
+                if name not in OPTIMIZERS:
+                    raise ValueError(f"--config {path}: unknown optimizer {name!r}; known: "
+                                     f"{', '.join(OPTIMIZERS)}")  # fmt: skip
+                if not isinstance(fields, dict):
+                    raise ValueError(f"--config {path}: optimizers.{name} must be an object of "
+                                     f"settings, got {fields!r}")  # fmt: skip
+                items += [(f"{name}.{k}", v) for k, v in fields.items()]
         elif section in _SECTIONS and isinstance(values, dict):
             items = [(f"{section}.{k}", v) for k, v in values.items()]
         else:
             raise ValueError(f"--config {path}: unknown section {section!r}; sections: model, "
                              f"train, optimizers")  # fmt: skip
         for key, value in items:
-            if key.endswith(".None"):
-                raise ValueError(f"--config {path}: {key[:-5]} must be an object of settings")
-            if key.split(".")[0] not in OPTIMIZERS and section == "optimizers":
-                raise ValueError(f"--config {path}: unknown optimizer {key.split('.')[0]!r}")
             try:
                 for obj, name, qualified in _targets(cfg, key):
                     setattr(obj, name, _check_json_value(value, _hint(type(obj), name),

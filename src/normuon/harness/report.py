@@ -22,6 +22,9 @@ import torch
 __all__ = [
     "OptimizerSummary",
     "TABLE_COLUMNS",
+    "STRETCH_COLUMN",
+    "muon_extra_steps",
+    "stretch_points",
     "steps_to_reach",
     "summarize",
     "format_table",
@@ -40,15 +43,17 @@ __all__ = [
 
 TABLE_COLUMNS = (
     "optimizer",
-    "final val loss",
+    "final val loss (mean ± 95% CI)",
     "steps to AdamW loss",
-    "saving vs AdamW",
-    "saving vs Muon",
+    "saving vs AdamW (at AdamW's final loss)",
+    "saving vs Muon (at Muon's final loss)",
     "time to AdamW loss (s)",
     "wall time (s)",
     "opt step share",
     "opt state (bytes)",
 )
+#: The extra column when Muon was also trained on stretched schedules (``--stretch``).
+STRETCH_COLUMN = "Muon's extra steps to match (stretched runs)"
 
 PLOT_INSTALL_HINT = (
     "plots need matplotlib, which the harness extra installs: pip install 'normuon[harness]' "
@@ -69,12 +74,16 @@ class OptimizerSummary:
     final_val_mean: float
     final_val_min: float
     final_val_max: float
+    final_val_ci: float
+    """Half-width of the 95% Student-t interval of the mean over seeds (nan for one seed)."""
     steps_to_target: float | None
     """Steps for the seed-mean curve to reach the target (AdamW's mean final val loss)."""
     time_to_target: float | None
     saving_vs_adamw: float | None
-    """1 - steps / AdamW's steps to the same target (fraction; positive = fewer steps)."""
+    """1 - steps / AdamW's steps to AdamW's mean final loss (fraction; positive = fewer)."""
     saving_vs_muon: float | None
+    """1 - steps / Muon's steps to Muon's mean final loss (the paper's target against Muon;
+    None where the seed-mean curve never gets there)."""
     wall_time_s: float
     optimizer_share: float
     optimizer_state_bytes: int
@@ -83,6 +92,12 @@ class OptimizerSummary:
     val_min: list[float]
     val_max: list[float]
     val_time_mean: list[float]
+    muon_extra_steps: float | None = None
+    """With stretched Muon runs: the steps Muon needs to reach this optimizer's mean final
+    loss, as a fraction more than the configured steps (negative: Muon's own run gets there
+    earlier); None when even the longest stretch does not (see ``muon_max_stretch``)."""
+    muon_max_stretch: float | None = None
+    """The longest stretch factor trained (None: no stretched runs)."""
 
 
 def steps_to_reach(xs: Sequence[float], losses: Sequence[float], target: float) -> float | None:
@@ -97,8 +112,13 @@ def steps_to_reach(xs: Sequence[float], losses: Sequence[float], target: float) 
     return None
 
 
-def summarize(results: dict[str, list[Any]]) -> list[OptimizerSummary]:
-    """Aggregate runs (RunResult) per optimizer into rows (target = AdamW's mean final loss)."""
+def summarize(
+    results: dict[str, list[Any]], stretch_runs: dict[float, list[Any]] | None = None
+) -> list[OptimizerSummary]:
+    """Aggregate runs (RunResult) per optimizer into rows: steps to AdamW's mean final loss and
+    the saving against AdamW there, the saving against Muon at Muon's own mean final loss, and
+    (``stretch_runs``: {factor: Muon's runs on a schedule that many times longer}) the steps
+    Muon needs to match each optimizer's final loss (:func:`muon_extra_steps`)."""
     rows: list[OptimizerSummary] = []
     for name, runs in results.items():
         if not runs:
@@ -115,6 +135,7 @@ def summarize(results: dict[str, list[Any]]) -> list[OptimizerSummary]:
             final_val_mean=float(finals.mean()),
             final_val_min=float(finals.min()),
             final_val_max=float(finals.max()),
+            final_val_ci=mean_ci(finals.tolist())[1],
             steps_to_target=None, time_to_target=None, saving_vs_adamw=None, saving_vs_muon=None,
             wall_time_s=sum(r.train_time_s for r in runs) / len(runs),
             optimizer_share=sum(r.optimizer_share for r in runs) / len(runs),
@@ -126,45 +147,103 @@ def summarize(results: dict[str, list[Any]]) -> list[OptimizerSummary]:
             val_time_mean=times.mean(0).tolist(),
         ))  # fmt: skip
     by_name = {r.optimizer: r for r in rows}
-    if "adamw" in by_name:
-        target = by_name["adamw"].final_val_mean
+    adamw, muon = by_name.get("adamw"), by_name.get("muon")
+    if adamw is not None:
+        target = adamw.final_val_mean
+        ref_steps = steps_to_reach(adamw.val_steps, adamw.val_mean, target)
         for row in rows:
             row.steps_to_target = steps_to_reach(row.val_steps, row.val_mean, target)
             row.time_to_target = steps_to_reach(row.val_time_mean, row.val_mean, target)
-        for ref_name, attr in (("adamw", "saving_vs_adamw"), ("muon", "saving_vs_muon")):
-            ref = by_name.get(ref_name)
-            if ref is None or not ref.steps_to_target:
-                continue
+            if row.steps_to_target is not None and ref_steps:
+                row.saving_vs_adamw = 1.0 - row.steps_to_target / ref_steps
+    if muon is not None:
+        target = muon.final_val_mean
+        ref_steps = steps_to_reach(muon.val_steps, muon.val_mean, target)
+        for row in rows:
+            reached = steps_to_reach(row.val_steps, row.val_mean, target)
+            if reached is not None and ref_steps:
+                row.saving_vs_muon = 1.0 - reached / ref_steps
+        if stretch_runs:
+            points = stretch_points(muon, stretch_runs)
             for row in rows:
-                if row.steps_to_target is not None:
-                    setattr(row, attr, 1.0 - row.steps_to_target / ref.steps_to_target)
+                row.muon_extra_steps = muon_extra_steps(muon, points, row.final_val_mean)
+                row.muon_max_stretch = max(stretch_runs)
     return rows
 
 
-def _fmt_pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:+.1f}%"
+def stretch_points(
+    muon: OptimizerSummary, stretch_runs: dict[float, list[Any]]
+) -> list[tuple[float, float]]:
+    """(steps, Muon's mean final loss) of the base run and of every stretched schedule."""
+    base = muon.val_steps[-1]
+    points = [(float(base), muon.final_val_mean)]
+    for _, runs in sorted(stretch_runs.items()):
+        if not runs:
+            continue
+        finals = [r.val_losses[-1] for r in runs]
+        points.append((float(runs[0].steps), sum(finals) / len(finals)))
+    return points
+
+
+def muon_extra_steps(
+    muon: OptimizerSummary, points: Sequence[tuple[float, float]], target: float
+) -> float | None:
+    """How many more steps than its configured run Muon needs to reach ``target`` (the
+    paper's "Muon needs X% more iterations"), as a fraction of the configured steps.
+
+    Within its own run (``target`` at or above Muon's final loss) the seed-mean curve says
+    when (<= 0); beyond it, the final losses of the stretched schedules are interpolated
+    linearly in steps. None when the longest stretch does not reach ``target``.
+    """
+    base = points[0][0]
+    if target >= muon.final_val_mean:
+        reached = steps_to_reach(muon.val_steps, muon.val_mean, target)
+        return None if reached is None else reached / base - 1.0
+    reached = steps_to_reach([p[0] for p in points], [p[1] for p in points], target)
+    return None if reached is None else reached / base - 1.0
+
+
+def _fmt_pct(x: float | None, missing: str = "n/a") -> str:
+    return missing if x is None else f"{100 * x:+.1f}%"
 
 
 def _fmt_steps(x: float | None) -> str:
     return "not reached" if x is None else f"{x:.0f}"
 
 
+def _fmt_time(x: float | None) -> str:
+    return "not reached" if x is None else f"{x:.1f}"
+
+
+def _fmt_loss(row: OptimizerSummary) -> str:
+    """Mean ± the 95% interval's half-width; one seed has no interval."""
+    if len(row.seeds) < 2:
+        return f"{row.final_val_mean:.4f} (1 seed)"
+    return f"{row.final_val_mean:.4f} ± {row.final_val_ci:.4f}"
+
+
 def format_table(rows: Sequence[OptimizerSummary]) -> str:
-    """Markdown table with :data:`TABLE_COLUMNS` (loss: mean ± half the min-max range)."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    """Markdown table with :data:`TABLE_COLUMNS` (and :data:`STRETCH_COLUMN` when Muon was
+    trained on stretched schedules)."""
+    names = {r.optimizer for r in rows}
+    stretch = any(r.muon_max_stretch is not None for r in rows)
+    columns = TABLE_COLUMNS + ((STRETCH_COLUMN,) if stretch else ())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        spread = (r.final_val_max - r.final_val_min) / 2
         cells = [
             r.optimizer,
-            f"{r.final_val_mean:.4f} ± {spread:.4f}",
-            _fmt_steps(r.steps_to_target),
-            _fmt_pct(r.saving_vs_adamw),
-            _fmt_pct(r.saving_vs_muon),
-            "not reached" if r.time_to_target is None else f"{r.time_to_target:.1f}",
+            _fmt_loss(r),
+            _fmt_steps(r.steps_to_target) if "adamw" in names else "n/a",
+            _fmt_pct(r.saving_vs_adamw, "not reached" if "adamw" in names else "n/a"),
+            _fmt_pct(r.saving_vs_muon, "not reached" if "muon" in names else "n/a"),
+            _fmt_time(r.time_to_target) if "adamw" in names else "n/a",
             f"{r.wall_time_s:.1f}",
             f"{100 * r.optimizer_share:.1f}%",
             f"{r.optimizer_state_bytes:,}",
         ]
+        if stretch:
+            longest = f"> +{100 * (r.muon_max_stretch - 1):.0f}%"
+            cells.append(_fmt_pct(r.muon_extra_steps, longest))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -328,7 +407,8 @@ def plot_compare(rows: Sequence[OptimizerSummary], path: Path, title: str) -> No
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in rows:
         for ax, xs in ((axes[0], r.val_steps), (axes[1], r.val_time_mean)):
-            (line,) = ax.plot(xs, r.val_mean, label=f"{r.optimizer} ({len(r.seeds)} seeds)")
+            seeds = f"{len(r.seeds)} seed" + ("s" if len(r.seeds) != 1 else "")
+            (line,) = ax.plot(xs, r.val_mean, label=f"{r.optimizer} ({seeds})")
             ax.fill_between(xs, r.val_min, r.val_max, color=line.get_color(), alpha=0.25)
     finals = [v for r in rows for v in r.val_min[len(r.val_min) // 4 :]]
     highs = [v for r in rows for v in r.val_max[len(r.val_max) // 4 :]]
