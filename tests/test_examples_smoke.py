@@ -88,3 +88,22 @@ def test_moe_router_experiment_quick(tmp_path):
          "--out", str(out)])  # fmt: skip
     text = out.read_text()
     assert "| 0 |" in text and "| 1 |" in text and "Mean difference (AdamW - NorMuon)" in text
+
+
+def test_ablation_report_reads_a_comparison(tmp_path):
+    """examples/ablation_report.py (docs/results.md, "Ablations") on a tiny comparison of all
+    seven optimizers with a stretched Muon: every row, the paired columns and the figure."""
+    out = tmp_path / "cmp"
+    run([sys.executable, "-m", "normuon", "compare", "--preset", "cpu-smoke", "--steps", "6",
+         "--seeds", "2", "--stretch", "1.5", "--diagnostics-every", "0", "--no-progress",
+         "--optimizers", "adamw,muon,normuon,muon-adam,normuon-front,normuon-tall-only,"
+         "muon-rownorm", "--out", str(out)])  # fmt: skip
+    text = run([sys.executable, str(ROOT / "examples" / "ablation_report.py"), str(out),
+                "--names", "smoke", "--plot", str(tmp_path / "ablation.png")])  # fmt: skip
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| smoke")]  # fmt: skip
+    assert [r[1] for r in rows] == ["adamw", "muon", "normuon", "muon-adam", "normuon-front",
+                                    "normuon-tall-only", "muon-rownorm"]  # fmt: skip
+    for r in rows:
+        assert len(r) == 13 and "±" in r[2], r  # two seeds: an interval
+    assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
