@@ -181,8 +181,8 @@ def run_compare(
     that many trainings at once in worker processes (one thread each). ``resume``: reuse
     finished runs in ``out`` and continue interrupted ones from their checkpoints.
     ``diagnostics_every`` (default: the validation interval, off under FSDP2; 0 disables)
-    records the neuron diagnostics. Under torchrun every rank calls this; rank 0 owns the folder and the
-    summary. Figures: :func:`write_compare_plots`.
+    records the neuron diagnostics. Under torchrun every rank calls this; rank 0 owns the
+    folder and the summary. Figures: :func:`write_compare_plots`.
     """
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
