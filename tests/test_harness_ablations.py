@@ -218,3 +218,55 @@ def test_compare_under_torchrun_fresh_and_resumed(tmp_path, parallel):
     assert resumed["runs"]["normuon-front"][0]["steps"] == 6
     assert (resumed["runs"]["normuon-front"][0]["val_losses"]
             == fresh["runs"]["normuon-front"][0]["val_losses"])  # fmt: skip
+    # State bytes are rank 0's: under FSDP2 its shards, about half of one process's.
+    single = _single_process_state_bytes("muon")
+    sharded = fresh["runs"]["muon"][0]["optimizer_state_bytes"]
+    if parallel == "fsdp2":
+        assert 0.4 * single < sharded < 0.6 * single, (sharded, single)
+
+
+def _single_process_state_bytes(name: str) -> int:
+    import torch
+
+    from normuon.harness.model import GPT
+    from normuon.harness.train import optimizer_state_bytes
+
+    cfg = get_preset("cpu-smoke")
+    model = GPT(cfg.model)
+    opt = build_optimizer(name, model, cfg.optimizers[name], torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    return optimizer_state_bytes(opt)
+
+
+def test_overwrite_removes_ablation_and_stretched_runs(tmp_path, capsys):
+    args = ["compare", "--preset", "cpu-smoke", "--steps", "3", "--optimizers", "muon,muon-adam",
+            "--stretch", "1.5", "--diagnostics-every", "0", "--no-progress",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main([*args, "--overwrite"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # not the harness's: kept
+    assert (tmp_path / "muon-x1.5" / "seed0" / "result.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "factors,message",
+    [("1.04", "--stretch 1.04 of 10 steps rounds to 10 steps"),
+     ("1.2,1.24", "give the same schedule")],
+)  # fmt: skip
+def test_stretch_factors_must_lengthen_and_differ(tmp_path, capsys, factors, message):
+    args = ["compare", "--preset", "cpu-smoke", "--steps", "10", "--optimizers", "muon",
+            "--stretch", factors, "--no-progress", "--out", str(tmp_path / "x")]  # fmt: skip
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_muon_extra_steps_takes_the_first_crossing_of_muons_own_curve():
+    """A non-monotone Muon curve that reached the target early counts from there, as the
+    savings do, rather than from the stretched schedules."""
+    results = {"muon": [_run(0, [2.40, 2.50])], "other": [_run(0, [2.6, 2.45])]}
+    stretch = {1.5: [SimpleNamespace(val_losses=[3.0, 2.30], steps=15)]}
+    rows = {r.optimizer: r for r in summarize(results, stretch)}
+    assert rows["other"].muon_extra_steps == pytest.approx(0 / 10 - 1)  # at step 0

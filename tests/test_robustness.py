@@ -577,3 +577,31 @@ def test_adamw_eps_zero_first_step_skip_leaves_param_unchanged(flag_path):
     opt.step()
     assert opt.nonfinite_skips == 1
     assert torch.equal(b, before), b
+
+
+@pytest.mark.parametrize("normalize", ["rows", "elements"])
+def test_state_loaded_in_another_memory_format_is_still_updated(normalize):
+    """Matrix state saved channels_last (a conv kernel's momentum, Muon+Adam's per-weight
+    second moment) is loaded contiguous: a step reads it through (B, m, n) views, and a
+    reshape of a non-contiguous tensor would be a copy whose update is lost."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 3, 3, 3, generator=gen))
+    opt = NorMuon([p], normalize=normalize, ns_dtype="float32")
+    grads = [torch.randn(6, 3, 3, 3, generator=gen) for _ in range(4)]
+    for g in grads[:2]:
+        p.grad = g.clone()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())  # state_dict() shares the live state's dicts
+    for key, value in saved["state"][0].items():
+        if value.ndim == 4:
+            saved["state"][0][key] = value.to(memory_format=torch.channels_last)
+    q = torch.nn.Parameter(p.detach().clone())
+    other = NorMuon([q], normalize=normalize, ns_dtype="float32")
+    other.load_state_dict(saved)
+    for g in grads[2:]:
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        other.step()
+    torch.testing.assert_close(q, p, rtol=0, atol=0)
+    for key, value in opt.state[p].items():
+        torch.testing.assert_close(other.state[q][key], value, rtol=0, atol=0)

@@ -112,3 +112,22 @@ def test_state_dtype_is_validated():
     with pytest.raises(ValueError, match="state_dtype must be None, 'float32' or 'bfloat16'"):
         NorMuon([p], state_dtype="float16")
     assert NorMuon([p], state_dtype=torch.bfloat16).param_groups[0]["state_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("normalize", ["rows", "larger_dim", "elements"])
+def test_float64_parameters_with_float32_state(normalize):
+    """float64 parameters may keep a float32 momentum; the second moment stays float64 and
+    the step runs (it used to fail mixing the float32 O with the float64 v)."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 12, generator=gen, dtype=torch.float64))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = NorMuon([p], state_dtype="float32", normalize=normalize, ns_dtype="float32")
+    ref = NorMuon([q], normalize=normalize, ns_dtype="float32")
+    for _ in range(3):
+        g = torch.randn(8, 12, generator=gen, dtype=torch.float64)
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    assert opt.state[p]["momentum_buffer"].dtype == torch.float32
+    moved, moved_ref = p.detach() - q.detach(), q.detach()
+    assert moved.abs().max() < 1e-5 * moved_ref.abs().max()  # float32 momentum: ~1e-7 apart

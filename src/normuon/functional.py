@@ -151,6 +151,8 @@ def update_second_moment_(
     else:
         r = torch.linalg.vector_norm(x, dim=dim, dtype=accum_dtype(x.dtype)).square_()
         r /= x.shape[dim]
+    # v's dtype may differ (float64 parameters with a float32 state_dtype: float32 O, float64 v)
+    r = r.to(second_moment.dtype)
     if ok is not None:  # (1,) or (B,), broadcast over the entries of each matrix
         ok = ok.reshape((-1,) + (1,) * (r.ndim - 1))
         r = torch.where(ok, r, second_moment)

@@ -59,7 +59,18 @@ def _loaded_value(key: Any, value: Any, p: torch.Tensor) -> Any:
         # incremented in place, so sharing the saved tensor would make two optimizers
         # loaded from one live state_dict double-count it.
         return value.detach().clone()
-    return value.to(device=p.device, copy=True)
+    loaded = value.to(device=p.device, copy=True)
+    if key in _MATRIX_STATE_KEYS and not is_dtensor(loaded) and not loaded.is_contiguous():
+        # A step views matrix state as (B, m, n) stacks; a reshape of a non-contiguous tensor
+        # (e.g. saved channels_last) would be a copy, and the step's update of it lost.
+        loaded = loaded.contiguous()
+    return loaded
+
+
+#: State of matrix groups, updated by a step through (B, m, n) views (contiguous).
+_MATRIX_STATE_KEYS = frozenset(
+    {"momentum_buffer", second_moment_key("rows"), second_moment_key("elements")}
+)
 
 
 def _momentum_dtype(p: torch.Tensor, group: dict[str, Any]) -> torch.dtype:

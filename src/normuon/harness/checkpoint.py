@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
@@ -21,9 +22,12 @@ from typing import Any
 
 import torch
 
+from .config import OPTIMIZERS
+
 __all__ = [
     "CHECKPOINT_NAME",
     "HARNESS_OUTPUTS",
+    "is_harness_output",
     "atomic_save",
     "write_json",
     "load_checkpoint",
@@ -36,8 +40,15 @@ CHECKPOINT_NAME = "checkpoint.pt"
 HARNESS_OUTPUTS = (
     CHECKPOINT_NAME, "config.json", "metrics.jsonl", "result.json", "results.json",
     "sweep.json", "diagnostics.jsonl", "loss.png", "sweep.png", "neurons.png", "tensorboard",
-    "adamw", "muon", "normuon",
+    *OPTIMIZERS,
 )  # fmt: skip
+#: The folders of Muon's runs on stretched schedules (``compare --stretch``): ``muon-x1.1``.
+STRETCH_FOLDER = re.compile(r"muon-x[0-9][0-9.]*")
+
+
+def is_harness_output(name: str) -> bool:
+    """Whether ``name`` (an entry of an output folder) is one the harness writes."""
+    return name in HARNESS_OUTPUTS or STRETCH_FOLDER.fullmatch(name) is not None
 #: Keys every harness checkpoint holds.
 _CHECKPOINT_KEYS = ("step", "model", "optimizer", "scheduler", "rng_cpu", "run_json")
 
@@ -119,7 +130,8 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Create ``out`` for a run; ValueError when it cannot hold one.
 
     A fresh run needs an empty (or new) folder; ``overwrite`` first removes the harness's own
-    outputs (:data:`HARNESS_OUTPUTS`) and nothing else. ``resume`` needs the folder to exist.
+    outputs (:data:`HARNESS_OUTPUTS`, stretched-run folders) and nothing else. ``resume``
+    needs the folder to exist.
     """
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder; choose a folder path")
@@ -131,8 +143,7 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         if out.is_dir():
             entries = sorted(p.name for p in out.iterdir())
             if entries and overwrite:
-                for name in HARNESS_OUTPUTS:
-                    target = out / name
+                for target in [p for p in out.iterdir() if is_harness_output(p.name)]:
                     if target.is_dir() and not target.is_symlink():
                         shutil.rmtree(target)
                     elif target.exists() or target.is_symlink():

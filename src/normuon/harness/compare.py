@@ -128,13 +128,28 @@ def stretched(cfg: RunConfig, factor: float) -> RunConfig:
     return cfg
 
 
-def _check_stretch(stretch: Sequence[float], optimizers: Sequence[str]) -> list[float]:
+def _check_stretch(
+    stretch: Sequence[float], optimizers: Sequence[str], cfg: RunConfig
+) -> list[float]:
+    """The factors, sorted; each must lengthen the schedule by at least one step, and no two
+    may give the same steps or folder name."""
     factors = sorted(set(stretch))
     for factor in factors:
         if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
             raise ValueError(f"--stretch factors must be numbers > 1, got {factor!r}")
     if factors and BASELINE not in optimizers:
         raise ValueError(f"--stretch trains {BASELINE} longer: add {BASELINE} to --optimizers")
+    seen: dict[tuple[int, str], float] = {}
+    for factor in factors:
+        steps = stretched(cfg, factor).train.steps
+        if steps <= cfg.train.steps:
+            raise ValueError(f"--stretch {factor:g} of {cfg.train.steps} steps rounds to "
+                             f"{steps} steps: use a larger factor")  # fmt: skip
+        for (other_steps, other_name), other in seen.items():
+            if steps == other_steps or f"{factor:g}" == other_name:
+                raise ValueError(f"--stretch {other!r} and {factor!r} give the same schedule "
+                                 f"({steps} steps) or folder: drop one")  # fmt: skip
+        seen[(steps, f"{factor:g}")] = factor
     return factors
 
 
@@ -195,7 +210,7 @@ def run_compare(
         raise ValueError("--jobs > 1 runs trainings in worker processes; under torchrun every "
                          "run already uses all ranks: leave --jobs at 1")  # fmt: skip
     _check_optimizers(cfg, optimizers)
-    factors = _check_stretch(stretch, optimizers)
+    factors = _check_stretch(stretch, optimizers, cfg)
     cfg.validate()
     out = Path(out)
     sharded = world > 1 and cfg.train.parallel == "fsdp2"

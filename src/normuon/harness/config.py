@@ -410,7 +410,7 @@ _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def settable_fields() -> list[str]:
-    """Every key ``--set KEY=VALUE`` accepts (``OPT`` is adamw, muon or normuon)."""
+    """Every key ``--set KEY=VALUE`` accepts (``OPT``: one of :data:`OPTIMIZERS`)."""
     keys = [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
     keys += [f"OPT.{f.name}" for f in dataclasses.fields(OptimizerConfig)]
     return keys

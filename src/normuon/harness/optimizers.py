@@ -70,10 +70,13 @@ def build_optimizer(
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Sum of the bytes of every tensor in ``optimizer.state`` (this rank's share)."""
+    """Bytes of the tensors in ``optimizer.state`` that this rank holds: a DTensor (FSDP2)
+    counts its local shard; under DDP NorMuon/Muon keep a matrix's state on its owner only,
+    while ``torch.optim.AdamW`` keeps all of it on every rank (the table is rank 0's)."""
     total = 0
     for state in optimizer.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
+                local = value.to_local() if hasattr(value, "to_local") else value
+                total += local.numel() * local.element_size()
     return total

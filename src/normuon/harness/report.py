@@ -191,14 +191,15 @@ def muon_extra_steps(
     """How many more steps than its configured run Muon needs to reach ``target`` (the
     paper's "Muon needs X% more iterations"), as a fraction of the configured steps.
 
-    Within its own run (``target`` at or above Muon's final loss) the seed-mean curve says
-    when (<= 0); beyond it, the final losses of the stretched schedules are interpolated
-    linearly in steps. None when the longest stretch does not reach ``target``.
+    When Muon's own seed-mean curve reaches ``target`` its first crossing says when (<= 0,
+    the same first-reach rule as the savings); otherwise the final losses of the stretched
+    schedules are interpolated linearly in steps. None when the longest stretch does not
+    reach ``target``.
     """
     base = points[0][0]
-    if target >= muon.final_val_mean:
-        reached = steps_to_reach(muon.val_steps, muon.val_mean, target)
-        return None if reached is None else reached / base - 1.0
+    reached = steps_to_reach(muon.val_steps, muon.val_mean, target)
+    if reached is not None:
+        return reached / base - 1.0
     reached = steps_to_reach([p[0] for p in points], [p[1] for p in points], target)
     return None if reached is None else reached / base - 1.0
 
