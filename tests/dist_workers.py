@@ -13,6 +13,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from reference import ABLATIONS as REFERENCE_ABLATIONS
 from torch import nn
 
 from normuon import Muon, NorMuon, param_groups
@@ -153,12 +154,7 @@ OPTION_SETS = [
 
 #: The paper's ablations (NorMuon options): Muon+Adam (second moment shaped and sharded like
 #: the parameter), NorMuon (Front), NorMuon on m > n matrices only, Muon with row normalization.
-ABLATIONS = [
-    dict(normalize="elements"),
-    dict(normalize_input=True),
-    dict(normalize_matrices="tall"),
-    dict(beta2=0.0),
-]
+ABLATIONS = list(REFERENCE_ABLATIONS.values())
 ABLATION_KEYS = {key for opts in ABLATIONS for key in opts}
 
 

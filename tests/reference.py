@@ -12,6 +12,16 @@ import torch
 
 MUON_ABC = (3.4445, -4.7750, 2.0315)
 
+#: The paper's ablations (arXiv 2510.05491, Sec. 4.1.3, App. A.2) as NorMuon options, shared by
+#: the tests of every fast path: Muon+Adam, NorMuon (Front), NorMuon on m > n blocks only,
+#: Muon with row normalization.
+ABLATIONS = {
+    "muon_adam": {"normalize": "elements"},
+    "front": {"normalize_input": True},
+    "tall_only": {"normalize_matrices": "tall"},
+    "rownorm": {"beta2": 0.0},
+}
+
 
 def ns_reference(u: torch.Tensor, coefficients) -> torch.Tensor:
     """Newton-Schulz on one (m, n) matrix in float64."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import ABLATIONS
 from torch import nn
 
 from normuon import Muon, NorMuon
@@ -109,14 +110,6 @@ def test_device_path_step_has_no_host_reads_and_equals_host_path(cls, tensor_hyp
     if tensor_hyper:  # the scheduler moved the Tensor lr in place: still a tensor
         assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
         torch.testing.assert_close(opt.param_groups[0]["lr"], torch.tensor(2**-6 / 5))
-
-
-ABLATIONS = {
-    "muon_adam": {"normalize": "elements"},
-    "front": {"normalize_input": True},
-    "tall_only": {"normalize_matrices": "tall"},
-    "rownorm": {"beta2": 0.0},
-}
 
 
 @pytest.mark.parametrize("variant", list(ABLATIONS))

@@ -9,7 +9,6 @@ and exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -183,7 +182,9 @@ def _parse_factors(text: str | None) -> list[float]:
 
 def main_rank() -> bool:
     """Rank 0 under torchrun (every rank runs the command), or a plain process."""
-    return os.environ.get("RANK", "0") == "0"
+    from .harness.runtime import launch_rank
+
+    return launch_rank()[0] == 0
 
 
 def _resolve_config(args):

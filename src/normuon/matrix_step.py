@@ -123,15 +123,16 @@ def run_batch(
     u = workspace.flat("input", batch.dtype, batch.device, stack * batch.m * batch.n)
     u = u.view(stack, batch.m, batch.n)
     _write_inputs(members, tensors, hyper, u, workspace)
+    ok = _batch_ok(members, tensors)
     rescale = hyper.rescales(batch.m, batch.n)
     dim = batch.reduce_dim
     if rescale and hyper.normalize_input:  # NorMuon (Front): rescale U, then Muon
         moments, stacked = _stacked_moments(members, tensors)
-        F.rescale_input_(u, stacked, _batch_ok(members, tensors), hyper.beta2, hyper.eps, dim)
+        F.rescale_input_(u, stacked, ok, hyper.beta2, hyper.eps, dim)
         _write_back(moments, stacked, members)
         rescale = False
     _orthogonalize_(u, hyper, workspace)
-    factors = _factors(members, tensors, hyper, u, dim, rescale)
+    factors = _factors(members, tensors, hyper, u, ok, dim, rescale)
     if factors.ndim == 2:  # (B, L) per neuron along dim, or (B, 1) per matrix
         factors = factors.unsqueeze(-1 if dim is None else dim)
     _apply(members, tensors, hyper, u, factors)
@@ -199,13 +200,13 @@ def _factors(
     tensors: StepTensors,
     hyper: MatrixHyper,
     o: torch.Tensor,
+    ok: torch.Tensor | None,
     dim: int | None,
     rescale: bool,
 ) -> torch.Tensor:
     """Factors of the whole batch at once: (stack, L) per neuron, (stack, m, n) per weight
     (``rescale``: NorMuon, whose second moments are gathered into one stack and written back)
-    or (stack, 1) per matrix (Muon)."""
-    ok = _batch_ok(members, tensors)
+    or (stack, 1) per matrix (Muon). ``ok``: the batch's (stack,) finite flags, or None."""
     if not rescale:
         return F.muon_factors(o, ok, hyper.update_scale)
     moments, stacked = _stacked_moments(members, tensors)

@@ -50,6 +50,12 @@ def _present_aliases(group: dict[str, Any]) -> tuple[Option, ...]:
     return tuple(o for o in ADAMW_ALIAS_OPTIONS if o.name in group)
 
 
+#: State of matrix groups, updated by a step through (B, m, n) views (contiguous).
+_MATRIX_STATE_KEYS = frozenset(
+    {"momentum_buffer", second_moment_key("rows"), second_moment_key("elements")}
+)
+
+
 def _loaded_value(key: Any, value: Any, p: torch.Tensor) -> Any:
     """A private copy of one saved state entry for parameter ``p``, dtype kept."""
     if not isinstance(value, torch.Tensor):
@@ -65,12 +71,6 @@ def _loaded_value(key: Any, value: Any, p: torch.Tensor) -> Any:
         # (e.g. saved channels_last) would be a copy, and the step's update of it lost.
         loaded = loaded.contiguous()
     return loaded
-
-
-#: State of matrix groups, updated by a step through (B, m, n) views (contiguous).
-_MATRIX_STATE_KEYS = frozenset(
-    {"momentum_buffer", second_moment_key("rows"), second_moment_key("elements")}
-)
 
 
 def _momentum_dtype(p: torch.Tensor, group: dict[str, Any]) -> torch.dtype:

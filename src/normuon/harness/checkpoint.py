@@ -28,6 +28,8 @@ __all__ = [
     "CHECKPOINT_NAME",
     "HARNESS_OUTPUTS",
     "is_harness_output",
+    "stretch_folder",
+    "STRETCH_BASELINE",
     "atomic_save",
     "write_json",
     "load_checkpoint",
@@ -42,13 +44,21 @@ HARNESS_OUTPUTS = (
     "sweep.json", "diagnostics.jsonl", "loss.png", "sweep.png", "neurons.png", "tensorboard",
     *OPTIMIZERS,
 )  # fmt: skip
-#: The folders of Muon's runs on stretched schedules (``compare --stretch``): ``muon-x1.1``.
-STRETCH_FOLDER = re.compile(r"muon-x[0-9][0-9.]*")
+#: The optimizer ``compare --stretch`` trains on longer schedules (the paper's "Muon-rescale").
+STRETCH_BASELINE = "muon"
+_STRETCH_FOLDER = re.compile(rf"{STRETCH_BASELINE}-x[0-9][0-9.]*")
+
+
+def stretch_folder(factor: float) -> str:
+    """The folder of the baseline's runs on a schedule ``factor`` times longer: ``muon-x1.1``."""
+    return f"{STRETCH_BASELINE}-x{factor:g}"
 
 
 def is_harness_output(name: str) -> bool:
     """Whether ``name`` (an entry of an output folder) is one the harness writes."""
-    return name in HARNESS_OUTPUTS or STRETCH_FOLDER.fullmatch(name) is not None
+    return name in HARNESS_OUTPUTS or _STRETCH_FOLDER.fullmatch(name) is not None
+
+
 #: Keys every harness checkpoint holds.
 _CHECKPOINT_KEYS = ("step", "model", "optimizer", "scheduler", "rng_cpu", "run_json")
 

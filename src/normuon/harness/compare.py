@@ -28,7 +28,13 @@ import torch
 
 import normuon
 
-from .checkpoint import CHECKPOINT_NAME, prepare_out_dir, write_json
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    STRETCH_BASELINE,
+    prepare_out_dir,
+    stretch_folder,
+    write_json,
+)
 from .config import RunConfig
 from .data import TokenData
 from .report import (
@@ -43,10 +49,11 @@ from .report import (
     summarize,
     sweep_table,
 )
+from .runtime import launch_rank
 from .train import RunInterrupted, RunResult, defer_stop_signals, train_run
 
 #: The optimizer trained on stretched schedules (``stretch``): the paper's "Muon-rescale".
-BASELINE = "muon"
+BASELINE = STRETCH_BASELINE
 
 __all__ = [
     "BASELINE",
@@ -119,12 +126,16 @@ class _Run:
     factor: float = 1.0
 
 
+def _longer(steps: int, factor: float) -> int:
+    return int(round(steps * factor))
+
+
 def stretched(cfg: RunConfig, factor: float) -> RunConfig:
     """``cfg`` trained ``factor`` times longer on the same schedule shape: steps and warmup
     scaled (the decay is a fraction of the steps already), evaluation points unchanged."""
     cfg = copy.deepcopy(cfg)
-    cfg.train.steps = int(round(cfg.train.steps * factor))
-    cfg.train.warmup_steps = int(round(cfg.train.warmup_steps * factor))
+    cfg.train.steps = _longer(cfg.train.steps, factor)
+    cfg.train.warmup_steps = _longer(cfg.train.warmup_steps, factor)
     return cfg
 
 
@@ -139,24 +150,16 @@ def _check_stretch(
             raise ValueError(f"--stretch factors must be numbers > 1, got {factor!r}")
     if factors and BASELINE not in optimizers:
         raise ValueError(f"--stretch trains {BASELINE} longer: add {BASELINE} to --optimizers")
-    seen: dict[tuple[int, str], float] = {}
+    base = cfg.train.steps
     for factor in factors:
-        steps = stretched(cfg, factor).train.steps
-        if steps <= cfg.train.steps:
-            raise ValueError(f"--stretch {factor:g} of {cfg.train.steps} steps rounds to "
-                             f"{steps} steps: use a larger factor")  # fmt: skip
-        for (other_steps, other_name), other in seen.items():
-            if steps == other_steps or f"{factor:g}" == other_name:
-                raise ValueError(f"--stretch {other!r} and {factor!r} give the same schedule "
-                                 f"({steps} steps) or folder: drop one")  # fmt: skip
-        seen[(steps, f"{factor:g}")] = factor
+        if _longer(base, factor) <= base:
+            raise ValueError(f"--stretch {factor:g} of {base} steps rounds to "
+                             f"{_longer(base, factor)} steps: use a larger factor")  # fmt: skip
+    for a, b in zip(factors, factors[1:]):  # sorted: equal results are neighbours
+        if _longer(base, a) == _longer(base, b) or stretch_folder(a) == stretch_folder(b):
+            raise ValueError(f"--stretch {a!r} and {b!r} give the same schedule "
+                             f"({_longer(base, b)} steps) or folder: drop one")  # fmt: skip
     return factors
-
-
-def _torchrun_rank() -> tuple[int, int]:
-    """(rank, world size) of this process under torchrun, (0, 1) otherwise (the process group
-    is created later, by the first run)."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _finished(run_dir: Path, cfg: RunConfig) -> RunResult | None:
@@ -205,7 +208,7 @@ def run_compare(
         raise ValueError(f"--first-seed must be an int >= 0, got {first_seed!r}")
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
-    rank, world = _torchrun_rank()
+    rank, world = launch_rank()  # the process group comes later, with the first run
     if world > 1 and jobs > 1:
         raise ValueError("--jobs > 1 runs trainings in worker processes; under torchrun every "
                          "run already uses all ranks: leave --jobs at 1")  # fmt: skip
@@ -229,7 +232,7 @@ def run_compare(
     seed_list = list(range(first_seed, first_seed + seeds))
     runs = [_Run(name, seed, cfg, out / name / f"seed{seed}")
             for seed in seed_list for name in optimizers]  # fmt: skip
-    runs += [_Run(BASELINE, seed, stretched(cfg, f), out / f"{BASELINE}-x{f:g}" / f"seed{seed}", f)
+    runs += [_Run(BASELINE, seed, stretched(cfg, f), out / stretch_folder(f) / f"seed{seed}", f)
              for f in factors for seed in seed_list]  # fmt: skip
     options = {"device": device, "diagnostics_every": diagnostics_every,
                "tensorboard": tensorboard, "dist_timeout_s": dist_timeout_s}  # fmt: skip

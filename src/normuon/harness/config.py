@@ -385,10 +385,10 @@ def _presets() -> dict[str, RunConfig]:
 def _with_ablations(cfg: RunConfig) -> RunConfig:
     """The ablations run with NorMuon's settings (its tuned lrs): the paper compares them at
     NorMuon's hyperparameters too."""
-    for name, options in ABLATIONS.items():
-        cfg.optimizers[name] = dataclasses.replace(
-            cfg.optimizers["normuon"], **{k: v for k, v in options.items() if k == "beta2"}
-        )
+    normuon = cfg.optimizers["normuon"]
+    for name, options in ABLATIONS.items():  # muon-rownorm's beta2 = 0 is its definition
+        beta2 = options.get("beta2", normuon.beta2)
+        cfg.optimizers[name] = dataclasses.replace(normuon, beta2=beta2)
     return cfg
 
 

@@ -65,6 +65,12 @@ def resolve_device(device_arg: str | None) -> torch.device:
     return device
 
 
+def launch_rank() -> tuple[int, int]:
+    """(rank, world size) that torchrun gave this process, (0, 1) without torchrun; readable
+    before the process group exists."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(
     device_arg: str | None, timeout_s: float | None = None
 ) -> tuple[Dist, torch.device]:
@@ -75,10 +81,10 @@ def init_distributed(
     """
     if timeout_s is not None and not timeout_s > 0:
         raise ValueError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = launch_rank()
     if world <= 1:
         return Dist(), resolve_device(device_arg)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_arg not in (None, "auto"):
         resolve_device(device_arg)  # the same clear error as a single process
     use_cuda = torch.cuda.is_available() and device_arg in (None, "auto", "cuda")

@@ -25,7 +25,7 @@ finishes with exactly the result of an uninterrupted run.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 from .checkpoint import CHECKPOINT_NAME
 from .config import RunConfig
@@ -54,27 +54,21 @@ def train_run(
     optimizer: str,
     data: TokenData,
     *,
-    seed: int = 0,
-    out_dir: str | Path,
-    device: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
     stop_at_step: int | None = None,
-    progress: bool | None = None,
-    dist_timeout_s: float | None = None,
-    tensorboard: bool = False,
-    diagnostics_every: int = 0,
+    **options: Any,
 ) -> RunResult:
     """Train ``cfg``'s GPT on ``data`` with ``optimizer`` and return the run's summary.
 
+    ``options`` are :class:`Trainer`'s keyword arguments (``out_dir`` is required; ``seed``,
+    ``device``, ``progress``, ``dist_timeout_s``, ``tensorboard``, ``diagnostics_every``).
     ``out_dir`` must be empty or new for a fresh run (``overwrite=True`` replaces the harness
     files there). ``resume=True`` continues from ``out_dir/checkpoint.pt`` and reproduces
     exactly the curve of an uninterrupted run. ``stop_at_step`` checkpoints and returns after
     that many steps. SIGINT/SIGTERM checkpoint and raise :class:`RunInterrupted`.
     ``diagnostics_every=k`` records :mod:`normuon.diagnostics` every k steps.
     """
-    trainer = Trainer(cfg, optimizer, data, seed=seed, out_dir=out_dir, device=device,
-                      dist_timeout_s=dist_timeout_s, progress=progress, tensorboard=tensorboard,
-                      diagnostics_every=diagnostics_every)  # fmt: skip
+    trainer = Trainer(cfg, optimizer, data, **options)
     trainer.start(resume=resume, overwrite=overwrite)
     return trainer.fit(stop_at_step)
