@@ -13,6 +13,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from bounds import CautiousAllowance, excess_error
 from reference import ABLATIONS as REFERENCE_ABLATIONS
 from torch import nn
 
@@ -109,6 +110,53 @@ def train(model, opt, steps, start=0):
         opt.zero_grad(set_to_none=True)
 
 
+def copy_grads(model, ref) -> None:
+    """The single process's gradients, laid out as each (DTensor) parameter of ``model`` is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for p, q in zip(model.parameters(), ref.parameters()):
+        if isinstance(p, DTensor):
+            p.grad = distribute_tensor(q.grad, p.device_mesh, p.placements, src_data_rank=None)
+        else:
+            p.grad = q.grad.clone()
+
+
+def train_on_reference_grads(model, opt, ref_model, ref_opt, steps, loss=None) -> None:
+    """Both optimizers step on identical gradients, the single process's (``loss(model, step)``
+    makes them; default: this module's loss on ``batch(step)``), so that a comparison sees the
+    optimizer alone and not the summation order of a parallel forward and backward."""
+    loss = loss or (lambda m, step: loss_fn(m, batch(step)))
+    for step in range(steps):
+        loss(ref_model, step).backward()
+        copy_grads(model, ref_model)
+        ref_opt.step()
+        opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
+
+
+#: Cautious weight decay, whose mask is discontinuous (tests/bounds.py): compared on identical
+#: gradients with the reference's allowance for ambiguous entries.
+CAUTIOUS_CASES = [(NorMuon, dict(cautious_weight_decay=True, adamw_cautious_weight_decay=True,
+                                   adamw_weight_decay=0.1)),
+                  (Muon, dict(cautious_weight_decay=True))]  # fmt: skip
+
+
+def cautious_matches_single(model, make, world: int, what: str, replicated=False) -> None:
+    """``model`` (parallel) against a fresh single-process model, each CAUTIOUS_CASES option set
+    on identical gradients; ``make(model, cls, **opts)`` builds the parallel optimizer."""
+    for cls, opts in CAUTIOUS_CASES:
+        ref_model = make_model()
+        ref_opt = make_opt(ref_model, cls, process_group=None, **opts)
+        parallel = model()
+        opt = make(parallel, cls, **opts)
+        with CautiousAllowance(ref_model.named_parameters()) as allowance:
+            train_on_reference_grads(parallel, opt, ref_model, ref_opt, STEPS)
+        assert allowance.calls > 0, "cautious decay never ran"
+        compare(parallel, opt, ref_model, ref_opt, what=f"{what} {cls.__name__} {opts}",
+                allowance=allowance, owned_state_only=replicated)  # fmt: skip
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
@@ -124,17 +172,22 @@ def shard(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
-def compare(model, opt, ref_model, ref_opt, tol=2e-6, state_tol=5e-5, what=""):
+def compare(model, opt, ref_model, ref_opt, tol=2e-6, state_tol=5e-5, what="", allowance=None,
+            owned_state_only=False):  # fmt: skip
     """Parameters to 2e-6 and state to 5e-5 (relative to the largest entry). The second moment
     is a mean of squared Newton-Schulz outputs, which amplify the rounding differences of
-    FSDP2's reduce-scattered gradients (seen: ~1e-5 after 5 steps with the optimizer exact)."""
+    FSDP2's reduce-scattered gradients (seen: ~1e-5 after 5 steps with the optimizer exact).
+    ``allowance``: a :class:`bounds.CautiousAllowance` of the reference run, taken off each
+    parameter's error first (cautious decay's mask may flip where it is ambiguous).
+    ``owned_state_only``: replicated (DDP) mode, where a matrix's state lives on its owner only,
+    so state is compared where this rank has it."""
     for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
         a, b = full(p.detach()), q.detach()
-        err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+        err = excess_error(a, b, None if allowance is None else allowance.of(name))
         assert err < tol, f"{what} param {name}: relative error {err:.3g}"
     for p, q in zip(model.parameters(), ref_model.parameters()):
         s, r = opt.state.get(p, {}), ref_opt.state.get(q, {})
-        if not r:
+        if not r or (owned_state_only and not s):
             continue
         for key, value in r.items():
             if key == "step":
@@ -175,9 +228,6 @@ def fsdp_matches_single(rank: int, world: int, port: int) -> None:
     setup(rank, world, port)
     mesh = init_device_mesh("cpu", (world,))
     cases = [(NorMuon, o) for o in OPTION_SETS] + [(Muon, dict(update_scale="adam_rms"))]
-    # Cautious weight decay is elementwise on each rank's block of W and of the update D.
-    cases += [(NorMuon, dict(cautious_weight_decay=True)),
-              (Muon, dict(cautious_weight_decay=True))]  # fmt: skip
     cases += [(NorMuon, opts) for opts in ABLATIONS]
     for cls, opts in cases:
         ref_model = make_model()
@@ -188,6 +238,8 @@ def fsdp_matches_single(rank: int, world: int, port: int) -> None:
         train(model, opt, STEPS)
         compare(model, opt, ref_model, ref_opt, tol=_tolerance(opts),
                 what=f"W={world} {cls.__name__} {opts}")  # fmt: skip
+    # Cautious weight decay is elementwise on each rank's block of W and of the update D.
+    cautious_matches_single(lambda: shard(make_model(), mesh), make_opt, world, f"W={world}")
     teardown()
 
 
@@ -196,7 +248,7 @@ def ddp_matches_single(rank: int, world: int, port: int) -> None:
 
     setup(rank, world, port)
     cases = [(NorMuon, o) for o in OPTION_SETS[:2]] + [(Muon, {})]
-    cases += [(NorMuon, dict(cautious_weight_decay=True))] + [(NorMuon, o) for o in ABLATIONS]
+    cases += [(NorMuon, o) for o in ABLATIONS]
     for cls, opts in cases:
         ref_model = make_model()
         ref_opt = make_opt(ref_model, cls, process_group=None, **opts)
@@ -220,6 +272,8 @@ def ddp_matches_single(rank: int, world: int, port: int) -> None:
         has = torch.tensor([1.0 if opt.state.get(p) else 0.0 for p in model.parameters()])
         dist.all_reduce(has)
         assert torch.all(has == 1), has
+    # Replicated cautious decay: each owner decays its matrices; the replicas gather them.
+    cautious_matches_single(make_model, make_opt, world, "DDP", replicated=True)
     teardown()
 
 

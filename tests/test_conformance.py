@@ -97,6 +97,82 @@ def test_tensor_lr_equals_float_lr(cls):
     _assert_all_equal(params_f, params_t, rtol=1e-6, atol=1e-9)
 
 
+TENSOR_LR_OPTIONS = [
+    {},
+    {"weight_decay": 0.1},
+    {"nesterov": False, "momentum": 0.9},
+    {"weight_decay": 0.1, "cautious_weight_decay": True},
+    {"update_scale": "adam_rms"},
+]
+
+
+@pytest.mark.parametrize("num_dim", [0, 1, 2])
+@pytest.mark.parametrize("options", TENSOR_LR_OPTIONS, ids=lambda o: ",".join(o) or "defaults")
+@pytest.mark.parametrize("cls", CLASSES)
+def test_tensor_lr_of_any_one_element_shape(cls, options, num_dim):
+    """torch's test_optim.py::test_tensor_lr: a (10, 5) weight stepped 5 times with
+    ``lr=torch.tensor(1e-3).reshape([1] * num_dim)`` equals the run with the float lr
+    (torch.testing's float32 tolerance), here with an AdamW group holding the bias."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(10, 5))
+    bias = torch.nn.Parameter(torch.randn(10))
+    weight_c = weight.detach().clone().requires_grad_(True)
+    bias_c = bias.detach().clone().requires_grad_(True)
+    inpt = torch.randn(5)
+
+    def make(w, b, lr):
+        groups = [{"params": [w]}, {"params": [b], "algorithm": "adamw", "lr": lr}]
+        return cls(groups, lr=lr, ns_dtype="float32", **options)
+
+    def closure(opt, w, b):
+        opt.zero_grad()
+        loss = (w.mv(inpt) + b).pow(2).sum()
+        loss.backward()
+        return loss
+
+    lr = torch.tensor(1e-3).reshape([1] * num_dim)
+    opt_r, opt = make(weight, bias, 1e-3), make(weight_c, bias_c, lr)
+    for _ in range(5):
+        opt_r.step(lambda: closure(opt_r, weight, bias))
+        opt.step(lambda: closure(opt, weight_c, bias_c))
+        torch.testing.assert_close(weight, weight_c)
+        torch.testing.assert_close(bias, bias_c)
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+@pytest.mark.parametrize("cls", CLASSES)
+def test_every_tensor_hyperparameter_of_one_element_steps(cls, shape):
+    """momentum, beta2, eps, weight_decay and AdamW's betas as (1,) / (1, 1) Tensors equal their
+    float values."""
+    t = lambda v: torch.tensor(v).reshape(shape)  # noqa: E731
+    matrix = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.1}
+    if cls is NorMuon:
+        matrix.update(beta2=0.9, eps=1e-8)
+    adamw = {"lr": 1e-3, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1}
+
+    def run(as_tensor):
+        conv = (lambda v: t(v)) if as_tensor else (lambda v: v)
+        params = _params()
+        groups = [
+            {"params": params[:2], **{k: conv(v) for k, v in matrix.items()}},
+            {"params": params[2:], "algorithm": "adamw", "lr": conv(adamw["lr"]),
+             "betas": tuple(conv(b) for b in adamw["betas"]), "eps": conv(adamw["eps"]),
+             "weight_decay": conv(adamw["weight_decay"])},
+        ]  # fmt: skip
+        opt = cls(groups, ns_dtype="float32")
+        _run(opt, params, 3)
+        return params
+
+    _assert_all_equal(run(False), run(True), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("key", ["lr", "momentum", "weight_decay"])
+@pytest.mark.parametrize("cls", CLASSES)
+def test_tensor_hyperparameter_of_several_elements_is_named(cls, key):
+    with pytest.raises(ValueError, match=rf"{key} must be .* tensor of shape \(2,\)"):
+        cls(_groups(_params()), **{key: torch.tensor([0.1, 0.2])})
+
+
 @pytest.mark.parametrize("cautious", [False, True], ids=["plain", "cautious"])
 @pytest.mark.parametrize("cls", CLASSES)
 def test_non_contiguous_params_equal_contiguous_twin(cls, cautious):

@@ -30,6 +30,7 @@ __all__ = [
     "apply_updates_",
     "cautious_decay_",
     "decay_",
+    "device_scalar",
     "finite_flags",
     "inverse_rms",
     "momentum_and_input_",
@@ -43,6 +44,15 @@ __all__ = [
 
 #: Update RMS of the ``adam_rms`` convention (NorMuon paper, Algorithm 1; Moonlight's 0.2).
 ADAM_RMS_TARGET = 0.2
+
+
+def device_scalar(value: Scalar, device: torch.device) -> Scalar:
+    """A hyperparameter as the step uses it: a number as it is; a one-element Tensor of any shape
+    (torch.optim accepts lr of shape (), (1,) or (1, 1)) as a 0-d tensor on ``device`` (a view
+    where it already lives there, so a scheduler's in-place update is seen)."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(()).to(device)
+    return value
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -53,12 +53,11 @@ class MatrixHyper:
     @classmethod
     def of(cls, group: dict[str, Any], device: torch.device, ns_dtype: torch.dtype,
            orthogonalizer, neuron_norm: bool) -> MatrixHyper:  # fmt: skip
-        """From a param group: Tensor values moved to ``device`` (a no-op when they live there,
-        as they must for a sync-free step)."""
+        """From a param group: Tensor values as 0-d tensors on ``device`` (a no-op when they
+        live there, as they must for a sync-free step)."""
 
         def value(key: str, default: Any = 0.0) -> F.Scalar:
-            v = group.get(key, default)
-            return v.to(device) if isinstance(v, torch.Tensor) else v
+            return F.device_scalar(group.get(key, default), device)
 
         return cls(
             lr=value("lr"), weight_decay=value("weight_decay"), momentum=value("momentum"),

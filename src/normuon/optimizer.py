@@ -530,7 +530,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             beta1 = group["momentum"]
             group["betas"] = (beta1, beta2)
         device = grads[0].device
-        on_device = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        on_device = lambda v: F.device_scalar(v, device)  # noqa: E731
         F.adamw_step_(
             [local_tensor(p) for _, p, _ in entries],
             grads,

@@ -43,7 +43,10 @@ def _number(name: str, value: Any, low: float, high: float | None = None, open_h
     """A finite real number in [low, high] (or [low, high)); a 0-d tensor counts as a number."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex():
-            raise ValueError(f"{name} must be a number or a one-element tensor, got {value!r}")
+            raise ValueError(
+                f"{name} must be a number or a one-element tensor, got a {value.dtype} tensor "
+                f"of shape {tuple(value.shape)}"
+            )
         if value.device.type == "meta":
             return value  # holds no value to check (a model built on the meta device)
         number = value.item()  # read once here, never in step()
