@@ -153,24 +153,18 @@ def _qkv_split(name: str, module_name: str, out_dim: int, in_dim: int) -> tuple[
     return (in_dim,) * (out_dim // in_dim)
 
 
-def _gate_up_split(name: str, p: torch.Tensor, module_name: str, by_name: dict[str, Any]):
+def _gate_up_split(name: str, p: torch.Tensor, module_name: str, layout: str):
     """(layout, split_sizes) of a fused gate/up projection, or None when ``p`` is not one.
 
-    A Linear weight (2 ff, d) splits its rows in half. Stacked experts are stored (E, 2 ff, d)
-    by most of transformers' MoE models (Mixtral's ``experts.gate_up_proj``, with
-    ``down_proj`` (E, d, ff)) and (E, d, 2 ff) by some (Aria); the sibling ``down_proj``
-    tells which, and the second kind is read as transposed (its outputs are the last dim).
+    A Linear weight (2 ff, d) splits its rows in half; stacked experts (E, 2 ff, d) too, and
+    experts stored (E, d, 2 ff) (``layout="transposed"``, see :func:`_transposed_experts`)
+    split their last dim, which holds their outputs.
     """
     own_param = name.rsplit(".", 1)[-1]
     own_module = module_name.rsplit(".", 1)[-1]
     if own_param not in FUSED_GATE_UP_NAMES and own_module not in FUSED_GATE_UP_NAMES:
         return None
-    layout, outputs = "auto", p.shape[-2]
-    if p.ndim == 3:
-        down = by_name.get(name[: len(name) - len(own_param)] + "down_proj")
-        if (down is not None and down.ndim == 3 and p.shape[-1] == 2 * down.shape[-2]
-                and p.shape[-2] == down.shape[-1]):  # fmt: skip
-            layout, outputs = "transposed", p.shape[-1]
+    outputs = p.shape[-1] if layout == "transposed" else p.shape[-2]
     if outputs % 2:
         raise ValueError(
             f"split_gate_up=True: {name} of shape {tuple(p.shape)} has {outputs} outputs per "
@@ -178,6 +172,27 @@ def _gate_up_split(name: str, p: torch.Tensor, module_name: str, by_name: dict[s
             f"leave split_gate_up=False"
         )
     return layout, (outputs // 2, outputs // 2)
+
+
+def _transposed_experts(named: list[tuple[str, torch.Tensor]]) -> set[int]:
+    """ids of stacked expert weights stored (E, in, out), used as ``x @ W[e]``.
+
+    Most of transformers' MoE models store experts (E, out, in): Mixtral's fused
+    ``gate_up_proj`` (E, 2 ff, d) with ``down_proj`` (E, d, ff). Some (Aria) store both
+    transposed: ``gate_up_proj`` (E, d, 2 ff) with ``down_proj`` (E, ff, d). The pair's shapes
+    tell which, and both of a transposed pair have their output neurons on the last dim.
+    """
+    by_name = dict(named)
+    found: set[int] = set()
+    for name, p in named:
+        own = name.rsplit(".", 1)[-1]
+        if own not in FUSED_GATE_UP_NAMES or p.ndim != 3:
+            continue
+        down = by_name.get(name[: len(name) - len(own)] + "down_proj")
+        if (down is not None and down.ndim == 3 and p.shape[-1] == 2 * down.shape[-2]
+                and p.shape[-2] == down.shape[-1]):  # fmt: skip
+            found |= {id(p), id(down)}
+    return found
 
 
 @dataclass
@@ -250,6 +265,7 @@ def _model_kinds(model: nn.Module, transposed, is_declared_transposed):
     kinds = _module_kinds(model)
     named = list(model.named_parameters(remove_duplicate=False))
     kinds.transposed |= _declared_transposed_ids(named, transposed, is_declared_transposed)
+    kinds.transposed |= _transposed_experts(named)
     return kinds, named
 
 
@@ -292,7 +308,6 @@ def _route(named, kinds: _ModuleKinds, extra_adamw: tuple[str, ...], split_qkv: 
     names_of: dict[int, list[str]] = {}
     for name, p in named:
         names_of.setdefault(id(p), []).append(name)
-    by_name = dict(named)
     matrix_groups: dict[tuple[str, tuple[int, ...] | None], list[nn.Parameter]] = {}
     adamw: list[nn.Parameter] = []
     seen: set[int] = set()
@@ -321,8 +336,8 @@ def _route(named, kinds: _ModuleKinds, extra_adamw: tuple[str, ...], split_qkv: 
             split = _qkv_split(name, module_name, p.shape[1], p.shape[0]) if split_qkv else None
         elif layout == "auto" and split_qkv and p.ndim == 2:
             split = _qkv_split(name, module_name, p.shape[0], p.shape[1])
-        if split_gate_up and layout == "auto":
-            fused = _gate_up_split(name, p, module_name, by_name)
+        if split_gate_up and layout in ("auto", "transposed"):
+            fused = _gate_up_split(name, p, module_name, layout)
             if fused is not None:
                 layout, split = fused
         matrix_groups.setdefault((layout, split), []).append(p)
