@@ -14,6 +14,9 @@ def test_quick_check_on_the_cpu_passes_and_writes_its_report(tmp_path, capsys):
     for section in ("correctness", "newton-schulz", "host syncs", "compile", "speed"):
         assert f"| {section} |" in text, section
     assert "NorMuon transposed float32 | pass" in text
+    # GraphedStep's logic through its stand-in replay (the real CUDA graph: tests/test_cuda.py)
+    assert "graphed step (stand-in replay) | pass" in text
+    assert "graphed step (stand-in replay): load_state_dict, bf16 state | pass" in text
     assert "torch.optim.Muon" in text  # the peer timed beside it
     assert "correctness: ok" in capsys.readouterr().out
 

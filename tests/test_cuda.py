@@ -34,7 +34,16 @@ def test_compiled_step_on_cuda_equals_eager():
     assert _failures(check.check_compile(torch.device("cuda"))) == []
 
 
+def test_graphed_step_honours_floats_absent_grads_and_reloads_on_cuda():
+    """The CUDA-graph defects, on a real graph: a float written into a group by OneCycleLR or a
+    user reaches the replay, a parameter without gradient is skipped, a NaN is counted on the
+    device, and a load_state_dict with bf16 state recaptures with the same generator."""
+    assert _failures(check.check_graph_step(torch.device("cuda"))) == []
+
+
 def test_bf16_wire_is_what_auto_picks_on_cuda():
+    """Only the choice: at world size 1 nothing is sent. The bytes a bf16 wire sends (half of
+    U's and D's) are counted at world size 2 in tests/test_comm_bytes.py."""
     from normuon.distributed.comm import wire_dtype_for
 
     assert wire_dtype_for(torch.device("cuda"), "auto") == torch.bfloat16

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from normuon import Muon, NorMuon
-from normuon.cuda_graphs import GraphedStep, prepare_for_capture
+from normuon.cuda_graphs import EagerReplay, GraphedStep, prepare_for_capture
 from normuon.host_reads import NoHostReads
 
 
@@ -69,3 +69,134 @@ def test_bad_inputs_are_clear_errors():
                      torch.nn.Parameter(torch.randn(4, 4, device="meta"))])  # fmt: skip
     with pytest.raises(ValueError, match="on one device"):
         prepare_for_capture(mixed)
+
+
+# ------------------------------------------------------------------ GraphedStep's logic on the CPU
+
+
+def _twins(cls, **options):
+    """(graphed params, GraphedStep on EagerReplay, reference params, eager reference optimizer)"""
+    params, opt = _setup(cls)
+    ref_params, ref_opt = _setup(cls)
+    for o in (opt, ref_opt):
+        for g in o.param_groups:
+            g.update({k: v for k, v in options.items() if k in g})
+    backend = EagerReplay(opt)
+    return params, GraphedStep(opt, warmup=2, backend=backend), ref_params, ref_opt, backend
+
+
+def _grads(params, ref_params, gen, absent=()):
+    for i, (p, q) in enumerate(zip(params, ref_params)):
+        g = torch.randn(p.shape, generator=gen)
+        p.grad = None if i in absent else g.clone()
+        q.grad = None if i in absent else g.clone()
+
+
+@pytest.mark.parametrize("cls", [NorMuon, Muon])
+def test_a_number_written_into_a_group_reaches_the_replay(cls):
+    """OneCycleLR writes Python floats into group["lr"] and group["momentum"] every step, and a
+    user may set group["lr"] = 0.01: each replay must use them, as eager steps do."""
+    params, graphed, ref_params, ref_opt, backend = _twins(cls)
+    opt = graphed.optimizer
+    scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[0.05, 0.01], total_steps=20)
+              for o in (opt, ref_opt)]  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    for step in range(8):
+        if step == 5:
+            for o in (opt, ref_opt):
+                o.param_groups[0]["lr"] = 0.01  # a user's float
+        _grads(params, ref_params, gen)
+        graphed.step()
+        ref_opt.step()
+        for s in scheds:
+            s.step()
+        for p, q in zip(params, ref_params):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=f"step {step}")
+    assert backend.captures == 1 and backend.replays == 6
+    # The group holds the captured tensor again, with the scheduler's latest value in it.
+    lr = opt.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr is graphed.spec.values[0].tensor
+
+
+def test_an_option_change_captures_again():
+    params, graphed, ref_params, ref_opt, backend = _twins(NorMuon)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(6):
+        if step == 4:
+            for o in (graphed.optimizer, ref_opt):
+                o.param_groups[0]["nesterov"] = False
+        _grads(params, ref_params, gen)
+        graphed.step()
+        ref_opt.step()
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert backend.captures == 2
+
+
+@pytest.mark.parametrize("cls", [NorMuon, Muon])
+def test_a_parameter_without_gradient_is_skipped_as_torch_does(cls):
+    """grad None at a replay: the parameter and its state stay as they were (its AdamW step
+    count too), nothing is counted as skipped; the others step as the eager reference."""
+    params, graphed, ref_params, ref_opt, backend = _twins(cls, weight_decay=0.5)
+    opt = graphed.optimizer
+    gen = torch.Generator().manual_seed(3)
+    for step in range(7):
+        absent = (0, 2) if step in (4, 5) else ()
+        _grads(params, ref_params, gen, absent)
+        before = [p.detach().clone() for p in params]
+        state_before = {i: {k: v.clone() for k, v in opt.state[params[i]].items()}
+                        for i in absent}  # fmt: skip
+        graphed.step()
+        ref_opt.step()
+        for i in absent:
+            assert torch.equal(params[i], before[i]), (step, i)
+            for k, v in opt.state[params[i]].items():
+                assert torch.equal(v, state_before[i][k]), (step, i, k)
+            assert params[i].grad is None
+        for p, q in zip(params, ref_params):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=f"step {step}")
+    assert backend.replays == 5 and opt.nonfinite_skips == 0
+
+
+def test_load_state_dict_recaptures_with_the_generators_and_the_counter_kept():
+    """bf16 state draws rounding bits from the workspace's generator: a load keeps it (and the
+    skip counter), and the new capture registers it again."""
+    params, opt = _setup(NorMuon)
+    for g in opt.param_groups[:1]:
+        g["state_dtype"] = "bfloat16"
+    opt._plans_cache = None  # state_dtype changed after construction: plan again
+    backend = EagerReplay(opt)
+    graphed = GraphedStep(opt, warmup=1, backend=backend)
+    generators = list(graphed.spec.generators)
+    assert len(generators) == 1  # created before any step, so a capture can register it
+    gen = torch.Generator().manual_seed(4)
+    for step in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        if step == 1:
+            params[0].grad[0, 0] = float("nan")
+        if step == 3:
+            opt.load_state_dict(opt.state_dict())
+        graphed.step()
+    assert backend.captures == 2
+    assert backend.generators == generators and opt._workspace.generators() == generators
+    assert opt.nonfinite_skips == 1  # counted before the load, kept by it
+
+
+def test_the_skip_counter_moves_to_the_gradients_device():
+    """A counter restored by unpickling is made on the CPU; the step moves it to the gradients'
+    device once instead of copying every step (here the meta device, where any host copy of a
+    meta tensor fails)."""
+    p = torch.nn.Parameter(torch.empty(8, 4, device="meta"))
+    opt = NorMuon([p], host_reads="never")
+    opt._guard.restore(3)
+    p.grad = torch.empty(8, 4, device="meta")
+    opt.step()
+    assert opt._guard.counter.device.type == "meta"
+
+
+def test_graphed_step_refuses_what_a_graph_cannot_do():
+    params, opt = _setup(NorMuon)
+    opt.nonfinite_grads = "raise"
+    with pytest.raises(ValueError, match="nonfinite_grads='raise'"):
+        GraphedStep(opt, backend=EagerReplay(opt))

@@ -214,41 +214,93 @@ def check_compile(device: torch.device, quick: bool = False) -> list[CheckResult
         except Exception as exc:  # noqa: BLE001 - a compiler failure is a failed check
             results.append(CheckResult("compile", f"{cls.__name__} fullgraph", False,
                                        f"{type(exc).__name__}: {str(exc)[:160]}"))
-    if device.type != "cuda":
-        results.append(CheckResult("compile", "CUDA graph capture", None, "needs CUDA"))
-    else:
-        results.append(_check_cuda_graph(device))
+    results += check_graph_step(device)
     return results
 
 
-def _check_cuda_graph(device: torch.device) -> CheckResult:
-    """Six steps through :class:`normuon.cuda_graphs.GraphedStep` (two eager, a capture, three
-    replays) against the same steps taken eagerly."""
-    from .cuda_graphs import GraphedStep, prepare_for_capture
+def _graph_setup(device: torch.device, **matrix_options):
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device))
+              for s in [(64, 32), (32, 96), (32,)]]  # fmt: skip
+    opt = NorMuon([{"params": params[:2], "weight_decay": 0.5, **matrix_options},
+                   {"params": params[2:], "algorithm": "adamw"}], ns_dtype="float32")  # fmt: skip
+    return params, opt
 
+
+def _graph_backend(opt, device: torch.device):
+    from .cuda_graphs import CudaGraphs, EagerReplay
+
+    return CudaGraphs() if device.type == "cuda" else EagerReplay(opt)
+
+
+def check_graph_step(device: torch.device) -> list[CheckResult]:
+    """:class:`normuon.cuda_graphs.GraphedStep` (a real CUDA graph on CUDA, its
+    :class:`~normuon.cuda_graphs.EagerReplay` stand-in elsewhere) against eager steps: under
+    OneCycleLR (which writes Python floats into the groups) and a user's ``group["lr"] = ...``,
+    with parameters without a gradient at two steps and a NaN gradient at one; then with bf16
+    momentum, a state dict loaded mid-run (a recapture that must register the same random
+    generator and keep the skip counter)."""
+    from .cuda_graphs import GraphedStep
+
+    name = "CUDA graph step" if device.type == "cuda" else "graphed step (stand-in replay)"
+    results = []
     try:
-        runs = []
+        runs, skips = [], []
         for graphed in (True, False):
-            gen = torch.Generator().manual_seed(4)
-            params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device))
-                      for s in [(64, 32), (32, 96), (32,)]]  # fmt: skip
-            opt = NorMuon([{"params": params[:2]}, {"params": params[2:], "algorithm": "adamw"}],
-                          ns_dtype="float32")  # fmt: skip
-            step = GraphedStep(opt, warmup=2).step if graphed else opt.step
-            if not graphed:
-                prepare_for_capture(opt)
-            for _ in range(6):
-                for p in params:
-                    p.grad.copy_(torch.randn(p.shape, generator=gen).to(device))
+            params, opt = _graph_setup(device)
+            step = lambda opt=opt: opt.step()  # noqa: E731 - the scheduler's wrapped step
+            if graphed:
+                step = GraphedStep(opt, warmup=2, backend=_graph_backend(opt, device)).step
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.05, 0.01], total_steps=20)
+            gen = torch.Generator().manual_seed(5)
+            for t in range(8):
+                if t == 5:
+                    opt.param_groups[0]["lr"] = 0.01
+                for i, p in enumerate(params):
+                    g = torch.randn(p.shape, generator=gen).to(device)
+                    if t == 6 and i == 1:
+                        g[0, 0] = float("nan")
+                    p.grad = None if (t in (3, 4) and i in (0, 2)) else g
                 step()
-            runs.append(params)
-        torch.cuda.synchronize(device)
+                sched.step()
+            runs.append([p.detach().clone() for p in params])
+            skips.append(opt.nonfinite_skips)
+        _sync(device)
         err = max(_rel_err(a, b) for a, b in zip(*runs))
-        return CheckResult("compile", "CUDA graph capture", err < 1e-5,
-                           f"GraphedStep vs eager after 6 steps: max rel. difference {err:.2e}")
+        ok = err < 1e-5 and skips[0] == skips[1] == 1
+        results.append(CheckResult("compile", name, ok,
+                                   f"vs eager after 8 steps (floats written by a scheduler and a "
+                                   f"user, absent and NaN gradients): max rel. difference "
+                                   f"{err:.2e}, skips {skips}"))  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - a capture failure is a failed check
-        return CheckResult("compile", "CUDA graph capture", False,
-                           f"{type(exc).__name__}: {str(exc)[:160]}")
+        results.append(CheckResult("compile", name, False,
+                                   f"{type(exc).__name__}: {str(exc)[:160]}"))  # fmt: skip
+    try:
+        params, opt = _graph_setup(device, state_dtype="bfloat16")
+        backend = _graph_backend(opt, device)
+        graphed = GraphedStep(opt, warmup=1, backend=backend)
+        generators = list(graphed.spec.generators)
+        gen = torch.Generator().manual_seed(6)
+        for t in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(device)
+            if t == 1:
+                params[0].grad[0, 0] = float("nan")
+            if t == 3:
+                opt.load_state_dict(opt.state_dict())
+            graphed.step()
+        _sync(device)
+        finite = all(bool(torch.isfinite(p).all()) for p in params)
+        kept = graphed.spec.generators == generators and len(generators) == 1
+        ok = graphed.captures == 2 and kept and opt.nonfinite_skips == 1 and finite
+        detail = (f"captures {graphed.captures} (2 expected), generator kept {kept}, skips "
+                  f"{opt.nonfinite_skips} (1), finite {finite}")  # fmt: skip
+        results.append(CheckResult("compile", f"{name}: load_state_dict, bf16 state", ok,
+                                   detail))  # fmt: skip
+    except Exception as exc:  # noqa: BLE001
+        results.append(CheckResult("compile", f"{name}: load_state_dict, bf16 state", False,
+                                   f"{type(exc).__name__}: {str(exc)[:160]}"))  # fmt: skip
+    return results
 
 
 def _sync(device: torch.device) -> None:

@@ -59,25 +59,46 @@ class NonfiniteGuard:
         return 0 if self.counter is None else int(self.counter.item())
 
     def restore(self, skips: int) -> None:
-        """Set the counter (unpickling, deepcopy)."""
+        """Set the counter (unpickling, deepcopy). It is created on the CPU and moves to the
+        gradients' device at the next check, once."""
         self.counter = torch.tensor(skips, dtype=torch.int64) if skips else None
 
+    def ensure_counter(self, device: torch.device) -> None:
+        """The counter on ``device`` now (before a CUDA-graph capture: created or moved inside
+        one, it would be re-created at every replay)."""
+        if self.counter is None:
+            self.counter = torch.zeros((), dtype=torch.int64, device=device)
+        elif self.counter.device != device:
+            self.counter = self.counter.to(device)
+
     def check(
-        self, grads: Sequence[torch.Tensor], combine: Combine, host_reads: str
+        self,
+        grads: Sequence[torch.Tensor],
+        combine: Combine,
+        host_reads: str,
+        present: Sequence[torch.Tensor] | None = None,
     ) -> FiniteCheck:
         """Flags for one group's gradients (``"skip"`` mode), counted.
 
         ``host_reads``: ``"auto"`` reads the flags back where they live on the CPU (and the
         caller drops the skipped parameters); ``"never"`` keeps them on the device as masks.
+        ``present``: one 0-d bool tensor per gradient, False for a parameter that has no
+        gradient this step (a captured step's input): masked out like a non-finite one, but
+        not counted as skipped.
         """
         if not grads:
             return FiniteCheck()
         flags = combine(F.finite_flags(grads))
         stacked = torch.stack(flags)
-        bad = (~stacked).sum()
-        if self.counter is None:
-            self.counter = torch.zeros((), dtype=torch.int64, device=bad.device)
-        self.counter += bad.to(self.counter.device)
+        if present is None:
+            bad = (~stacked).sum()
+        else:
+            here = torch.stack(list(present))
+            bad = (~stacked & here).sum()
+            stacked = stacked & here
+            flags = list(stacked.unbind())
+        self.ensure_counter(bad.device)  # a no-op after the first step
+        self.counter += bad
         on_host = host_reads == "auto" and stacked.device.type == "cpu"
         if on_host and not torch.compiler.is_compiling():
             return FiniteCheck(keep=stacked.tolist())

@@ -16,9 +16,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from . import functional as F
 from . import newton_schulz as NS
+from .capture import CaptureSpec, make_capturable, structure
 from .checkpoint import check_state_dict
 from .distributed.distributor import Distributor, OwnedMatrix
 from .distributed.plan import ParamPlan, build_plans, is_dtensor, local_tensor
@@ -131,6 +133,10 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         # parameters' devices when groups are added: the CPU bf16 capability query is a
         # Python-side call that torch.compile(step, fullgraph=True) cannot trace.
         self._ns_dtype_cache: dict[tuple[str, torch.dtype], torch.dtype] = {}
+        # The capture a CUDA graph of step() was (or will be) recorded with: its has-grad flag
+        # per parameter id masks the step (see prepare_capture). None: not captured.
+        self._capture: CaptureSpec | None = None
+        self._has_grad: dict[int, torch.Tensor] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -150,10 +156,16 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 state[option.name] = option.default
         super().__setstate__(state)
         self._init_runtime()
+        self._after_new_groups_or_state()
+        self._guard.restore(skips)
+
+    def _after_new_groups_or_state(self) -> None:
+        """What follows from the groups and the state: the plans (rebuilt at the next use),
+        which parameters have state, the Newton-Schulz dtypes of their devices."""
+        self._plans_cache = None
         self._stepped = {id(p) for p in self.state}
         for group in self.param_groups:
             self._resolve_ns_dtypes(group["params"])
-        self._guard.restore(skips)
 
     # ---------------------------------------------------------------- groups and validation
 
@@ -336,6 +348,61 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 if plan.updated_here:
                     self._init_state(group["params"][plan.index], plan, group)
 
+    # ---------------------------------------------------------------- capture (CUDA graphs)
+
+    def prepare_capture(self) -> CaptureSpec:
+        """Make ``step()`` capturable in a CUDA graph and return what the graph reads.
+
+        The hook behind :class:`normuon.cuda_graphs.GraphedStep` (``docs/performance.md``).
+        After it, every hyperparameter is a 0-d float32 tensor on the parameters' device (a
+        scheduler updates it in place; :meth:`~normuon.capture.CaptureSpec.refresh` copies a
+        number written into a group), all state exists, the non-finite counter and bf16 state's
+        random generators exist on the device, ``host_reads`` is ``"never"``, and each
+        parameter has a has-grad flag (``CaptureSpec.has_grad``) that masks it out of the step
+        while False. Calling it again returns a new spec over the same tensors.
+
+        Raises ValueError for parameters on several devices, ``nonfinite_grads="raise"``
+        (which reads the gradients' flags on the host) and a process group of several ranks
+        (collectives inside a graph).
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            raise ValueError(f"a captured step needs every parameter on one device, got {devices}")
+        if self.nonfinite_grads == "raise":
+            raise ValueError(
+                "nonfinite_grads='raise' reads the gradients' finite flags on the host, which a "
+                "captured step cannot; use nonfinite_grads='skip'"
+            )
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(
+                "a captured step must run in one process: collectives captured in a CUDA graph "
+                "can hang destroy_process_group"
+            )
+        device = devices.pop()
+        values = make_capturable(self.param_groups, device)
+        self.host_reads = "never"
+        self.init_state()
+        self._guard.ensure_counter(device)
+        matrix_groups = [g for g in self.param_groups if g["algorithm"] != "adamw"]
+        if any(_momentum_dtype(p, g) == torch.bfloat16 for g in matrix_groups for p in g["params"]):
+            self._workspace.generator(device)  # created now, so the graph can register it
+        self._has_grad = {id(p): self._has_grad.get(id(p)) for p in params}
+        for key, flag in self._has_grad.items():
+            if flag is None or flag.device != device:
+                self._has_grad[key] = torch.ones((), dtype=torch.bool, device=device)
+        self._capture = CaptureSpec(
+            device=device, values=values, generators=self._workspace.generators(),
+            has_grad=[self._has_grad[id(p)] for p in params],
+            structure=self._capture_structure(), current_structure=self._capture_structure,
+        )  # fmt: skip
+        return self._capture
+
+    def _capture_structure(self) -> tuple:
+        """What a capture bakes in besides hyperparameter values: the plans and options."""
+        wide = tuple((o.name, repr(getattr(self, o.name))) for o in OPTIMIZER_OPTIONS)
+        return structure(self.param_groups, (id(self._plans()), wide))
+
     # ---------------------------------------------------------------- checkpointing
 
     def state_dict(self) -> dict[str, Any]:
@@ -424,8 +491,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         for pid, value in saved_state.items():
             if pid not in known:
                 state[pid] = value
-        # Also rebuilds the runtime attributes (plans, the parameters that have state).
-        self.__setstate__({"state": state, "param_groups": groups})
+        # torch.optim's __setstate__ (not this class's, which rebuilds every runtime attribute
+        # after unpickling): the workspace, its random generators (a captured step registered
+        # them), the non-finite counter and the distributor stay; the plans are rebuilt.
+        torch.optim.Optimizer.__setstate__(self, {"state": state, "param_groups": groups})
+        self._after_new_groups_or_state()
         # Replicated mode: keep only the state of the parameters this rank owns now.
         for group, plans in zip(self.param_groups, self._plans()):
             for plan in plans:
@@ -513,8 +583,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         if self.nonfinite_grads == "raise":  # every gradient was checked before the step
             return entries, None
         chosen = [plan for plan, _, _ in entries]
+        present = None
+        if self._capture is not None:  # a captured step: which parameters have a gradient
+            present = [self._has_grad[id(p)] for _, p, _ in entries]
         check: FiniteCheck = self._guard.check([g for _, _, g in entries], self._combine(chosen),
-                                               self.host_reads)  # fmt: skip
+                                               self.host_reads, present)  # fmt: skip
         if check.keep is not None:
             entries = [e for e, finite in zip(entries, check.keep) if finite]
         return entries, check.masks
