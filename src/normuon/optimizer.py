@@ -18,15 +18,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import functional as F
 from . import newton_schulz as NS
 from .capture import CaptureSpec, make_capturable, structure
 from .checkpoint import check_state_dict
-from .distributed.distributor import Distributor, OwnedMatrix
+from .distributed.distributor import Distributor
 from .distributed.plan import ParamPlan, build_plans, is_dtensor, local_tensor
-from .finite import FiniteCheck, NonfiniteGuard
+from .finite import NonfiniteGuard
 from .geometry import matrix_geometry, second_moment_key
-from .matrix_step import LocalMatrix, MatrixHyper, StepTensors, run_batch
 from .options import (
     ADAMW_ALIAS_OPTIONS,
     ADAMW_OPTIONS,
@@ -37,6 +35,7 @@ from .options import (
     Option,
     validate_group,
 )
+from .pipeline import StepPipeline
 from .step_plan import BlockBatch, Workspace, plan_batches, state_dtype
 
 __all__ = ["NorMuon", "Muon"]
@@ -119,13 +118,12 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def _init_runtime(self) -> None:
         """Attributes that are not saved: rebuilt after unpickling or deepcopy."""
-        self._guard = NonfiniteGuard()
-        self._distributor = Distributor()
+        # The step itself, with what it uses and does not save: the workspace its batches run
+        # in, the distributor, the non-finite guard (normuon.pipeline).
+        self._pipeline = StepPipeline(self)
         self._plans_cache: list[list[ParamPlan]] | None = None
         # Per group, the batches of its matrix blocks (empty for AdamW groups); with the plans.
         self._batches_cache: list[tuple[BlockBatch, ...]] = []
-        # Buffers the batches run in, reused by every step (not saved).
-        self._workspace = Workspace()
         # ids of the parameters that have had a gradient (replicated mode: every rank knows
         # which ones have state somewhere).
         self._stepped: set[int] = set()
@@ -137,6 +135,18 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         # per parameter id masks the step (see prepare_capture). None: not captured.
         self._capture: CaptureSpec | None = None
         self._has_grad: dict[int, torch.Tensor] = {}
+
+    @property
+    def _guard(self) -> NonfiniteGuard:
+        return self._pipeline.guard
+
+    @property
+    def _workspace(self) -> Workspace:
+        return self._pipeline.workspace
+
+    @property
+    def _distributor(self) -> Distributor:
+        return self._pipeline.distributor
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -417,7 +427,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             (group, plan)
             for group, group_plans in zip(self.param_groups, plans)
             for plan in group_plans
-            if plan.kind == "replicated" and id(group["params"][plan.index]) in self._stepped
+            if plan.placement.synced_after_step and id(group["params"][plan.index]) in self._stepped
         ]
         if not replicated:
             return super().state_dict()
@@ -512,198 +522,27 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         """How many (parameter, step) updates were skipped for a NaN/Inf gradient (host sync)."""
         return self._guard.skips
 
-    def _combine(self, plans: list[ParamPlan]):
-        """The guard's ``combine``: finite flags agreed over each DTensor's mesh."""
-        return lambda flags: self._distributor.combine_flags(flags, plans)
-
-    def _raise_on_nonfinite(self, plans: list[list[ParamPlan]]) -> None:
-        """``nonfinite_grads="raise"``: check every gradient of every group before any change."""
-        grads, chosen = [], []
-        for group, group_plans in zip(self.param_groups, plans):
-            for plan in group_plans:
-                p = group["params"][plan.index]
-                if p.grad is not None:
-                    grads.append(local_tensor(self._grad_of(p, plan.name)))
-                    chosen.append(plan)
-        self._guard.raise_on_nonfinite(grads, [plan.name for plan in chosen],
-                                       self._combine(chosen))  # fmt: skip
-
-    @staticmethod
-    def _grad_of(p: torch.Tensor, where: str) -> torch.Tensor:
-        g = p.grad
-        if g.is_sparse:
-            raise TypeError(f"{where} has a sparse gradient; sparse gradients are not supported")
-        if g.shape != p.shape:
-            raise ValueError(f"{where}: gradient shape {tuple(g.shape)} != {tuple(p.shape)}")
-        return g
-
     # ---------------------------------------------------------------- step
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         """Perform one optimization step over every group. ``closure`` re-evaluates the loss.
 
-        Runs the plans built when the groups were added; reads no tensor value on the host
-        (except ``nonfinite_grads="raise"``, and the finite flags of CPU tensors with
-        ``host_reads="auto"``).
+        Runs the plans built when the groups were added through :mod:`normuon.pipeline`; reads
+        no tensor value on the host (except ``nonfinite_grads="raise"``, and the finite flags
+        of CPU tensors with ``host_reads="auto"``).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         plans = self._plans()
-        if self.nonfinite_grads == "raise":
-            self._raise_on_nonfinite(plans)
-        for group, group_plans, batches in zip(self.param_groups, plans, self._batches_cache):
-            # Every replica sees the same gradients, so every rank knows which params have state.
+        for group in self.param_groups:
+            # Every replica sees the same gradients, so every rank knows which have state.
             self._stepped.update(id(p) for p in group["params"] if p.grad is not None)
-            if group["algorithm"] == "adamw":
-                self._adamw_step(group, group_plans)
-            else:
-                self._matrix_step(group, group_plans, batches)
-        self._sync_replicated(plans)
+        capture_flags = self._has_grad if self._capture is not None else None
+        self._pipeline.step(plans, self._batches_cache, capture_flags)
         return loss
-
-    def _collect(self, group: dict, plans: list[ParamPlan]):
-        """The parameters this rank updates that have a gradient, and what to do about
-        non-finite ones.
-
-        Returns ((plan, param, local grad) entries, masks): the entries whose gradient the
-        host-read flags found non-finite are dropped; masks are one 0-d bool tensor per kept
-        entry to mask with (device path), or None.
-        """
-        entries = []
-        for plan in plans:
-            p = group["params"][plan.index]
-            if p.grad is None or not plan.updated_here:
-                continue
-            entries.append((plan, p, local_tensor(self._grad_of(p, plan.name))))
-        if not entries:
-            return entries, None
-        if self.nonfinite_grads == "raise":  # every gradient was checked before the step
-            return entries, None
-        chosen = [plan for plan, _, _ in entries]
-        present = None
-        if self._capture is not None:  # a captured step: which parameters have a gradient
-            present = [self._has_grad[id(p)] for _, p, _ in entries]
-        check: FiniteCheck = self._guard.check([g for _, _, g in entries], self._combine(chosen),
-                                               self.host_reads, present)  # fmt: skip
-        if check.keep is not None:
-            entries = [e for e, finite in zip(entries, check.keep) if finite]
-        return entries, check.masks
-
-    def _adamw_step(self, group: dict[str, Any], plans: list[ParamPlan]) -> None:
-        entries, ok = self._collect(group, plans)
-        if not entries:
-            return
-        grads = [g for _, _, g in entries]
-        states = [self._init_state(p, plan, group) for plan, p, _ in entries]
-        beta1, beta2 = group["betas"]
-        if "momentum" in group:  # a scheduler cycling momentum drives beta1 (see _ADAMW_ALIASES)
-            beta1 = group["momentum"]
-            group["betas"] = (beta1, beta2)
-        device = grads[0].device
-        on_device = lambda v: F.device_scalar(v, device)  # noqa: E731
-        F.adamw_step_(
-            [local_tensor(p) for _, p, _ in entries],
-            grads,
-            [local_tensor(s["exp_avg"]) for s in states],
-            [local_tensor(s["exp_avg_sq"]) for s in states],
-            [s["step"] for s in states],
-            ok,
-            F.AdamWHyper(
-                lr=on_device(group["lr"]), beta1=on_device(beta1), beta2=on_device(beta2),
-                eps=on_device(group["eps"]), weight_decay=on_device(group["weight_decay"]),
-                cautious=group.get("cautious_weight_decay", False),
-            ),
-        )
-
-    def _matrix_step(
-        self, group: dict[str, Any], plans: list[ParamPlan], batches: tuple[BlockBatch, ...]
-    ) -> None:
-        """Momentum of sharded matrices -> assemble them on their owners -> weight decay ->
-        each planned batch (U, Newton-Schulz, factors, apply) -> send sharded updates back."""
-        if any(is_dtensor(group["params"][plan.index]) for plan in plans):
-            # Every rank must hold the same state keys (DCP), whether or not a grad arrived.
-            for plan in plans:
-                self._init_state(group["params"][plan.index], plan, group)
-        entries, masks = self._collect(group, plans)
-        if not entries:
-            return
-        matrices = [self._local_matrix(group, plan, p, g) for plan, p, g in entries]
-        ok = None if masks is None else {plan.index: f for (plan, _, _), f in zip(entries, masks)}
-        device = matrices[0].param.device
-        requested = group["ns_dtype"]  # a name; a torch.dtype in state_dicts of 0.1.0 betas
-        requested = getattr(torch, requested) if isinstance(requested, str) else requested
-        hyper = MatrixHyper.of(group, device, self._ns_dtype(requested, device),
-                               self.orthogonalizer, self._neuron_norm)  # fmt: skip
-        pairs = [(plan, m) for (plan, _, _), m in zip(entries, matrices)]
-        sharded = [(plan, m) for plan, m in pairs if plan.kind == "sharded"]
-        owned = self._gather_sharded(sharded, ok, hyper)
-        if not hyper.cautious:  # cautious decay needs each update's sign: applied with it
-            F.decay_([m.param for m in matrices], masks, hyper.lr, hyper.weight_decay)
-        local = {plan.index: m for plan, m in pairs if plan.kind != "sharded"}
-        tensors = StepTensors(local, {o.plan.index: o for o in owned}, ok)
-        for batch in batches:
-            run_batch(batch, tensors, hyper, self._workspace)
-        self._return_sharded(sharded, owned, ok, hyper)
-
-    def _local_matrix(self, group: dict, plan: ParamPlan, p, grad) -> LocalMatrix:
-        state = self._init_state(p, plan, group)
-        v = state.get(second_moment_key(group.get("normalize", "rows")))
-        return LocalMatrix(local_tensor(p), grad, local_tensor(state["momentum_buffer"]),
-                           None if v is None else local_tensor(v))  # fmt: skip
-
-    def _gather_sharded(self, sharded, ok, hyper: MatrixHyper) -> list[OwnedMatrix]:
-        """Momentum and U of this rank's blocks of sharded matrices, sent to their owners;
-        returns the matrices this rank owns, assembled."""
-        if not sharded:
-            return []
-        inputs = []
-        for plan, m in sharded:
-            u = torch.empty_like(m.momentum, dtype=F.accum_dtype(m.momentum.dtype))
-            flag = None if ok is None else ok[plan.index]
-            rounding = None  # a bf16 momentum (state_dtype): updated in float32, stored rounded
-            if m.momentum.dtype != u.dtype:
-                rounding = (torch.empty_like(u), torch.empty_like(u, dtype=torch.int32),
-                            self._workspace.generator(u.device))  # fmt: skip
-            F.momentum_and_input_(m.momentum, m.grad, flag, hyper.momentum, hyper.nesterov, u,
-                                  rounding)  # fmt: skip
-            inputs.append(u)
-        return self._distributor.gather(
-            [plan for plan, _ in sharded], inputs, [m.second_moment for _, m in sharded],
-            self.comm_dtype,
-        )  # fmt: skip
-
-    def _return_sharded(
-        self, sharded, owned: list[OwnedMatrix], ok, hyper: MatrixHyper
-    ) -> None:
-        """Every rank's block of the owners' updates (and new second moments), applied."""
-        if not sharded:
-            return
-        returned = self._distributor.scatter(
-            [plan for plan, _ in sharded], owned, [m.param for _, m in sharded],
-            [m.second_moment for _, m in sharded], self.comm_dtype,
-        )  # fmt: skip
-        for (plan, m), (update_block, v_block) in zip(sharded, returned):
-            if update_block.numel():
-                if hyper.cautious:  # elementwise: this rank's block of W and of D suffice
-                    flag = None if ok is None else ok[plan.index]
-                    F.cautious_decay_(m.param, update_block, flag, hyper.lr, hyper.weight_decay)
-                F.sub_scaled_(m.param, update_block, hyper.lr)
-            if v_block is not None and v_block.numel():
-                m.second_moment.copy_(v_block)
-
-    def _sync_replicated(self, plans: list[list[ParamPlan]]) -> None:
-        """Replicated mode: every rank receives the parameters the other ranks updated."""
-        tensors, chosen = [], []
-        for group, group_plans in zip(self.param_groups, plans):
-            for plan in group_plans:
-                p = group["params"][plan.index]
-                if plan.kind == "replicated" and p.grad is not None:
-                    tensors.append(p)
-                    chosen.append(plan)
-        self._distributor.sync_replicated(tensors, chosen)
 
 
 def _signature(options: tuple[Option, ...]) -> inspect.Signature:

@@ -89,7 +89,7 @@ def _blocks_of(plan: ParamPlan) -> list[MatrixBlock]:
     geometry = plan.geometry
     if geometry is None or geometry.rows * geometry.cols == 0:
         return []  # AdamW, or (k, 0) and empty matrices: nothing to orthogonalize
-    owned = plan.kind == "sharded"
+    owned = plan.placement.assembled_on_owner
     blocks, offset = [], 0
     for (start, stop), dim in zip(geometry.row_blocks, geometry.reduce_dims):
         length = (stop - start) if dim == -1 else geometry.cols
@@ -101,11 +101,6 @@ def _blocks_of(plan: ParamPlan) -> list[MatrixBlock]:
     return blocks
 
 
-def _computed_here(plan: ParamPlan) -> bool:
-    """Whether this rank orthogonalizes the parameter's matrices (sharded: their owner)."""
-    if plan.kind == "sharded":
-        return plan.owner == plan.layout.rank
-    return plan.updated_here
 
 
 def plan_batches(
@@ -120,7 +115,7 @@ def plan_batches(
     U is formed in at least float32 (a bf16 momentum is updated in float32)."""
     by_key: dict[tuple, list[MatrixBlock]] = {}
     for plan, p, momentum_dtype in zip(plans, params, momentum_dtypes):
-        if not _computed_here(plan):
+        if not plan.placement.computed_here(plan):
             continue
         dtype = torch.promote_types(momentum_dtype, torch.float32)
         for block in _blocks_of(plan):

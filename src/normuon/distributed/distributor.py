@@ -58,7 +58,7 @@ class Distributor:
         that a NaN in one rank's block skips the whole matrix everywhere."""
         by_group: dict[int, list[int]] = {}
         for i, plan in enumerate(plans):
-            if plan.kind != "replicated" and plan.group is not None:
+            if plan.placement.agrees_flags and plan.group is not None:
                 by_group.setdefault(id(plan.group), []).append(i)
         flags = list(flags)
         for members in by_group.values():
@@ -81,6 +81,7 @@ class Distributor:
         inputs: Sequence[torch.Tensor],
         second_moments: Sequence[torch.Tensor | None],
         comm_dtype: Any,
+        workspace: Any = None,
     ) -> list[OwnedMatrix]:
         """Send every rank's block of U (and of the second moment) to the matrix's owner; returns
         the matrices this rank owns, assembled (one all_to_all per mesh)."""
@@ -135,10 +136,7 @@ class Distributor:
             return torch.zeros(full_shape, dtype=dtype, device=p.device)
         from torch.distributed.tensor import DTensor
 
-        if plan.kind == "sharded":
-            local_shape = plan.state_layout.block_shape(plan.state_layout.rank)
-        else:
-            local_shape = plan.geometry.state_shape  # geometry of the local tensor
+        local_shape = plan.placement.second_moment_block_shape(plan)
         local = torch.zeros(local_shape, dtype=dtype, device=local_tensor(p).device)
         stride = torch.empty(full_shape, device="meta").stride()
         return DTensor.from_local(

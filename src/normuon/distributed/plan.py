@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from ..geometry import MatrixGeometry, matrix_geometry
 from .layout import BlockLayout, block_layout
+from .placement import LOCAL, REPLICATED, SHARDED, Placement
 
 __all__ = ["ParamPlan", "assign_owners", "build_plans", "is_dtensor", "local_tensor"]
 
@@ -51,7 +52,8 @@ class ParamPlan:
     Attributes:
         index: position in its group's ``params``.
         name: how errors name it (``param_groups[g]['params'][i] (shape ...)``).
-        kind: ``"local"``, ``"replicated"`` or ``"sharded"`` (module docstring).
+        placement: :data:`~normuon.distributed.placement.LOCAL`, ``REPLICATED`` or
+            ``SHARDED`` (module docstring): what the step asks about where it lives.
         geometry: the matrix view (None in AdamW groups). For a local DTensor it describes the
             local tensor; otherwise the whole parameter.
         owner: replicated and sharded kinds: the rank (in ``group``) that updates it.
@@ -64,7 +66,7 @@ class ParamPlan:
 
     index: int
     name: str
-    kind: str
+    placement: Placement
     geometry: MatrixGeometry | None
     owner: int | None = None
     group: object = None
@@ -76,7 +78,12 @@ class ParamPlan:
     @property
     def updated_here(self) -> bool:
         """Whether this rank updates the parameter (replicated: only its owner does)."""
-        return self.kind != "replicated" or self.owner == self.rank
+        return self.placement.updated_here(self)
+
+    @property
+    def kind(self) -> str:
+        """The placement's name (reports and messages; the step asks the placement)."""
+        return self.placement.name
 
 
 def assign_owners(costs: Sequence[float], world: int) -> list[int]:
@@ -159,9 +166,9 @@ def _dtensor_plan(
         placements = _state_placements(p.placements, geometry) if neuron_norm else None
         group_ = layout.group if layout.world > 1 else None
         return ParamPlan(
-            index, name, "local", local_geometry, group=group_, state_placements=placements
+            index, name, LOCAL, local_geometry, group=group_, state_placements=placements
         )
-    plan = ParamPlan(index, name, "sharded", geometry, group=layout.group, layout=layout)
+    plan = ParamPlan(index, name, SHARDED, geometry, group=layout.group, layout=layout)
     if neuron_norm:
         plan.state_placements = _state_placements(p.placements, geometry)
         plan.state_layout = block_layout(
@@ -188,7 +195,7 @@ def build_plans(
                 else:
                     layout = block_layout(p.shape, p.device_mesh, p.placements, name)
                     mesh_group = layout.group if layout.world > 1 else None
-                    group_plans.append(ParamPlan(pi, name, "local", None, group=mesh_group))
+                    group_plans.append(ParamPlan(pi, name, LOCAL, None, group=mesh_group))
                 continue
             geometry = (
                 matrix_geometry(
@@ -197,11 +204,11 @@ def build_plans(
                 if matrix
                 else None
             )
-            kind = "local" if rgroup is None else "replicated"
-            group_plans.append(ParamPlan(pi, name, kind, geometry, group=rgroup))
+            placement = LOCAL if rgroup is None else REPLICATED
+            group_plans.append(ParamPlan(pi, name, placement, geometry, group=rgroup))
         # Replicated parameters: owners balanced within the group, offset by the group index
         # so that small groups land on different ranks.
-        replicated = [pl for pl in group_plans if pl.kind == "replicated"]
+        replicated = [pl for pl in group_plans if pl.placement is REPLICATED]
         if replicated:
             world = dist.get_world_size(rgroup)
             costs = [
@@ -217,7 +224,7 @@ def build_plans(
     by_mesh: dict[int, list[ParamPlan]] = {}
     for group_plans in plans:
         for pl in group_plans:
-            if pl.kind == "sharded":
+            if pl.placement.assembled_on_owner:
                 by_mesh.setdefault(id(pl.group), []).append(pl)
     for members in by_mesh.values():
         owners = assign_owners([pl.geometry.ns_cost() for pl in members], members[0].layout.world)
