@@ -267,7 +267,7 @@ class StepPipeline:
             inputs.append(u)
         return self.distributor.gather(
             [plan for plan, _ in sharded], inputs, [m.second_moment for _, m in sharded],
-            self.owner.comm_dtype, self.workspace,
+            self.owner.comm_dtype, self.workspace.flat,
         )  # fmt: skip
 
     def _return_from_owners(self, sharded, owned: list[OwnedMatrix], ok,
@@ -277,7 +277,7 @@ class StepPipeline:
             return
         returned = self.distributor.scatter(
             [plan for plan, _ in sharded], owned, [m.param for _, m in sharded],
-            [m.second_moment for _, m in sharded], self.owner.comm_dtype,
+            [m.second_moment for _, m in sharded], self.owner.comm_dtype, self.workspace.flat,
         )  # fmt: skip
         targets, updates, flags = [], [], []
         for (plan, m), (update_block, v_block) in zip(sharded, returned):
@@ -430,7 +430,7 @@ class StepPipeline:
                 if plan.placement.synced_after_step and p.grad is not None:
                     tensors.append(p)
                     chosen.append(plan)
-        self.distributor.sync_replicated(tensors, chosen)
+        self.distributor.sync_replicated(tensors, chosen, self.workspace.flat)
 
 
 def _grad_of(p: torch.Tensor, where: str) -> torch.Tensor:

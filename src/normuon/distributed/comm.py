@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -47,28 +47,52 @@ def packed_all_reduce_(tensors: Sequence[torch.Tensor], group, op=dist.ReduceOp.
         pos += t.numel()
 
 
+#: ``buffers(purpose, dtype, device, numel) -> 1-D tensor`` (contents undefined): where the
+#: collectives take their traffic buffers. The optimizer passes its workspace's ``flat``, which
+#: reuses one buffer per purpose across steps; the default allocates.
+Buffers = Callable[[str, torch.dtype, torch.device, int], torch.Tensor]
+
+
+def fresh_buffers(purpose: str, dtype: torch.dtype, device: torch.device, numel: int):
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
+#: What one rank sends to another: tensors, or (tensor, dtype) pairs sent cast to that dtype
+#: (the cast happens while packing, with no copy of its own).
+Send = torch.Tensor | tuple[torch.Tensor, torch.dtype]
+
+
+def _parts(item: Send) -> tuple[torch.Tensor, torch.dtype]:
+    return item if isinstance(item, tuple) else (item, item.dtype)
+
+
 def exchange(
-    sends: Sequence[Sequence[torch.Tensor]],
+    sends: Sequence[Sequence[Send]],
     expects: Sequence[Expect],
     group,
     device: torch.device,
+    buffers: Buffers = fresh_buffers,
+    purpose: str = "exchange",
 ) -> list[list[torch.Tensor]]:
     """One all_to_all: ``sends[dst]`` go to rank ``dst``; returns per source what ``expects``
     describes, as tensors viewing one receive buffer (nothing is sent to oneself: pass those
-    tensors directly). Segments are byte-packed and aligned, so dtypes can be mixed.
+    tensors directly). Segments are byte-packed and aligned, so dtypes can be mixed. The send
+    and receive buffers come from ``buffers`` (``purpose`` + "_send" / "_recv"): the returned
+    views are valid until the next exchange of that purpose.
     """
     world = len(sends)
-    send_sizes = [sum(_padded(t.numel() * t.element_size()) for t in parts) for parts in sends]
+    send_sizes = [sum(_padded(_nbytes(t.shape, d)) for t, d in map(_parts, parts))
+                  for parts in sends]  # fmt: skip
     recv_sizes = [sum(_padded(_nbytes(s, d)) for s, d in exp) for exp in expects]
-    send = torch.empty(sum(send_sizes), dtype=torch.uint8, device=device)
+    send = buffers(f"{purpose}_send", torch.uint8, device, sum(send_sizes))
     pos = 0
     for parts in sends:
-        for t in parts:
-            n = t.numel() * t.element_size()
-            if n:
-                send[pos : pos + n].copy_(t.detach().reshape(-1).contiguous().view(torch.uint8))
+        for t, dtype in map(_parts, parts):
+            n = _nbytes(t.shape, dtype)
+            if n:  # packed in place: a view of the buffer as the tensor's shape and wire dtype
+                send[pos : pos + n].view(dtype).view(t.shape).copy_(t.detach())
             pos += _padded(n)
-    recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+    recv = buffers(f"{purpose}_recv", torch.uint8, device, sum(recv_sizes))
     if world > 1:  # every rank joins, also one with nothing to send or receive this time
         dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)
     out: list[list[torch.Tensor]] = []
@@ -84,8 +108,9 @@ def exchange(
 
 
 def all_gather_owned(
-    tensors: Sequence[torch.Tensor], owners: Sequence[int], group, rank: int, world: int
-) -> None:
+    tensors: Sequence[torch.Tensor], owners: Sequence[int], group, rank: int, world: int,
+    buffers: Buffers = fresh_buffers,
+) -> None:  # fmt: skip
     """Replicated mode: copy every owner's tensors to all ranks (one all_gather per dtype).
 
     ``tensors[j]`` is updated in place on every rank from ``owners[j]``'s copy.
@@ -100,12 +125,15 @@ def all_gather_owned(
         if width == 0:
             continue
         device = tensors[idx[0]].device
-        mine = torch.zeros(width, dtype=dtype, device=device)
-        if per_rank[rank]:
-            flat = torch.cat([tensors[j].reshape(-1) for j in per_rank[rank]])
-            mine[: flat.numel()] = flat
-        gathered = torch.empty(world * width, dtype=dtype, device=device)
-        dist.all_gather_into_tensor(gathered, mine, group=group)
+        # This rank's tensors packed (the padding stays whatever it was: nobody reads it).
+        mine = buffers("all_gather_send", dtype, device, width)
+        pos = 0
+        for j in per_rank[rank]:
+            n = tensors[j].numel()
+            mine[pos : pos + n].view_as(tensors[j]).copy_(tensors[j])
+            pos += n
+        gathered = buffers("all_gather_recv", dtype, device, world * width)
+        _all_gather_into(gathered, mine, group, world, buffers)
         for r in range(world):
             if r == rank:
                 continue
@@ -114,6 +142,25 @@ def all_gather_owned(
                 n = tensors[j].numel()
                 tensors[j].copy_(gathered[pos : pos + n].view_as(tensors[j]))
                 pos += n
+
+
+def _all_gather_into(gathered: torch.Tensor, mine: torch.Tensor, group, world: int,
+                     buffers: Buffers) -> None:  # fmt: skip
+    """``all_gather_into_tensor(gathered, mine)``, without temporaries on gloo.
+
+    gloo's all-gather copies through two temporaries the size of the output on every call
+    (measured: 2 x world x width bytes per call, torch 2.13), while its ``all_to_all_single``
+    reads and writes the caller's buffers; so on gloo every rank sends its slot to every rank
+    with one all_to_all (the same bytes on the wire per rank, (W - 1) x width), from a send
+    buffer of W copies. Other backends (NCCL) gather in place.
+    """
+    if world > 1 and dist.get_backend(group) == "gloo":
+        width = mine.numel()
+        send = buffers("all_gather_tiled", mine.dtype, mine.device, world * width)
+        send.view(world, width).copy_(mine.expand(world, width))
+        dist.all_to_all_single(gathered, send, group=group)
+    else:
+        dist.all_gather_into_tensor(gathered, mine, group=group)
 
 
 def wire_dtype_for(device: torch.device, option: str | torch.dtype | None) -> torch.dtype | None:

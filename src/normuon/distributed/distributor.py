@@ -34,11 +34,12 @@ class OwnedMatrix:
 
     __slots__ = ("plan", "u", "second_moment", "update")
 
-    def __init__(self, plan: ParamPlan, u: torch.Tensor, second_moment: torch.Tensor | None):
+    def __init__(self, plan: ParamPlan, u: torch.Tensor, second_moment: torch.Tensor | None,
+                 update: torch.Tensor) -> None:  # fmt: skip
         self.plan = plan
         self.u = u
         self.second_moment = second_moment
-        self.update = torch.zeros(u.shape, dtype=accum_dtype(u.dtype), device=u.device)
+        self.update = update
 
 
 class Distributor:
@@ -81,13 +82,19 @@ class Distributor:
         inputs: Sequence[torch.Tensor],
         second_moments: Sequence[torch.Tensor | None],
         comm_dtype: Any,
-        workspace: Any = None,
+        buffers: comm.Buffers = comm.fresh_buffers,
     ) -> list[OwnedMatrix]:
         """Send every rank's block of U (and of the second moment) to the matrix's owner; returns
-        the matrices this rank owns, assembled (one all_to_all per mesh)."""
+        the matrices this rank owns, assembled (one all_to_all per mesh). ``buffers`` holds the
+        traffic, the assembled matrices and their update buffers (the optimizer's workspace)."""
         wire = self.wire_dtype(inputs[0].device, inputs[0].dtype, comm_dtype)
-        full = gather_to_owners(plans, inputs, second_moments, wire)
-        return [OwnedMatrix(plans[k], u, v) for k, (u, v) in sorted(full.items())]
+        full = gather_to_owners(plans, inputs, second_moments, wire, buffers)
+        owned = []
+        for k, (u, v) in sorted(full.items()):
+            # D of the whole matrix; every row is written by the step before it is sent back.
+            update = buffers(f"owned_update_{k}", accum_dtype(u.dtype), u.device, u.numel())
+            owned.append(OwnedMatrix(plans[k], u, v, update.view(u.shape)))
+        return owned
 
     def scatter(
         self,
@@ -96,6 +103,7 @@ class Distributor:
         params: Sequence[torch.Tensor],
         second_moments: Sequence[torch.Tensor | None],
         comm_dtype: Any,
+        buffers: comm.Buffers = comm.fresh_buffers,
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Send the owners' updates (and new second moments) back; returns per plan this rank's
         (block of D, block of v or None), shaped like ``params[k]`` / ``second_moments[k]``."""
@@ -109,12 +117,13 @@ class Distributor:
             (p.shape, v.shape if v is not None else None)
             for p, v in zip(params, second_moments)
         ]
-        return scatter_from_owners(plans, results, shapes, dtypes)
+        return scatter_from_owners(plans, results, shapes, dtypes, buffers)
 
     # ------------------------------------------------------------------ replicated (DDP)
 
     @staticmethod
-    def sync_replicated(tensors: Sequence[torch.Tensor], plans: Sequence[ParamPlan]) -> None:
+    def sync_replicated(tensors: Sequence[torch.Tensor], plans: Sequence[ParamPlan],
+                        buffers: comm.Buffers = comm.fresh_buffers) -> None:  # fmt: skip
         """Every rank receives the replicated tensors their owners updated (``tensors[j]``
         belongs to ``plans[j]``; one all_gather per dtype): parameters after a step, and the
         state for ``state_dict()``."""
@@ -122,7 +131,8 @@ class Distributor:
             return
         group = plans[0].group
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        comm.all_gather_owned(tensors, [plan.owner for plan in plans], group, rank, world)
+        comm.all_gather_owned(tensors, [plan.owner for plan in plans], group, rank, world,
+                              buffers)  # fmt: skip
 
     # ------------------------------------------------------------------ state
 

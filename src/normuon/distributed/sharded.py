@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .comm import exchange
+from .comm import Buffers, exchange, fresh_buffers
 from .plan import ParamPlan
 
 __all__ = ["gather_to_owners", "scatter_from_owners"]
@@ -25,12 +25,12 @@ def _by_mesh(plans: Sequence[ParamPlan]) -> dict[int, list[int]]:
     return out
 
 
-def _pieces(plan: ParamPlan, update: torch.Tensor, state: torch.Tensor | None):
-    """(layout, this rank's block) of the Newton-Schulz input and, for NorMuon, the second
-    moment."""
+def _pieces(plan: ParamPlan, update: torch.Tensor, state: torch.Tensor | None, wire):
+    """(layout, this rank's block, dtype on the wire) of the Newton-Schulz input and, for
+    NorMuon, the second moment (which travels in its own dtype)."""
     if state is None:
-        return [(plan.layout, update)]
-    return [(plan.layout, update), (plan.state_layout, state)]
+        return [(plan.layout, update, wire)]
+    return [(plan.layout, update, wire), (plan.state_layout, state, state.dtype)]
 
 
 def gather_to_owners(
@@ -38,6 +38,7 @@ def gather_to_owners(
     updates: Sequence[torch.Tensor],
     states: Sequence[torch.Tensor | None],
     wire_dtype: torch.dtype,
+    buffers: Buffers = fresh_buffers,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
     """Full tensors on their owners.
 
@@ -46,6 +47,8 @@ def gather_to_owners(
         updates: per plan, this rank's block of U (the parameter's local shape).
         states: per plan, this rank's block of the second moment, or None (Muon).
         wire_dtype: dtype of U on the wire (the second moment travels in its own dtype).
+        buffers: where the traffic and the assembled tensors live (valid until the next
+            gather).
 
     Returns:
         {k: (U, v)} for the plans this rank owns: U with the parameter's full shape in
@@ -58,27 +61,30 @@ def gather_to_owners(
         device = updates[members[0]].device
         sends: list[list[torch.Tensor]] = [[] for _ in range(world)]
         expects: list[list] = [[] for _ in range(world)]
-        # Per plan, (layout, this rank's block) of U (in the wire dtype, cast once) and of v.
-        pieces = {k: _pieces(plans[k], updates[k].to(wire_dtype), states[k]) for k in members}
+        # Per plan, (layout, this rank's block, wire dtype) of U and of v: cast while packed.
+        pieces = {k: _pieces(plans[k], updates[k], states[k], wire_dtype) for k in members}
         for k in members:
             plan = plans[k]
-            for layout, local in pieces[k]:
+            for layout, local, wire in pieces[k]:
                 for src in layout.senders_to(plan.owner):
                     if src == rank:
-                        sends[plan.owner].append(local)
+                        sends[plan.owner].append((local, wire))
                     if plan.owner == rank:
-                        expects[src].append((layout.block_shape(src), local.dtype))
-        received = exchange(sends, expects, group, device)
+                        expects[src].append((layout.block_shape(src), wire))
+        received = exchange(sends, expects, group, device, buffers, "gather")
         cursor = [0] * world
         for k in members:
             plan = plans[k]
             if plan.owner != rank:
                 continue
             full = []
-            for layout, local in pieces[k]:
-                whole = torch.empty(layout.shape, dtype=local.dtype, device=device)
+            for j, (layout, local, wire) in enumerate(pieces[k]):
+                numel = 1
+                for size in layout.shape:
+                    numel *= size
+                whole = buffers(f"owned_{j}_{k}", wire, device, numel).view(layout.shape)
                 if local.numel():
-                    whole[layout.index(rank)] = local
+                    whole[layout.index(rank)] = local.to(wire)  # index_put needs one dtype
                 for src in layout.senders_to(rank):
                     whole[layout.index(src)] = received[src][cursor[src]]
                     cursor[src] += 1
@@ -92,6 +98,7 @@ def scatter_from_owners(
     results: dict[int, tuple[torch.Tensor, torch.Tensor | None]],
     local_shapes: Sequence[tuple[torch.Size, torch.Size | None]],
     dtypes: tuple[torch.dtype, torch.dtype],
+    buffers: Buffers = fresh_buffers,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Send each owner's full results back; returns per plan this rank's blocks.
 
@@ -101,6 +108,7 @@ def scatter_from_owners(
             second moment (or None).
         local_shapes: per plan, this rank's (parameter block shape, second-moment block shape).
         dtypes: (dtype of D on the wire, dtype of the second moment).
+        buffers: where the traffic lives (returned blocks are valid until the next scatter).
     """
     out: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(plans)
     for members in _by_mesh(plans).values():
@@ -116,11 +124,11 @@ def scatter_from_owners(
                 for dst in range(world):
                     if dst == plan.owner or layout.block_numel(dst) == 0:
                         continue
-                    if plan.owner == rank:
-                        sends[dst].append(results[k][j][layout.index(dst)].to(dtypes[j]))
+                    if plan.owner == rank:  # cast while packed: no copy of its own
+                        sends[dst].append((results[k][j][layout.index(dst)], dtypes[j]))
                     if dst == rank:
                         expects[plan.owner].append((layout.block_shape(dst), dtypes[j]))
-        received = exchange(sends, expects, group, device)
+        received = exchange(sends, expects, group, device, buffers, "scatter")
         cursor = [0] * world
         for k in members:
             plan = plans[k]
