@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> Path:
     results = run(cfg, configs)
     lines = report(cfg, results, argv)
     print("\n".join(lines))
-    return write_report(args.out, f"distributed_alloc-{today()}", lines)
+    return write_report(args.out, "distributed_alloc", lines)
 
 
 if __name__ == "__main__":

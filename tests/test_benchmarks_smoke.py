@@ -171,3 +171,15 @@ def test_step_allocations_splits_off_only_scratch_of_products_given_out(common):
         lambda: (torch.bmm(b, b, out=out.bfloat16()), torch.empty(1000))
     )
     assert in_gemm == total - out.bfloat16().nbytes - 4000
+
+
+@pytest.mark.distributed
+def test_distributed_steps_allocate_from_the_workspace(tmp_path):
+    """benchmarks/distributed_alloc.py at world size 2: a steady FSDP2 and DDP step allocates
+    at most 0.05x the rank's parameter bytes outside GEMM scratch (bytes, not time: exact)."""
+    run_script([str(BENCH / "distributed_alloc.py"), "--configs", "fsdp2,ddp", "--layers", "1",
+                "--out", str(tmp_path)])  # fmt: skip
+    text = next(tmp_path.glob("distributed_alloc-*.md")).read_text()
+    rows = table_rows(text, "fsdp2") + table_rows(text, "ddp")
+    assert len(rows) == 4, text
+    assert all(float(row[5]) <= 0.05 for row in rows), text
