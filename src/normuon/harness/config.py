@@ -537,7 +537,9 @@ def apply_config_file(cfg: RunConfig, path: str | Path) -> RunConfig:
     consistency are checked once, by :func:`~normuon.harness.spec.resolve_spec`).
 
     The file holds ``{"model": {...}, "train": {...}, "optimizers": {"adamw": {...}}}`` with any
-    subset of fields (a run's ``config.json`` works too: its ``config`` entry is used).
+    subset of fields. A run's ``config.json`` works too (its ``config`` entry is used), and so
+    does a comparison's or sweep's (its ``data`` and ``stretch`` entries are not settings and
+    are skipped).
     """
     path = Path(path)
     try:
@@ -553,7 +555,7 @@ def apply_config_file(cfg: RunConfig, path: str | Path) -> RunConfig:
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a JSON object of settings")
     for section, values in data.items():
-        if section in ("preset", "description"):
+        if section in ("preset", "description", "data", "stretch"):
             continue
         if section == "optimizers" and isinstance(values, dict):
             items = []
