@@ -24,6 +24,7 @@ from normuon.harness.config import (
     get_preset,
 )
 from normuon.harness.report import STRETCH_COLUMN, TABLE_COLUMNS, format_table, summarize
+from normuon.harness.spec import resolve_spec
 from normuon.harness.train import build_optimizer
 
 ALL = "adamw,muon,normuon,muon-adam,normuon-front,normuon-tall-only,muon-rownorm"
@@ -144,8 +145,10 @@ def test_ablation_names_build_normuon_with_their_options(name):
 def test_ablation_settings_are_validated_and_settable(tmp_path):
     cfg = apply_overrides(get_preset("cpu-smoke"), ["muon-adam.lr=0.01", "normuon-front.beta2=0.9"])
     assert cfg.optimizers["muon-adam"].lr == 0.01 and cfg.optimizers["normuon-front"].beta2 == 0.9
+    # --set parses; the run's resolution validates (before the data is even loaded).
+    cfg = apply_overrides(get_preset("cpu-smoke"), ["muon-rownorm.beta2=0.5"])
     with pytest.raises(ValueError, match=r"muon-rownorm.beta2 must be 0 .*got 0.5"):
-        apply_overrides(get_preset("cpu-smoke"), ["muon-rownorm.beta2=0.5"])
+        resolve_spec(cfg, tmp_path / "never-read.txt", optimizers=["muon-rownorm"])
     assert set(OPTIMIZERS) == {"adamw", "muon", "normuon", *ABLATIONS}
     path = tmp_path / "bad.json"
     for text, message in (('{"optimizers": {"muon": 3}}', "optimizers.muon must be an object"),

@@ -140,28 +140,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_lrs(specs: list[str] | None, optimizers: list[str], cfg) -> dict[str, list[float]]:
-    """``--lrs`` values -> {optimizer: [lr, ...]}; ValueError naming a malformed entry."""
-    specs = specs or ["0.25x,0.5x,1x,2x,4x"]
+_DEFAULT_LRS = ["0.25x,0.5x,1x,2x,4x"]
+
+
+def _lr_targets(specs: list[str] | None, optimizers: list[str]) -> list[str]:
+    """The optimizers that ``--lrs`` sweeps, in order (each once)."""
+    targets: list[str] = []
+    for spec in specs or _DEFAULT_LRS:
+        name, sep, _ = spec.partition("=")
+        targets += [name.strip()] if sep else optimizers
+    return list(dict.fromkeys(targets))
+
+
+def _parse_lrs(specs: list[str] | None, optimizers: list[str], spec) -> dict[str, list[float]]:
+    """``--lrs`` values -> {optimizer: [lr, ...]}, multipliers of ``spec``'s lrs resolved;
+    ValueError naming a malformed entry."""
     out: dict[str, list[float]] = {}
-    for spec in specs:
-        name, sep, values = spec.partition("=")
+    for entry in specs or _DEFAULT_LRS:
+        name, sep, values = entry.partition("=")
         targets = [name.strip()] if sep else optimizers
         if not sep:
-            values = spec
+            values = entry
         for target in targets:
-            if target not in cfg.optimizers:
-                raise ValueError(f"--lrs {spec!r}: unknown optimizer {target!r}")
             lrs = []
             for item in values.split(","):
                 item = item.strip()
                 try:
-                    lr = (float(item[:-1]) * cfg.optimizers[target].lr if item.endswith("x")
+                    lr = (float(item[:-1]) * spec.optimizers[target].lr if item.endswith("x")
                           else float(item))  # fmt: skip
                 except ValueError:
-                    raise ValueError(f"--lrs {spec!r}: {item!r} is not a number") from None
+                    raise ValueError(f"--lrs {entry!r}: {item!r} is not a number") from None
                 if not lr > 0:
-                    raise ValueError(f"--lrs {spec!r}: learning rates must be > 0, got {item!r}")
+                    raise ValueError(f"--lrs {entry!r}: learning rates must be > 0, got {item!r}")
                 lrs.append(lr)
             out[target] = lrs
     return out
@@ -187,8 +197,9 @@ def main_rank() -> bool:
     return launch_rank()[0] == 0
 
 
-def _resolve_config(args):
-    """The preset with --config, --set and the shortcut options applied, validated."""
+def _config(args):
+    """The preset with --config, --set and the shortcut options applied: parsed and
+    type-checked, not yet validated (:func:`_resolve` does that, once)."""
     from .harness.config import apply_config_file, apply_overrides, get_preset
 
     cfg = get_preset(args.preset)
@@ -202,8 +213,26 @@ def _resolve_config(args):
         cfg.train.checkpoint_every = args.checkpoint_every
     if args.parallel is not None:
         cfg.train.parallel = args.parallel
-    cfg.validate()
     return cfg
+
+
+def _optimizer_list(args) -> list[str]:
+    return [o.strip() for o in args.optimizers.split(",") if o.strip()]
+
+
+def _resolve(args, cfg):
+    """The command's :class:`~normuon.harness.spec.RunSpec` and data: the settings, the
+    command's choices, the launch and the data's vocabulary, validated once."""
+    from .harness.spec import resolve_spec
+
+    if args.command == "compare":
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+        return resolve_spec(cfg, args.data, optimizers=_optimizer_list(args), seeds=seeds,
+                            stretch=_parse_factors(args.stretch))  # fmt: skip
+    if args.command == "sweep":
+        optimizers = _lr_targets(args.lrs, _optimizer_list(args))
+        return resolve_spec(cfg, args.data, optimizers=optimizers, seeds=[args.seed])
+    return resolve_spec(cfg, args.data, optimizers=[args.optimizer], seeds=[args.seed])
 
 
 def _list_fields(cfg) -> str:
@@ -240,7 +269,6 @@ def _run(args, say) -> int:
         write_compare_plots,
         write_sweep_plot,
     )
-    from .harness.data import load_data
     from .harness.train import train_run
 
     if args.threads:
@@ -250,7 +278,7 @@ def _run(args, say) -> int:
         # 0.07 s with 1 thread for the default preset (docs/results.md).
         torch.set_num_threads(1)
     progress = False if args.no_progress else None
-    cfg = _resolve_config(args)
+    cfg = _config(args)
     if args.list_fields:
         say(_list_fields(cfg))
         return 0
@@ -259,13 +287,10 @@ def _run(args, say) -> int:
         say(summary["table"])
         _plots(say, lambda s, o: [write_sweep_plot(s, o)], summary, args.out)
         return 0
-    data = load_data(args.data, cfg.train.val_fraction)
+    spec, data = _resolve(args, cfg)
     start = time.perf_counter()
     if args.command == "compare":
-        optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-        stretch = _parse_factors(args.stretch)
-        summary = run_compare(cfg, data, optimizers=optimizers, seeds=args.seeds, out=args.out,
-                              first_seed=args.first_seed, stretch=stretch, device=args.device,
+        summary = run_compare(spec, data, out=args.out, device=args.device,
                               progress=progress, jobs=args.jobs,
                               resume=args.resume, overwrite=args.overwrite,
                               diagnostics_every=args.diagnostics_every,
@@ -278,15 +303,14 @@ def _run(args, say) -> int:
         if main_rank():  # the other ranks of a torchrun wrote nothing
             _plots(say, write_compare_plots, summary, args.out)
     elif args.command == "sweep":
-        optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-        lrs = _parse_lrs(args.lrs, optimizers, cfg)
-        summary = run_sweep(cfg, data, lrs=lrs, seed=args.seed, out=args.out,
+        lrs = _parse_lrs(args.lrs, _optimizer_list(args), spec)
+        summary = run_sweep(spec, data, lrs=lrs, out=args.out,
                             device=args.device, progress=progress, overwrite=args.overwrite,
                             log=say)  # fmt: skip
         say(summary["table"])
         _plots(say, lambda s, o: [write_sweep_plot(s, o)], summary, args.out)
     else:
-        r = train_run(cfg, args.optimizer, data, seed=args.seed, out_dir=args.out,
+        r = train_run(spec, args.optimizer, data, seed=args.seed, out_dir=args.out,
                       device=args.device, resume=args.resume, overwrite=args.overwrite,
                       progress=progress, stop_at_step=args.stop_at_step,
                       dist_timeout_s=args.dist_timeout, tensorboard=args.tensorboard,

@@ -33,6 +33,8 @@ __all__ = [
     "atomic_save",
     "write_json",
     "load_checkpoint",
+    "same_json",
+    "check_checkpoint_identity",
     "prepare_out_dir",
     "remove_orphaned_temp_files",
 ]
@@ -134,6 +136,23 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{', '.join(missing)}); start again with --overwrite"
         )
     return ckpt
+
+
+def same_json(saved: Any, expected: Any) -> bool:
+    """Whether ``saved`` (read back from JSON) is ``expected`` as JSON writes it (tuples become
+    lists): how ``--resume`` compares a saved spec with the resolved one."""
+    return saved == json.loads(json.dumps(expected))
+
+
+def check_checkpoint_identity(ckpt: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
+    """ValueError unless the checkpoint ``ckpt`` (from ``path``) was written by the training
+    whose :meth:`~normuon.harness.spec.RunSpec.identity` is ``identity`` (same settings,
+    optimizer, seed, data and world size)."""
+    if not same_json(json.loads(ckpt["run_json"]), identity):
+        raise ValueError(
+            f"--resume: {path} was written by a different run (config, optimizer, seed, data or "
+            f"world size differ); start a fresh run in another --out folder"
+        )
 
 
 def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:

@@ -1,7 +1,8 @@
 """Running comparisons: every optimizer on the same model, data and seeds; lr sweeps.
 
-``run_compare`` trains every (optimizer, seed) with :func:`~normuon.harness.train.train_run`
-(recording the neuron diagnostics of :mod:`normuon.diagnostics`) and writes ``results.json``;
+``run_compare`` trains every (optimizer, seed) of a :class:`~normuon.harness.spec.RunSpec`
+with :func:`~normuon.harness.train.train_run` (recording the neuron diagnostics of
+:mod:`normuon.diagnostics`) and writes ``results.json``;
 ``write_compare_plots`` then draws ``loss.png`` and ``neurons.png``. ``run_sweep`` trains each
 optimizer at several learning rates. Tables, statistics and figures are in
 :mod:`~normuon.harness.report`; nothing there trains.
@@ -32,6 +33,7 @@ from .checkpoint import (
     CHECKPOINT_NAME,
     STRETCH_BASELINE,
     prepare_out_dir,
+    same_json,
     stretch_folder,
     write_json,
 )
@@ -50,6 +52,7 @@ from .report import (
     sweep_table,
 )
 from .runtime import launch_rank
+from .spec import RunSpec, stretched_steps
 from .train import RunInterrupted, RunResult, defer_stop_signals, train_run
 
 #: The optimizer trained on stretched schedules (``stretch``): the paper's "Muon-rescale".
@@ -82,22 +85,15 @@ def _environment() -> dict[str, Any]:
     }
 
 
-def _resolved(cfg: RunConfig, data: TokenData) -> dict[str, Any]:
-    cfg = copy.deepcopy(cfg)
-    cfg.model.vocab_size = data.vocab_size
-    return {"data": data.source, **cfg.to_dict()}
-
-
-def _check_optimizers(cfg: RunConfig, optimizers: Sequence[str]) -> None:
-    if not optimizers:
-        raise ValueError("no optimizer given")
-    for name in optimizers:
-        if name not in cfg.optimizers:
-            raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(cfg.optimizers)}")
+def _need_spec(spec: Any, what: str) -> None:
+    if not isinstance(spec, RunSpec):
+        raise TypeError(f"{what} takes a RunSpec (normuon.harness.spec.resolve_spec), not "
+                        f"{type(spec).__name__}")  # fmt: skip
 
 
 def _claim_folder(out: Path, resolved: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
-    """A fresh comparison needs an empty folder; ``resume`` needs the same config there."""
+    """A fresh comparison needs an empty folder; ``resume`` needs the same config there.
+    ``resolved``: the spec's :meth:`~normuon.harness.spec.RunSpec.to_json`, written here."""
     if resume:
         path = out / "config.json"
         if not path.is_file():
@@ -107,7 +103,7 @@ def _claim_folder(out: Path, resolved: dict[str, Any], *, resume: bool, overwrit
             saved = json.loads(path.read_text())
         except json.JSONDecodeError:
             raise ValueError(f"--resume: {path} is not JSON (damaged)") from None
-        if saved != json.loads(json.dumps(resolved)):
+        if not same_json(saved, resolved):
             raise ValueError(f"--resume: {out} holds a comparison with another config or data; "
                              f"use the same options or another --out")  # fmt: skip
     prepare_out_dir(out, resume=resume, overwrite=overwrite)
@@ -116,70 +112,46 @@ def _claim_folder(out: Path, resolved: dict[str, Any], *, resume: bool, overwrit
 
 @dataclass(frozen=True)
 class _Run:
-    """One training of a comparison: an optimizer, a seed, its config and folder; ``factor``
+    """One training of a comparison: an optimizer, a seed, its spec and folder; ``factor``
     > 1 for the baseline trained on a stretched schedule."""
 
     name: str
     seed: int
-    cfg: RunConfig = field(compare=False)  # (hashed by the other fields: one run, one folder)
+    spec: RunSpec = field(compare=False)  # (hashed by the other fields: one run, one folder)
     run_dir: Path = Path()
     factor: float = 1.0
 
 
-def _longer(steps: int, factor: float) -> int:
-    return int(round(steps * factor))
-
-
-def stretched(cfg: RunConfig, factor: float) -> RunConfig:
+def stretched(cfg: RunSpec | RunConfig, factor: float) -> RunSpec | RunConfig:
     """``cfg`` trained ``factor`` times longer on the same schedule shape: steps and warmup
-    scaled (the decay is a fraction of the steps already), evaluation points unchanged."""
+    scaled (the decay is a fraction of the steps already), evaluation points unchanged.
+
+    A :class:`~normuon.harness.spec.RunSpec` gives :meth:`RunSpec.stretched
+    <normuon.harness.spec.RunSpec.stretched>` (``factor`` one of its stretch factors); a
+    :class:`~normuon.harness.config.RunConfig` gives a changed copy.
+    """
+    if isinstance(cfg, RunSpec):
+        return cfg.stretched(factor)
     cfg = copy.deepcopy(cfg)
-    cfg.train.steps = _longer(cfg.train.steps, factor)
-    cfg.train.warmup_steps = _longer(cfg.train.warmup_steps, factor)
+    cfg.train.steps = stretched_steps(cfg.train.steps, factor)
+    cfg.train.warmup_steps = stretched_steps(cfg.train.warmup_steps, factor)
     return cfg
 
 
-def _check_stretch(
-    stretch: Sequence[float], optimizers: Sequence[str], cfg: RunConfig
-) -> list[float]:
-    """The factors, sorted; each must lengthen the schedule by at least one step, and no two
-    may give the same steps or folder name."""
-    factors = sorted(set(stretch))
-    for factor in factors:
-        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
-            raise ValueError(f"--stretch factors must be numbers > 1, got {factor!r}")
-    if factors and BASELINE not in optimizers:
-        raise ValueError(f"--stretch trains {BASELINE} longer: add {BASELINE} to --optimizers")
-    base = cfg.train.steps
-    for factor in factors:
-        if _longer(base, factor) <= base:
-            raise ValueError(f"--stretch {factor:g} of {base} steps rounds to "
-                             f"{_longer(base, factor)} steps: use a larger factor")  # fmt: skip
-    for a, b in zip(factors, factors[1:]):  # sorted: equal results are neighbours
-        if _longer(base, a) == _longer(base, b) or stretch_folder(a) == stretch_folder(b):
-            raise ValueError(f"--stretch {a!r} and {b!r} give the same schedule "
-                             f"({_longer(base, b)} steps) or folder: drop one")  # fmt: skip
-    return factors
-
-
-def _finished(run_dir: Path, cfg: RunConfig) -> RunResult | None:
+def _finished(run_dir: Path, spec: RunSpec) -> RunResult | None:
     """The result of a finished run in ``run_dir``, if there is one for the full step count."""
     path = run_dir / "result.json"
     if not path.is_file():
         return None
     result = RunResult(**json.loads(path.read_text()))
-    return result if result.steps == cfg.train.steps else None
+    return result if result.steps == spec.train.steps else None
 
 
 def run_compare(
-    cfg: RunConfig,
+    spec: RunSpec,
     data: TokenData,
     *,
-    optimizers: Sequence[str],
-    seeds: int,
     out: str | Path,
-    first_seed: int = 0,
-    stretch: Sequence[float] = (),
     device: str | None = None,
     progress: bool | None = None,
     jobs: int = 1,
@@ -190,49 +162,42 @@ def run_compare(
     dist_timeout_s: float | None = None,
     log=print,
 ) -> dict[str, Any]:
-    """Train each optimizer for seeds ``first_seed`` .. ``first_seed + seeds - 1``; write
-    results.json and config.json.
+    """Train each of ``spec``'s optimizers with each of its seeds; write results.json and
+    config.json (the spec's :meth:`~normuon.harness.spec.RunSpec.to_json`).
 
-    ``stretch``: factors > 1 at which Muon (the baseline) is also trained, on the same
-    schedule shape stretched (:func:`stretched`), to measure how many more steps it needs to
-    match each optimizer's final loss (the paper's protocol against Muon). ``jobs > 1`` runs
+    ``spec`` (:func:`~normuon.harness.spec.resolve_spec`, with ``data``) holds the validated
+    settings, the optimizers, the seeds and the stretch factors: factors > 1 at which Muon
+    (the baseline) is also trained, on the same schedule shape stretched (:func:`stretched`),
+    to measure how many more steps it needs to match each optimizer's final loss (the paper's
+    protocol against Muon); nothing of it is checked again here. ``jobs > 1`` runs
     that many trainings at once in worker processes (one thread each). ``resume``: reuse
     finished runs in ``out`` and continue interrupted ones from their checkpoints.
     ``diagnostics_every`` (default: the validation interval, off under FSDP2; 0 disables)
     records the neuron diagnostics. Under torchrun every rank calls this; rank 0 owns the
     folder and the summary. Figures: :func:`write_compare_plots`.
     """
-    if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    if not isinstance(first_seed, int) or first_seed < 0:
-        raise ValueError(f"--first-seed must be an int >= 0, got {first_seed!r}")
+    _need_spec(spec, "run_compare")
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     rank, world = launch_rank()  # the process group comes later, with the first run
     if world > 1 and jobs > 1:
         raise ValueError("--jobs > 1 runs trainings in worker processes; under torchrun every "
                          "run already uses all ranks: leave --jobs at 1")  # fmt: skip
-    _check_optimizers(cfg, optimizers)
-    factors = _check_stretch(stretch, optimizers, cfg)
-    cfg.validate()
     out = Path(out)
-    sharded = world > 1 and cfg.train.parallel == "fsdp2"
+    sharded = spec.world_size > 1 and spec.train.parallel == "fsdp2"
     if diagnostics_every is None:  # they need whole parameters: off by default under FSDP2
-        diagnostics_every = 0 if sharded else cfg.train.val_every
+        diagnostics_every = 0 if sharded else spec.train.val_every
     elif diagnostics_every and sharded:
         raise ValueError("--diagnostics-every needs whole parameters: not available with "
                          "--parallel fsdp2 (use ddp, or --diagnostics-every 0)")  # fmt: skip
-    resolved = _resolved(cfg, data)
-    if factors:
-        resolved["stretch"] = factors
     if rank == 0:  # the other ranks write nothing (their runs' files are rank 0's too)
-        _claim_folder(out, resolved, resume=resume, overwrite=overwrite)
+        _claim_folder(out, spec.to_json(), resume=resume, overwrite=overwrite)
     else:
         log = _quiet
-    seed_list = list(range(first_seed, first_seed + seeds))
-    runs = [_Run(name, seed, cfg, out / name / f"seed{seed}")
+    optimizers, seed_list, factors = spec.selected, spec.seeds, spec.stretch
+    runs = [_Run(name, seed, spec, out / name / f"seed{seed}")
             for seed in seed_list for name in optimizers]  # fmt: skip
-    runs += [_Run(BASELINE, seed, stretched(cfg, f), out / stretch_folder(f) / f"seed{seed}", f)
+    runs += [_Run(BASELINE, seed, spec.stretched(f), out / stretch_folder(f) / f"seed{seed}", f)
              for f in factors for seed in seed_list]  # fmt: skip
     options = {"device": device, "diagnostics_every": diagnostics_every,
                "tensorboard": tensorboard, "dist_timeout_s": dist_timeout_s}  # fmt: skip
@@ -247,11 +212,11 @@ def run_compare(
                         for seed in seed_list] for name in optimizers}  # fmt: skip
     has_diag = any(recs for runs_ in diag_runs.values() for recs in runs_)
     summary = {
-        "preset": cfg.preset,
-        "data": data.source,
-        "environment": {**_environment(), "jobs": jobs, "world_size": world},
+        "preset": spec.preset,
+        "data": spec.data,
+        "environment": {**_environment(), "jobs": jobs, "world_size": spec.world_size},
         "target": "AdamW mean final validation loss; vs Muon: Muon's mean final validation loss",
-        "stretch": factors,
+        "stretch": list(factors),
         "table": format_table(rows),
         "neuron_table": neuron_table(diag_runs) if has_diag else None,
         "rows": [dataclasses.asdict(r) for r in rows],
@@ -289,7 +254,7 @@ def _train_all(
     done: dict[_Run, RunResult] = {}
     todo: list[tuple[_Run, bool]] = []
     for run in runs:
-        finished = _finished(run.run_dir, run.cfg) if resume else None
+        finished = _finished(run.run_dir, run.spec) if resume else None
         if finished is not None:
             done[run] = finished
             report(run, finished)
@@ -297,7 +262,7 @@ def _train_all(
             todo.append((run, resume and (run.run_dir / CHECKPOINT_NAME).is_file()))
     if jobs == 1:
         for run, cont in todo:
-            done[run] = train_run(run.cfg, run.name, data, seed=run.seed, out_dir=run.run_dir,
+            done[run] = train_run(run.spec, run.name, data, seed=run.seed, out_dir=run.run_dir,
                                   resume=cont, overwrite=resume and not cont,
                                   progress=progress, **options)  # fmt: skip
             report(run, done[run])
@@ -323,7 +288,7 @@ def _train_in_workers(todo, data, options, jobs, resume, done, report) -> None:
             while running or (pending and error is None):
                 while pending and error is None and len(running) < jobs:
                     run, cont = pending.pop(0)
-                    future = pool.submit(_worker_run, run.cfg, run.name, data, run.seed,
+                    future = pool.submit(_worker_run, run.spec, run.name, data, run.seed,
                                          str(run.run_dir), cont, resume and not cont,
                                          options)  # fmt: skip
                     running[future] = run
@@ -396,18 +361,17 @@ def _forward_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _worker_run(cfg, name, data, seed, out_dir, resume, overwrite, options) -> RunResult:
+def _worker_run(spec, name, data, seed, out_dir, resume, overwrite, options) -> RunResult:
     torch.set_num_threads(1)
-    return train_run(cfg, name, data, seed=seed, out_dir=out_dir, resume=resume,
+    return train_run(spec, name, data, seed=seed, out_dir=out_dir, resume=resume,
                      overwrite=overwrite, progress=False, **options)  # fmt: skip
 
 
 def run_sweep(
-    cfg: RunConfig,
+    spec: RunSpec,
     data: TokenData,
     *,
     lrs: dict[str, list[float]],
-    seed: int = 0,
     out: str | Path,
     device: str | None = None,
     progress: bool | None = None,
@@ -416,32 +380,39 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Train each optimizer at each lr of ``lrs[name]`` (the matrix lr for Muon/NorMuon).
 
-    Writes sweep.json and config.json (figure: :func:`write_sweep_plot`). A diverged run
-    counts as an infinite loss rather than aborting the sweep.
+    ``spec`` (:func:`~normuon.harness.spec.resolve_spec`, with ``data``) has the optimizers of
+    ``lrs`` and one seed; each point trains ``spec.with_lr(name, lr)``. Writes sweep.json and
+    config.json (figure: :func:`write_sweep_plot`). A diverged run counts as an infinite loss
+    rather than aborting the sweep.
     """
+    _need_spec(spec, "run_sweep")
     out = Path(out)
-    _check_optimizers(cfg, list(lrs))
-    for values in lrs.values():
+    if len(spec.seeds) != 1:
+        raise ValueError(f"a sweep trains one seed, the spec has {list(spec.seeds)}")
+    seed = spec.seeds[0]
+    for name, values in lrs.items():
+        if name not in spec.selected:
+            raise ValueError(f"--lrs: {name!r} is not one of the spec's optimizers "
+                             f"{list(spec.selected)}")  # fmt: skip
         for lr in values:
             if not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
                 raise ValueError(f"learning rates must be positive numbers, got {lr!r}")
-    _claim_folder(out, _resolved(cfg, data), resume=False, overwrite=overwrite)
+    _claim_folder(out, spec.to_json(), resume=False, overwrite=overwrite)
     points: dict[str, list[dict[str, float]]] = {}
     for name, values in lrs.items():
         points[name] = []
         for lr in values:
-            run_cfg = copy.deepcopy(cfg)
-            run_cfg.optimizers[name].lr = lr
             try:
-                r = train_run(run_cfg, name, data, seed=seed, out_dir=out / name / f"lr{lr:g}",
-                              device=device, progress=progress)  # fmt: skip
+                r = train_run(spec.with_lr(name, lr), name, data, seed=seed,
+                              out_dir=out / name / f"lr{lr:g}", device=device,
+                              progress=progress)  # fmt: skip
                 loss = r.final_val_loss
             except FloatingPointError as exc:
                 log(str(exc))
                 loss = math.inf
             log(f"{name:8s} lr {lr:g}: final val loss {loss:.4f}")
             points[name].append({"lr": lr, "final_val_loss": loss})
-    return write_sweep(points, out, preset=cfg.preset, seed=seed)
+    return write_sweep(points, out, preset=spec.preset, seed=seed)
 
 
 def write_sweep(

@@ -1,7 +1,11 @@
 """Typed configuration of a harness run: model shape, training recipe, per-optimizer settings.
 
-A :class:`RunConfig` fully determines a run (with the data and the seed); it is written as JSON
-next to every run's results and read back by ``--resume`` to check that nothing changed.
+A :class:`RunConfig` is the editable form: a preset, changed by ``--config`` and ``--set``
+(:func:`apply_config_file`, :func:`apply_overrides`, which parse and type-check each value).
+:func:`~normuon.harness.spec.resolve_spec` then validates it once (:meth:`RunConfig.validate`)
+and freezes it, with the data's vocabulary, into the :class:`~normuon.harness.spec.RunSpec`
+that a run reads and writes as JSON next to its results (read back by ``--resume`` to check
+that nothing changed).
 """
 
 from __future__ import annotations
@@ -138,7 +142,8 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """Everything that determines a run apart from data, seed and optimizer name."""
+    """Everything that determines a run apart from data, seed and optimizer name (editable;
+    a run reads its frozen, validated form, :class:`~normuon.harness.spec.RunSpec`)."""
 
     preset: str
     """Name of the preset this config was derived from."""
@@ -156,7 +161,10 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistent field."""
+        """Raise ValueError naming the first inconsistent field.
+
+        Called once per command, by :func:`~normuon.harness.spec.resolve_spec`.
+        """
         m, t = self.model, self.train
         for name, value in (("n_layer", m.n_layer), ("n_head", m.n_head),
                             ("n_kv_head", m.n_kv_head), ("d_model", m.d_model),
@@ -507,11 +515,13 @@ def _targets(cfg: RunConfig, key: str) -> list[tuple[Any, str, str]]:
 
 
 def apply_overrides(cfg: RunConfig, assignments: list[str]) -> RunConfig:
-    """Apply ``KEY=VALUE`` strings (``--set``) to ``cfg`` in place, then validate it.
+    """Apply ``KEY=VALUE`` strings (``--set``) to ``cfg`` in place.
 
     KEY is ``model.FIELD``, ``train.FIELD`` or ``OPT.FIELD`` (``adamw.lr``,
     ``muon.adamw_lr``...); a FIELD that exists in one section only may stand alone
     (``grad_clip=1``). Values are parsed to the field's type. ValueError names the key.
+    Ranges and consistency are checked once, when the run is resolved
+    (:func:`~normuon.harness.spec.resolve_spec`).
     """
     for item in assignments:
         key, sep, text = item.partition("=")
@@ -519,15 +529,17 @@ def apply_overrides(cfg: RunConfig, assignments: list[str]) -> RunConfig:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. train.grad_clip=1.0")
         for obj, name, qualified in _targets(cfg, key.strip()):
             setattr(obj, name, _parse_text(text.strip(), _hint(type(obj), name), qualified))
-    cfg.validate()
     return cfg
 
 
 def apply_config_file(cfg: RunConfig, path: str | Path) -> RunConfig:
-    """Apply a JSON file of settings to ``cfg`` in place, then validate it.
+    """Apply a JSON file of settings to ``cfg`` in place (each value type-checked; ranges and
+    consistency are checked once, by :func:`~normuon.harness.spec.resolve_spec`).
 
     The file holds ``{"model": {...}, "train": {...}, "optimizers": {"adamw": {...}}}`` with any
-    subset of fields (a run's ``config.json`` works too: its ``config`` entry is used).
+    subset of fields. A run's ``config.json`` works too (its ``config`` entry is used), and so
+    does a comparison's or sweep's (its ``data`` and ``stretch`` entries are not settings and
+    are skipped).
     """
     path = Path(path)
     try:
@@ -543,7 +555,7 @@ def apply_config_file(cfg: RunConfig, path: str | Path) -> RunConfig:
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a JSON object of settings")
     for section, values in data.items():
-        if section in ("preset", "description"):
+        if section in ("preset", "description", "data", "stretch"):
             continue
         if section == "optimizers" and isinstance(values, dict):
             items = []
@@ -567,5 +579,4 @@ def apply_config_file(cfg: RunConfig, path: str | Path) -> RunConfig:
                                                          qualified))  # fmt: skip
             except ValueError as exc:
                 raise ValueError(f"--config {path}: {exc}") from None
-    cfg.validate()
     return cfg

@@ -182,7 +182,8 @@ def _windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int):
     return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 
 
-def _check_length(tokens: torch.Tensor, seq_len: int, what: str) -> None:
+def check_length(tokens: torch.Tensor, seq_len: int, what: str) -> None:
+    """ValueError unless ``tokens`` hold a window of ``seq_len`` + 1 tokens to draw from."""
     if tokens.numel() < seq_len + 2:
         raise ValueError(
             f"the {what} split has {tokens.numel()} tokens, fewer than seq_len + 2 = {seq_len + 2}"
@@ -197,7 +198,7 @@ def get_batch(
     Starts are drawn from a generator seeded by (seed, step) alone, so the batch sequence is a
     pure function of the seed: a resumed run sees exactly the batches it would have seen.
     """
-    _check_length(tokens, seq_len, "training")
+    check_length(tokens, seq_len, "training")
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=gen)
     return _windows(tokens, starts, seq_len)
@@ -207,7 +208,7 @@ def validation_batches(
     tokens: torch.Tensor, batch_size: int, seq_len: int, n_batches: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed list of validation batches, the same for every run, seed and optimizer."""
-    _check_length(tokens, seq_len, "validation")
+    check_length(tokens, seq_len, "validation")
     gen = torch.Generator().manual_seed(20240520)
     out = []
     for _ in range(n_batches):

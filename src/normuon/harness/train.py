@@ -9,7 +9,8 @@ checkpoint files in :mod:`~normuon.harness.checkpoint`.
 
 Files written into the run directory (rank 0 only):
 
-- ``config.json``: the resolved :class:`~normuon.harness.config.RunConfig` plus run identity
+- ``config.json``: the run's identity (:meth:`~normuon.harness.spec.RunSpec.identity`: the
+  resolved settings, with the data's ``vocab_size``, plus optimizer, seed, data and world size)
   and the run id;
 - ``metrics.jsonl``: a header ``{"kind": "run", "run_id": ...}`` then one JSON object per line,
   ``{"kind": "train" | "val", "step": ...}``;
@@ -33,6 +34,7 @@ from .data import TokenData
 from .optimizers import build_optimizer, optimizer_state_bytes
 from .schedule import LRSchedule
 from .signals import RunInterrupted, defer_stop_signals
+from .spec import RunSpec
 from .trainer import MAX_SEED, RunResult, Trainer
 
 __all__ = [
@@ -50,7 +52,7 @@ __all__ = [
 
 
 def train_run(
-    cfg: RunConfig,
+    spec: RunSpec | RunConfig,
     optimizer: str,
     data: TokenData,
     *,
@@ -59,8 +61,10 @@ def train_run(
     stop_at_step: int | None = None,
     **options: Any,
 ) -> RunResult:
-    """Train ``cfg``'s GPT on ``data`` with ``optimizer`` and return the run's summary.
+    """Train ``spec``'s GPT on ``data`` with ``optimizer`` and return the run's summary.
 
+    ``spec``: a :class:`~normuon.harness.spec.RunSpec` resolved with ``data`` (used as it is),
+    or a :class:`~normuon.harness.config.RunConfig`, resolved (validated) here once.
     ``options`` are :class:`Trainer`'s keyword arguments (``out_dir`` is required; ``seed``,
     ``device``, ``progress``, ``dist_timeout_s``, ``tensorboard``, ``diagnostics_every``).
     ``out_dir`` must be empty or new for a fresh run (``overwrite=True`` replaces the harness
@@ -69,6 +73,6 @@ def train_run(
     that many steps. SIGINT/SIGTERM checkpoint and raise :class:`RunInterrupted`.
     ``diagnostics_every=k`` records :mod:`normuon.diagnostics` every k steps.
     """
-    trainer = Trainer(cfg, optimizer, data, **options)
+    trainer = Trainer(spec, optimizer, data, **options)
     trainer.start(resume=resume, overwrite=overwrite)
     return trainer.fit(stop_at_step)

@@ -1,6 +1,7 @@
 """The training loop of one harness run: :class:`Trainer` (setup, checkpoints, evaluation,
 the step) and its summary, :class:`RunResult`. The one-call form is
-:func:`normuon.harness.train.train_run`."""
+:func:`normuon.harness.train.train_run`. The loop reads its settings from a
+:class:`~normuon.harness.spec.RunSpec` and validates none of them again."""
 
 from __future__ import annotations
 
@@ -17,7 +18,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CHECKPOINT_NAME, atomic_save, load_checkpoint, prepare_out_dir, write_json
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_save,
+    check_checkpoint_identity,
+    load_checkpoint,
+    prepare_out_dir,
+    write_json,
+)
 from .config import RunConfig
 from .data import TokenData, get_batch, validation_batches
 from .model import GPT
@@ -26,11 +34,9 @@ from .parallel import full_state, is_sharded, load_full_state, wrap_model
 from .runtime import init_distributed, progress_bar, sync
 from .schedule import LRSchedule
 from .signals import RunInterrupted, StopSignals
+from .spec import MAX_SEED, RunSpec, resolve_spec
 
 __all__ = ["MAX_SEED", "RunResult", "Trainer"]
-
-#: Largest seed: batch generators are seeded with seed * 1_000_003 + step (< 2**63).
-MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -57,22 +63,20 @@ class RunResult:
     out_dir: str
 
 
-def _check_seed(seed: Any) -> int:
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"--seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
-    return seed
-
-
 class Trainer:
     """One run, step by step: build with the settings, :meth:`start`, then :meth:`fit`.
 
-    ``train_run`` is the one-call form. The attributes ``step``, ``model``, ``optimizer`` and
-    ``history`` are public for callers that drive the loop themselves (tests, notebooks).
+    ``spec``: a :class:`~normuon.harness.spec.RunSpec` that has (``optimizer``, ``seed``) among
+    its trainings and was resolved with ``data`` (used as it is: nothing is validated again),
+    or a :class:`~normuon.harness.config.RunConfig`, resolved here for this one training.
+    ``train_run`` is the one-call form. The attributes ``spec``, ``step``, ``model``,
+    ``optimizer`` and ``history`` are public for callers that drive the loop themselves
+    (tests, notebooks).
     """
 
     def __init__(
         self,
-        cfg: RunConfig,
+        spec: RunSpec | RunConfig,
         optimizer: str,
         data: TokenData,
         *,
@@ -84,30 +88,22 @@ class Trainer:
         tensorboard: bool = False,
         diagnostics_every: int = 0,
     ) -> None:
-        if optimizer not in cfg.optimizers:
-            raise ValueError(
-                f"optimizer {optimizer!r} has no settings in preset {cfg.preset!r} "
-                f"(has: {', '.join(cfg.optimizers)})"
-            )
+        if isinstance(spec, RunSpec):
+            spec.check_training(optimizer, seed, data)
+        else:  # settings from Python code: resolved (validated once) for this training
+            spec, data = resolve_spec(spec, data, optimizers=[optimizer], seeds=[seed])
         if not isinstance(diagnostics_every, int) or diagnostics_every < 0:
             raise ValueError(f"diagnostics_every must be an int >= 0, got {diagnostics_every!r}")
-        self.seed = _check_seed(seed)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model))
-        cfg.model.vocab_size = data.vocab_size  # the data decides the vocabulary
-        cfg.validate()
-        self.cfg, self.name, self.data = cfg, optimizer, data
-        self.tcfg = cfg.train
+        self.spec, self.name, self.data, self.seed = spec, optimizer, data, seed
+        self.tcfg = spec.train
         self.out = Path(out_dir)
         self.dist, self.device = init_distributed(device, dist_timeout_s)
         d = self.dist
-        if self.tcfg.batch_size % (d.world * self.tcfg.grad_accum):
-            raise ValueError(
-                f"batch_size={self.tcfg.batch_size} is not divisible by world size x grad_accum "
-                f"= {d.world} x {self.tcfg.grad_accum}"
-            )
+        if d.world != spec.world_size:
+            raise ValueError(f"the spec was resolved for {spec.world_size} process(es), this "
+                             f"launch has {d.world}: resolve it in the launched ones")  # fmt: skip
         self.progress = progress if d.main else False
-        self.identity = {"optimizer": optimizer, "seed": seed, "data": data.source,
-                         "world_size": d.world, "config": cfg.to_dict()}  # fmt: skip
+        self.identity = spec.identity(optimizer, seed)
         self._tensorboard = tensorboard
         self._diagnostics_every = diagnostics_every
         self._build()
@@ -127,11 +123,11 @@ class Trainer:
         """Model, optimizer, schedule, autocast and the fixed validation batches."""
         tcfg, dev = self.tcfg, self.device
         torch.manual_seed(self.seed)  # model init depends on the seed only, not the optimizer
-        self.raw_model = GPT(self.cfg.model).to(dev)
+        self.raw_model = GPT(self.spec.model).to(dev)
         self.n_params = sum(p.numel() for p in self.raw_model.parameters())
         self.model = wrap_model(self.raw_model, tcfg, self.dist, dev)
-        self.optimizer = build_optimizer(self.name, self.raw_model, self.cfg.optimizers[self.name],
-                                         dev)  # fmt: skip
+        self.optimizer = build_optimizer(self.name, self.raw_model,
+                                         self.spec.optimizers[self.name], dev)  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LRSchedule(tcfg))
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -166,13 +162,7 @@ class Trainer:
 
     def _restore(self) -> None:
         ckpt = load_checkpoint(self.checkpoint_path)
-        saved = json.loads(ckpt["run_json"])
-        if saved != json.loads(json.dumps(self.identity)):
-            raise ValueError(
-                f"--resume: {self.checkpoint_path} was written by a different run (config, "
-                f"optimizer, seed, data or world size differ); start a fresh run in another "
-                f"--out folder"
-            )
+        check_checkpoint_identity(ckpt, self.identity, self.checkpoint_path)
         self.run_id = ckpt.get("run_id", "")
         self.history = self._read_own_metrics(int(ckpt["step"]))
         load_full_state(self.raw_model, self.optimizer, ckpt["model"], ckpt["optimizer"],
