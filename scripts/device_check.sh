@@ -21,8 +21,8 @@
 # probe 5 s), SIGKILL. Worst case: 15 + 35 + 130 + 130 + 160 = 470 s, under 8 minutes.
 #
 # --device cpu is a dry run of the same stages on a machine without a GPU (the CUDA tests are
-# collected and skip with their reason; the comparison is the small cpu-smoke preset, a few
-# seconds); its check stage may take 240 s, as a cold torch.compile cache on 2 cores is slow.
+# collected and skip with their reason; the check runs its correctness section only, the
+# comparison is the small cpu-smoke preset: a few seconds each).
 #
 # Environment:
 #   PYTHON               the interpreter to use; default: the active virtualenv's
@@ -323,6 +323,7 @@ ENV_PY='import sys, torch; ok = torch.cuda.is_available(); print(sys.executable)
 
 if [ "$DEVICE" = cuda ]; then
   CHECK_LIMIT=120
+  CHECK_ARGS=(--quick)
   # GPT-2 124M shape, one short run per optimizer: 60 steps of 32 x 1024 bytes, eager (no
   # compile, whose warm-up would take most of the budget), validation every 20 steps.
   COMPARE_ARGS=(--preset gpt2-124m --device cuda --steps 60
@@ -330,7 +331,10 @@ if [ "$DEVICE" = cuda ]; then
     --set train.batch_size=32 --set train.grad_accum=1 --set train.val_every=20
     --set train.val_batches=4 --set train.compile=false --set train.checkpoint_every=0)
 else
-  CHECK_LIMIT=240
+  CHECK_LIMIT=120
+  # The dry run checks the plumbing: the correctness section only (the whole quick check,
+  # torch.compile included, runs in the test suite: tests/test_check.py).
+  CHECK_ARGS=(--quick --sections correctness)
   # The dry run: the tiny cpu-smoke model, 40 steps per optimizer (a few seconds).
   COMPARE_ARGS=(--preset cpu-smoke --device cpu --steps 40
     --optimizers "adamw,muon,normuon" --out "$OUT/compare" --no-progress --overwrite
@@ -340,7 +344,8 @@ fi
 stage environment 25 "" bash -c "$ENV_SH" environment "$PY" "$ENV_PY" "$DEVICE"
 stage pytest-cuda 120 "$PYTEST_SKIP" "$PY" -m pytest -q -rs -m cuda tests/test_cuda.py \
   -p no:cacheprovider
-stage check "$CHECK_LIMIT" "" "$PY" -m normuon check --device "$DEVICE" --quick --out "$OUT"
+stage check "$CHECK_LIMIT" "" "$PY" -m normuon check --device "$DEVICE" "${CHECK_ARGS[@]}" \
+  --out "$OUT"
 stage compare 150 "" "$PY" -m normuon compare "${COMPARE_ARGS[@]}"
 
 trap - INT TERM

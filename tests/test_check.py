@@ -37,3 +37,12 @@ def test_a_device_without_cuda_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["check", "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_sections_select_what_runs_and_unknown_ones_are_named(tmp_path, capsys):
+    assert main(["check", "--device", "cpu", "--sections", "correctness", "--out",
+                 str(tmp_path)]) == 0  # fmt: skip
+    text = (tmp_path / "check-cpu.md").read_text()
+    assert "| correctness |" in text and "| compile |" not in text and "| speed |" not in text
+    assert main(["check", "--sections", "correctness,spead"]) == 2
+    assert "unknown ['spead']" in capsys.readouterr().err

@@ -126,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--quick", action="store_true",
                    help="fewer shapes and repetitions (about two minutes on a 2-core CPU)")
     k.add_argument("--out", default=None, help="also write the report as OUT/check-DEVICE.md")
+    k.add_argument("--sections", default=None, metavar="S1,S2",
+                   help="run only these sections: correctness, host-syncs, compile, speed "
+                        "(default: all)")
     from .harness.config import OPTIMIZERS
 
     t = sub.add_parser("train", help="one run: one optimizer, one seed (resumable)")
@@ -330,10 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     say = print if main_rank() else (lambda *a, **k: None)
     prog = f"normuon {args.command}"
     if args.command == "check":
-        from .check import main_check
+        from .check import SECTIONS, main_check
 
         try:
-            return main_check(args.device, args.quick, args.out)
+            sections = SECTIONS if args.sections is None else tuple(
+                s.strip() for s in args.sections.split(",") if s.strip()
+            )
+            return main_check(args.device, args.quick, args.out, sections=sections)
         except (ValueError, OSError) as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
             return 2
