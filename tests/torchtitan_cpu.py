@@ -1,0 +1,324 @@
+"""Run torchtitan 0.3.0's own trainer on CPU with gloo, changing nothing inside torchtitan.
+
+torchtitan targets accelerators; on a CPU-only machine with torch 2.13 it stops at five places.
+This launcher patches them from outside, before ``torchtitan.train.main()`` runs:
+
+1. the device type defaults to CUDA when no accelerator is found (``torchtitan.tools.utils``
+   asks ``torch._utils._get_available_device_type() or "cuda"`` once, at import): it is made
+   ``"cpu"``, with a device module that answers torchtitan's memory and name queries;
+2. ``torchtitan.distributed.minimal_async_ep.kernels`` imports triton at import time (through
+   the model's token dispatcher): a stand-in module without triton is registered, whose
+   kernels raise if called (they only serve CUDA expert parallelism);
+3. torch 2.13 has no ``torch.distributed.set_timeout`` (called after the first step): a
+   no-op stands in (it only shortens collective timeouts);
+4. gloo rejects ``PREMUL_SUM``, which FSDP2 uses for the ``gradient_divide_factor=1.0``
+   torchtitan sets: on CPU the reduce-scatter sums instead, the same numbers (a factor of 1);
+5. FlexAttention is compiled and has no CPU backward: the CPU configs below use SDPA (causal),
+   which torchtitan's decoder takes without masks.
+
+It also provides what the debug configs read from a torchtitan checkout and the network (a
+tokenizer folder and the ``c4_test`` dataset through Hugging Face ``datasets``): a byte
+tokenizer and a data loader over normuon's embedded Shakespeare corpus whose global batch of
+step ``s`` is the same at every data-parallel world size (rank ``r`` takes rows
+``[r * local, (r + 1) * local)``), so runs at world sizes 1 and 2 see the same data.
+
+Use it in place of ``-m torchtitan.train``::
+
+    torchrun --nproc_per_node=2 tests/torchtitan_cpu.py \
+        --module torchtitan_cpu --config llama3_debugmodel_cpu \
+        --override.imports normuon.integrations.torchtitan.normuon
+
+``NORMUON_TT_METRICS=FILE`` appends one JSON line per logged step (step, loss, grad_norm, lr
+of every group) on rank 0, for tests and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+from dataclasses import dataclass
+
+import torch
+
+_PATCHED = "_normuon_torchtitan_cpu_patched"
+
+
+class _CpuDeviceModule(types.ModuleType):
+    """``torch.cpu`` plus the CUDA-style queries torchtitan makes of its device module."""
+
+    def __init__(self) -> None:
+        super().__init__("torchtitan_cpu_device")
+        self.__dict__.update(
+            {k: getattr(torch.cpu, k) for k in dir(torch.cpu) if not k.startswith("__")}
+        )
+
+    @staticmethod
+    def device_count() -> int:
+        return 1  # every rank uses "cpu:0"
+
+    @staticmethod
+    def get_device_name(device=None) -> str:
+        return "cpu"
+
+    @staticmethod
+    def get_device_properties(device=None):
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return types.SimpleNamespace(name="cpu", total_memory=pages)
+
+    @staticmethod
+    def memory_stats(device=None) -> dict:
+        return {}  # no allocator statistics on CPU: torchtitan logs -1
+
+    @staticmethod
+    def reset_peak_memory_stats(device=None) -> None:
+        pass
+
+    @staticmethod
+    def empty_cache() -> None:
+        pass
+
+
+def stub_triton_kernels() -> None:
+    """Register a stand-in for the one torchtitan module that imports triton eagerly."""
+    name = "torchtitan.distributed.minimal_async_ep.kernels"
+    if name in sys.modules:
+        return
+    module = types.ModuleType(name)
+
+    def _missing(attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+
+        def kernel(*args, **kwargs):
+            raise RuntimeError(f"{attr} needs triton on CUDA (MinimalAsyncEP); not on CPU")
+
+        return kernel
+
+    module.__getattr__ = _missing  # type: ignore[method-assign]
+    sys.modules[name] = module
+
+
+def _stub_missing_datasets() -> None:
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+
+        def _absent(*args, **kwargs):
+            raise RuntimeError("Hugging Face datasets is not installed; use the CPU loader")
+
+        package = types.ModuleType("datasets")
+        package.__path__ = []  # a package, so that datasets.distributed imports
+        package.Dataset = type("Dataset", (), {})
+        package.IterableDataset = type("IterableDataset", (), {})
+        package.load_dataset = package.concatenate_datasets = _absent
+        distributed = types.ModuleType("datasets.distributed")
+        distributed.split_dataset_by_node = _absent
+        package.distributed = distributed
+        sys.modules["datasets"], sys.modules["datasets.distributed"] = package, distributed
+
+
+def patch_torchtitan_for_cpu() -> None:
+    """Apply the five patches above (idempotent); call before torchtitan is imported."""
+    if getattr(torch, _PATCHED, False):
+        return
+    if "torchtitan.tools.utils" in sys.modules:
+        raise RuntimeError("patch_torchtitan_for_cpu() must run before torchtitan is imported")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    import torch._utils as tu
+
+    # 1. torchtitan.tools.utils computes device_type/device_module once, at import, from these.
+    saved = tu._get_available_device_type, tu._get_device_module
+    device_module = _CpuDeviceModule()
+    tu._get_available_device_type = lambda: "cpu"
+    tu._get_device_module = lambda device_type: device_module
+    try:
+        import torchtitan.tools.utils  # noqa: F401
+    finally:
+        tu._get_available_device_type, tu._get_device_module = saved
+
+    # 2. triton (and Hugging Face datasets when it is not installed: torchtitan's trainer imports
+    # its HF text loaders at import time; the loader below replaces them)
+    stub_triton_kernels()
+    _stub_missing_datasets()
+
+    # 3. torch.distributed.set_timeout (torch 2.13 has none)
+    import torch.distributed as dist
+
+    if not hasattr(dist, "set_timeout"):
+        dist.set_timeout = lambda timeout, group=None: None
+
+    # 4. PREMUL_SUM: sum on CPU (torchtitan's factor is 1.0, so the sum is the same value).
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
+
+    divide_factors = collectives._get_gradient_divide_factors
+
+    def _sum_on_cpu(*args, **kwargs):
+        device_type = kwargs.get("device_type", args[3] if len(args) > 3 else "")
+        if device_type == "cpu":
+            kwargs["force_sum_reduction_for_comms"] = True
+            args = args[:5]  # force_sum_reduction_for_comms is the 6th, given by keyword
+        return divide_factors(*args, **kwargs)
+
+    collectives._get_gradient_divide_factors = _sum_on_cpu
+
+    # torchtitan's gloo barrier passes device_ids (a CUDA-only argument of barrier()).
+    barrier = dist.barrier
+
+    def _barrier(group=None, async_op=False, device_ids=None):
+        return barrier(group=group, async_op=async_op)
+
+    dist.barrier = _barrier
+    _record_metrics()
+    setattr(torch, _PATCHED, True)
+
+
+def _record_metrics() -> None:
+    """NORMUON_TT_METRICS=FILE: one JSON line per logged step, written by rank 0."""
+    path = os.environ.get("NORMUON_TT_METRICS")
+    if not path:
+        return
+    from torchtitan.components.metrics import MetricsProcessor
+
+    log = MetricsProcessor.log
+
+    def logged(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:
+            lrs = [
+                float(g["lr"])
+                for opt in self.optimizers
+                for g in opt.param_groups
+            ]
+            with open(path, "a") as f:
+                f.write(json.dumps({"step": step, "loss": float(global_avg_loss),
+                                    "grad_norm": float(grad_norm), "lrs": lrs}) + "\n")
+        return log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
+
+    MetricsProcessor.log = logged
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def debug_model_spec(model: str = "llama3"):
+    """torchtitan's debug model of ``model`` with causal SDPA in place of FlexAttention (no
+    CPU backward), the same with or without the patches (the tests build it in-process)."""
+    stub_triton_kernels()
+    import importlib
+
+    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
+
+    spec = importlib.import_module(f"torchtitan.models.{model}").model_registry("debugmodel")
+    for _, _, parent, attr in list(spec.model.traverse(FlexAttention.Config)):
+        if isinstance(parent, list):
+            parent[attr] = ScaledDotProductAttention.Config()
+        else:
+            setattr(parent, attr, ScaledDotProductAttention.Config())
+    return spec
+
+
+# The trainer's configs, defined in the patched process only: torchtitan's ConfigManager imports
+# this file as the module ``torchtitan_cpu`` (``--module torchtitan_cpu``) after main() patched.
+_HAVE_TORCHTITAN = bool(getattr(torch, _PATCHED, False))
+
+if _HAVE_TORCHTITAN:
+    from torchtitan.components.dataloader import BaseDataLoader
+    from torchtitan.components.tokenizer import BaseTokenizer
+
+    from normuon.harness.data import get_batch, load_data
+
+    class ByteTokenizer(BaseTokenizer):
+        """UTF-8 bytes as tokens (ids 0-255; the debug model's vocabulary has 2048)."""
+
+        @dataclass(kw_only=True, slots=True)
+        class Config(BaseTokenizer.Config):
+            pass
+
+        def __init__(self, config: Config, tokenizer_path: str | None = None) -> None:
+            super().__init__()
+            self.eos_id = 0
+
+        def encode(self, text: str, *args, **kwargs) -> list[int]:
+            return list(text.encode("utf-8"))
+
+        def decode(self, ids, *args, **kwargs) -> str:
+            return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+        def get_vocab_size(self) -> int:
+            return 256
+
+    class ShakespeareLoader(BaseDataLoader):
+        """Random windows of the embedded corpus; the global batch of a step depends on
+        (seed, step) only, and each data-parallel rank takes its rows of it."""
+
+        @dataclass(kw_only=True, slots=True)
+        class Config(BaseDataLoader.Config):
+            seed: int = 0
+
+        def __init__(self, config: Config, *, dp_world_size: int, dp_rank: int, tokenizer,
+                     seq_len: int, local_batch_size: int, **_: object) -> None:  # fmt: skip
+            self.tokens = load_data().train
+            self.seed = config.seed
+            self.dp_world_size, self.dp_rank = dp_world_size, dp_rank
+            self.seq_len, self.local_batch_size = seq_len, local_batch_size
+            self.batches = 0
+
+        def __iter__(self):
+            while True:
+                inputs, labels = get_batch(
+                    self.tokens, self.local_batch_size * self.dp_world_size, self.seq_len,
+                    self.seed, self.batches,
+                )  # fmt: skip
+                rows = slice(self.dp_rank * self.local_batch_size,
+                             (self.dp_rank + 1) * self.local_batch_size)  # fmt: skip
+                self.batches += 1
+                yield {"input": inputs[rows]}, labels[rows]
+
+        # The same on every rank and at every world size, so a checkpoint resumes anywhere.
+        def state_dict(self) -> dict:
+            return {"batches": self.batches}
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            if state_dict:
+                self.batches = int(state_dict["batches"])
+
+    def _cpu(config, model: str):
+        """A debug config made runnable on CPU: SDPA attention, float32 everywhere, the
+        local tokenizer and data, the partial_dtensor SPMD backend, no validation."""
+        config.model_spec = debug_model_spec(model)
+        config.tokenizer = ByteTokenizer.Config()
+        config.dataloader = ShakespeareLoader.Config()
+        config.hf_assets_path = "."
+        config.parallelism.spmd_backend = "partial_dtensor"
+        config.training.mixed_precision_param = "float32"
+        config.training.local_batch_size = 4
+        config.training.seq_len = 64
+        config.training.disable_cuda_graphs = True
+        config.validator.enable = False
+        config.metrics.log_freq = 1
+        return config
+
+    def llama3_debugmodel_cpu():
+        """torchtitan's Llama 3 debug model (6 layers, d=256, vocab 2048), on CPU."""
+        from torchtitan.models.llama3.config_registry import llama3_debugmodel
+
+        return _cpu(llama3_debugmodel(), "llama3")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m torchtitan.train`` on CPU: patch, then run torchtitan's own main()."""
+    patch_torchtitan_for_cpu()
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from torchtitan.train import main as torchtitan_main
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    torchtitan_main()
+
+
+if __name__ == "__main__":
+    main()
