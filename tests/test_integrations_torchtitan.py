@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -360,7 +361,8 @@ def test_torchtitans_lr_scheduler_scales_every_group_of_every_part():
 # ------------------------------------------------------------------ torchtitan's trainer
 
 
-def _torchrun(world: int, folder: Path, *args: str, metrics: Path | None = None) -> None:
+def _torchrun(world: int, folder: Path, *args: str, metrics: Path | None = None,
+              config: str = "llama3_debugmodel_cpu") -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"),
                                           os.environ.get("PYTHONPATH", "")])}  # fmt: skip
@@ -368,7 +370,7 @@ def _torchrun(world: int, folder: Path, *args: str, metrics: Path | None = None)
         env["NORMUON_TT_METRICS"] = str(metrics)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node", str(world), str(LAUNCHER), "--module", "torchtitan_cpu",
-           "--config", "llama3_debugmodel_cpu", "--dump_folder", str(folder), *args]  # fmt: skip
+           "--config", config, "--dump_folder", str(folder), *args]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -387,8 +389,9 @@ def _checkpoint(path: Path) -> dict:
     flat FQN-keyed state under "optimizer"), DTensors as whole tensors."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    dcp_to_torch_save(path, path.with_suffix(".pt"))
-    return torch.load(path.with_suffix(".pt"), weights_only=False)
+    with tempfile.TemporaryDirectory() as tmp:  # not beside a seed other workers read
+        dcp_to_torch_save(path, Path(tmp) / "checkpoint.pt")
+        return torch.load(Path(tmp) / "checkpoint.pt", weights_only=False)
 
 
 def _start_from(seed: Path, folder: Path, step: str = "step-0") -> Path:
@@ -399,6 +402,20 @@ def _start_from(seed: Path, folder: Path, step: str = "step-0") -> Path:
     return folder
 
 
+def _shared_seed(tmp_path_factory, config: str) -> Path:
+    """torchtitan's seed checkpoint of ``config`` (one process), made once for all xdist
+    workers (their base folders share the parent used here); returns its checkpoint folder."""
+    shared = tmp_path_factory.getbasetemp().parent / f"torchtitan-seed-{config}"
+    with open(f"{shared}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "checkpoint" / "step-0").exists():
+            shutil.rmtree(shared, ignore_errors=True)
+            _torchrun(1, shared, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint",
+                      "--override.imports", OVERRIDE, config=config)  # fmt: skip
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return shared / "checkpoint"
+
+
 @pytest.fixture(scope="module")
 def seed_run(tmp_path_factory):
     """torchtitan's seed checkpoint (one process), and NorMuon outside torchtitan trained from
@@ -407,15 +424,7 @@ def seed_run(tmp_path_factory):
     from normuon.harness.data import get_batch, load_data
 
     root = tmp_path_factory.mktemp("torchtitan")
-    # Made once for all xdist workers: their base folders share this parent.
-    shared = tmp_path_factory.getbasetemp().parent
-    with open(shared / "torchtitan-seed.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (shared / "torchtitan-seed" / "checkpoint" / "step-0").exists():
-            _torchrun(1, shared / "torchtitan-seed", "--checkpoint.enable",
-                      "--checkpoint.create_seed_checkpoint", "--override.imports", OVERRIDE)
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    seed = shared / "torchtitan-seed" / "checkpoint"
+    seed = _shared_seed(tmp_path_factory, "llama3_debugmodel_cpu")
     model = _debug_model()
     names = set(model.state_dict())
     model.load_state_dict({k: v for k, v in _checkpoint(seed / "step-0").items() if k in names})
@@ -512,3 +521,67 @@ def test_tensor_parallel_and_fsdp_x_tp_equal_normuon_outside_torchtitan(seed_run
     assert _losses(root / f"{name}.jsonl") == pytest.approx(seed_run["losses"], rel=1e-5)
     final = _checkpoint(run / "checkpoint" / f"step-{STEPS}")
     _assert_weights_match(final, seed_run["weights"], seed_run["initial"])
+
+
+def _replay_last_step(before: dict, after: dict, fqn: str) -> torch.Tensor:
+    """The weight ``fqn`` of checkpoint ``after`` recomputed by a one-process NorMuon from
+    checkpoint ``before`` (weight, momentum, second moment and the group's options, lr included)
+    and the gradient the two momenta imply: M' = beta M + (1 - beta) G."""
+    prefix = f"param_groups.{fqn}."
+    options = {k[len(prefix):]: v for k, v in before["optimizer"].items()
+               if k.startswith(prefix) and "." not in k[len(prefix):]}  # fmt: skip
+    param = nn.Parameter(before[fqn].clone())
+    optimizer = NorMuon([{"params": [param], **options}])
+    optimizer.init_state()
+    for key in ("momentum_buffer", "neuron_second_moment"):
+        optimizer.state[param][key].copy_(before["optimizer"][f"state.{fqn}.{key}"])
+    beta = options["momentum"]
+    momentum, new = (c["optimizer"][f"state.{fqn}.momentum_buffer"] for c in (before, after))
+    param.grad = (new - beta * momentum) / (1 - beta)
+    optimizer.step()
+    return param.detach()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_expert_parallel_moe_equals_one_process(tmp_path_factory, tmp_path):
+    """torchtitan's expert parallelism (DeepSeek-V3 debug model cut to a dense and an MoE layer,
+    EP 2 borrowed from FSDP 2: each rank holds 4 of the 8 experts of each (E, F, D) stack and
+    NorMuon orthogonalizes them where they live), against the same model trained by torchtitan
+    in one process from the same seed weights; the router (AdamW) and the expert-bias load
+    balancing (the container's step pre-hook) run in both.
+
+    torchtitan computes the experts with bf16 grouped GEMMs whose rounding depends on the token
+    layout, which EP changes, so the experts' gradients differ at bf16 precision (their momenta
+    by ~1e-3) and NorMuon amplifies that in their updates. The experts' last step is therefore
+    checked on the EP run's own gradients: recomputed by a one-process NorMuon from the
+    checkpoints before and after it, it gives the same weights. Everything else equals the
+    one-process run to float32 rounding."""
+    config = "deepseek_v3_debugmodel_cpu"
+    seed = _shared_seed(tmp_path_factory, config)
+    args = ("--checkpoint.enable", "--checkpoint.interval", "1", "--training.steps", "3",
+            "--override.imports", OVERRIDE)  # fmt: skip
+    one = _start_from(seed, tmp_path / "one")
+    _torchrun(1, one, *args, metrics=tmp_path / "one.jsonl", config=config)
+    ep = _start_from(seed, tmp_path / "ep")
+    _torchrun(2, ep, *args, "--parallelism.expert_parallel_degree", "2",
+              "--training.local_batch_size", "2", metrics=tmp_path / "ep.jsonl", config=config)
+    assert _losses(tmp_path / "ep.jsonl") == pytest.approx(_losses(tmp_path / "one.jsonl"),
+                                                           rel=1e-4)  # fmt: skip
+    initial = _checkpoint(seed / "step-0")
+    expected = _checkpoint(one / "checkpoint" / "step-3")
+    got, before = (_checkpoint(ep / "checkpoint" / f"step-{s}") for s in (3, 2))
+    experts = [f"layers.1.moe.routed_experts.inner_experts.{w}" for w in
+               ("w1_EFD", "w2_EDF", "w3_EFD")]  # fmt: skip
+    weights = {k: v for k, v in expected.items() if k in initial and k not in experts
+               and isinstance(v, torch.Tensor) and v.is_floating_point()}  # fmt: skip
+    assert "layers.1.moe.router.gate.weight" in weights and "lm_head.weight" in weights
+    _assert_weights_match(got, weights, initial)
+    for fqn in experts:
+        assert got[fqn].shape == (8, 256, 256)
+        replayed = _replay_last_step(before, got, fqn)
+        change = (got[fqn] - before[fqn]).norm()
+        assert change > 0 and (replayed - got[fqn]).norm() <= 1e-4 * change, fqn
+    state = got["optimizer"]
+    assert state[f"state.{experts[0]}.neuron_second_moment"].shape == (8, 256)  # E x F neurons
+    assert "state.layers.1.moe.router.gate.weight.exp_avg" in state  # the router: AdamW

@@ -202,9 +202,10 @@ def _record_metrics() -> None:
 # ----------------------------------------------------------------------------- configs
 
 
-def debug_model_spec(model: str = "llama3"):
+def debug_model_spec(model: str = "llama3", n_layers: int | None = None):
     """torchtitan's debug model of ``model`` with causal SDPA in place of FlexAttention (no
-    CPU backward), the same with or without the patches (the tests build it in-process)."""
+    CPU backward), the same with or without the patches (the tests build it in-process);
+    ``n_layers`` keeps only the first layers."""
     stub_triton_kernels()
     import importlib
 
@@ -216,6 +217,8 @@ def debug_model_spec(model: str = "llama3"):
             parent[attr] = ScaledDotProductAttention.Config()
         else:
             setattr(parent, attr, ScaledDotProductAttention.Config())
+    if n_layers is not None:
+        spec.model.layers = spec.model.layers[:n_layers]
     return spec
 
 
@@ -284,10 +287,10 @@ if _HAVE_TORCHTITAN:
             if state_dict:
                 self.batches = int(state_dict["batches"])
 
-    def _cpu(config, model: str):
+    def _cpu(config, model: str, n_layers: int | None = None):
         """A debug config made runnable on CPU: SDPA attention, float32 everywhere, the
         local tokenizer and data, the partial_dtensor SPMD backend, no validation."""
-        config.model_spec = debug_model_spec(model)
+        config.model_spec = debug_model_spec(model, n_layers)
         config.tokenizer = ByteTokenizer.Config()
         config.dataloader = ShakespeareLoader.Config()
         config.hf_assets_path = "."
@@ -305,6 +308,13 @@ if _HAVE_TORCHTITAN:
         from torchtitan.models.llama3.config_registry import llama3_debugmodel
 
         return _cpu(llama3_debugmodel(), "llama3")
+
+    def deepseek_v3_debugmodel_cpu():
+        """torchtitan's DeepSeek-V3 debug model cut to its first 2 layers (a dense one, then MoE:
+        8 routed experts as (E, F, D) stacks, a router, shared experts), on CPU."""
+        from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_debugmodel
+
+        return _cpu(deepseek_v3_debugmodel(), "deepseek_v3", n_layers=2)
 
 
 def main(argv: list[str] | None = None) -> None:
