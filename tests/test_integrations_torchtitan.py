@@ -421,7 +421,7 @@ def seed_run(tmp_path_factory):
     """torchtitan's seed checkpoint (one process), and NorMuon outside torchtitan trained from
     it: the same model class and weights, plain torch forward and cross-entropy, NorMuon over
     normuon.param_groups, torchtitan's LR function, gradient clipping at 1."""
-    from normuon.harness.data import get_batch, load_data
+    from normuon.harness.data import load_data
 
     root = tmp_path_factory.mktemp("torchtitan")
     seed = _shared_seed(tmp_path_factory, "llama3_debugmodel_cpu")
@@ -436,7 +436,8 @@ def seed_run(tmp_path_factory):
         optimizers=[optimizer], training_steps=STEPS)  # fmt: skip
     tokens, losses = load_data().train, []
     for step in range(STEPS):
-        inputs, labels = get_batch(tokens, GLOBAL_BATCH, SEQ_LEN, seed=0, step=step)
+        inputs, labels = torchtitan_cpu.corpus_rows(tokens, step * GLOBAL_BATCH, GLOBAL_BATCH,
+                                                    SEQ_LEN, seed=0)  # fmt: skip
         logits = model(inputs)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                            reduction="sum") / labels.numel()  # fmt: skip
@@ -450,8 +451,10 @@ def seed_run(tmp_path_factory):
             "losses": losses}  # fmt: skip
 
 
-def _losses(path: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+def _losses(path: Path, rank: int = 0) -> list[float]:
+    """The losses rank ``rank`` logged, by step (pipeline parallelism: a last-stage rank)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r["loss"] for r in sorted(rows, key=lambda r: r["step"]) if r["rank"] == rank]
 
 
 def _assert_weights_match(weights: dict, expected: dict, initial: dict, tol: float = 2e-3) -> None:
@@ -503,22 +506,31 @@ def test_fsdp2_equals_normuon_outside_torchtitan_and_resumes_at_another_world_si
     assert state["param_groups.layers.0.feed_forward.w1.weight.fused"] is True
 
 
+_LAYOUTS = {
+    "tp2": (2, ("--parallelism.tensor_parallel_degree", "2"), 0),
+    "fsdp2xtp2": (4, ("--parallelism.tensor_parallel_degree", "2",
+                      "--parallelism.data_parallel_shard_degree", "2"), 0),
+    # Interleaved 1F1B: 4 stages, 2 model parts (2 optimizers) per rank, 4 microbatches; the
+    # last stage, which logs the loss, is on rank 1.
+    "pp2": (2, ("--parallelism.pipeline_parallel_degree", "2"), 1),
+}  # fmt: skip
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("world,layout", [(2, ("--parallelism.tensor_parallel_degree", "2")),
-                                          (4, ("--parallelism.tensor_parallel_degree", "2",
-                                               "--parallelism.data_parallel_shard_degree", "2"))],
-                         ids=["tp2", "fsdp2xtp2"])  # fmt: skip
-def test_tensor_parallel_and_fsdp_x_tp_equal_normuon_outside_torchtitan(seed_run, world, layout):
-    """Tensor parallel 2 (Colwise/Rowwise shards of every Linear) and FSDP 2 x TP 2 on a 2-D
-    mesh: the same losses and weights as NorMuon outside torchtitan."""
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+def test_tp_fsdp_x_tp_and_pipeline_parallel_equal_normuon_outside_torchtitan(seed_run, layout):
+    """Tensor parallel 2 (Colwise/Rowwise shards of every Linear), FSDP 2 x TP 2 on a 2-D mesh
+    and pipeline parallel 2 (one NorMuon per model part): the same losses and weights as NorMuon
+    outside torchtitan."""
+    world, args, loss_rank = _LAYOUTS[layout]
     root = seed_run["root"]
-    name = "-".join(layout[1::2]) + f"-{world}"
-    run = _start_from(seed_run["seed"], root / name)
-    dp = 2 if world == 4 else 1
-    _torchrun(world, run, *COMMON, *layout, "--training.local_batch_size", str(GLOBAL_BATCH // dp),
-              metrics=root / f"{name}.jsonl")  # fmt: skip
-    assert _losses(root / f"{name}.jsonl") == pytest.approx(seed_run["losses"], rel=1e-5)
+    run = _start_from(seed_run["seed"], root / layout)
+    dp = 2 if layout == "fsdp2xtp2" else 1
+    _torchrun(world, run, *COMMON, *args, "--training.local_batch_size", str(GLOBAL_BATCH // dp),
+              metrics=root / f"{layout}.jsonl")  # fmt: skip
+    losses = _losses(root / f"{layout}.jsonl", rank=loss_rank)
+    assert losses == pytest.approx(seed_run["losses"], rel=1e-5)
     final = _checkpoint(run / "checkpoint" / f"step-{STEPS}")
     _assert_weights_match(final, seed_run["weights"], seed_run["initial"])
 

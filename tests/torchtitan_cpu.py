@@ -1,6 +1,6 @@
 """Run torchtitan 0.3.0's own trainer on CPU with gloo, changing nothing inside torchtitan.
 
-torchtitan targets accelerators; on a CPU-only machine with torch 2.13 it stops at five places.
+torchtitan targets accelerators; on a CPU-only machine with torch 2.13 it stops at six places.
 This launcher patches them from outside, before ``torchtitan.train.main()`` runs:
 
 1. the device type defaults to CUDA when no accelerator is found (``torchtitan.tools.utils``
@@ -14,13 +14,16 @@ This launcher patches them from outside, before ``torchtitan.train.main()`` runs
 4. gloo rejects ``PREMUL_SUM``, which FSDP2 uses for the ``gradient_divide_factor=1.0``
    torchtitan sets: on CPU the reduce-scatter sums instead, the same numbers (a factor of 1);
 5. FlexAttention is compiled and has no CPU backward: the CPU configs below use SDPA (causal),
-   which torchtitan's decoder takes without masks.
+   which torchtitan's decoder takes without masks;
+6. torchtitan calls pipeline schedules with inputs already split into microbatches
+   (``step(arg_mbs=..., kwarg_mbs=...)``), an API torch 2.13's schedules lack: such calls are
+   routed to the schedules' ``_step_microbatches``.
 
 It also provides what the debug configs read from a torchtitan checkout and the network (a
 tokenizer folder and the ``c4_test`` dataset through Hugging Face ``datasets``): a byte
-tokenizer and a data loader over normuon's embedded Shakespeare corpus whose global batch of
-step ``s`` is the same at every data-parallel world size (rank ``r`` takes rows
-``[r * local, (r + 1) * local)``), so runs at world sizes 1 and 2 see the same data.
+tokenizer and a data loader over normuon's embedded Shakespeare corpus whose training step ``s``
+reads the same rows of one stream (:func:`corpus_rows`) at every data-parallel world size and
+pipeline microbatching, so runs of any layout see the same data.
 
 Use it in place of ``-m torchtitan.train``::
 
@@ -28,8 +31,8 @@ Use it in place of ``-m torchtitan.train``::
         --module torchtitan_cpu --config llama3_debugmodel_cpu \
         --override.imports normuon.integrations.torchtitan.normuon
 
-``NORMUON_TT_METRICS=FILE`` appends one JSON line per logged step (step, loss, grad_norm, lr
-of every group) on rank 0, for tests and plots.
+``NORMUON_TT_METRICS=FILE`` appends one JSON line per logged step and rank that sees the loss
+(step, rank, loss, grad_norm, lr of every group), for tests and plots.
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ def _stub_missing_datasets() -> None:
 
 
 def patch_torchtitan_for_cpu() -> None:
-    """Apply the five patches above (idempotent); call before torchtitan is imported."""
+    """Apply the six patches above (idempotent); call before torchtitan is imported."""
     if getattr(torch, _PATCHED, False):
         return
     if "torchtitan.tools.utils" in sys.modules:
@@ -170,12 +173,46 @@ def patch_torchtitan_for_cpu() -> None:
         return barrier(group=group, async_op=async_op)
 
     dist.barrier = _barrier
+    _pipeline_steps_per_microbatch()
     _record_metrics()
     setattr(torch, _PATCHED, True)
 
 
+def _pipeline_steps_per_microbatch() -> None:
+    """torchtitan 0.3.0 calls ``schedule.step(arg_mbs=..., kwarg_mbs=..., target_mbs=...)`` with
+    inputs already split into microbatches (a newer torch API); torch 2.13's ``step`` takes the
+    whole batch and splits it itself. Route per-microbatch calls to ``_step_microbatches``, with
+    the preamble and the merge of torch 2.13's own ``step``."""
+    from torch.distributed.pipelining import schedules
+
+    for cls in (schedules.PipelineScheduleSingle, schedules.PipelineScheduleMulti):
+        if "arg_mbs" in cls.step.__code__.co_varnames:
+            continue  # a torch that has the per-microbatch API
+
+        def step(self, *args, arg_mbs=None, kwarg_mbs=None, target_mbs=None, losses=None,
+                 return_outputs=True, loss_kwargs=None, _whole_batch=cls.step,
+                 **kwargs):  # fmt: skip
+            if arg_mbs is None and kwarg_mbs is None and target_mbs is None:
+                return _whole_batch(self, *args, losses=losses, return_outputs=return_outputs,
+                                    loss_kwargs=loss_kwargs, **kwargs)  # fmt: skip
+            stages = getattr(self, "_stages", None) or [self._stage]
+            for stage in stages:
+                stage.has_backward = self._has_backward
+                stage.clear_runtime_states()
+            self._step_microbatches(arg_mbs, kwarg_mbs, target_mbs, losses, return_outputs,
+                                    loss_kwargs=loss_kwargs)  # fmt: skip
+            for stage in stages:
+                if stage.is_last and return_outputs:
+                    return self._merge_outputs(stage.output_chunks)
+            return None
+
+        cls.step = step
+
+
 def _record_metrics() -> None:
-    """NORMUON_TT_METRICS=FILE: one JSON line per logged step, written by rank 0."""
+    """NORMUON_TT_METRICS=FILE: one JSON line per logged step and rank that sees the loss
+    (pipeline parallelism: only the ranks holding the last stage; torchtitan logs -1 elsewhere),
+    with the lr of every group."""
     path = os.environ.get("NORMUON_TT_METRICS")
     if not path:
         return
@@ -185,15 +222,12 @@ def _record_metrics() -> None:
 
     def logged(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if rank == 0:
-            lrs = [
-                float(g["lr"])
-                for opt in self.optimizers
-                for g in opt.param_groups
-            ]
-            with open(path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": float(global_avg_loss),
-                                    "grad_norm": float(grad_norm), "lrs": lrs}) + "\n")
+        if float(global_avg_loss) != -1.0:
+            lrs = [float(g["lr"]) for opt in self.optimizers for g in opt.param_groups]
+            line = json.dumps({"step": step, "rank": rank, "loss": float(global_avg_loss),
+                               "grad_norm": float(grad_norm), "lrs": lrs})  # fmt: skip
+            with open(path, "a") as f:  # one short append per line: whole lines, any order
+                f.write(line + "\n")
         return log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
 
     MetricsProcessor.log = logged
@@ -222,6 +256,19 @@ def debug_model_spec(model: str = "llama3", n_layers: int | None = None):
     return spec
 
 
+def corpus_rows(tokens: torch.Tensor, first: int, count: int, seq_len: int, seed: int):
+    """Rows ``first .. first + count - 1`` of the training stream: row ``j`` is the window of
+    ``seq_len + 1`` tokens at a start drawn from a generator seeded by (seed, j) alone, split into
+    (inputs, next-token labels), each (count, seq_len) int64."""
+    starts = [
+        int(torch.randint(0, tokens.numel() - seq_len - 1, (1,),
+                          generator=torch.Generator().manual_seed(seed * 1_000_003 + j)))
+        for j in range(first, first + count)
+    ]  # fmt: skip
+    windows = torch.stack([tokens[s : s + seq_len + 1] for s in starts])
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
 # The trainer's configs, defined in the patched process only: torchtitan's ConfigManager imports
 # this file as the module ``torchtitan_cpu`` (``--module torchtitan_cpu``) after main() patched.
 _HAVE_TORCHTITAN = bool(getattr(torch, _PATCHED, False))
@@ -230,7 +277,7 @@ if _HAVE_TORCHTITAN:
     from torchtitan.components.dataloader import BaseDataLoader
     from torchtitan.components.tokenizer import BaseTokenizer
 
-    from normuon.harness.data import get_batch, load_data
+    from normuon.harness.data import load_data
 
     class ByteTokenizer(BaseTokenizer):
         """UTF-8 bytes as tokens (ids 0-255; the debug model's vocabulary has 2048)."""
@@ -253,8 +300,10 @@ if _HAVE_TORCHTITAN:
             return 256
 
     class ShakespeareLoader(BaseDataLoader):
-        """Random windows of the embedded corpus; the global batch of a step depends on
-        (seed, step) only, and each data-parallel rank takes its rows of it."""
+        """Windows of the embedded corpus as one stream of rows shared by all ranks
+        (:func:`corpus_rows`): each call takes the next ``local_batch_size`` rows of this
+        data-parallel rank, so a training step (one call, or one per pipeline microbatch) reads
+        a contiguous block of the stream whatever the world size, microbatching or resumption."""
 
         @dataclass(kw_only=True, slots=True)
         class Config(BaseDataLoader.Config):
@@ -265,27 +314,24 @@ if _HAVE_TORCHTITAN:
             self.tokens = load_data().train
             self.seed = config.seed
             self.dp_world_size, self.dp_rank = dp_world_size, dp_rank
-            self.seq_len, self.local_batch_size = seq_len, local_batch_size
-            self.batches = 0
+            self.seq_len, self.rows = seq_len, local_batch_size
+            self.next_row = 0  # rows of the stream consumed by all ranks together
 
         def __iter__(self):
             while True:
-                inputs, labels = get_batch(
-                    self.tokens, self.local_batch_size * self.dp_world_size, self.seq_len,
-                    self.seed, self.batches,
-                )  # fmt: skip
-                rows = slice(self.dp_rank * self.local_batch_size,
-                             (self.dp_rank + 1) * self.local_batch_size)  # fmt: skip
-                self.batches += 1
-                yield {"input": inputs[rows]}, labels[rows]
+                first = self.next_row + self.dp_rank * self.rows
+                self.next_row += self.dp_world_size * self.rows
+                inputs, labels = corpus_rows(self.tokens, first, self.rows, self.seq_len,
+                                             self.seed)  # fmt: skip
+                yield {"input": inputs}, labels
 
         # The same on every rank and at every world size, so a checkpoint resumes anywhere.
         def state_dict(self) -> dict:
-            return {"batches": self.batches}
+            return {"next_row": self.next_row}
 
         def load_state_dict(self, state_dict: dict) -> None:
             if state_dict:
-                self.batches = int(state_dict["batches"])
+                self.next_row = int(state_dict["next_row"])
 
     def _cpu(config, model: str, n_layers: int | None = None):
         """A debug config made runnable on CPU: SDPA attention, float32 everywhere, the
