@@ -117,6 +117,18 @@ def test_override_from_the_command_line_keeps_the_adamw_baseline():
     assert muon.algorithm == "muon" and muon.lr == 0.02 and muon.adamw_lr == 8e-4
 
 
+def test_an_override_of_a_normuon_config_keeps_its_settings():
+    """A config function already set NorMuonOptimizersContainer.Config: the override changes
+    what it is given (and the algorithm), nothing else."""
+    base = Config(lr=0.03, adamw_lr=1e-3, extra_adamw=["layers.0."], options={"ns_steps": 4})
+    config = from_config(base, "muon", weight_decay=0.1, update_scale="adam_rms")
+    assert (config.algorithm, config.lr, config.weight_decay, config.adamw_lr) == (
+        "muon", 0.03, 0.1, 1e-3)  # fmt: skip
+    assert config.extra_adamw == ["layers.0."]
+    assert config.options == {"ns_steps": 4, "update_scale": "adam_rms"}
+    assert base.options == {"ns_steps": 4}  # not shared with the new config
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [

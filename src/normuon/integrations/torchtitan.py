@@ -116,7 +116,8 @@ class NorMuonOptimizersContainer(OptimizersContainer):
         """Substrings of parameter FQNs also sent to AdamW (``param_groups(extra_adamw=)``)."""
 
         split_qkv: bool = False
-        """Orthogonalize fused QKV projections per block (``param_groups(split_qkv=)``)."""
+        """Orthogonalize fused QKV projections per block (``param_groups(split_qkv=)``);
+        refused for torchtitan's own fused ``wqkv``, whose rows interleave q, k and v."""
 
         split_gate_up: bool = False
         """Orthogonalize fused gate/up projections per half (``param_groups(split_gate_up=)``)."""
@@ -334,14 +335,21 @@ def from_config(
     Kept from ``config``: ``implementation`` (the ``fused``/``foreach`` group keys), and the
     AdamW group's ``lr``, ``betas``, ``eps`` and ``weight_decay`` as the AdamW settings of the
     embeddings, head, norms and biases (your AdamW baseline's values), unless ``kwargs`` sets
-    them. ``kwargs``: fields of the config (``lr``, ``weight_decay``, ``adamw_lr``,
-    ``extra_adamw``, ``split_qkv``, ...) and any other NorMuon/Muon option (``ns_steps``,
-    ``update_scale``, ...), which go to ``options``.
+    them; every setting when ``config`` is already a :class:`NorMuonOptimizersContainer.Config`
+    (``algorithm`` is the override's). ``kwargs``: fields of the config (``lr``,
+    ``weight_decay``, ``adamw_lr``, ``extra_adamw``, ``split_qkv``, ...) and any other
+    NorMuon/Muon option (``ns_steps``, ``update_scale``, ...), which go to ``options``.
     """
     fields = set(NorMuonOptimizersContainer.Config.__dataclass_fields__)
     own = {k: v for k, v in kwargs.items() if k in fields}
     extra = {k: v for k, v in kwargs.items() if k not in fields}
-    merged = {**_adamw_settings(config), **own}
+    if isinstance(config, NorMuonOptimizersContainer.Config):
+        # Already normuon's (a config function set it): keep its settings, change the given.
+        inherited = {f: getattr(config, f) for f in fields if not f.startswith("_")}
+        inherited["options"] = dict(config.options)
+    else:
+        inherited = _adamw_settings(config)
+    merged = {**inherited, **own}
     merged["options"] = {**merged.get("options", {}), **extra}
     merged.setdefault("implementation", config.implementation)
     merged["algorithm"] = algorithm
