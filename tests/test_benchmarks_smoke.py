@@ -171,3 +171,20 @@ def test_step_allocations_splits_off_only_scratch_of_products_given_out(common):
         lambda: (torch.bmm(b, b, out=out.bfloat16()), torch.empty(1000))
     )
     assert in_gemm == total - out.bfloat16().nbytes - 4000
+
+
+@pytest.mark.slow
+def test_torchtitan_curves_runs_three_optimizers_and_plots(tmp_path):
+    """benchmarks/torchtitan_curves.py, 2 steps per optimizer: torchtitan's AdamW and normuon's
+    Muon and NorMuon from the same seed (same first loss), a table and a PNG."""
+    pytest.importorskip("torchtitan", reason="torchtitan is not installed (scripts/install.sh "
+                        "--dev installs it)")  # fmt: skip
+    png = tmp_path / "curves.png"
+    out = run_script([str(BENCH / "torchtitan_curves.py"), "--steps", "2", "--batch", "2",
+                      "--seq-len", "32", "--png", str(png), "--out", str(tmp_path)])  # fmt: skip
+    rows = {r[0]: r for r in table_rows(out, "AdamW") + table_rows(out, "Muon")
+            + table_rows(out, "NorMuon")}  # fmt: skip
+    assert set(rows) == {"AdamW", "Muon", "NorMuon"}
+    assert len({r[1] for r in rows.values()}) == 1  # the same seed weights and first batch
+    assert png.stat().st_size > 10_000
+    assert list(tmp_path.glob("torchtitan_curves-*.md")) and list(tmp_path.glob("*.json"))

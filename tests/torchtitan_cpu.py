@@ -1,6 +1,6 @@
 """Run torchtitan 0.3.0's own trainer on CPU with gloo, changing nothing inside torchtitan.
 
-torchtitan targets accelerators; on a CPU-only machine with torch 2.13 it stops at six places.
+torchtitan targets accelerators; on a CPU-only machine with torch 2.13 it stops at seven places.
 This launcher patches them from outside, before ``torchtitan.train.main()`` runs:
 
 1. the device type defaults to CUDA when no accelerator is found (``torchtitan.tools.utils``
@@ -8,20 +8,24 @@ This launcher patches them from outside, before ``torchtitan.train.main()`` runs
    ``"cpu"``, with a device module that answers torchtitan's memory and name queries;
 2. ``torchtitan.distributed.minimal_async_ep.kernels`` imports triton at import time (through
    the model's token dispatcher): a stand-in module without triton is registered, whose
-   kernels raise if called (they only serve CUDA expert parallelism);
+   kernels raise if called (they only serve CUDA expert parallelism); likewise Hugging Face
+   ``datasets`` when it is not installed (the trainer imports its HF text loaders, which the
+   loader below replaces);
 3. torch 2.13 has no ``torch.distributed.set_timeout`` (called after the first step): a
-   no-op stands in (it only shortens collective timeouts);
+   no-op stands in (it only shortens collective timeouts); the barrier before it passes
+   ``device_ids`` (the device module's current device), which only NCCL takes: dropped;
 4. gloo rejects ``PREMUL_SUM``, which FSDP2 uses for the ``gradient_divide_factor=1.0``
    torchtitan sets: on CPU the reduce-scatter sums instead, the same numbers (a factor of 1);
 5. FlexAttention is compiled and has no CPU backward: the CPU configs below use SDPA (causal),
    which torchtitan's decoder takes without masks;
 6. torchtitan calls pipeline schedules with inputs already split into microbatches
    (``step(arg_mbs=..., kwarg_mbs=...)``), an API torch 2.13's schedules lack: such calls are
-   routed to the schedules' ``_step_microbatches``.
+   routed to the schedules' ``_step_microbatches``;
+7. the debug configs read a tokenizer folder and the ``c4_test`` dataset from a torchtitan
+   checkout (and Hugging Face ``datasets``): the CPU configs use the byte tokenizer and loader
+   below instead.
 
-It also provides what the debug configs read from a torchtitan checkout and the network (a
-tokenizer folder and the ``c4_test`` dataset through Hugging Face ``datasets``): a byte
-tokenizer and a data loader over normuon's embedded Shakespeare corpus whose training step ``s``
+The loader reads normuon's embedded Shakespeare corpus as bytes; its training step ``s``
 reads the same rows of one stream (:func:`corpus_rows`) at every data-parallel world size and
 pipeline microbatching, so runs of any layout see the same data.
 
@@ -123,7 +127,8 @@ def _stub_missing_datasets() -> None:
 
 
 def patch_torchtitan_for_cpu() -> None:
-    """Apply the six patches above (idempotent); call before torchtitan is imported."""
+    """Apply the patches 1-4 and 6 above (idempotent); call before torchtitan is imported.
+    (5 and 7 are in the CPU configs.)"""
     if getattr(torch, _PATCHED, False):
         return
     if "torchtitan.tools.utils" in sys.modules:
@@ -141,8 +146,7 @@ def patch_torchtitan_for_cpu() -> None:
     finally:
         tu._get_available_device_type, tu._get_device_module = saved
 
-    # 2. triton (and Hugging Face datasets when it is not installed: torchtitan's trainer imports
-    # its HF text loaders at import time; the loader below replaces them)
+    # 2. triton, and Hugging Face datasets when it is not installed
     stub_triton_kernels()
     _stub_missing_datasets()
 
@@ -166,7 +170,7 @@ def patch_torchtitan_for_cpu() -> None:
 
     collectives._get_gradient_divide_factors = _sum_on_cpu
 
-    # torchtitan's gloo barrier passes device_ids (a CUDA-only argument of barrier()).
+    # 3 (continued). torchtitan's barrier passes device_ids, an argument for NCCL only.
     barrier = dist.barrier
 
     def _barrier(group=None, async_op=False, device_ids=None):
