@@ -415,9 +415,12 @@ def _start_from(seed: Path, folder: Path, step: str = "step-0") -> Path:
 
 
 def _shared_seed(tmp_path_factory, config: str) -> Path:
-    """torchtitan's seed checkpoint of ``config`` (one process), made once for all xdist
-    workers (their base folders share the parent used here); returns its checkpoint folder."""
-    shared = tmp_path_factory.getbasetemp().parent / f"torchtitan-seed-{config}"
+    """torchtitan's seed checkpoint of ``config`` (one process), made once per session for all
+    its xdist workers (whose base folders share a parent); returns its checkpoint folder."""
+    session = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        session = session.parent
+    shared = session / f"torchtitan-seed-{config}"
     with open(f"{shared}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (shared / "checkpoint" / "step-0").exists():

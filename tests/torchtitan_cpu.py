@@ -41,6 +41,7 @@ Use it in place of ``-m torchtitan.train``::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -90,8 +91,8 @@ class _CpuDeviceModule(types.ModuleType):
 def stub_triton_kernels() -> None:
     """Register a stand-in for the one torchtitan module that imports triton eagerly."""
     name = "torchtitan.distributed.minimal_async_ep.kernels"
-    if name in sys.modules:
-        return
+    if name in sys.modules or importlib.util.find_spec("triton") is not None:
+        return  # already imported, or importable for real
     module = types.ModuleType(name)
 
     def _missing(attr: str):
@@ -245,11 +246,10 @@ def debug_model_spec(model: str = "llama3", n_layers: int | None = None):
     CPU backward), the same with or without the patches (the tests build it in-process);
     ``n_layers`` keeps only the first layers."""
     stub_triton_kernels()
-    import importlib
-
     from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
 
-    spec = importlib.import_module(f"torchtitan.models.{model}").model_registry("debugmodel")
+    module = importlib.import_module(f"torchtitan.models.{model}")
+    spec = module.model_registry("debugmodel")
     for _, _, parent, attr in list(spec.model.traverse(FlexAttention.Config)):
         if isinstance(parent, list):
             parent[attr] = ScaledDotProductAttention.Config()
