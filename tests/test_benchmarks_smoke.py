@@ -183,3 +183,20 @@ def test_distributed_steps_allocate_from_the_workspace(tmp_path):
     rows = table_rows(text, "fsdp2") + table_rows(text, "ddp")
     assert len(rows) == 4, text
     assert all(float(row[5]) <= 0.05 for row in rows), text
+
+
+@pytest.mark.slow
+def test_torchtitan_curves_runs_three_optimizers_and_plots(tmp_path):
+    """benchmarks/torchtitan_curves.py, 2 steps per optimizer: torchtitan's AdamW and normuon's
+    Muon and NorMuon from the same seed (same first loss), a table and a PNG."""
+    pytest.importorskip("torchtitan", reason="torchtitan is not installed (scripts/install.sh "
+                        "--dev installs it)")  # fmt: skip
+    png = tmp_path / "curves.png"
+    out = run_script([str(BENCH / "torchtitan_curves.py"), "--steps", "2", "--batch", "2",
+                      "--seq-len", "32", "--png", str(png), "--out", str(tmp_path)])  # fmt: skip
+    rows = {r[0]: r for r in table_rows(out, "AdamW") + table_rows(out, "Muon")
+            + table_rows(out, "NorMuon")}  # fmt: skip
+    assert set(rows) == {"AdamW", "Muon", "NorMuon"}
+    assert len({r[1] for r in rows.values()}) == 1  # the same seed weights and first batch
+    assert png.stat().st_size > 10_000
+    assert list(tmp_path.glob("torchtitan_curves-*.md")) and list(tmp_path.glob("*.json"))

@@ -82,6 +82,12 @@ def test_wheel_contents_and_metadata(dists):
     assert re.search(r'Requires-Dist: transformers>=[\d.]+; extra == "integrations"', meta)
     assert re.search(r'Requires-Dist: lightning>=[\d.]+; extra == "dev"', meta)
     assert "Requires-Dist: torch>=2.6\n" in meta  # torch: no upper pin, no CUDA extra
+    # The torchtitan extra never asks for torch itself (an installed CUDA torch must stay).
+    assert "Provides-Extra: torchtitan" in meta
+    assert re.search(r'Requires-Dist: torchtitan==0\.3\.0; python_version >= "3\.11" and '
+                     r'extra == "torchtitan"', meta)  # fmt: skip
+    extra = [line for line in meta.splitlines() if 'extra == "torchtitan"' in line]
+    assert not [line for line in extra if re.match(r"Requires-Dist: torch\b(?![-_])", line)]
     license_text = (ROOT / "LICENSE").read_text()
     assert license_text.startswith("MIT License") and "normuon contributors" in license_text
 

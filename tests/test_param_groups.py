@@ -905,3 +905,41 @@ def test_moe_routers_go_to_adamw_and_other_gates_stay_matrices():
     assert got["moe.router.weight"] == "adamw"
     assert got["moe.experts.0.weight"] == "matrix"
     assert got["mlp.gate.weight"] == "matrix"
+
+
+def test_router_parameters_held_by_a_child_module_go_to_adamw():
+    """torchtitan's TokenChoiceTopKRouter keeps its weight in a child Linear
+    (``moe.router.gate.weight``); a router named so beside experts may hold a child (here a
+    Sequential) likewise. The whole
+    router goes to AdamW, the stacked experts stay matrices."""
+
+    class TokenChoiceTopKRouter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(8, 4, bias=False)
+
+    class MoE(nn.Module):
+        def __init__(self, router):
+            super().__init__()
+            self.router = router
+            self.experts = nn.Parameter(torch.randn(4, 16, 8))
+
+    for router in (TokenChoiceTopKRouter(), nn.Sequential(nn.Linear(8, 4))):
+        model = nn.ModuleDict({"moe": MoE(router), "out": nn.Linear(8, 8)})
+        got = _assignment(model, param_groups(model))
+        routed = {name: alg for name, alg in got.items() if name.startswith("moe.router.")}
+        assert routed and set(routed.values()) == {"adamw"}, got
+        assert got["moe.experts"] == "matrix"
+
+
+def test_allow_no_matrix_returns_the_adamw_group_alone():
+    """A model with no hidden matrix (a pipeline stage holding only the embedding): an error by
+    default (use AdamW), the AdamW group alone with allow_no_matrix=True."""
+    stage = nn.ModuleDict({"tok_embeddings": nn.Embedding(16, 8), "norm": nn.LayerNorm(8)})
+    with pytest.raises(ValueError, match="has no hidden matrix"):
+        param_groups(stage)
+    groups = param_groups(stage, allow_no_matrix=True, adamw_lr=1e-3)
+    assert [g["algorithm"] for g in groups] == ["adamw"] and groups[0]["lr"] == 1e-3
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in stage.parameters()}
+    with pytest.raises(TypeError, match="allow_no_matrix must be True or False, got 1"):
+        param_groups(stage, allow_no_matrix=1)

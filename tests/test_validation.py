@@ -64,6 +64,50 @@ def test_common_keys_are_accepted():
     assert named.param_groups[0]["param_names"] == ["w"]
 
 
+@pytest.mark.parametrize("cls", BOTH)
+def test_fused_and_foreach_are_accepted_ignored_and_kept(cls):
+    """torch.optim's implementation switches (torchtitan's OptimizersContainer puts both into
+    every group): accepted in matrix and AdamW groups, kept, saved and loaded, and ignored:
+    the step is the same with any of their values or without them."""
+    torch.manual_seed(0)
+    w0, b0, g_w, g_b = torch.randn(6, 4), torch.randn(6), torch.randn(6, 4), torch.randn(6)
+    results = []
+    for keys in ({}, {"fused": True, "foreach": False}, {"fused": None, "foreach": True}):
+        w, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+        opt = cls([{"params": [w], **keys}, {"params": [b], "algorithm": "adamw", **keys}],
+                  ns_dtype="float32")  # fmt: skip
+        for group in opt.param_groups:
+            assert {k: group[k] for k in keys} == keys
+            assert ("fused" in group) == ("fused" in keys)  # absent stays absent
+        w.grad, b.grad = g_w.clone(), g_b.clone()
+        opt.step()
+        results.append((w.detach().clone(), b.detach().clone()))
+        saved = opt.state_dict()
+        assert {k: saved["param_groups"][0][k] for k in keys} == keys
+        opt.load_state_dict(saved)
+    for w, b in results[1:]:
+        assert torch.equal(w, results[0][0]) and torch.equal(b, results[0][1])
+
+
+@pytest.mark.parametrize("key", ["fused", "foreach"])
+@pytest.mark.parametrize("value", [1, 0, "yes", "True"])
+@pytest.mark.parametrize("algorithm", ["normuon", "adamw"])
+def test_fused_and_foreach_must_be_bool_or_none(key, value, algorithm):
+    with pytest.raises(ValueError, match=rf"^{key} must be True, False or None, got {value!r}"):
+        NorMuon([{"params": [_w(4, 4)], "algorithm": algorithm, key: value}])
+    opt = NorMuon([{"params": [_w(4, 4)], "algorithm": algorithm, key: True}])
+    saved = opt.state_dict()
+    saved["param_groups"][0][key] = value
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]: {key} must be True, False or None"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0][key] is True  # nothing loaded
+
+
+def test_fused_and_foreach_are_not_constructor_options():
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['foreach'\]"):
+        NorMuon([_w(4, 4)], foreach=True)
+
+
 # ------------------------------------------------------------------ numeric options
 
 _BAD_NUMBERS = [-1e-3, math.nan, math.inf, "0.1", None, True]

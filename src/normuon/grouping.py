@@ -222,7 +222,9 @@ def _module_kinds(model: nn.Module) -> _ModuleKinds:
         if _is_head_module(module_name, root_prefixes):
             kinds.heads.update(own)
         if _is_moe_router(module_name, module, model):
-            kinds.routers.update(own)
+            # All of the router's parameters, its children's too: torchtitan's
+            # TokenChoiceTopKRouter keeps its weight in a child Linear (``router.gate``).
+            kinds.routers.update(id(p) for p in module.parameters())
         if isinstance(module, _CONV_TYPES):
             kinds.convs.add(id(module.weight))
         if isinstance(module, _CONV_TRANSPOSE_TYPES):
@@ -351,6 +353,7 @@ def param_groups(
     transposed: TransposedSpec = (),
     split_qkv: bool = False,
     split_gate_up: bool = False,
+    allow_no_matrix: bool = False,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Parameter groups for :class:`~normuon.NorMuon` or :class:`~normuon.Muon` over a whole model.
@@ -389,6 +392,8 @@ def param_groups(
             :data:`FUSED_GATE_UP_NAMES`: a Linear, or stacked MoE experts such as Mixtral's
             ``experts.gate_up_proj`` (E, 2 ff, d)) as their two halves, as if the gate and the
             up projection were separate matrices; ``describe_groups`` shows the split.
+        allow_no_matrix: return the AdamW group alone when the model has no hidden matrix
+            (a pipeline stage holding only an embedding or the head), instead of raising.
         overrides: group options: ``lr=0.02, weight_decay=0.1`` go to the matrix groups;
             options prefixed ``adamw_`` (``adamw_lr=3e-4``, ``adamw_betas=...``) go to the AdamW
             group.
@@ -398,7 +403,8 @@ def param_groups(
     :func:`describe_groups` to see the routing.
 
     Raises:
-        ValueError: when the model has no parameter for the matrix optimizer, when a
+        ValueError: when the model has no parameter for the matrix optimizer (unless
+            ``allow_no_matrix``), when a
             ``transposed`` name matches no parameter or a non-2-D one, or when ``split_qkv`` meets
             a fused projection that is not 2 or 3 equal blocks.
         TypeError: when ``transposed`` is neither strings nor a callable.
@@ -425,6 +431,8 @@ def param_groups(
         raise TypeError(f"split_qkv must be True or False, got {split_qkv!r}")
     if not isinstance(split_gate_up, bool):
         raise TypeError(f"split_gate_up must be True or False, got {split_gate_up!r}")
+    if not isinstance(allow_no_matrix, bool):
+        raise TypeError(f"allow_no_matrix must be True or False, got {allow_no_matrix!r}")
     matrix_opts = {k: v for k, v in overrides.items() if not k.startswith("adamw_")}
     adamw_opts = {k[len("adamw_") :]: v for k, v in overrides.items() if k.startswith("adamw_")}
     for key in ("layout", "split_sizes", "params", "algorithm"):
@@ -437,7 +445,7 @@ def param_groups(
     kinds, named = _model_kinds(model, transposed, is_declared_transposed)
     matrix_groups, adamw = _route(named, kinds, extra_adamw, split_qkv, split_gate_up)
 
-    if not matrix_groups:
+    if not matrix_groups and not allow_no_matrix:
         raise ValueError(
             f"{type(model).__name__} has no hidden matrix for NorMuon/Muon (every trainable "
             f"parameter is a vector, an embedding or an output head); use torch.optim.AdamW"

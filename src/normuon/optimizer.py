@@ -29,6 +29,7 @@ from .options import (
     ADAMW_ALIAS_OPTIONS,
     ADAMW_OPTIONS,
     COMMON_KEYS,
+    IGNORED_OPTIONS,
     MUON_OPTIONS,
     NORMUON_OPTIONS,
     OPTIMIZER_OPTIONS,
@@ -49,6 +50,15 @@ _ADAMW_ALIASES = frozenset(o.name for o in ADAMW_ALIAS_OPTIONS)
 def _present_aliases(group: dict[str, Any]) -> tuple[Option, ...]:
     """The alias options an AdamW group carries (validated like its options)."""
     return tuple(o for o in ADAMW_ALIAS_OPTIONS if o.name in group)
+
+
+#: Keys any group may carry and step() never reads (``fused``, ``foreach``: see
+#: ``options.IGNORED_OPTIONS``); validated when present.
+_IGNORED_KEYS = frozenset(o.name for o in IGNORED_OPTIONS)
+
+
+def _present_ignored(group: dict[str, Any]) -> tuple[Option, ...]:
+    return tuple(o for o in IGNORED_OPTIONS if o.name in group)
 
 
 #: State of matrix groups, updated by a step through (B, m, n) views (contiguous).
@@ -217,6 +227,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         algorithm = group.setdefault("algorithm", self._matrix_algorithm)
         options = self._options_of(algorithm)
         allowed = {o.name for o in options} | (_ADAMW_ALIASES if algorithm == "adamw" else set())
+        allowed |= _IGNORED_KEYS
         unknown = sorted(set(group) - allowed - COMMON_KEYS)
         if unknown:
             raise ValueError(
@@ -229,7 +240,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(params):
             self._check_param(i, p)
         where = f"param_groups[{len(self.param_groups)}]"
-        validate_group(group, options, None)
+        validate_group(group, options + _present_ignored(group), None)
         if algorithm == "adamw":
             validate_group(group, _present_aliases(group), None)
         else:
@@ -271,7 +282,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
 
     def _group_options(self, algorithm: Any, group: dict[str, Any]) -> tuple[Option, ...]:
         """The options a group of ``algorithm`` carries, with the aliases ``group`` uses."""
-        options = self._options_of(algorithm)
+        options = self._options_of(algorithm) + _present_ignored(group)
         return options + _present_aliases(group) if algorithm == "adamw" else options
 
     def _options_of(self, algorithm: Any) -> tuple[Option, ...]:

@@ -23,6 +23,7 @@ from .geometry import LAYOUTS
 __all__ = [
     "ADAMW_ALIAS_OPTIONS",
     "ADAMW_OPTIONS",
+    "IGNORED_OPTIONS",
     "MUON_OPTIONS",
     "NORMUON_OPTIONS",
     "OPTIMIZER_OPTIONS",
@@ -327,6 +328,30 @@ def _ns_memory_budget(name: str, value: Any) -> Any:
     return value
 
 
+def _optional_boolean(name: str, value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name} must be True, False or None, got {value!r}")
+    return value
+
+
+#: Group keys any group (matrix or AdamW) may carry that change nothing: torch.optim's
+#: implementation switches. Frameworks that build torch optimizers generically put them into
+#: every group (torchtitan's OptimizersContainer adds ``fused`` and ``foreach`` from its
+#: ``implementation`` setting). normuon has one implementation, its own batched one (foreach
+#: ops for AdamW, Newton-Schulz batched over same-shaped matrices), so there is nothing to
+#: switch: a present key is validated (True, False or None), kept in the group and saved and
+#: loaded with it, and never read by ``step()``. Not constructor arguments, and not filled in
+#: when absent.
+IGNORED_OPTIONS: tuple[Option, ...] = (
+    Option("fused", None, _optional_boolean,
+           "group key accepted and ignored (True, False or None): torch.optim's fused switch; "
+           "normuon always runs its own batched step"),
+    Option("foreach", None, _optional_boolean,
+           "group key accepted and ignored (True, False or None): torch.optim's foreach switch; "
+           "normuon always runs its own batched step"),
+)  # fmt: skip
+
+
 #: Optimizer-wide options (attributes of the optimizer, not of a group).
 OPTIMIZER_OPTIONS: tuple[Option, ...] = (
     Option(
@@ -417,6 +442,8 @@ def markdown_table() -> str:
         lines.append(
             f"| `{option.name}` | yes | yes | {_format_default(option.default)} | {option.doc} |"
         )
+    for option in IGNORED_OPTIONS:
+        lines.append(f"| `{option.name}` | yes | yes | absent | {option.doc} |")
     return "\n".join(lines)
 
 

@@ -1,7 +1,9 @@
-"""Entry points for training frameworks. None of them imports its framework at import time.
+"""Entry points for training frameworks.
 
 - :mod:`normuon.integrations.huggingface`: ``optimizer_cls_and_kwargs`` for
-  ``transformers.Trainer``.
+  ``transformers.Trainer`` (does not import transformers).
+- :mod:`normuon.integrations.torchtitan`: an optimizer container and the ``normuon``/``muon``
+  overrides for torchtitan's trainer (imports torchtitan).
 - Lightning needs no adapter: build the optimizer from :func:`normuon.param_groups` in
   ``configure_optimizers`` (see ``examples/lightning_train.py``).
 """
