@@ -200,3 +200,12 @@ def test_torchtitan_curves_runs_three_optimizers_and_plots(tmp_path):
     assert len({r[1] for r in rows.values()}) == 1  # the same seed weights and first batch
     assert png.stat().st_size > 10_000
     assert list(tmp_path.glob("torchtitan_curves-*.md")) and list(tmp_path.glob("*.json"))
+
+
+def test_step_versions_times_two_trees_alternately(tmp_path):
+    """benchmarks/step_versions.py with this tree as both A and B: a table and a ratio."""
+    out = run_script([str(BENCH / "step_versions.py"), str(ROOT), str(ROOT), "--shapes", "tiny",
+                      "--reps", "1", "--steps", "1", "--out", str(tmp_path)])  # fmt: skip
+    assert re.search(r"B / A = [0-9.]+", out), out
+    assert len(table_rows(out, "A") + table_rows(out, "B")) == 2, out
+    assert list(tmp_path.glob("step_versions-tiny-*.md"))
