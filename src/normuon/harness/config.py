@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_PRESET",
     "OPTIMIZERS",
     "ABLATIONS",
+    "PARAM_COUNTS",
     "get_preset",
     "config_from_dict",
     "apply_overrides",
@@ -46,6 +47,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 #: The optimizers the harness knows, in the order tables and plots list them.
 OPTIMIZERS = ("adamw", "muon", "normuon", *ABLATIONS)
 SCHEDULES = ("wsd", "cosine", "linear", "constant")
+#: Conventions for counting a model's parameters in a tokens-per-parameter budget
+#: (:attr:`TrainConfig.param_count`).
+PARAM_COUNTS = ("all", "non_embedding")
 
 
 @dataclass
@@ -107,7 +111,20 @@ class TrainConfig:
     seq_len: int = 128
     """Tokens per sequence (context length during training)."""
     steps: int = 500
-    """Optimizer steps."""
+    """Optimizer steps. 0 when ``tokens_per_param`` gives the length instead: the resolved
+    spec then holds the derived count (a resolved config may keep it, as its own value)."""
+    tokens_per_param: float = 0.0
+    """The run's length as training tokens per parameter (> 0; 0: off, ``steps`` gives it).
+    :func:`~normuon.harness.spec.resolve_spec` turns it, once, into
+    ``steps = ceil(tokens_per_param * params / (batch_size * seq_len))`` (rounded up, so the
+    run reaches at least this ratio) with ``params`` counted as ``param_count`` says on the
+    data's vocabulary; the same run given by ``steps`` as well is an error. Chinchilla's
+    compute-optimal ratio is about 20 (docs/harness.md, "Budgets")."""
+    param_count: str = "all"
+    """Which parameters ``tokens_per_param`` counts: ``all`` (every parameter, embedding and
+    output head included: Chinchilla's convention and how the paper's model sizes are named)
+    or ``non_embedding`` (without the token embedding and the untied output head: Kaplan et
+    al.'s). The budget in ``config.json`` reports the achieved ratio in this convention."""
     grad_accum: int = 1
     """Micro-batches per step and rank (gradient accumulation); divides the per-rank batch."""
     schedule: str = "wsd"
@@ -169,11 +186,20 @@ class RunConfig:
         for name, value in (("n_layer", m.n_layer), ("n_head", m.n_head),
                             ("n_kv_head", m.n_kv_head), ("d_model", m.d_model),
                             ("batch_size", t.batch_size), ("seq_len", t.seq_len),
-                            ("steps", t.steps), ("grad_accum", t.grad_accum),
+                            ("grad_accum", t.grad_accum),
                             ("val_every", t.val_every), ("val_batches", t.val_batches),
                             ("log_every", t.log_every)):  # fmt: skip
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not _is_number(t.tokens_per_param) or not 0 <= t.tokens_per_param < math.inf:
+            raise ValueError(f"tokens_per_param must be a finite number >= 0 (0: the length is "
+                             f"train.steps), got {t.tokens_per_param!r}")  # fmt: skip
+        if t.param_count not in PARAM_COUNTS:
+            raise ValueError(f"param_count must be one of {PARAM_COUNTS}, got {t.param_count!r}")
+        low = 0 if t.tokens_per_param > 0 else 1  # 0 steps: tokens_per_param sets them
+        if not _is_int(t.steps) or t.steps < low:
+            raise ValueError(f"steps must be a positive int, got {t.steps!r}" if low else
+                             f"steps must be an int >= 0, got {t.steps!r}")  # fmt: skip
         if m.d_model % m.n_head or (m.d_model // m.n_head) % 2:
             raise ValueError(
                 f"d_model={m.d_model} must be divisible by n_head={m.n_head} into an even head "
@@ -185,7 +211,9 @@ class RunConfig:
             raise ValueError(f"seq_len={t.seq_len} exceeds the model's max_seq_len={m.max_seq_len}")
         if t.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {t.schedule!r}")
-        if not 0 <= t.warmup_steps <= t.steps:
+        if not _is_int(t.warmup_steps) or t.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {t.warmup_steps!r}")
+        if t.steps and t.warmup_steps > t.steps:  # (a derived step count is checked with it)
             raise ValueError(f"warmup_steps must be in [0, steps={t.steps}], got {t.warmup_steps}")
         if not 0.0 <= t.cooldown_frac <= 1.0:
             raise ValueError(f"cooldown_frac must be in [0, 1], got {t.cooldown_frac}")
@@ -538,8 +566,8 @@ def apply_config_file(cfg: RunConfig, path: str | Path) -> RunConfig:
 
     The file holds ``{"model": {...}, "train": {...}, "optimizers": {"adamw": {...}}}`` with any
     subset of fields. A run's ``config.json`` works too (its ``config`` entry is used), and so
-    does a comparison's or sweep's (its ``data`` and ``stretch`` entries are not settings and
-    are skipped).
+    does a comparison's or sweep's (its ``data``, ``stretch`` and ``budget`` entries are not
+    settings and are skipped).
     """
     path = Path(path)
     try:
@@ -555,7 +583,7 @@ def apply_config_file(cfg: RunConfig, path: str | Path) -> RunConfig:
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a JSON object of settings")
     for section, values in data.items():
-        if section in ("preset", "description", "data", "stretch"):
+        if section in ("preset", "description", "data", "stretch", "budget"):
             continue
         if section == "optimizers" and isinstance(values, dict):
             items = []
