@@ -301,7 +301,7 @@ def _cpu_optimizers(
 
 
 #: The size ladder of docs/results.md: (n_layer, d_model, n_head) per rung.
-LADDER_SHAPES = {"xs": (2, 16, 2), "s": (2, 32, 2), "m": (3, 64, 2)}
+LADDER_SHAPES = {"xs": (2, 16, 2), "s": (2, 32, 2), "m": (3, 64, 2), "l": (4, 96, 3)}
 #: Tuned under the fair protocol (examples/fair_comparison.py, docs/results.md) on the embedded
 #: Shakespeare corpus, per rung: {optimizer: (lr, embeddings/head AdamW lr)}. AdamW's single lr
 #: covers every parameter (its second value is unused).
@@ -309,15 +309,26 @@ LADDER_TUNED = {
     "xs": {"adamw": (0.064, 0.004), "muon": (0.02, 0.032), "normuon": (0.04, 0.032)},
     "s": {"adamw": (0.064, 0.004), "muon": (0.08, 0.016), "normuon": (0.04, 0.032)},
     "m": {"adamw": (0.032, 0.004), "muon": (0.04, 0.016), "normuon": (0.04, 0.032)},
-}
+    "l": {"adamw": (0.016, 0.004), "muon": (0.02, 0.032), "normuon": (0.02, 0.032)},
+}  # (l: tuned when it was added, docs/results.md, "The same ablation at the l rung")
+#: Chinchilla's compute-optimal tokens per parameter (about 20), the budget of the
+#: ``ladder-<size>-20tpp`` presets.
+LADDER_TOKENS_PER_PARAM = 20.0
+#: The ``-20tpp`` rungs evaluate about 16 times per run, as the 300-step rungs do every 20
+#: steps: (val_every, steps there with the byte vocabulary: docs/harness.md, "Budgets").
+LADDER_TPP_VAL_EVERY = {"xs": 20, "s": 50, "m": 220, "l": 600}
 
 
-def _ladder(size: str, description: str) -> RunConfig:
+def _ladder(size: str, description: str, tokens_per_param: float = 0.0) -> RunConfig:
     """A rung of the size ladder with its tuned learning rates (the fair-comparison recipe).
 
     Same recipe for all three optimizers: batch 16 x 64 bytes, 300 steps, 20 warmup steps then
     warmup-stable-decay with the last 50% decaying to 0, global gradient clipping at 1.0; AdamW
     decays its hidden matrices with weight decay 0.1 (Muon and NorMuon: none).
+
+    ``tokens_per_param`` > 0: the same rung and recipe with the length set in tokens per
+    parameter (the steps are resolved from it; warmup and decay fraction unchanged), evaluated
+    every :data:`LADDER_TPP_VAL_EVERY` steps and checkpointed every 1000.
     """
     n_layer, d_model, n_head = LADDER_SHAPES[size]
     tuned = LADDER_TUNED[size]
@@ -326,14 +337,21 @@ def _ladder(size: str, description: str) -> RunConfig:
         "muon": OptimizerConfig(lr=tuned["muon"][0], adamw_lr=tuned["muon"][1]),
         "normuon": OptimizerConfig(lr=tuned["normuon"][0], adamw_lr=tuned["normuon"][1]),
     }
+    train = TrainConfig(batch_size=16, seq_len=64, steps=300, warmup_steps=20,
+                        cooldown_frac=0.5, grad_clip=1.0, val_every=20, val_batches=8,
+                        log_every=20)  # fmt: skip
+    name = f"ladder-{size}"
+    if tokens_per_param:
+        every = LADDER_TPP_VAL_EVERY[size]
+        train = dataclasses.replace(train, steps=0, tokens_per_param=tokens_per_param,
+                                    val_every=every, log_every=every, checkpoint_every=1000)
+        name += f"-{tokens_per_param:g}tpp"
     return RunConfig(
-        preset=f"ladder-{size}",
+        preset=name,
         description=description,
         model=ModelConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_head, d_model=d_model,
                           max_seq_len=64),
-        train=TrainConfig(batch_size=16, seq_len=64, steps=300, warmup_steps=20,
-                          cooldown_frac=0.5, grad_clip=1.0, val_every=20, val_batches=8,
-                          log_every=20),
+        train=train,
         optimizers=optimizers,
     )  # fmt: skip
 
@@ -348,12 +366,18 @@ def _presets() -> dict[str, RunConfig]:
                           val_batches=2, log_every=5),  # fmt: skip
         optimizers=_cpu_optimizers(adamw_lr=1e-2, muon_lr=0.05, normuon_lr=0.05, aux_lr=1e-2),
     )
-    for size, params in (("xs", "14k"), ("s", "41k"), ("m", "180k")):
+    rungs = (("xs", "14k"), ("s", "41k"), ("m", "180k"), ("l", "492k"))
+    for size, params in rungs:
         presets[f"ladder-{size}"] = _ladder(
             size, f"Size ladder rung {size} ({params} params), tuned under the fair protocol."
         )
-    # The default: the fair-comparison recipe and tuned learning rates of the largest ladder
-    # rung (docs/results.md), one seed per optimizer in about a minute on 2 CPU cores.
+    tpp = LADDER_TOKENS_PER_PARAM
+    for size, params in rungs:  # the same rungs at Chinchilla's ratio (the paper's regime)
+        cfg = _ladder(size, f"Size ladder rung {size} ({params} params) trained on {tpp:g} "
+                            f"tokens per parameter (all parameters).", tpp)  # fmt: skip
+        presets[cfg.preset] = cfg
+    # The default: the fair-comparison recipe and tuned learning rates of the m rung
+    # (docs/results.md), one seed per optimizer in about a minute on 2 CPU cores.
     presets["cpu-small"] = dataclasses.replace(
         _ladder("m", "Default: byte-level GPT on Shakespeare, tuned fair recipe, ~1 min."),
         preset="cpu-small",
