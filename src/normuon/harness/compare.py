@@ -222,7 +222,6 @@ def run_compare(
         "environment": {**_environment(), "jobs": jobs, "world_size": spec.world_size},
         "target": "AdamW mean final validation loss; vs Muon: Muon's mean final validation loss",
         "stretch": list(factors),
-        "budget": spec.budget.to_json(),
         "table": format_table(rows, header=f"{spec.preset}: {spec.budget.describe()}"),
         "neuron_table": neuron_table(diag_runs) if has_diag else None,
         "rows": [dataclasses.asdict(r) for r in rows],

@@ -127,29 +127,31 @@ def steps_for_tokens_per_param(tokens_per_param: float, params: int, per_step: i
 @dataclass(frozen=True)
 class Budget:
     """How long a run trains, in steps, tokens and tokens per parameter: resolved once by
-    :func:`resolve_spec` (for every run, also one whose length is given in steps) and written
-    as ``budget`` into the comparison's and each run's ``config.json`` and into
-    ``results.json``; the comparison table's first line shows it (:meth:`describe`)."""
+    :func:`resolve_spec` (for every run, also one whose length is given in steps).
 
+    ``config.json`` (the comparison's and each run's) holds it as ``budget``
+    (:meth:`to_json`: the fields that its ``train`` section does not already hold), and the
+    comparison table's first line shows it (:meth:`describe`)."""
+
+    steps: int
+    """The run's optimizer steps: the spec's ``train.steps`` (not repeated in the JSON)."""
     param_count: str
-    """The convention of ``params``: ``all`` or ``non_embedding``
-    (:attr:`~normuon.harness.config.TrainConfig.param_count`)."""
+    """The convention of ``params``: the spec's ``train.param_count`` (not repeated in the
+    JSON), ``all`` or ``non_embedding``."""
     params: int
-    """The parameters counted in ``param_count``'s convention (one of the next two)."""
+    """The parameters counted, in ``param_count``'s convention (one of the next two)."""
     params_all: int
-    """Every parameter of the model, embedding and output head included (on the data's
-    vocabulary); the same count as a run's ``n_params``."""
+    """Every parameter of the model, token embedding and output head included, on the data's
+    vocabulary (a run's ``n_params``)."""
     params_non_embedding: int
     """The parameters without the token embedding and the (untied) output head."""
     tokens_per_step: int
     """``batch_size * seq_len`` (:func:`tokens_per_step`)."""
-    steps: int
-    """The run's optimizer steps (``train.steps`` of the spec)."""
     tokens: int
     """``steps * tokens_per_step``: the training tokens of the run."""
-    tokens_per_param: float
-    """Achieved: ``tokens / params``; at least ``train.tokens_per_param`` when that set the
-    steps (rounded up to whole steps)."""
+    achieved_tokens_per_param: float
+    """``tokens / params``: at least ``train.tokens_per_param`` when that set the steps
+    (rounded up to whole steps)."""
 
     @classmethod
     def of(cls, model: Any, train: Any, steps: int) -> Budget:
@@ -157,28 +159,31 @@ class Budget:
         counts = count_parameters(model)
         params = counts[train.param_count]
         per_step = tokens_per_step(train)
-        return cls(param_count=train.param_count, params=params, params_all=counts["all"],
-                   params_non_embedding=counts["non_embedding"], tokens_per_step=per_step,
-                   steps=steps, tokens=steps * per_step,
-                   tokens_per_param=steps * per_step / params)  # fmt: skip
+        return cls(steps=steps, param_count=train.param_count, params=params,
+                   params_all=counts["all"], params_non_embedding=counts["non_embedding"],
+                   tokens_per_step=per_step, tokens=steps * per_step,
+                   achieved_tokens_per_param=steps * per_step / params)  # fmt: skip
 
     def with_steps(self, steps: int) -> Budget:
         """The same model and batch trained ``steps`` steps (a stretched schedule)."""
         tokens = steps * self.tokens_per_step
         return dataclasses.replace(self, steps=steps, tokens=tokens,
-                                   tokens_per_param=tokens / self.params)  # fmt: skip
+                                   achieved_tokens_per_param=tokens / self.params)  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
-        """The fields as a dict (what ``config.json`` and ``results.json`` hold)."""
-        return dataclasses.asdict(self)
+        """What ``config.json`` holds as ``budget``: every field but ``steps`` and
+        ``param_count``, which are its ``train`` section's (each value written once)."""
+        out = dataclasses.asdict(self)
+        del out["steps"], out["param_count"]
+        return out
 
     def describe(self) -> str:
         """One line: ``3,520 steps x 1,024 tokens = 3,604,480 tokens; 180,224 parameters
         (all) -> 20.00 tokens/param``."""
         kind = "all" if self.param_count == "all" else "non-embedding"
         return (f"{self.steps:,} steps x {self.tokens_per_step:,} tokens = {self.tokens:,} "
-                f"tokens; {self.params:,} parameters ({kind}) -> {self.tokens_per_param:.2f} "
-                f"tokens/param")  # fmt: skip
+                f"tokens; {self.params:,} parameters ({kind}) -> "
+                f"{self.achieved_tokens_per_param:.2f} tokens/param")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -196,7 +201,8 @@ class RunSpec:
     model: ModelSpec
     """Model shape; ``vocab_size`` is the data's (256 for bytes, 50257 for GPT-2 shards)."""
     train: TrainSpec
-    """Training recipe, with ``--steps``, ``--checkpoint-every`` and ``--parallel`` applied."""
+    """Training recipe, with ``--steps``, ``--checkpoint-every`` and ``--parallel`` applied;
+    ``steps`` is the resolved count also when ``tokens_per_param`` gave the length."""
     optimizers: Mapping[str, OptimizerSpec]
     """Settings of every optimizer the preset has (read-only mapping), ``--set`` applied."""
     data: str
@@ -340,8 +346,8 @@ def _resolve_budget(cfg: RunConfig, model: dict[str, Any]) -> Budget:
             f"keep steps"
         )
     if t.warmup_steps > steps:
-        raise ValueError(f"warmup_steps={t.warmup_steps} exceeds the {steps} steps of "
-                         f"tokens_per_param={t.tokens_per_param:g}: lower it")  # fmt: skip
+        raise ValueError(f"warmup_steps={t.warmup_steps} exceeds steps={steps}, the length "
+                         f"of tokens_per_param={t.tokens_per_param:g}: lower it")  # fmt: skip
     return budget.with_steps(steps)
 
 
