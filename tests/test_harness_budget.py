@@ -11,6 +11,7 @@ import math
 import pytest
 
 from normuon.cli import _config, _parser, main
+from normuon.harness.compare import stretched
 from normuon.harness.config import LADDER_SHAPES, PRESETS, ModelConfig, get_preset
 from normuon.harness.data import load_data
 from normuon.harness.model import GPT, count_parameters
@@ -172,6 +173,10 @@ def test_the_spec_holds_the_resolved_length_once(data):
     assert (longer.train.steps, longer.train.tokens_per_param) == (5280, 0.0)
     assert longer.budget == dataclasses.replace(spec.budget, steps=5280, tokens=5280 * 1024,
                                                 achieved_tokens_per_param=30.0)  # fmt: skip
+    # A RunConfig stretched: that many times the tokens per parameter, the steps derived again.
+    cfg = stretched(_budgeted("ladder-m", 20), 1.5)
+    assert (cfg.train.steps, cfg.train.tokens_per_param) == (0, 30.0)
+    assert resolve_spec(cfg, data, optimizers=["muon"])[0].train.steps == 5280
     # A length in steps has a budget too: the default's 300 steps are 1.70 tokens/param.
     default, _ = resolve_spec(get_preset("cpu-small"), data, optimizers=["muon"])
     assert default.budget.describe() == ("300 steps x 1,024 tokens = 307,200 tokens; 180,224 "
