@@ -156,12 +156,12 @@ def test_written_config_comes_from_the_spec_in_the_old_format(tmp_path, data):
     run_compare(spec, data, out=out, progress=False, diagnostics_every=0, log=lambda *a: None)
     top = json.loads((out / "config.json").read_text())
     assert list(top) == ["data", "preset", "description", "model", "train", "optimizers",
-                         "stretch"]  # fmt: skip
+                         "stretch", "budget"]  # fmt: skip
     assert top == json.loads(json.dumps(spec.to_json()))
     run = json.loads((out / "muon-x1.5" / "seed0" / "config.json").read_text())
-    assert list(run) == ["optimizer", "seed", "data", "world_size", "config", "run_id"]
-    assert run["config"]["train"]["steps"] == 3
-    assert {k: v for k, v in run.items() if k != "run_id"} == json.loads(
+    assert list(run) == ["optimizer", "seed", "data", "world_size", "config", "budget", "run_id"]
+    assert run["config"]["train"]["steps"] == 3 and run["budget"]["tokens"] == 3 * 8 * 32
+    assert {k: v for k, v in run.items() if k not in ("run_id", "budget")} == json.loads(
         json.dumps(spec.stretched(1.5).identity("muon", 0)))  # fmt: skip
     # Both kinds of config.json can be given back as --config.
     for path in (out / "config.json", out / "muon" / "seed0" / "config.json"):

@@ -34,6 +34,16 @@ _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -67,6 +77,11 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
                    help="a fresh run into a non-empty --out first deletes the harness's files "
                         "there (config, metrics, checkpoints, results, plots)")
     p.add_argument("--steps", type=_positive_int, default=None, help="override the preset's steps")
+    p.add_argument("--tokens-per-param", type=_positive_number, default=None, metavar="R",
+                   help="set the length as R training tokens per parameter instead (steps = "
+                        "ceil(R x params / (batch_size x seq_len)); parameters counted as "
+                        "train.param_count says: all, default, or non_embedding); 20 is "
+                        "Chinchilla's ratio. Not with --steps")
     p.add_argument("--checkpoint-every", type=_non_negative_int, default=None, metavar="N",
                    help="also checkpoint every N steps (0: only at the end; SIGINT/SIGTERM "
                         "always checkpoint)")
@@ -209,9 +224,24 @@ def _config(args):
     if args.config is not None:
         apply_config_file(cfg, args.config)
     apply_overrides(cfg, args.overrides)
+    t = cfg.train
+    if args.tokens_per_param is not None:
+        steps_set = [key.strip() for key, _, value in (o.partition("=") for o in args.overrides)
+                     if key.strip() in ("steps", "train.steps") and value.strip() != "0"]
+        if args.steps is not None or steps_set:
+            given = f"--steps {args.steps}" if args.steps is not None else f"--set {steps_set[0]}"
+            raise ValueError(f"{given} and --tokens-per-param {args.tokens_per_param:g} both set "
+                             f"the run's length: give one")  # fmt: skip
+        t.tokens_per_param, t.steps = args.tokens_per_param, 0  # steps: resolved from it
     if args.steps is not None:
-        cfg.train.steps = args.steps
-        cfg.train.warmup_steps = min(cfg.train.warmup_steps, args.steps)
+        if t.tokens_per_param:
+            raise ValueError(
+                f"--steps {args.steps} and train.tokens_per_param={t.tokens_per_param:g} (preset "
+                f"{cfg.preset}, --config or --set) both set the run's length: give one (--set "
+                f"train.tokens_per_param=0 with --steps, or --tokens-per-param without it)"
+            )
+        t.steps = args.steps
+        t.warmup_steps = min(t.warmup_steps, args.steps)
     if args.checkpoint_every is not None:
         cfg.train.checkpoint_every = args.checkpoint_every
     if args.parallel is not None:
@@ -319,7 +349,7 @@ def _run(args, say) -> int:
                       dist_timeout_s=args.dist_timeout, tensorboard=args.tensorboard,
                       diagnostics_every=args.diagnostics_every)  # fmt: skip
         say(f"{r.optimizer} seed {r.seed}: {r.steps} steps, final val loss "
-            f"{r.final_val_loss:.4f}, {r.train_time_s:.1f}s")
+            f"{r.final_val_loss:.4f}, {r.train_time_s:.1f}s; budget {spec.budget.describe()}")
     say(f"total wall time {time.perf_counter() - start:.1f}s; outputs in {args.out}")
     return 0
 

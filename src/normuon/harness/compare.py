@@ -128,12 +128,17 @@ def stretched(cfg: RunSpec | RunConfig, factor: float) -> RunSpec | RunConfig:
 
     A :class:`~normuon.harness.spec.RunSpec` gives :meth:`RunSpec.stretched
     <normuon.harness.spec.RunSpec.stretched>` (``factor`` one of its stretch factors); a
-    :class:`~normuon.harness.config.RunConfig` gives a changed copy.
+    :class:`~normuon.harness.config.RunConfig` gives a changed copy (a length given in
+    tokens per parameter: that many times more tokens per parameter).
     """
     if isinstance(cfg, RunSpec):
         return cfg.stretched(factor)
     cfg = copy.deepcopy(cfg)
-    cfg.train.steps = stretched_steps(cfg.train.steps, factor)
+    if cfg.train.tokens_per_param:
+        cfg.train.tokens_per_param *= factor
+        cfg.train.steps = 0  # resolved from the longer budget
+    else:
+        cfg.train.steps = stretched_steps(cfg.train.steps, factor)
     cfg.train.warmup_steps = stretched_steps(cfg.train.warmup_steps, factor)
     return cfg
 
@@ -217,7 +222,7 @@ def run_compare(
         "environment": {**_environment(), "jobs": jobs, "world_size": spec.world_size},
         "target": "AdamW mean final validation loss; vs Muon: Muon's mean final validation loss",
         "stretch": list(factors),
-        "table": format_table(rows),
+        "table": format_table(rows, header=f"{spec.preset}: {spec.budget.describe()}"),
         "neuron_table": neuron_table(diag_runs) if has_diag else None,
         "rows": [dataclasses.asdict(r) for r in rows],
         "runs": {k: [dataclasses.asdict(r) for r in v] for k, v in results.items()},

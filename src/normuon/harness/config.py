@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_PRESET",
     "OPTIMIZERS",
     "ABLATIONS",
+    "PARAM_COUNTS",
     "get_preset",
     "config_from_dict",
     "apply_overrides",
@@ -46,6 +47,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 #: The optimizers the harness knows, in the order tables and plots list them.
 OPTIMIZERS = ("adamw", "muon", "normuon", *ABLATIONS)
 SCHEDULES = ("wsd", "cosine", "linear", "constant")
+#: Conventions for counting a model's parameters in a tokens-per-parameter budget
+#: (:attr:`TrainConfig.param_count`).
+PARAM_COUNTS = ("all", "non_embedding")
 
 
 @dataclass
@@ -107,7 +111,20 @@ class TrainConfig:
     seq_len: int = 128
     """Tokens per sequence (context length during training)."""
     steps: int = 500
-    """Optimizer steps."""
+    """Optimizer steps. 0 when ``tokens_per_param`` gives the length instead: the resolved
+    spec then holds the derived count (a resolved config may keep it, as its own value)."""
+    tokens_per_param: float = 0.0
+    """The run's length as training tokens per parameter (> 0; 0: off, ``steps`` gives it).
+    :func:`~normuon.harness.spec.resolve_spec` turns it, once, into
+    ``steps = ceil(tokens_per_param * params / (batch_size * seq_len))`` (rounded up, so the
+    run reaches at least this ratio) with ``params`` counted as ``param_count`` says on the
+    data's vocabulary; the same run given by ``steps`` as well is an error. Chinchilla's
+    compute-optimal ratio is about 20 (docs/harness.md, "Budgets")."""
+    param_count: str = "all"
+    """Which parameters ``tokens_per_param`` counts: ``all`` (every parameter, embedding and
+    output head included: Chinchilla's convention and how the paper's model sizes are named)
+    or ``non_embedding`` (without the token embedding and the untied output head: Kaplan et
+    al.'s). The budget in ``config.json`` reports the achieved ratio in this convention."""
     grad_accum: int = 1
     """Micro-batches per step and rank (gradient accumulation); divides the per-rank batch."""
     schedule: str = "wsd"
@@ -169,11 +186,20 @@ class RunConfig:
         for name, value in (("n_layer", m.n_layer), ("n_head", m.n_head),
                             ("n_kv_head", m.n_kv_head), ("d_model", m.d_model),
                             ("batch_size", t.batch_size), ("seq_len", t.seq_len),
-                            ("steps", t.steps), ("grad_accum", t.grad_accum),
+                            ("grad_accum", t.grad_accum),
                             ("val_every", t.val_every), ("val_batches", t.val_batches),
                             ("log_every", t.log_every)):  # fmt: skip
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not _is_number(t.tokens_per_param) or not 0 <= t.tokens_per_param < math.inf:
+            raise ValueError(f"tokens_per_param must be a finite number >= 0 (0: the length is "
+                             f"train.steps), got {t.tokens_per_param!r}")  # fmt: skip
+        if t.param_count not in PARAM_COUNTS:
+            raise ValueError(f"param_count must be one of {PARAM_COUNTS}, got {t.param_count!r}")
+        low = 0 if t.tokens_per_param > 0 else 1  # 0 steps: tokens_per_param sets them
+        if not _is_int(t.steps) or t.steps < low:
+            raise ValueError(f"steps must be a positive int, got {t.steps!r}" if low else
+                             f"steps must be an int >= 0, got {t.steps!r}")  # fmt: skip
         if m.d_model % m.n_head or (m.d_model // m.n_head) % 2:
             raise ValueError(
                 f"d_model={m.d_model} must be divisible by n_head={m.n_head} into an even head "
@@ -185,7 +211,9 @@ class RunConfig:
             raise ValueError(f"seq_len={t.seq_len} exceeds the model's max_seq_len={m.max_seq_len}")
         if t.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {t.schedule!r}")
-        if not 0 <= t.warmup_steps <= t.steps:
+        if not _is_int(t.warmup_steps) or t.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {t.warmup_steps!r}")
+        if t.steps and t.warmup_steps > t.steps:  # (a derived step count is checked with it)
             raise ValueError(f"warmup_steps must be in [0, steps={t.steps}], got {t.warmup_steps}")
         if not 0.0 <= t.cooldown_frac <= 1.0:
             raise ValueError(f"cooldown_frac must be in [0, 1], got {t.cooldown_frac}")
@@ -273,7 +301,7 @@ def _cpu_optimizers(
 
 
 #: The size ladder of docs/results.md: (n_layer, d_model, n_head) per rung.
-LADDER_SHAPES = {"xs": (2, 16, 2), "s": (2, 32, 2), "m": (3, 64, 2)}
+LADDER_SHAPES = {"xs": (2, 16, 2), "s": (2, 32, 2), "m": (3, 64, 2), "l": (4, 96, 3)}
 #: Tuned under the fair protocol (examples/fair_comparison.py, docs/results.md) on the embedded
 #: Shakespeare corpus, per rung: {optimizer: (lr, embeddings/head AdamW lr)}. AdamW's single lr
 #: covers every parameter (its second value is unused).
@@ -281,15 +309,26 @@ LADDER_TUNED = {
     "xs": {"adamw": (0.064, 0.004), "muon": (0.02, 0.032), "normuon": (0.04, 0.032)},
     "s": {"adamw": (0.064, 0.004), "muon": (0.08, 0.016), "normuon": (0.04, 0.032)},
     "m": {"adamw": (0.032, 0.004), "muon": (0.04, 0.016), "normuon": (0.04, 0.032)},
-}
+    "l": {"adamw": (0.016, 0.004), "muon": (0.02, 0.032), "normuon": (0.02, 0.032)},
+}  # (l: tuned when it was added, docs/results.md, "The same ablation at the l rung")
+#: Chinchilla's compute-optimal tokens per parameter (about 20), the budget of the
+#: ``ladder-<size>-20tpp`` presets.
+LADDER_TOKENS_PER_PARAM = 20.0
+#: The ``-20tpp`` rungs evaluate about 16 times per run, as the 300-step rungs do every 20
+#: steps: (val_every, steps there with the byte vocabulary: docs/harness.md, "Budgets").
+LADDER_TPP_VAL_EVERY = {"xs": 20, "s": 50, "m": 220, "l": 600}
 
 
-def _ladder(size: str, description: str) -> RunConfig:
+def _ladder(size: str, description: str, tokens_per_param: float = 0.0) -> RunConfig:
     """A rung of the size ladder with its tuned learning rates (the fair-comparison recipe).
 
     Same recipe for all three optimizers: batch 16 x 64 bytes, 300 steps, 20 warmup steps then
     warmup-stable-decay with the last 50% decaying to 0, global gradient clipping at 1.0; AdamW
     decays its hidden matrices with weight decay 0.1 (Muon and NorMuon: none).
+
+    ``tokens_per_param`` > 0: the same rung and recipe with the length set in tokens per
+    parameter (the steps are resolved from it; warmup and decay fraction unchanged), evaluated
+    every :data:`LADDER_TPP_VAL_EVERY` steps and checkpointed every 1000.
     """
     n_layer, d_model, n_head = LADDER_SHAPES[size]
     tuned = LADDER_TUNED[size]
@@ -298,14 +337,21 @@ def _ladder(size: str, description: str) -> RunConfig:
         "muon": OptimizerConfig(lr=tuned["muon"][0], adamw_lr=tuned["muon"][1]),
         "normuon": OptimizerConfig(lr=tuned["normuon"][0], adamw_lr=tuned["normuon"][1]),
     }
+    train = TrainConfig(batch_size=16, seq_len=64, steps=300, warmup_steps=20,
+                        cooldown_frac=0.5, grad_clip=1.0, val_every=20, val_batches=8,
+                        log_every=20)  # fmt: skip
+    name = f"ladder-{size}"
+    if tokens_per_param:
+        every = LADDER_TPP_VAL_EVERY[size]
+        train = dataclasses.replace(train, steps=0, tokens_per_param=tokens_per_param,
+                                    val_every=every, log_every=every, checkpoint_every=1000)
+        name += f"-{tokens_per_param:g}tpp"
     return RunConfig(
-        preset=f"ladder-{size}",
+        preset=name,
         description=description,
         model=ModelConfig(n_layer=n_layer, n_head=n_head, n_kv_head=n_head, d_model=d_model,
                           max_seq_len=64),
-        train=TrainConfig(batch_size=16, seq_len=64, steps=300, warmup_steps=20,
-                          cooldown_frac=0.5, grad_clip=1.0, val_every=20, val_batches=8,
-                          log_every=20),
+        train=train,
         optimizers=optimizers,
     )  # fmt: skip
 
@@ -320,12 +366,18 @@ def _presets() -> dict[str, RunConfig]:
                           val_batches=2, log_every=5),  # fmt: skip
         optimizers=_cpu_optimizers(adamw_lr=1e-2, muon_lr=0.05, normuon_lr=0.05, aux_lr=1e-2),
     )
-    for size, params in (("xs", "14k"), ("s", "41k"), ("m", "180k")):
+    rungs = (("xs", "14k"), ("s", "41k"), ("m", "180k"), ("l", "492k"))
+    for size, params in rungs:
         presets[f"ladder-{size}"] = _ladder(
             size, f"Size ladder rung {size} ({params} params), tuned under the fair protocol."
         )
-    # The default: the fair-comparison recipe and tuned learning rates of the largest ladder
-    # rung (docs/results.md), one seed per optimizer in about a minute on 2 CPU cores.
+    tpp = LADDER_TOKENS_PER_PARAM
+    for size, params in rungs:  # the same rungs at Chinchilla's ratio (the paper's regime)
+        cfg = _ladder(size, f"Size ladder rung {size} ({params} params) trained on {tpp:g} "
+                            f"tokens per parameter (all parameters).", tpp)  # fmt: skip
+        presets[cfg.preset] = cfg
+    # The default: the fair-comparison recipe and tuned learning rates of the m rung
+    # (docs/results.md), one seed per optimizer in about a minute on 2 CPU cores.
     presets["cpu-small"] = dataclasses.replace(
         _ladder("m", "Default: byte-level GPT on Shakespeare, tuned fair recipe, ~1 min."),
         preset="cpu-small",
@@ -538,8 +590,8 @@ def apply_config_file(cfg: RunConfig, path: str | Path) -> RunConfig:
 
     The file holds ``{"model": {...}, "train": {...}, "optimizers": {"adamw": {...}}}`` with any
     subset of fields. A run's ``config.json`` works too (its ``config`` entry is used), and so
-    does a comparison's or sweep's (its ``data`` and ``stretch`` entries are not settings and
-    are skipped).
+    does a comparison's or sweep's (its ``data``, ``stretch`` and ``budget`` entries are not
+    settings and are skipped).
     """
     path = Path(path)
     try:
@@ -555,7 +607,7 @@ def apply_config_file(cfg: RunConfig, path: str | Path) -> RunConfig:
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a JSON object of settings")
     for section, values in data.items():
-        if section in ("preset", "description", "data", "stretch"):
+        if section in ("preset", "description", "data", "stretch", "budget"):
             continue
         if section == "optimizers" and isinstance(values, dict):
             items = []

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import ModelConfig
 
-__all__ = ["GPT"]
+__all__ = ["GPT", "count_parameters"]
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -129,3 +129,20 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """The parameters of :class:`GPT` with shape ``cfg``: ``{"all": ..., "non_embedding": ...}``
+    (the conventions of :data:`~normuon.harness.config.PARAM_COUNTS`).
+
+    ``all`` is every trainable parameter (a tensor shared by two modules counts once);
+    ``non_embedding`` leaves out the token embedding and the output head (the head only when
+    it is its own tensor; this GPT's is always untied, and it has no learned position
+    embedding: rotary tables are buffers). The model is built on the ``meta`` device, so
+    counting a 1B-parameter shape allocates nothing and the counts are the model's own.
+    """
+    with torch.device("meta"):
+        model = GPT(cfg)
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    vocab = {id(p): p.numel() for p in (model.embed.weight, model.lm_head.weight)}
+    return {"all": total, "non_embedding": total - sum(vocab.values())}

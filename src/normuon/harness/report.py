@@ -223,13 +223,15 @@ def _fmt_loss(row: OptimizerSummary) -> str:
     return f"{row.final_val_mean:.4f} ± {row.final_val_ci:.4f}"
 
 
-def format_table(rows: Sequence[OptimizerSummary]) -> str:
+def format_table(rows: Sequence[OptimizerSummary], header: str | None = None) -> str:
     """Markdown table with :data:`TABLE_COLUMNS` (and :data:`STRETCH_COLUMN` when Muon was
-    trained on stretched schedules)."""
+    trained on stretched schedules); ``header``, a line printed above it (a comparison's
+    budget: :meth:`Budget.describe <normuon.harness.spec.Budget.describe>`)."""
     names = {r.optimizer for r in rows}
     stretch = any(r.muon_max_stretch is not None for r in rows)
     columns = TABLE_COLUMNS + ((STRETCH_COLUMN,) if stretch else ())
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [header, ""] if header else []
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [
             r.optimizer,

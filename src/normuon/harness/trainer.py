@@ -156,7 +156,8 @@ class Trainer:
             self.history = [{"kind": "run", "run_id": self.run_id, "optimizer": self.name,
                              "seed": self.seed}]  # fmt: skip
         if self.dist.main:
-            write_json(self.out / "config.json", {**self.identity, "run_id": self.run_id})
+            write_json(self.out / "config.json", {**self.identity, "budget":
+                       self.spec.budget.to_json(), "run_id": self.run_id})  # fmt: skip
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
             self._open_loggers()
 
