@@ -200,3 +200,45 @@ def test_graphed_step_refuses_what_a_graph_cannot_do():
     opt.nonfinite_grads = "raise"
     with pytest.raises(ValueError, match="nonfinite_grads='raise'"):
         GraphedStep(opt, backend=EagerReplay(opt))
+
+
+def test_a_group_added_after_the_capture_steps_and_recaptures():
+    params, graphed, ref_params, ref_opt, backend = _twins(NorMuon)
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(12, 6, generator=gen)
+    extra = [torch.nn.Parameter(w.clone()) for _ in range(2)]
+    for step in range(5):
+        if step == 1:  # during the warm-up: an eager step meets a parameter without a flag
+            graphed.optimizer.add_param_group({"params": [extra[0]]})
+            ref_opt.add_param_group({"params": [extra[1]]})
+        if step == 4:  # after the capture: the graph no longer covers every group
+            graphed.optimizer.param_groups[-1]["nesterov"] = False
+            ref_opt.param_groups[-1]["nesterov"] = False
+        _grads(params, ref_params, gen)
+        if step >= 1:
+            extra[0].grad = torch.randn(12, 6, generator=gen)
+            extra[1].grad = extra[0].grad.clone()
+        graphed.step()
+        ref_opt.step()
+    for p, q in zip(params + extra[:1], ref_params + extra[1:]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert backend.captures == 2
+
+
+def test_a_parameter_absent_at_a_replay_steps_again_outside_the_graph():
+    """Has-grad flags go back to True after a replay: a later plain step() updates a
+    parameter that had no gradient at the replay."""
+    params, graphed, ref_params, ref_opt, backend = _twins(NorMuon)
+    gen = torch.Generator().manual_seed(8)
+    for step in range(4):
+        _grads(params, ref_params, gen, absent=(1,) if step == 3 else ())
+        graphed.step()
+        ref_opt.step()
+    assert backend.replays == 2
+    _grads(params, ref_params, gen)
+    before = params[1].detach().clone()
+    graphed.optimizer.step()
+    ref_opt.step()
+    assert not torch.equal(params[1], before)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)

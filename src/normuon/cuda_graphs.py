@@ -220,6 +220,9 @@ class GraphedStep:
             self._capture()
         self._feed_gradients()
         self.graph.replay()
+        # Flags back to True (the few that were not): a later step outside the graph, eager
+        # or by hand, must not skip a parameter that had no gradient at this replay.
+        self._set_has_grad([True] * len(self._has_grad_now))
 
     def _capture(self) -> None:
         # New groups or a loaded state: the same guarantees, over the current tensors.

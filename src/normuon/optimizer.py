@@ -408,10 +408,13 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         matrix_groups = [g for g in self.param_groups if g["algorithm"] != "adamw"]
         if any(_momentum_dtype(p, g) == torch.bfloat16 for g in matrix_groups for p in g["params"]):
             self._workspace.generator(device)  # created now, so the graph can register it
+        # Kept objects (a graph may read them), all True: no parameter starts masked.
         self._has_grad = {id(p): self._has_grad.get(id(p)) for p in params}
         for key, flag in self._has_grad.items():
             if flag is None or flag.device != device:
                 self._has_grad[key] = torch.ones((), dtype=torch.bool, device=device)
+            else:
+                flag.fill_(True)
         self._capture = CaptureSpec(
             device=device, values=values, generators=self._workspace.generators(),
             has_grad=[self._has_grad[id(p)] for p in params],

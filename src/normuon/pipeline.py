@@ -398,7 +398,10 @@ class StepPipeline:
         chosen = [plan for plan, _, _ in entries]
         present = None
         if capture_flags is not None:  # a captured step: which parameters have a gradient
-            present = [capture_flags[id(p)] for _, p, _ in entries]
+            # A parameter added after the capture has no flag yet: it has its gradient.
+            present = [capture_flags[id(p)] if id(p) in capture_flags
+                       else torch.ones((), dtype=torch.bool, device=g.device)
+                       for _, p, g in entries]  # fmt: skip
         check: FiniteCheck = self.guard.check([g for _, _, g in entries], self._combine(chosen),
                                               opt.host_reads, present)  # fmt: skip
         if check.keep is not None:

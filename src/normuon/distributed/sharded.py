@@ -55,7 +55,7 @@ def gather_to_owners(
         ``wire_dtype``, v the full second moment (or None).
     """
     out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for members in _by_mesh(plans).values():
+    for mesh, members in enumerate(_by_mesh(plans).values()):
         layout0 = plans[members[0]].layout
         world, rank, group = layout0.world, layout0.rank, layout0.group
         device = updates[members[0]].device
@@ -71,7 +71,8 @@ def gather_to_owners(
                         sends[plan.owner].append((local, wire))
                     if plan.owner == rank:
                         expects[src].append((layout.block_shape(src), wire))
-        received = exchange(sends, expects, group, device, buffers, "gather")
+        # One purpose per mesh: received views of every mesh are alive until the step ends.
+        received = exchange(sends, expects, group, device, buffers, f"gather{mesh}")
         cursor = [0] * world
         for k in members:
             plan = plans[k]
@@ -111,7 +112,7 @@ def scatter_from_owners(
         buffers: where the traffic lives (returned blocks are valid until the next scatter).
     """
     out: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(plans)
-    for members in _by_mesh(plans).values():
+    for mesh, members in enumerate(_by_mesh(plans).values()):
         layout0 = plans[members[0]].layout
         world, rank, group = layout0.world, layout0.rank, layout0.group
         device = next(iter(results.values()))[0].device if results else torch.device("cpu")
@@ -128,7 +129,8 @@ def scatter_from_owners(
                         sends[dst].append((results[k][j][layout.index(dst)], dtypes[j]))
                     if dst == rank:
                         expects[plan.owner].append((layout.block_shape(dst), dtypes[j]))
-        received = exchange(sends, expects, group, device, buffers, "scatter")
+        # One purpose per mesh: the returned blocks of every mesh are applied after the last.
+        received = exchange(sends, expects, group, device, buffers, f"scatter{mesh}")
         cursor = [0] * world
         for k in members:
             plan = plans[k]
