@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+from dist_workers import Experts, copy_grads, free_port, full, loss_fn, make_opt, setup, teardown  # noqa: F401 - free_port re-export
 from torch import nn
 
-from normuon import Muon, NorMuon, param_groups
+from normuon import Muon, NorMuon
 
 STEPS = 4
 WIRES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -44,39 +43,6 @@ COLLECTIVES = {
 _INPUT_KWARGS = ("input", "tensor", "input_tensor", "input_tensor_list")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup(rank: int, world: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-
-
-def teardown() -> None:
-    """A barrier and a short pause before leaving the process group (gloo's shutdown race,
-    pytorch/pytorch#56297, as tests/dist_workers.py explains)."""
-    dist.barrier()
-    time.sleep(0.2)
-    dist.destroy_process_group()
-
-
-class Experts(nn.Module):
-    """A stacked (E, m, n) expert weight: FSDP2 shards it on E, whole matrices per rank, so its
-    matrices are updated where they live and never travel."""
-
-    def __init__(self, experts: int, d: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(experts, d, d) / d**0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("eoi,bi->bo", self.weight, x) / self.weight.shape[0]
-
-
 class Net(nn.Module):
     """Matrices whose row blocks at W = 2 have awkward sizes: ``odd`` (5, 7) splits 3 / 2 rows,
     so one block of U / D holds 21 elements (42 bytes in bf16, 84 in float32: neither a multiple
@@ -95,7 +61,7 @@ class Net(nn.Module):
         self.mid = nn.Linear(12, 7, bias=False)
         self.odd = nn.Linear(7, 5, bias=False)
         self.down = nn.Linear(5, 8, bias=False)
-        self.experts = Experts(4, 8)
+        self.experts = Experts(4, 8, 8)
         self.lm_head = nn.Linear(8, 16, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, 16)
@@ -124,19 +90,9 @@ def shard(model: Net, mesh) -> Net:
     return model
 
 
-def make_opt(model: nn.Module, cls, **opts):
-    groups = param_groups(model, lr=0.02, weight_decay=0.1, adamw_lr=1e-2)
-    return cls(groups, ns_dtype=torch.float32, **opts)
-
-
 def batch(step: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1000 + step)
     return torch.randint(0, 16, (8, 16), generator=gen)
-
-
-def loss_fn(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    logits = model(tokens[:, :-1])
-    return nn.functional.cross_entropy(logits.reshape(-1, 16), tokens[:, 1:].reshape(-1))
 
 
 class Recorder:
@@ -185,23 +141,6 @@ class Recorder:
         for module, name, original in reversed(self.saved):
             setattr(module, name, original)
         self.saved.clear()
-
-
-def copy_grads(model: nn.Module, ref: nn.Module) -> None:
-    """The single process's gradients, laid out as each DTensor parameter of ``model`` is."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    for p, q in zip(model.parameters(), ref.parameters()):
-        if isinstance(p, DTensor):
-            p.grad = distribute_tensor(q.grad, p.device_mesh, p.placements, src_data_rank=None)
-        else:
-            p.grad = q.grad.clone()
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _rows(n: int, world: int) -> list[int]:

@@ -141,9 +141,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         # parameters' devices when groups are added: the CPU bf16 capability query is a
         # Python-side call that torch.compile(step, fullgraph=True) cannot trace.
         self._ns_dtype_cache: dict[tuple[str, torch.dtype], torch.dtype] = {}
-        # The capture a CUDA graph of step() was (or will be) recorded with: its has-grad flag
-        # per parameter id masks the step (see prepare_capture). None: not captured.
-        self._capture: CaptureSpec | None = None
+        # Once prepare_capture ran: a has-grad flag per parameter id that masks the step (a
+        # captured step's input). Empty: not prepared for capture.
         self._has_grad: dict[int, torch.Tensor] = {}
 
     @property
@@ -415,12 +414,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 self._has_grad[key] = torch.ones((), dtype=torch.bool, device=device)
             else:
                 flag.fill_(True)
-        self._capture = CaptureSpec(
+        return CaptureSpec(
             device=device, values=values, generators=self._workspace.generators(),
             has_grad=[self._has_grad[id(p)] for p in params],
             structure=self._capture_structure(), current_structure=self._capture_structure,
         )  # fmt: skip
-        return self._capture
 
     def _capture_structure(self) -> tuple:
         """What a capture bakes in besides hyperparameter values: the plans and options."""
@@ -554,8 +552,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             # Every replica sees the same gradients, so every rank knows which have state.
             self._stepped.update(id(p) for p in group["params"] if p.grad is not None)
-        capture_flags = self._has_grad if self._capture is not None else None
-        self._pipeline.step(plans, self._batches_cache, capture_flags)
+        self._pipeline.step(plans, self._batches_cache, self._has_grad or None)
         return loss
 
 

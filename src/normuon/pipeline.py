@@ -60,8 +60,6 @@ class MatrixHyper:
     normalize_input: bool = False
     #: NorMuon's rescale for blocks with more rows than columns only; Muon for the others
     tall_only: bool = False
-    #: which second moment the group keeps: "rows", "larger_dim" or "elements"
-    normalize: str = "rows"
 
     def rescales(self, m: int, n: int) -> bool:
         """Whether (m, n) blocks get NorMuon's per-neuron rescale (else Muon's update)."""
@@ -85,7 +83,6 @@ class MatrixHyper:
             cautious=group.get("cautious_weight_decay", False),
             normalize_input=group.get("normalize_input", False),
             tall_only=group.get("normalize_matrices", "all") == "tall",
-            normalize=group.get("normalize", "rows"),
         )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ sent by one of them, and not at all when the owner holds it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -80,10 +81,8 @@ def gather_to_owners(
                 continue
             full = []
             for j, (layout, local, wire) in enumerate(pieces[k]):
-                numel = 1
-                for size in layout.shape:
-                    numel *= size
-                whole = buffers(f"owned_{j}_{k}", wire, device, numel).view(layout.shape)
+                whole = buffers(f"owned_{j}_{k}", wire, device,
+                                math.prod(layout.shape)).view(layout.shape)  # fmt: skip
                 if local.numel():
                     whole[layout.index(rank)] = local.to(wire)  # index_put needs one dtype
                 for src in layout.senders_to(rank):
