@@ -1,4 +1,4 @@
-"""Command line: ``normuon compare | sweep | train`` (the comparison harness).
+"""Command line: ``normuon compare | sweep | tune | train`` (the comparison harness).
 
 The harness modules are imported inside the commands, so ``import normuon`` never needs tqdm
 or matplotlib. Every user error ends as one line ``normuon <command>: error: ...`` on stderr
@@ -135,6 +135,34 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                    help="train nothing: combine the sweep.json of these sweep folders into OUT")
+    u = sub.add_parser("tune", help="the fair tuning protocol: every optimizer tuned alike on "
+                                    "several seeds, retrained on fresh seeds, tested on unseen "
+                                    "text (resumable)")  # fmt: skip
+    _common(u, "runs/tune")
+    u.add_argument("--optimizers", default="adamw,muon,normuon",
+                   help="comma-separated list, as for compare (default adamw,muon,normuon)")
+    u.add_argument("--tune-seeds", type=_int_at_least(2, "an integer >= 2"), default=2,
+                   metavar="N", help="seeds 0..N-1 score every tuning point (default 2)")
+    u.add_argument("--seeds", type=_int_at_least(2, "an integer >= 2"), default=3,
+                   help="fresh seeds the tuned settings are retrained with (default 3)")
+    u.add_argument("--first-seed", type=_non_negative_int, default=100, metavar="N",
+                   help="the final seeds are N .. N+seeds-1 (default 100; must not overlap "
+                        "the tuning seeds)")
+    u.add_argument("--grid-points", type=_positive_int, default=3, metavar="K",
+                   help="values of each first x2 grid, odd (default 3)")
+    u.add_argument("--max-extend", type=_non_negative_int, default=3, metavar="K",
+                   help="x2 steps a search may take past a grid edge (default 3)")
+    u.add_argument("--no-separate-aux", action="store_true",
+                   help="skip the second table (each matrix optimizer's own embeddings/head lr)")
+    u.add_argument("--jobs", type=_positive_int, default=1,
+                   help="runs trained at once in worker processes, one thread each (default 1)")
+    u.add_argument("--resume", action="store_true",
+                   help="continue the protocol in --out from its ledger")
+    u.add_argument("--report", nargs="+", default=None, metavar="SUMMARY",
+                   help="train nothing: the size-ladder tables of these summary.json files "
+                        "(several corpora and presets)")
+    u.add_argument("--plot", default=None, metavar="FILE",
+                   help="with --report: also draw the saving-vs-parameters figure here")
     k = sub.add_parser("check", help="self-check on this device: correctness against float64, "
                                      "host syncs, compile, speed against the peers")
     k.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -311,6 +339,8 @@ def _run(args, say) -> int:
         # 0.07 s with 1 thread for the default preset (docs/results.md).
         torch.set_num_threads(1)
     progress = False if args.no_progress else None
+    if args.command == "tune" and args.report:
+        return _tune_report(args, say)
     cfg = _config(args)
     if args.list_fields:
         say(_list_fields(cfg))
@@ -320,6 +350,8 @@ def _run(args, say) -> int:
         say(summary["table"])
         _plots(say, lambda s, o: [write_sweep_plot(s, o)], summary, args.out)
         return 0
+    if args.command == "tune":
+        return _tune(args, cfg, say, progress)
     spec, data = _resolve(args, cfg)
     start = time.perf_counter()
     if args.command == "compare":
@@ -351,6 +383,50 @@ def _run(args, say) -> int:
         say(f"{r.optimizer} seed {r.seed}: {r.steps} steps, final val loss "
             f"{r.final_val_loss:.4f}, {r.train_time_s:.1f}s; budget {spec.budget.describe()}")
     say(f"total wall time {time.perf_counter() - start:.1f}s; outputs in {args.out}")
+    return 0
+
+
+def _tune(args, cfg, say, progress) -> int:
+    from .harness.tune import TuneProtocol, resolve_tune, run_tune, write_tune_plot
+
+    protocol = TuneProtocol(
+        tune_seeds=tuple(range(args.tune_seeds)),
+        final_seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
+        grid_points=args.grid_points,
+        max_extend=args.max_extend,
+        separate_aux=not args.no_separate_aux,
+    )
+    spec, final_spec, data, final_data = resolve_tune(
+        cfg, args.data, optimizers=_optimizer_list(args), protocol=protocol)
+    say(f"normuon tune: {spec.preset}, {spec.budget.describe()}")
+    start = time.perf_counter()
+    summary = run_tune(spec, final_spec, data, final_data, protocol, out=args.out,
+                       jobs=args.jobs, resume=args.resume, overwrite=args.overwrite,
+                       device=args.device, progress=progress, log=say)  # fmt: skip
+    say(summary["tables"])
+    _plots(say, lambda s, o: [write_tune_plot(s, f"{o}/tune.png")], summary, args.out)
+    say(f"total wall time {time.perf_counter() - start:.1f}s; outputs in {args.out}")
+    return 0
+
+
+def _tune_report(args, say) -> int:
+    import json
+    from pathlib import Path
+
+    from .harness.tune import ladder_report
+
+    summaries = []
+    for name in args.report:
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"--report: {path}: no such summary file")
+        try:
+            summaries.append(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            raise ValueError(f"--report: {path} is not JSON") from None
+    say(ladder_report(summaries, plot=args.plot))
+    if args.plot:
+        say(f"wrote {args.plot}")
     return 0
 
 

@@ -44,6 +44,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 HARNESS_OUTPUTS = (
     CHECKPOINT_NAME, "config.json", "metrics.jsonl", "result.json", "results.json",
     "sweep.json", "diagnostics.jsonl", "loss.png", "sweep.png", "neurons.png", "tensorboard",
+    "runs", "ledger.jsonl", "summary.json", "tune.md", "tune.png",  # normuon tune
     *OPTIMIZERS,
 )  # fmt: skip
 #: The optimizer ``compare --stretch`` trains on longer schedules (the paper's "Muon-rescale").

@@ -247,12 +247,22 @@ def _train_all(
     resume: bool,
     progress: bool | None,
     log,
-) -> dict[_Run, RunResult]:
+    diverged_ok: bool = False,
+    on_result=None,
+) -> dict[_Run, RunResult | Diverged]:
     """Every run's result: finished ones read back (``resume``), the others trained here
-    (``jobs == 1``) or in worker processes."""
+    (``jobs == 1``) or in worker processes. ``diverged_ok``: a run that diverges gives a
+    :class:`Diverged` result and the others go on (a tuning grid's high end); otherwise its
+    FloatingPointError ends them all. ``on_result(run, result)`` is called as each one is
+    done (read back or trained), before the rest finish."""
 
-    def report(run: _Run, r: RunResult) -> None:
-        label = r.optimizer if run.factor == 1.0 else f"{r.optimizer} x{run.factor:g}"
+    def report(run: _Run, r: RunResult | Diverged) -> None:
+        if on_result is not None:
+            on_result(run, r)
+        label = run.name if run.factor == 1.0 else f"{run.name} x{run.factor:g}"
+        if isinstance(r, Diverged):
+            log(f"{label:8s} seed {run.seed}: diverged ({r.message})")
+            return
         log(f"{label:8s} seed {r.seed}: final val loss {r.final_val_loss:.4f}, "
             f"{r.train_time_s:.1f}s, optimizer step {100 * r.optimizer_share:.1f}%")
 
@@ -267,16 +277,23 @@ def _train_all(
             todo.append((run, resume and (run.run_dir / CHECKPOINT_NAME).is_file()))
     if jobs == 1:
         for run, cont in todo:
-            done[run] = train_run(run.spec, run.name, data, seed=run.seed, out_dir=run.run_dir,
-                                  resume=cont, overwrite=resume and not cont,
-                                  progress=progress, **options)  # fmt: skip
+            done[run] = _worker_run(run.spec, run.name, data, run.seed, run.run_dir, cont,
+                                    resume and not cont, options, diverged_ok,
+                                    progress=progress)  # fmt: skip
             report(run, done[run])
     elif todo:
-        _train_in_workers(todo, data, options, jobs, resume, done, report)
+        _train_in_workers(todo, data, options, jobs, resume, done, report, diverged_ok)
     return done
 
 
-def _train_in_workers(todo, data, options, jobs, resume, done, report) -> None:
+@dataclass(frozen=True)
+class Diverged:
+    """The result of a run that diverged (non-finite validation loss), when that is allowed."""
+
+    message: str
+
+
+def _train_in_workers(todo, data, options, jobs, resume, done, report, diverged_ok) -> None:
     """Independent runs in worker processes, one torch thread each (CPU machines with several
     cores). Each run's timings then include the other workers' contention."""
     import concurrent.futures
@@ -295,7 +312,7 @@ def _train_in_workers(todo, data, options, jobs, resume, done, report) -> None:
                     run, cont = pending.pop(0)
                     future = pool.submit(_worker_run, run.spec, run.name, data, run.seed,
                                          str(run.run_dir), cont, resume and not cont,
-                                         options)  # fmt: skip
+                                         options, diverged_ok, threads=1)  # fmt: skip
                     running[future] = run
                 try:
                     finished, _ = concurrent.futures.wait(
@@ -366,10 +383,18 @@ def _forward_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _worker_run(spec, name, data, seed, out_dir, resume, overwrite, options) -> RunResult:
-    torch.set_num_threads(1)
-    return train_run(spec, name, data, seed=seed, out_dir=out_dir, resume=resume,
-                     overwrite=overwrite, progress=False, **options)  # fmt: skip
+def _worker_run(spec, name, data, seed, out_dir, resume, overwrite, options, diverged_ok,
+                threads=None, progress=False) -> RunResult | Diverged:
+    """One training (in this process or a worker: ``threads=1``)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return train_run(spec, name, data, seed=seed, out_dir=out_dir, resume=resume,
+                         overwrite=overwrite, progress=progress, **options)  # fmt: skip
+    except FloatingPointError as exc:
+        if not diverged_ok:
+            raise
+        return Diverged(str(exc))
 
 
 def run_sweep(

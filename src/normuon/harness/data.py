@@ -26,6 +26,7 @@ import torch
 __all__ = [
     "TokenData",
     "load_data",
+    "holdout_halves",
     "load_shakespeare",
     "read_bin_shard",
     "write_bin_shard",
@@ -173,6 +174,20 @@ def load_data(path: str | Path | None = None, val_fraction: float = 0.05) -> Tok
     text = b"\n\n".join(_read_text(p) for p in files)
     train, val = _split(_bytes_to_tokens(text), val_fraction, str(path))
     return TokenData(train, val, BYTE_VOCAB, f"{len(files)} text files in {path} (bytes)")
+
+
+def holdout_halves(data: TokenData) -> tuple[TokenData, TokenData]:
+    """(validation data, test data): the same training tokens with the held-out tokens cut in
+    two, the first half for choosing settings and the second for reporting them, so a reported
+    loss was never looked at while tuning (``normuon tune``)."""
+    n_val = data.val.numel() // 2
+    if n_val < 2 or data.val.numel() - n_val < 2:
+        raise ValueError(f"{data.source}: {data.val.numel()} held-out tokens are too few to "
+                         f"cut into a validation and a test half")  # fmt: skip
+    return (TokenData(data.train, data.val[:n_val], data.vocab_size,
+                      f"{data.source}, validation half of the held-out tokens"),
+            TokenData(data.train, data.val[n_val:], data.vocab_size,
+                      f"{data.source}, test half of the held-out tokens"))  # fmt: skip
 
 
 def _windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int):

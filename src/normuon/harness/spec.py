@@ -270,8 +270,13 @@ class RunSpec:
     def with_lr(self, optimizer: str, lr: float) -> RunSpec:
         """This spec with ``optimizer``'s (matrix) learning rate set to ``lr`` (a sweep point,
         which :func:`~normuon.harness.compare.run_sweep` has checked to be a number > 0)."""
+        return self.with_options(optimizer, lr=lr)
+
+    def with_options(self, optimizer: str, **changes: Any) -> RunSpec:
+        """This spec with fields of ``optimizer``'s settings replaced (a tuning point: its
+        ``lr`` and ``adamw_lr``, numbers > 0 that the tuner made from valid ones)."""
         table = dict(self.optimizers)
-        table[optimizer] = dataclasses.replace(table[optimizer], lr=lr)
+        table[optimizer] = dataclasses.replace(table[optimizer], **changes)
         return dataclasses.replace(self, optimizers=FrozenMap(table))
 
     def check_training(self, optimizer: str, seed: int, data: TokenData) -> None:

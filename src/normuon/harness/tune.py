@@ -1,0 +1,760 @@
+"""The fair tuning protocol as a command: ``normuon tune``.
+
+A comparison of optimizers is only as fair as the tuning behind it: tuned on one seed, a x2 grid
+can pick a setting by luck, and when Muon and NorMuon each tune the AdamW lr of their
+embeddings, head and gains, a difference between them may come from that lr rather than from
+the matrix update. The protocol here:
+
+1. **Data.** The held-out tokens (``2 * train.val_fraction`` of the corpus) are cut in two
+   (:func:`~normuon.harness.data.holdout_halves`): every tuning score is read on the first half
+   (validation), every reported number on the second (test), which tuning never saw.
+2. **Scores.** A tuning point (optimizer, lr, embeddings/head lr) is trained with every seed of
+   :attr:`TuneProtocol.tune_seeds` (at least 2) and scored by the mean of their final
+   validation losses; a seed that diverges makes the score infinite.
+3. **Searches.** Each search is a grid of ``grid_points`` values x``grid_factor`` apart around
+   the preset's value, stepped past an edge (at most ``max_extend`` times) while the best value
+   lies on it, then refined x``refine_factor`` (sqrt 2) on either side of the best
+   (:func:`search_next`).
+
+   - *AdamW*: its one lr.
+   - *Muon, NorMuon and the ablations* ("matrix optimizers"): (a) the matrix lr on the x2 grid
+     with the embeddings/head/gains lr at the baseline's (Muon's) preset value; (b) that lr on
+     a x2 grid with each optimizer at its best matrix lr: the value with the best mean score
+     over the judges (Muon and NorMuon) is **shared** by every matrix optimizer, so their
+     embeddings, head and gains train alike and a difference comes from the matrix update;
+     (c) the matrix lr refined by sqrt 2 at the shared value.
+   - *Separate* (:attr:`TuneProtocol.separate_aux`, the freedom an earlier protocol gave): each
+     matrix optimizer's own best embeddings/head lr among the values of (b), its matrix lr
+     refined there; reported as a second table to show how much that freedom moves results.
+4. **Reporting.** The tuned settings are retrained on :attr:`TuneProtocol.final_seeds` (fresh
+   seeds) and read on the test half: final loss with 95% confidence intervals, the steps each
+   optimizer needs to reach AdamW's and Muon's mean final loss (the saving, with its per-seed
+   interval), and Welch's and the paired t-test against Muon (seed k gives every optimizer the
+   same initial model and batches).
+
+Every finished training is appended to ``OUT/ledger.jsonl`` (settings, seed, split, final loss
+or divergence, validation curve, time): the ledger is the record of every tuning run and what
+``--resume`` continues from (copied into a fresh folder with its ``config.json`` it continues
+elsewhere, without the run folders). Outputs: ``summary.json`` (settings, every run, the
+analysis), ``tune.md`` (the tables) and ``tune.png``. :func:`ladder_report` reads the summaries
+of several corpora and model sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import write_json
+from .compare import Diverged, _claim_folder, _environment, _need_spec, _Run, _train_all
+from .config import OPTIMIZERS
+from .data import TokenData
+from .report import mean_ci, paired_t_test, steps_to_reach, welch_t_test
+from .spec import RunSpec
+
+__all__ = [
+    "TuneProtocol",
+    "search_next",
+    "run_tune",
+    "analyse_finals",
+    "tune_tables",
+    "write_tune_plot",
+    "ladder_report",
+    "PAPER_SAVINGS_VS_MUON",
+]
+
+#: The optimizer whose preset embeddings/head lr starts the shared search, and the reference of
+#: the tests and savings.
+BASELINE = "muon"
+#: NorMuon's saving in steps against Muon reported by the paper, by parameters: at 124M and 350M
+#: Muon needs 6% and 15% more steps to match NorMuon's final loss (1 - 1/1.06, 1 - 1/1.15), at
+#: 1.1B NorMuon needs 11.31% fewer steps than Muon to reach AdamW's final loss.
+PAPER_SAVINGS_VS_MUON = {124e6: 1 - 1 / 1.06, 350e6: 1 - 1 / 1.15, 1.1e9: 0.1131}
+
+
+def _value(x: float) -> float:
+    """A grid value rounded to 6 significant digits: the same number whichever product made it,
+    and the number its folder name shows."""
+    return float(f"{x:.6g}")
+
+
+@dataclass(frozen=True)
+class TuneProtocol:
+    """The choices of the tuning protocol (module docstring); written into ``config.json``."""
+
+    tune_seeds: tuple[int, ...] = (0, 1)
+    """Seeds every tuning point is trained with (at least 2); its score is the mean of their
+    final validation losses."""
+    final_seeds: tuple[int, ...] = (100, 101, 102)
+    """Fresh seeds (none of ``tune_seeds``) the tuned settings are retrained with and scored on
+    the test half (at least 2, for intervals and tests)."""
+    grid_points: int = 3
+    """Values of each first grid (odd: centred on the preset's value)."""
+    grid_factor: float = 2.0
+    """Ratio of neighbouring grid values."""
+    refine_factor: float = math.sqrt(2)
+    """Ratio of the refinement values to the best grid value (1 turns refinement off)."""
+    max_extend: int = 3
+    """Grid steps a search may add past an edge while its best value lies on that edge."""
+    aux_judges: tuple[str, ...] = ("muon", "normuon")
+    """Matrix optimizers whose mean score chooses the shared embeddings/head/gains lr (those of
+    them selected; every selected matrix optimizer when none is)."""
+    separate_aux: bool = True
+    """Also retrain each matrix optimizer at the embeddings/head lr it scores best with alone
+    (a second table)."""
+
+    def validate(self) -> None:
+        """ValueError naming the field and value of the first bad choice."""
+        for name in ("tune_seeds", "final_seeds"):
+            seeds = getattr(self, name)
+            if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+                raise ValueError(f"{name} must be at least 2 distinct seeds, got {list(seeds)}")
+            if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+                raise ValueError(f"{name} must be integers >= 0, got {list(seeds)}")
+        if set(self.tune_seeds) & set(self.final_seeds):
+            raise ValueError(f"final_seeds {list(self.final_seeds)} must be fresh: they share "
+                             f"{sorted(set(self.tune_seeds) & set(self.final_seeds))} with "
+                             f"tune_seeds")  # fmt: skip
+        if not (isinstance(self.grid_points, int) and self.grid_points >= 1
+                and self.grid_points % 2 == 1):  # fmt: skip
+            raise ValueError(f"grid_points must be an odd integer >= 1, got {self.grid_points!r}")
+        if not (math.isfinite(self.grid_factor) and self.grid_factor > 1):
+            raise ValueError(f"grid_factor must be a number > 1, got {self.grid_factor!r}")
+        if not (math.isfinite(self.refine_factor) and 1 <= self.refine_factor < self.grid_factor):
+            raise ValueError(f"refine_factor must be in [1, grid_factor={self.grid_factor:g}), "
+                             f"got {self.refine_factor!r}")  # fmt: skip
+        if not (isinstance(self.max_extend, int) and self.max_extend >= 0):
+            raise ValueError(f"max_extend must be an integer >= 0, got {self.max_extend!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def search_next(
+    center: float,
+    scores: dict[float, float],
+    *,
+    factor: float,
+    points: int,
+    max_extend: int,
+    refine: float,
+) -> tuple[list[float], float | None]:
+    """One step of a 1-D search: (values still to score, best value once there are none).
+
+    ``scores``: value -> score (lower is better, inf for a diverged point) of the values scored
+    so far. The search is a function of them only, so an interrupted one resumes from its
+    ledger. Ties go to the smaller value (the safer lr).
+    """
+
+    def at(k: int) -> float:
+        return _value(center * factor**k)
+
+    half = points // 2
+    grid = [at(k) for k in range(-half, half + 1)]
+    missing = [v for v in grid if v not in scores]
+    if missing:
+        return missing, None
+    lattice = {k: at(k) for k in range(-half - max_extend, half + max_extend + 1)
+               if at(k) in scores}  # fmt: skip
+    best_k = min(lattice, key=lambda k: (scores[lattice[k]], lattice[k]))
+    # A one-point grid has no edge to step past: it is refined only.
+    if points > 1 and len(lattice) - points < max_extend:
+        if best_k == max(lattice):
+            return [at(best_k + 1)], None
+        if best_k == min(lattice):
+            return [at(best_k - 1)], None
+    best = lattice[best_k]
+    if refine > 1:
+        around = [_value(best / refine), _value(best * refine)]
+        missing = [v for v in around if v not in scores]
+        if missing:
+            return missing, None
+        best = min([best, *around], key=lambda v: (scores[v], v))
+    return [], best
+
+
+# ------------------------------------------------------------------ the ledger
+
+
+@dataclass(frozen=True)
+class Point:
+    """One setting of one optimizer on one split: trained once per seed of that split."""
+
+    optimizer: str
+    lr: float
+    """The optimizer's lr (Muon, NorMuon, ablations: the matrix lr)."""
+    adamw_lr: float | None
+    """The embeddings/head/gains AdamW lr of a matrix optimizer; None for AdamW (one lr)."""
+    split: str
+    """``validation`` (tuning) or ``test`` (reporting)."""
+
+    def folder(self) -> str:
+        name = f"lr{self.lr:g}" if self.adamw_lr is None else f"lr{self.lr:g}_aux{self.adamw_lr:g}"
+        return f"{self.split}/{self.optimizer}/{name}"
+
+    def key(self, seed: int) -> str:
+        return f"{self.folder()}/seed{seed}"
+
+
+def _point_of(record: dict[str, Any]) -> Point:
+    return Point(record["optimizer"], record["lr"], record["adamw_lr"], record["split"])
+
+
+class _Ledger:
+    """``ledger.jsonl``: one JSON line per finished training, appended (and synced) as each one
+    finishes; the protocol's memory and what ``--resume`` continues from."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    point = _point_of(record)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    # A line cut by a kill: the training is simply done again.
+                    if n == len(path.read_text().splitlines()):
+                        continue
+                    raise ValueError(f"{path}: line {n} is not a ledger record") from None
+                self.records[point.key(record["seed"])] = record
+
+    def get(self, point: Point, seed: int) -> dict[str, Any] | None:
+        return self.records.get(point.key(seed))
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records[_point_of(record).key(record["seed"])] = record
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+def _record(point: Point, seed: int, phase: str, result: Any) -> dict[str, Any]:
+    base = {"optimizer": point.optimizer, "lr": point.lr, "adamw_lr": point.adamw_lr,
+            "split": point.split, "seed": seed, "phase": phase}  # fmt: skip
+    if isinstance(result, Diverged):
+        return {**base, "final_loss": None, "diverged": True, "message": result.message}
+    return {**base, "final_loss": result.final_val_loss, "diverged": False,
+            "steps": result.steps, "val_steps": result.val_steps,
+            "val_losses": result.val_losses, "train_time_s": result.train_time_s,
+            "tokens_per_s": result.tokens_per_s, "n_params": result.n_params}  # fmt: skip
+
+
+# ------------------------------------------------------------------ the protocol
+
+
+class _Tuner:
+    """The protocol's phases over one validation spec and one test spec."""
+
+    def __init__(self, spec: RunSpec, final_spec: RunSpec, data: TokenData,
+                 final_data: TokenData, protocol: TuneProtocol, out: Path, *, jobs: int,
+                 options: dict[str, Any], progress: bool | None, log) -> None:  # fmt: skip
+        self.spec, self.final_spec = spec, final_spec
+        self.data, self.final_data = data, final_data
+        self.protocol, self.out, self.jobs = protocol, out, jobs
+        self.options, self.progress, self.log = options, progress, log
+        self.ledger = _Ledger(out / "ledger.jsonl")
+        self.matrix = [o for o in spec.selected if o != "adamw"]
+        self.judges = [j for j in protocol.aux_judges if j in self.matrix] or list(self.matrix)
+        start = BASELINE if BASELINE in self.matrix else (self.matrix or [None])[0]
+        self.aux0 = None if start is None else _value(spec.optimizers[start].adamw_lr)
+        self.best_lr: dict[str, float] = {}
+        self.shared_aux: float | None = None
+        self.own_aux: dict[str, float] = {}
+        self.settings: dict[str, dict[str, Point]] = {"shared": {}, "separate": {}}
+
+    # -- scores
+
+    def _seeds(self, split: str) -> tuple[int, ...]:
+        return self.protocol.tune_seeds if split == "validation" else self.protocol.final_seeds
+
+    def score(self, point: Point) -> float | None:
+        """Mean final loss over the split's seeds; inf if one diverged; None until all ran."""
+        losses = []
+        for seed in self._seeds(point.split):
+            record = self.ledger.get(point, seed)
+            if record is None:
+                return None
+            losses.append(math.inf if record["diverged"] else record["final_loss"])
+        return sum(losses) / len(losses)
+
+    def _lr_scores(self, optimizer: str, adamw_lr: float | None) -> dict[float, float]:
+        lrs = {r["lr"] for r in self.ledger.records.values()
+               if r["split"] == "validation" and r["optimizer"] == optimizer
+               and r["adamw_lr"] == adamw_lr}  # fmt: skip
+        scores = {lr: self.score(Point(optimizer, lr, adamw_lr, "validation")) for lr in lrs}
+        return {lr: s for lr, s in scores.items() if s is not None}
+
+    def _aux_scores(self, optimizer: str) -> dict[float, float]:
+        lr = self.best_lr[optimizer]
+        values = {r["adamw_lr"] for r in self.ledger.records.values()
+                  if r["split"] == "validation" and r["optimizer"] == optimizer
+                  and r["lr"] == lr}  # fmt: skip
+        scores = {v: self.score(Point(optimizer, lr, v, "validation")) for v in values}
+        return {v: s for v, s in scores.items() if s is not None}
+
+    # -- training
+
+    def train(self, points: Iterable[Point], phase: str) -> None:
+        """Train every (point, seed) the ledger lacks, ``jobs`` at a time."""
+        runs: dict[_Run, Point] = {}
+        for point in dict.fromkeys(points):
+            base = self.spec if point.split == "validation" else self.final_spec
+            changes = {"lr": point.lr}
+            if point.adamw_lr is not None:
+                changes["adamw_lr"] = point.adamw_lr
+            spec = base.with_options(point.optimizer, **changes)
+            for seed in self._seeds(point.split):
+                if self.ledger.get(point, seed) is None:
+                    run_dir = self.out / "runs" / point.folder() / f"seed{seed}"
+                    runs[_Run(point.optimizer, seed, spec, run_dir)] = point
+        if not runs:
+            return
+        self.log(f"[{phase}] {len(runs)} trainings ({len({*runs.values()})} settings)")
+        data = self.data if phase != "final" else self.final_data
+
+        def keep(run: _Run, result: Any) -> None:
+            self.ledger.add(_record(runs[run], run.seed, phase, result))
+
+        _train_all(list(runs), data, self.options, jobs=self.jobs, resume=True,
+                   progress=self.progress, log=lambda line: self.log(f"  {line}"),
+                   diverged_ok=True, on_result=keep)  # fmt: skip
+
+    def drive(self, phase: str, requests: Callable[[], list[Point]]) -> None:
+        """Train what ``requests`` asks for until it asks for nothing."""
+        while need := requests():
+            self.train(need, phase)
+
+    # -- phases
+
+    def _lr_requests(self) -> list[Point]:
+        p, need = self.protocol, []
+        for name in self.spec.selected:
+            aux = None if name == "adamw" else self.aux0
+            # AdamW's search ends here, refined; a matrix lr is refined after the aux search.
+            refine = p.refine_factor if name == "adamw" else 1.0
+            missing, best = search_next(
+                _value(self.spec.optimizers[name].lr), self._lr_scores(name, aux),
+                factor=p.grid_factor, points=p.grid_points, max_extend=p.max_extend,
+                refine=refine,
+            )  # fmt: skip
+            need += [Point(name, lr, aux, "validation") for lr in missing]
+            if best is not None:
+                self.best_lr[name] = best
+        return need
+
+    def _aux_requests(self) -> list[Point]:
+        p = self.protocol
+        per = {name: self._aux_scores(name) for name in self.matrix}
+        common = set.intersection(*(set(per[j]) for j in self.judges))
+        joint = {v: sum(per[j][v] for j in self.judges) / len(self.judges) for v in common}
+        missing, best = search_next(self.aux0, joint, factor=p.grid_factor, points=p.grid_points,
+                                    max_extend=p.max_extend, refine=1.0)  # fmt: skip
+        values = set(missing) | {v for j in self.judges for v in per[j]}
+        # Every matrix optimizer is trained at every value the judges were: its own best among
+        # them is the separate-aux table's setting.
+        need = [Point(name, self.best_lr[name], v, "validation")
+                for v in sorted(values) for name in self.matrix if v not in per[name]]  # fmt: skip
+        if not need and best is not None:
+            self.shared_aux = best
+            self.own_aux = {name: min(per[name], key=lambda v: (per[name][v], v))
+                            for name in self.matrix}  # fmt: skip
+        return need
+
+    def _refine_requests(self) -> list[Point]:
+        p, need = self.protocol, []
+        for kind in ("shared", "separate"):
+            if kind == "separate" and not p.separate_aux:
+                continue
+            for name in self.matrix:
+                aux = self.shared_aux if kind == "shared" else self.own_aux[name]
+                missing, best = search_next(self.best_lr[name], self._lr_scores(name, aux),
+                                            factor=p.grid_factor, points=1, max_extend=0,
+                                            refine=p.refine_factor)  # fmt: skip
+                need += [Point(name, lr, aux, "validation") for lr in missing]
+                if best is not None:
+                    self.settings[kind][name] = Point(name, best, aux, "test")
+        if "adamw" in self.spec.selected:
+            for kind in self.settings:
+                self.settings[kind]["adamw"] = Point("adamw", self.best_lr["adamw"], None, "test")
+        return need
+
+    def run(self) -> None:
+        self.drive("lr", self._lr_requests)
+        if self.matrix:
+            self.drive("aux", self._aux_requests)
+        self.drive("refine", self._refine_requests)
+        self.train([pt for kind in self.settings.values() for pt in kind.values()], "final")
+
+    # -- the summary
+
+    def summary(self) -> dict[str, Any]:
+        records = list(self.ledger.records.values())
+        finals: dict[str, Any] = {}
+        settings: dict[str, Any] = {}
+        for kind, chosen in self.settings.items():
+            if not chosen:
+                continue
+            order = [n for n in self.spec.selected if n in chosen]
+            settings[kind] = {
+                name: {"lr": chosen[name].lr, "adamw_lr": chosen[name].adamw_lr,
+                       "validation_score": self.score(dataclasses.replace(chosen[name],
+                                                                          split="validation"))}
+                for name in order
+            }  # fmt: skip
+            finals[kind] = analyse_finals({
+                name: [self.ledger.get(chosen[name], s) for s in self.protocol.final_seeds]
+                for name in order
+            })  # fmt: skip
+        done = [r for r in records if not r["diverged"]]
+        tokens_per_s: dict[str, list[float]] = {}
+        for r in done:
+            tokens_per_s.setdefault(r["optimizer"], []).append(r["tokens_per_s"])
+        return {
+            "preset": self.spec.preset,
+            "data": self.final_spec.data,
+            "n_params": self.spec.budget.params_all,
+            "budget": {"steps": self.spec.train.steps, **self.spec.budget.to_json()},
+            "protocol": self.protocol.to_json(),
+            "environment": _environment(),
+            "jobs": self.jobs,
+            "judges": self.judges,
+            "aux_start": self.aux0,
+            "shared_aux": self.shared_aux,
+            "own_aux": self.own_aux,
+            "settings": settings,
+            "finals": finals,
+            "tuning_runs": [{k: r[k] for k in ("optimizer", "lr", "adamw_lr", "seed", "phase",
+                                                "final_loss", "diverged")}
+                            for r in records if r["split"] == "validation"],  # fmt: skip
+            "trainings": len(records),
+            "train_time_s": sum(r.get("train_time_s", 0.0) for r in done),
+            "tokens_per_s": {k: sum(v) / len(v) for k, v in tokens_per_s.items()},
+        }
+
+
+# ------------------------------------------------------------------ analysis and tables
+
+
+def _mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
+    return [sum(col) / len(col) for col in zip(*curves)]
+
+
+def analyse_finals(runs: dict[str, list[dict[str, Any] | None]]) -> dict[str, Any]:
+    """Statistics of retrained settings on the test half: per optimizer the final losses (mean,
+    95% interval), the steps its seed-mean curve needs to reach AdamW's and Muon's mean final
+    loss against the reference's own (the saving, and its per-seed interval), and the Welch and
+    paired t-tests of each optimizer against Muon. ``runs``: optimizer -> ledger records of its
+    final seeds (same seeds, same order, for every optimizer)."""
+    out: dict[str, Any] = {"optimizers": {}, "vs_muon": {}}
+    finals: dict[str, list[float]] = {}
+    curves: dict[str, list[list[float]]] = {}
+    steps: dict[str, list[int]] = {}
+    for name, records in runs.items():
+        if any(r is None for r in records):
+            raise ValueError(f"{name}: a final seed has not been trained")
+        if any(r["diverged"] for r in records):
+            out["optimizers"][name] = {"diverged": True,
+                                       "seeds": [r["seed"] for r in records]}  # fmt: skip
+            continue
+        losses = [r["final_loss"] for r in records]
+        finals[name] = losses
+        curves[name] = [r["val_losses"] for r in records]
+        steps[name] = records[0]["val_steps"]
+        mean, half = mean_ci(losses)
+        out["optimizers"][name] = {"seeds": [r["seed"] for r in records], "losses": losses,
+                                   "mean": mean, "ci95": half,
+                                   "val_steps": steps[name],
+                                   "val_mean": _mean_curve(curves[name])}  # fmt: skip
+    for ref in ("adamw", BASELINE):
+        if ref not in finals:
+            continue
+        target = sum(finals[ref]) / len(finals[ref])
+        ref_steps = steps_to_reach(steps[ref], _mean_curve(curves[ref]), target)
+        for name in finals:
+            if name == ref:
+                continue
+            reached = steps_to_reach(steps[name], _mean_curve(curves[name]), target)
+            per_seed = [steps_to_reach(steps[name], c, target) for c in curves[name]]
+            entry: dict[str, Any] = {
+                "target": target, "steps": reached, "ref_steps": ref_steps,
+                "saving": None if reached is None or not ref_steps else 1 - reached / ref_steps,
+            }  # fmt: skip
+            if ref_steps and all(x is not None for x in per_seed):
+                entry["saving_seeds"] = mean_ci([1 - x / ref_steps for x in per_seed])
+            out["optimizers"][name][f"vs_{ref}"] = entry
+    if BASELINE in finals:
+        for name in finals:
+            if name not in (BASELINE, "adamw"):
+                out["vs_muon"][name] = {
+                    "welch": welch_t_test(finals[name], finals[BASELINE]),
+                    "paired": paired_t_test(finals[name], finals[BASELINE]),
+                }
+    return out
+
+
+def _pct(entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("saving") is None:
+        return "not reached"
+    text = f"{100 * entry['saving']:+.1f}%"
+    ci = entry.get("saving_seeds")
+    if ci and math.isfinite(ci[1]):
+        text += f" (seeds {100 * ci[0]:+.1f} ± {100 * ci[1]:.1f})"
+    return text
+
+
+def _lr(value: float | None) -> str:
+    return "—" if value is None else f"{value:g}"
+
+
+def tune_tables(summary: dict[str, Any]) -> str:
+    """The markdown tables of one :func:`run_tune` summary."""
+    budget = summary["budget"]
+    lines = [f"**{summary['preset']}** on {summary['data']}: {summary['n_params']:,} parameters, "
+             f"{budget['steps']:,} steps, {budget['tokens']:,} tokens "
+             f"({budget['achieved_tokens_per_param']:.1f} per parameter); tuning seeds "
+             f"{summary['protocol']['tune_seeds']}, final seeds "
+             f"{summary['protocol']['final_seeds']}; shared embeddings/head lr "
+             f"{_lr(summary['shared_aux'])} (chosen by {', '.join(summary['judges'])})."]
+    titles = {"shared": "shared embeddings/head/gains lr (the fair table)",
+              "separate": "each matrix optimizer's own embeddings/head/gains lr"}  # fmt: skip
+    for kind, analysis in summary["finals"].items():
+        settings = summary["settings"][kind]
+        if kind == "separate" and settings == summary["settings"].get("shared"):
+            lines += ["", "Each matrix optimizer's own best embeddings/head/gains lr is the "
+                          "shared one: the separate-tuning table is the same."]  # fmt: skip
+            continue
+        lines += ["", f"Final test loss, {titles[kind]}:", "",
+                  "| optimizer | lr | emb/head lr | validation score | test loss (mean ± 95% CI) "
+                  "| saving vs AdamW | saving vs Muon |", "|---|---|---|---|---|---|---|"]
+        for name, st in settings.items():
+            o = analysis["optimizers"][name]
+            loss = "diverged" if o.get("diverged") else f"{o['mean']:.4f} ± {o['ci95']:.4f}"
+            lines.append(
+                f"| {name} | {st['lr']:g} | {_lr(st['adamw_lr'])} | "
+                f"{st['validation_score']:.4f} | {loss} | "
+                f"{'—' if name == 'adamw' else _pct(o.get('vs_adamw'))} | "
+                f"{'—' if name in ('adamw', BASELINE) else _pct(o.get('vs_muon'))} |"
+            )
+        if analysis["vs_muon"]:
+            lines += ["", "| vs Muon | test loss difference | Welch t (df) | Welch p | "
+                      "paired t (df) | paired p |", "|---|---|---|---|---|---|"]  # fmt: skip
+            for name, t in analysis["vs_muon"].items():
+                w, pt = t["welch"], t["paired"]
+                lines.append(f"| {name} | {w['mean_diff']:+.4f} | {w['t']:.2f} ({w['df']:.1f}) "
+                             f"| {w['p']:.3f} | {pt['t']:.2f} ({pt['df']}) | {pt['p']:.3f} |")
+    lines += ["", "Every tuning run (validation half; score = mean over the tuning seeds):", "",
+              "| optimizer | lr | emb/head lr | phase | seeds' final losses | score |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    grouped: dict[tuple, list[dict[str, Any]]] = {}
+    for r in summary["tuning_runs"]:
+        grouped.setdefault((r["optimizer"], r["lr"], r["adamw_lr"]), []).append(r)
+    for (name, lr, aux), rs in sorted(grouped.items(), key=lambda kv: (
+            kv[0][0], kv[0][2] or 0.0, kv[0][1])):  # fmt: skip
+        losses = [math.inf if r["diverged"] else r["final_loss"] for r in rs]
+        cells = ", ".join("diverged" if math.isinf(x) else f"{x:.4f}" for x in losses)
+        lines.append(f"| {name} | {lr:g} | {_lr(aux)} | {rs[0]['phase']} | {cells} | "
+                     f"{sum(losses) / len(losses):.4f} |")
+    lines += ["", f"{summary['trainings']} trainings, {summary['train_time_s'] / 3600:.2f} "
+              f"CPU-thread hours of training (evaluation excluded); tokens/s per run: "
+              + ", ".join(f"{k} {v:,.0f}" for k, v in summary["tokens_per_s"].items()) + "."]
+    return "\n".join(lines)
+
+
+def write_tune_plot(summary: dict[str, Any], path: str | Path) -> Path:
+    """``tune.png``: validation score against lr per optimizer (at its shared setting's
+    embeddings/head lr) and the retrained settings' seed-mean test curves."""
+    from .report import _pyplot
+
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    shared = summary["settings"].get("shared", {})
+    for name, st in shared.items():
+        pts: dict[float, list[float]] = {}
+        for r in summary["tuning_runs"]:
+            if r["optimizer"] == name and r["adamw_lr"] == st["adamw_lr"]:
+                pts.setdefault(r["lr"], []).append(math.inf if r["diverged"] else r["final_loss"])
+        xs = sorted(pts)
+        ys = [sum(pts[x]) / len(pts[x]) for x in xs]
+        left.plot(xs, [y if math.isfinite(y) else float("nan") for y in ys], marker="o",
+                  label=name)  # fmt: skip
+    left.set_xscale("log")
+    left.set_xlabel("lr (matrix lr for Muon/NorMuon)")
+    left.set_ylabel("validation loss, mean of tuning seeds")
+    for name, o in summary["finals"].get("shared", {"optimizers": {}})["optimizers"].items():
+        if not o.get("diverged"):
+            right.plot(o["val_steps"], o["val_mean"], label=f"{name} ({o['mean']:.3f})")
+    right.set_xlabel("step")
+    right.set_ylabel("test loss, mean of final seeds")
+    for ax in (left, right):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle(f"normuon tune: {summary['preset']}, {summary['data'].split(',')[0]}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------ the command
+
+
+def run_tune(
+    spec: RunSpec,
+    final_spec: RunSpec,
+    data: TokenData,
+    final_data: TokenData,
+    protocol: TuneProtocol,
+    *,
+    out: str | Path,
+    jobs: int = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: bool | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Run the protocol (module docstring) and write ``summary.json`` and ``tune.md``.
+
+    ``spec``: resolved with the validation half ``data`` and the tuning seeds; ``final_spec``:
+    the same settings with the test half ``final_data`` and the final seeds (:func:`resolve_tune`
+    makes both). ``jobs`` trainings run at once in worker processes (one thread each).
+    ``resume`` continues from ``out``'s ledger (and any run folder's checkpoint).
+    """
+    _need_spec(spec, "run_tune")
+    protocol.validate()
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if spec.world_size != 1:
+        raise ValueError("normuon tune trains many small runs side by side: run it without "
+                         "torchrun (use --jobs)")  # fmt: skip
+    out = Path(out)
+    identity = {"tune": spec.to_json(), "final_data": final_spec.data,
+                "optimizers": list(spec.selected), "protocol": protocol.to_json()}  # fmt: skip
+    _claim_folder(out, identity, resume=resume, overwrite=overwrite)
+    start = time.perf_counter()
+    tuner = _Tuner(spec, final_spec, data, final_data, protocol, out, jobs=jobs,
+                   options={"device": device, "diagnostics_every": 0}, progress=progress,
+                   log=log)  # fmt: skip
+    tuner.run()
+    summary = tuner.summary()
+    summary["wall_time_s"] = time.perf_counter() - start
+    summary["tables"] = tune_tables(summary)
+    write_json(out / "summary.json", summary)
+    (out / "tune.md").write_text(summary["tables"] + "\n")
+    return summary
+
+
+def resolve_tune(cfg, data_path, *, optimizers: Sequence[str], protocol: TuneProtocol):
+    """(validation spec, test spec, validation data, test data) for :func:`run_tune`: the
+    corpus loaded with ``2 * train.val_fraction`` held out, cut in halves; settings validated
+    once, the test spec derived from the valid one."""
+    from .data import check_length, holdout_halves, load_data
+    from .spec import resolve_spec
+
+    protocol.validate()
+    for name in optimizers:
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+    fraction = cfg.train.val_fraction
+    if not (isinstance(fraction, float) and 0 < fraction < 0.25):
+        raise ValueError(f"train.val_fraction={fraction!r}: tune holds out twice it (validation "
+                         f"and test halves), so it must be in (0, 0.25)")  # fmt: skip
+    val, test = holdout_halves(load_data(data_path, 2 * fraction))
+    check_length(test.val, cfg.train.seq_len, "test")
+    spec, val = resolve_spec(cfg, val, optimizers=optimizers, seeds=protocol.tune_seeds)
+    final = dataclasses.replace(spec, data=test.source, seeds=tuple(protocol.final_seeds))
+    return spec, final, val, test
+
+
+# ------------------------------------------------------------------ across sizes and corpora
+
+
+def _corpus(summary: dict[str, Any]) -> str:
+    return summary["data"].split(",")[0].split(" (")[0]
+
+
+def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None = None) -> str:
+    """Markdown tables across :func:`run_tune` summaries (corpora x model sizes): NorMuon
+    against Muon under the shared-aux protocol and under separate tuning, and the tuned lrs per
+    size (learning-rate transfer); ``plot``: the saving against parameters beside the paper's
+    points (:data:`PAPER_SAVINGS_VS_MUON`)."""
+    if not summaries:
+        raise ValueError("ladder_report needs at least one summary")
+    rows = sorted(summaries, key=lambda s: (_corpus(s), s["n_params"]))
+    lines = ["| corpus | preset | params | tokens/param | AdamW | Muon | NorMuon | NorMuon saving "
+             "vs Muon | paired p | Welch p | separate-aux NorMuon − Muon |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for s in rows:
+        fair = s["finals"].get("shared", {"optimizers": {}, "vs_muon": {}})
+        cells = []
+        for name in ("adamw", "muon", "normuon"):
+            o = fair["optimizers"].get(name)
+            cells.append("—" if o is None else "diverged" if o.get("diverged")
+                         else f"{o['mean']:.4f} ± {o['ci95']:.4f}")  # fmt: skip
+        test = fair["vs_muon"].get("normuon")
+        saving = _pct(fair["optimizers"].get("normuon", {}).get("vs_muon"))
+        sep = s["finals"].get("separate", {}).get("vs_muon", {}).get("normuon")
+        lines.append(
+            f"| {_corpus(s)} | {s['preset']} | {s['n_params']:,} | "
+            f"{s['budget']['achieved_tokens_per_param']:.1f} | {' | '.join(cells)} | {saving} | "
+            f"{'—' if not test else format(test['paired']['p'], '.3f')} | "
+            f"{'—' if not test else format(test['welch']['p'], '.3f')} | "
+            f"{'—' if not sep else format(sep['welch']['mean_diff'], '+.4f')} |"
+        )
+    lines += ["", "Tuned learning rates (shared protocol; matrix lr for Muon and NorMuon):", "",
+              "| corpus | preset | params | AdamW lr | Muon lr | NorMuon lr | shared emb/head lr |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for s in rows:
+        st = s["settings"].get("shared", {})
+        lrs = [_lr(st[n]["lr"]) if n in st else "—" for n in ("adamw", "muon", "normuon")]
+        lines.append(f"| {_corpus(s)} | {s['preset']} | {s['n_params']:,} | "
+                     f"{' | '.join(lrs)} | {_lr(s['shared_aux'])} |")
+    hours = sum(s["train_time_s"] for s in rows) / 3600
+    lines += ["", f"{sum(s['trainings'] for s in rows)} trainings, {hours:.2f} CPU-thread hours "
+                  f"of training (evaluation excluded)."]
+    if plot:
+        _plot_ladder(rows, Path(plot))
+    return "\n".join(lines)
+
+
+def _plot_ladder(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    from .report import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for corpus in sorted({_corpus(s) for s in rows}):
+        xs, ys, es = [], [], []
+        for s in rows:
+            entry = (s["finals"].get("shared", {}).get("optimizers", {}).get("normuon", {})
+                     .get("vs_muon") or {})  # fmt: skip
+            if _corpus(s) != corpus or entry.get("saving") is None:
+                continue
+            xs.append(s["n_params"])
+            ys.append(100 * entry["saving"])
+            ci = entry.get("saving_seeds")
+            es.append(100 * ci[1] if ci and math.isfinite(ci[1]) else 0.0)
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4, label=f"this harness, {corpus}")
+    paper = sorted(PAPER_SAVINGS_VS_MUON.items())
+    ax.plot([p for p, _ in paper], [100 * v for _, v in paper], "s--", color="black",
+            label="the paper (124M, 350M: Muon-rescale; 1.1B: to AdamW's loss)")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("NorMuon's saving in steps vs Muon (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title("NorMuon vs Muon at Muon's final loss, shared embeddings/head lr")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
