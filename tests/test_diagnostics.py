@@ -11,10 +11,12 @@ from torch import nn
 
 import normuon
 from normuon.diagnostics import (
+    DEAD_FRACTION,
     NeuronDiagnostics,
     hidden_matrices,
     layer_type,
     neuron_norms,
+    neuron_spread,
     spectrum_stats,
     spread,
     update_stats,
@@ -53,6 +55,85 @@ def test_balanced_and_degenerate_updates():
     assert s["effective_rank"] == pytest.approx(1.0)
     assert s["condition"] == math.inf
     assert spread(neuron_norms(rank1))["max_min"] == math.inf
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    # Linear interpolation between the two closest ranks (numpy's default), written out.
+    pos = q * (len(sorted_values) - 1)
+    below = math.floor(pos)
+    above = min(below + 1, len(sorted_values) - 1)
+    return sorted_values[below] + (pos - below) * (sorted_values[above] - sorted_values[below])
+
+
+def _reference_robust_spread(update: torch.Tensor) -> dict[str, float]:
+    """p95/p5 of the live neurons and the dead count of a 2-D update, one row at a time."""
+    rows = update.double().tolist()
+    norms = sorted(math.sqrt(sum(x * x for x in row)) for row in rows)
+    median = _percentile(norms, 0.5)
+    dead = [n for n in norms if n <= DEAD_FRACTION * median]
+    live = [n for n in norms if n > DEAD_FRACTION * median]
+    return {"p95_p5": _percentile(live, 0.95) / _percentile(live, 0.05), "dead": len(dead),
+            "dead_frac": len(dead) / len(norms)}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "shape,dead_rows",
+    [((7, 5), []), ((64, 16), [3]), ((256, 32), [0, 9, 200]), ((40, 8), [1, 2, 3, 4, 5, 6])],
+)
+def test_robust_spread_matches_a_float64_reference(shape, dead_rows):
+    g = torch.Generator().manual_seed(shape[0])
+    # Log-normal row scales: a wide spread whose percentiles differ from the max and min.
+    scales = torch.exp(1.5 * torch.randn(shape[0], 1, generator=g, dtype=torch.float64))
+    u = (torch.randn(shape, generator=g, dtype=torch.float64) * scales).float()
+    for i, row in enumerate(dead_rows):
+        u[row] *= 1e-5 if i % 2 else 0.0  # near-dead and exactly dead rows
+    expected = _reference_robust_spread(u)
+    stats = update_stats(u, spectrum=False)
+    assert stats["neuron_p95_p5"] == pytest.approx(expected["p95_p5"], rel=1e-9)
+    assert stats["neuron_dead"] == expected["dead"] == len(dead_rows)
+    assert stats["neuron_dead_frac"] == pytest.approx(expected["dead_frac"], rel=1e-12)
+    assert stats["neurons"] == shape[0]
+
+
+def test_a_near_dead_neuron_is_counted_apart_from_the_spread():
+    # 100 neurons with norms spread evenly over [1, 2], and one that has almost stopped moving:
+    # the max/min explodes, the percentile ratio of the others stays that of [1, 2].
+    norms = [1.0 + i / 99 for i in range(100)] + [1e-7]
+    u = _rows_with_norms(norms, fan_in=128)
+    stats = update_stats(u, spectrum=False)
+    assert stats["neuron_max_min"] > 1e7
+    assert stats["neuron_p95_p5"] == pytest.approx(1.95 / 1.05, rel=1e-9)
+    assert stats["neuron_dead"] == 1 and stats["neuron_dead_frac"] == pytest.approx(1 / 101)
+    # Just above the threshold a neuron is live and pulls p5 down only by its rank.
+    alive = neuron_spread(torch.tensor(norms[:100] + [2e-3 * 1.5]))
+    assert alive["dead"] == 0 and alive["p95_p5"] < 2.0
+    # Rows of zeros are dead even when they are the majority (the median is then 0).
+    mostly_zero = neuron_spread(torch.tensor([0.0, 0.0, 0.0, 2.0, 4.0]))
+    assert mostly_zero["dead"] == 3
+    assert mostly_zero["p95_p5"] == pytest.approx((2.0 + 0.95 * 2.0) / (2.0 + 0.05 * 2.0))
+    assert math.isnan(neuron_spread(torch.zeros(3))["p95_p5"])
+
+
+def test_dead_counts_add_up_over_matrices():
+    sizes = {"a.0.w": 4, "a.1.w": 6}  # one layer type "a.*.w"
+    tracked = [(name, torch.zeros(n, 3, requires_grad=True)) for name, n in sizes.items()]
+    diag = NeuronDiagnostics(tracked, every=1)
+
+    def rows(norms: list[float]) -> torch.Tensor:  # (len(norms), 3), row i of norm norms[i]
+        r = torch.randn(len(norms), 3, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)  # fmt: skip
+        return r / torch.linalg.vector_norm(r, dim=1, keepdim=True) * torch.tensor(norms)[:, None]
+
+    a0 = rows([1.0, 1.0, 1.0, 0.0])  # one dead of 4
+    a1 = rows([1.0, 2.0, 1e-9, 1.0, 0.0, 1.0])  # two dead of 6
+    rec = diag.record(1, {"a.0.w": a0, "a.1.w": a1})
+    assert rec["matrices"]["a.0.w"]["neuron_dead"] == 1
+    assert rec["matrices"]["a.1.w"]["neuron_dead"] == 2
+    for scope in (rec["overall"], rec["layer_types"]["a.*.w"]):
+        assert scope["neuron_dead"] == 3 and scope["neurons"] == 10
+        assert scope["neuron_dead_frac"] == pytest.approx(0.3)  # 3 of 10, not mean(1/4, 2/6)
+        assert scope["neuron_cv"] == pytest.approx((rec["matrices"]["a.0.w"]["neuron_cv"]
+                                                    + rec["matrices"]["a.1.w"]["neuron_cv"]) / 2)
 
 
 def test_conv_kernels_and_stacks_are_viewed_as_rows():

@@ -14,6 +14,7 @@ import pytest
 
 from normuon.harness.report import (
     mean_ci,
+    neuron_table,
     paired_t_test,
     student_t_cdf,
     sweep_table,
@@ -137,3 +138,52 @@ def test_ladder_presets_are_the_experiment_configs():
     small = get_preset("cpu-small")
     assert small.model == get_preset("ladder-m").model
     assert small.train == get_preset("ladder-m").train
+
+
+def _neuron_table_cells(diag_runs) -> dict[str, list[str]]:
+    lines = neuron_table(diag_runs).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["optimizer", "neuron-norm CV", "neuron-norm p95/p5", "dead neurons",
+                      "effective rank", "2nd-moment CV"]  # fmt: skip
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    return {r[0]: r[1:] for r in rows}
+
+
+def test_neuron_table_averages_the_percentile_ratio_geometrically():
+    def record(step, ratio, dead, frac, cv):
+        return {"step": step, "layer_types": {}, "matrices": {},
+                "overall": {"neuron_cv": cv, "neuron_p95_p5": ratio, "neuron_dead": dead,
+                            "neuron_dead_frac": frac, "neurons": 1000.0,
+                            "neuron_max_min": 1e6, "effective_rank": 60.0}}  # fmt: skip
+
+    # Two seeds; the ratio 2 then 50 averages to 10 (geometric), not 26 (arithmetic).
+    runs = [[record(10, 2.0, 1.0, 0.001, 0.1)], [record(10, 50.0, 0.0, 0.0, 0.3)]]
+    cells = _neuron_table_cells({"muon": runs})["muon"]
+    assert cells == ["0.200", "10.000", "0.5 (0.05%)", "60.000", "n/a"]
+
+
+def test_neuron_table_reads_records_written_before_the_robust_spread():
+    # An older diagnostics.jsonl: max/min (null where infinite), no p95/p5 nor dead count.
+    old = [{"step": 20, "layer_types": {}, "matrices": {},
+            "overall": {"neuron_cv": 0.5, "neuron_max_min": None, "effective_rank": 30.0}},
+           {"step": 40, "layer_types": {}, "matrices": {},
+            "overall": {"neuron_cv": 0.3, "neuron_max_min": 12.0, "effective_rank": 32.0,
+                        "second_moment_cv": 0.2}}]  # fmt: skip
+    cells = _neuron_table_cells({"normuon": [old], "none": [[]]})
+    assert cells["normuon"] == ["0.400", "n/a", "n/a", "31.000", "0.200"]
+    assert cells["none"] == ["n/a"] * 5
+
+
+def test_neurons_png_from_old_and_new_records(tmp_path):
+    pytest.importorskip("matplotlib")
+    from normuon.harness.report import plot_neurons
+
+    lt = {"blocks.*.mlp.c_fc.weight": {"neuron_cv": 0.4}}
+    old = [{"step": 10, "layer_types": lt, "overall": {"neuron_cv": 0.4, "neuron_max_min": None,
+                                                       "effective_rank": 30.0}}]  # fmt: skip
+    new = [{"step": 10, "layer_types": lt, "overall": {"neuron_cv": 0.2, "neuron_p95_p5": 3.0,
+                                                       "effective_rank": 60.0}}]  # fmt: skip
+    for name, runs in (("old", {"muon": [old]}), ("mixed", {"muon": [old], "normuon": [new]})):
+        path = tmp_path / f"{name}.png"
+        plot_neurons(runs, path, name)
+        assert path.read_bytes()[:4] == b"\x89PNG"

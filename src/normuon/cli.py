@@ -363,7 +363,8 @@ def _run(args, say) -> int:
                               dist_timeout_s=args.dist_timeout, log=say)  # fmt: skip
         say(summary["table"])
         if summary.get("neuron_table"):
-            say("\nneuron balance of the hidden-matrix updates (mean over recorded steps):")
+            say("\nneuron balance of the hidden-matrix updates (mean over recorded steps, "
+                "geometric for p95/p5):")
             say(summary["neuron_table"])
         if main_rank():  # the other ranks of a torchrun wrote nothing
             _plots(say, write_compare_plots, summary, args.out)

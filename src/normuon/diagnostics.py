@@ -36,7 +36,14 @@ What is measured, every ``every`` optimizer steps, per tracked matrix parameter:
 - the update ``U = p_after - p_before`` of that step (learning rate, schedule and weight decay
   included), viewed as ``(neurons, fan_in)`` as above;
 - ``neuron_cv``: coefficient of variation (std / mean) of the row norms ``||U[i, :]||``;
-  ``neuron_max_min``: their max / min ratio (0 rows make it ``inf``);
+- ``neuron_dead`` (a count) and ``neuron_dead_frac``: the neurons whose norm is at most
+  :data:`DEAD_FRACTION` (1e-3) of the matrix's median neuron norm (``neurons``: how many
+  there are);
+- ``neuron_p95_p5``: the 95th over the 5th percentile of the norms of the other (live)
+  neurons, the spread to read: one near-dead neuron cannot move it;
+- ``neuron_max_min``: the raw max / min ratio over all neurons (0 rows make it ``inf``); kept
+  for comparison with older records, but a single near-dead neuron in the denominator makes
+  it explode on long runs;
 - ``effective_rank``: ``exp(entropy(s / sum(s)))`` of the singular values ``s`` of that
   ``(neurons, fan_in)`` view (between 1 and min(neurons, fan_in)); ``condition``:
   ``s_max / s_min`` (``inf`` if rank deficient);
@@ -44,7 +51,9 @@ What is measured, every ``every`` optimizer steps, per tracked matrix parameter:
   ``neuron_second_moment`` (one entry per neuron).
 
 Each record is also aggregated per layer type (the parameter name with block indices replaced
-by ``*``, e.g. ``blocks.*.attn.qkv.weight``: the mean over that type's matrices) and overall.
+by ``*``, e.g. ``blocks.*.attn.qkv.weight``: the mean over that type's matrices) and overall;
+the counts ``neurons`` and ``neuron_dead`` are summed instead, and ``neuron_dead_frac`` is
+then their ratio (the share of all the type's neurons that are dead).
 Records go to a JSONL file (one line per recorded step), to a TensorBoard ``SummaryWriter``
 (scalars ``neurons/<layer type>/<metric>``) and to :attr:`NeuronDiagnostics.records`.
 
@@ -71,6 +80,8 @@ __all__ = [
     "NeuronDiagnostics",
     "neuron_norms",
     "spread",
+    "neuron_spread",
+    "DEAD_FRACTION",
     "spectrum_stats",
     "update_stats",
     "layer_type",
@@ -109,6 +120,38 @@ def spread(values: torch.Tensor) -> dict[str, float]:
     return {"cv": cv, "max_min": hi / lo if lo > 0 else math.inf}
 
 
+#: A neuron is dead when its update norm is at most this fraction of its matrix's median neuron
+#: norm. Dead neurons (ReLU² units that stopped firing, rows with no gradient) are counted
+#: apart: any ratio with them in the denominator measures how dead they are, not how evenly the
+#: optimizer spreads its step over the neurons that learn.
+DEAD_FRACTION = 1e-3
+
+
+def neuron_spread(norms: torch.Tensor, dead_fraction: float = DEAD_FRACTION) -> dict[str, float]:
+    """Robust spread of per-neuron norms: dead neurons counted apart, p95/p5 of the others.
+
+    Returns ``neurons`` (how many), ``dead`` (how many have a norm at most ``dead_fraction``
+    times the median norm; zero rows always count) and ``dead_frac``, and ``p95_p5``: the 95th
+    over the 5th percentile (linear interpolation, as ``torch.quantile`` and ``numpy``'s
+    default) of the live neurons' norms, ``nan`` when every neuron is dead.
+    """
+    v = norms.double().flatten()
+    if v.numel() == 0:
+        raise ValueError("neuron_spread of an empty tensor")
+    median = torch.quantile(v, 0.5)
+    dead = v <= dead_fraction * median
+    live = v[~dead]
+    if live.numel() > 0:
+        # Live norms are > dead_fraction * median >= 0, so p5 > 0 and the ratio is finite.
+        lo, hi = torch.quantile(live, torch.tensor([0.05, 0.95], dtype=v.dtype)).tolist()
+        ratio = hi / lo
+    else:
+        ratio = math.nan
+    n_dead = int(dead.sum())
+    return {"neurons": float(v.numel()), "dead": float(n_dead),
+            "dead_frac": n_dead / v.numel(), "p95_p5": ratio}  # fmt: skip
+
+
 def spectrum_stats(update: torch.Tensor, layout: str = "auto") -> dict[str, float]:
     """Effective rank (entropy of the normalized singular values) and condition number of the
     ``(neurons, fan_in)`` view of ``update`` under ``layout``."""
@@ -130,8 +173,11 @@ def update_stats(
     update: torch.Tensor, spectrum: bool = True, layout: str = "auto"
 ) -> dict[str, float]:
     """All per-matrix statistics of one update (see the module docstring for the keys)."""
-    rows = spread(neuron_norms(update, layout))
-    out = {"neuron_cv": rows["cv"], "neuron_max_min": rows["max_min"],
+    norms = neuron_norms(update, layout)
+    rows, robust = spread(norms), neuron_spread(norms)
+    out = {"neuron_cv": rows["cv"], "neuron_p95_p5": robust["p95_p5"],
+           "neuron_dead": robust["dead"], "neuron_dead_frac": robust["dead_frac"],
+           "neurons": robust["neurons"], "neuron_max_min": rows["max_min"],
            "update_norm": float(torch.linalg.vector_norm(update.double()))}  # fmt: skip
     if spectrum:
         out.update(spectrum_stats(update, layout))
@@ -356,8 +402,8 @@ class NeuronDiagnostics:
         by_type: dict[str, list[dict[str, float]]] = {}
         for name, stats in matrices.items():
             by_type.setdefault(self.layer_type_fn(name), []).append(stats)
-        layer_types = {t: self._mean(rows) for t, rows in by_type.items()}
-        record = {"step": step, "overall": self._mean(list(matrices.values())),
+        layer_types = {t: _aggregate(rows) for t, rows in by_type.items()}
+        record = {"step": step, "overall": _aggregate(list(matrices.values())),
                   "layer_types": layer_types, "matrices": matrices}  # fmt: skip
         self.records.append(record)
         if self.jsonl is not None:
@@ -371,10 +417,23 @@ class NeuronDiagnostics:
                         self.writer.add_scalar(f"neurons/{scope}/{key}", value, step)
         return record
 
-    @staticmethod
-    def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
-        keys = sorted({k for r in rows for k in r})
-        return {k: _finite_mean([r[k] for r in rows if k in r]) for k in keys}
+
+# Counts add up over matrices: "3 dead neurons in the MLP input projections" is what one wants
+# to read, where a mean over matrices would give a fraction of a neuron.
+_SUMMED = ("neurons", "neuron_dead")
+
+
+def _aggregate(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per layer type or overall: the mean of each key over the matrices that have it, the
+    counts summed, and the dead fraction as the share of all those matrices' neurons."""
+    keys = sorted({k for r in rows for k in r})
+    out = {k: _finite_mean([r[k] for r in rows if k in r]) for k in keys}
+    for key in _SUMMED:
+        if key in out:
+            out[key] = float(sum(r[key] for r in rows if key in r))
+    if "neuron_dead" in out and "neurons" in out and out["neurons"] > 0:
+        out["neuron_dead_frac"] = out["neuron_dead"] / out["neurons"]
+    return out
 
 
 def _check_geometry(

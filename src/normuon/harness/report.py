@@ -371,23 +371,64 @@ def paired_t_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
 # ------------------------------------------------------------------ neuron diagnostics
 
 
+def _geometric_mean(values: list[float]) -> float | None:
+    """Geometric mean of the finite positive values, None when there are none.
+
+    The neuron-norm percentile ratio is scale-like: over training it drifts by factors (Muon's
+    grows several-fold through the learning-rate decay), so an arithmetic mean over steps is
+    dominated by the last few records, and a mean of 2 and 50 would read 26 where the ratio is
+    typically 10. The geometric mean averages the ratio's logarithm: the typical step's spread.
+    """
+    logs = [math.log(v) for v in values if v is not None and math.isfinite(v) and v > 0]
+    return math.exp(sum(logs) / len(logs)) if logs else None
+
+
+def _arithmetic_mean(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
 def neuron_table(diag_runs: dict[str, list[list[dict[str, Any]]]]) -> str:
     """Markdown table of the neuron-balance statistics averaged over all recorded steps.
 
-    ``diag_runs``: optimizer -> one list of diagnostics records (JSONL lines) per seed.
+    ``diag_runs``: optimizer -> one list of diagnostics records (JSONL lines) per seed. Each
+    cell averages the records' ``overall`` value over steps and seeds: the percentile ratio
+    ``neuron_p95_p5`` geometrically (it is a ratio, see :func:`_geometric_mean`), the others
+    arithmetically. ``dead neurons`` is the mean count per record over all tracked matrices,
+    with the share of their neurons. Records written before a statistic existed (older
+    ``diagnostics.jsonl`` files) give ``n/a`` for it.
     """
-    keys = (("neuron_cv", "neuron-norm CV"), ("neuron_max_min", "neuron-norm max/min"),
-            ("effective_rank", "effective rank"), ("second_moment_cv", "2nd-moment CV"))
-    lines = ["| optimizer | " + " | ".join(k[1] for k in keys) + " |", "|---" * (len(keys) + 1)
-             + "|"]  # fmt: skip
+    columns = ("neuron-norm CV", "neuron-norm p95/p5", "dead neurons", "effective rank",
+               "2nd-moment CV")  # fmt: skip
+    lines = ["| optimizer | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, runs in diag_runs.items():
-        cells = []
-        for key, _ in keys:
-            vals = [r["overall"].get(key) for recs in runs for r in recs]
-            vals = [v for v in vals if v is not None and math.isfinite(v)]
-            cells.append(f"{sum(vals) / len(vals):.3f}" if vals else "n/a")
+        overall = [r.get("overall", {}) for recs in runs for r in recs]
+
+        def mean(key: str, overall=overall) -> float | None:
+            return _arithmetic_mean([o.get(key) for o in overall])
+
+        ratio = _geometric_mean([o.get("neuron_p95_p5") for o in overall])
+        dead, frac = mean("neuron_dead"), mean("neuron_dead_frac")
+        cells = [
+            _fmt(mean("neuron_cv")),
+            _fmt(ratio),
+            _fmt_dead(dead, frac),
+            _fmt(mean("effective_rank")),
+            _fmt(mean("second_moment_cv")),
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _fmt_dead(count: float | None, frac: float | None) -> str:
+    if count is None:
+        return "n/a"
+    # Two significant digits: a share of 0.009% must not print as 0.00%.
+    return f"{count:.1f}" + ("" if frac is None else f" ({100 * frac:.2g}%)")
 
 
 # ------------------------------------------------------------------ figures
@@ -450,14 +491,15 @@ def plot_sweep(points: dict[str, list[dict[str, float]]], path: Path, title: str
 def plot_neurons(diag_runs: dict[str, list[list[dict[str, Any]]]], path: Path, title: str) -> None:
     """``neurons.png``: how evenly each optimizer's update spreads over the neurons.
 
-    Panels: per-neuron update-norm coefficient of variation vs step, max/min ratio vs step (log
-    scale), effective rank of the update vs step (seed means over all hidden matrices), and the
-    CV per layer type averaged over the run.
+    Panels: per-neuron update-norm coefficient of variation vs step, p95/p5 ratio of the live
+    neurons' update norms vs step (log scale; the geometric mean over seeds), effective rank of
+    the update vs step (seed means over all hidden matrices), and the CV per layer type
+    averaged over the run. Records without the p95/p5 ratio (older files) leave its panel empty.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     panels = (("neuron_cv", "per-neuron update norm: CV (std/mean)", False),
-              ("neuron_max_min", "per-neuron update norm: max/min", True),
+              ("neuron_p95_p5", "update norm p95/p5 (live neurons)", True),
               ("effective_rank", "update effective rank (mean over matrices)", False))
     for ax, (key, label, log) in zip(axes.flat, panels):
         for name, runs in diag_runs.items():
@@ -468,8 +510,9 @@ def plot_neurons(diag_runs: dict[str, list[list[dict[str, Any]]]], path: Path, t
                     if v is not None and math.isfinite(v):
                         by_step.setdefault(r["step"], []).append(v)
             steps = sorted(by_step)
-            ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], "o-", ms=3,
-                    label=name)  # fmt: skip
+            # Ratios (log axis) average geometrically, as in neuron_table.
+            average = _geometric_mean if log else _arithmetic_mean
+            ax.plot(steps, [average(by_step[s]) for s in steps], "o-", ms=3, label=name)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         if log:
