@@ -680,7 +680,10 @@ def resolve_tune(cfg, data_path, *, optimizers: Sequence[str], protocol: TunePro
 
 
 def _corpus(summary: dict[str, Any]) -> str:
-    return summary["data"].split(",")[0].split(" (")[0]
+    """A short name of a summary's data: ``embedded Shakespeare``, a text file's name."""
+    source = summary["data"].split(",")[0].split(" (")[0]
+    return Path(source.removeprefix("text file ")).name if source.startswith("text file ") \
+        else source
 
 
 def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None = None) -> str:
