@@ -4,6 +4,7 @@ resume, the tables, and the command end to end on a tiny preset."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -212,6 +213,15 @@ def test_resume_from_the_ledger_alone_trains_nothing_more(tmp_path, fake_trainin
     ledger.write_text("garbage\n" + text)
     with pytest.raises(ValueError, match="line 1 is not a ledger record"):
         run_tune(*specs, protocol, out=tmp_path / "b", resume=True, log=lambda *_: None)
+    # More final seeds on resume: only their trainings are added.
+    more = TuneProtocol(separate_aux=False, final_seeds=(100, 101, 102, 103, 104))
+    before = len(fake_training)
+    final = dataclasses.replace(specs[1], seeds=more.final_seeds)
+    five = run_tune(specs[0], final, *specs[2:], more, out=tmp_path / "a", resume=True,
+                    log=lambda *_: None)  # fmt: skip
+    assert len(fake_training) == before + 3 * 2
+    assert five["settings"] == first["settings"]
+    assert five["finals"]["shared"]["optimizers"]["muon"]["seeds"] == [100, 101, 102, 103, 104]
     # Another protocol in the same folder is refused.
     with pytest.raises(ValueError, match="another config"):
         run_tune(*_specs(TuneProtocol(grid_points=5)), TuneProtocol(grid_points=5),

@@ -640,6 +640,8 @@ def run_tune(
     out = Path(out)
     identity = {"tune": spec.to_json(), "final_data": final_spec.data,
                 "optimizers": list(spec.selected), "protocol": protocol.to_json()}  # fmt: skip
+    if resume:
+        _accept_other_final_seeds(out / "config.json", identity)
     _claim_folder(out, identity, resume=resume, overwrite=overwrite)
     start = time.perf_counter()
     tuner = _Tuner(spec, final_spec, data, final_data, protocol, out, jobs=jobs,
@@ -652,6 +654,26 @@ def run_tune(
     write_json(out / "summary.json", summary)
     (out / "tune.md").write_text(summary["tables"] + "\n")
     return summary
+
+
+def _accept_other_final_seeds(path: Path, identity: dict[str, Any]) -> None:
+    """A resumed protocol may retrain on more (or other) final seeds: the tuning is the same. If
+    ``path`` (a folder's config.json) differs from ``identity`` only there, it is rewritten."""
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return  # _claim_folder reports it
+
+    def without_final_seeds(config: dict[str, Any]) -> Any:
+        config = json.loads(json.dumps(config))
+        if isinstance(config.get("protocol"), dict):
+            config["protocol"].pop("final_seeds", None)
+        return config
+
+    if without_final_seeds(saved) == without_final_seeds(identity):
+        write_json(path, identity)
 
 
 def resolve_tune(cfg, data_path, *, optimizers: Sequence[str], protocol: TuneProtocol):
