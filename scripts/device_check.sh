@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command for a machine with a GPU: the CUDA tests, `normuon check --device cuda --quick` and
-# a short AdamW/Muon/NorMuon comparison at GPT-2 124M scale on the embedded corpus.
+# One command for a machine with a GPU: the CUDA tests, `normuon check --device cuda --quick`, a
+# short AdamW/Muon/NorMuon comparison at GPT-2 124M scale on the embedded corpus, and NorMuon
+# inside torchtitan's own trainer (the command of docs/integrations.md, saved and resumed).
 #
 #   bash scripts/device_check.sh [--device cuda|cpu] [OUT]
 #
@@ -14,29 +15,36 @@
 #
 # Stages: environment (nvidia-smi when there is one, Python, torch, CUDA), pytest-cuda
 # (tests/test_cuda.py), check (`normuon check --quick --out OUT`), compare (60 steps per
-# optimizer of the gpt2-124m preset, eager).
+# optimizer of the gpt2-124m preset, eager), torchtitan (`torchrun -m torchtitan.train` on one
+# GPU, two when there are more, with the NorMuon override: torchtitan's Llama 3 debug model on the
+# embedded corpus (normuon.integrations.torchtitan_data), 20 steps saving checkpoints at 10 and
+# 20, then the run again from step 10's checkpoint, whose losses of steps 11-20 must match the
+# first run's: scripts/torchtitan_resume.py; torchtitan's folder is OUT/torchtitan).
 #
-# Time limits on cuda: a 10 s probe of the interpreter, then 25 + 120 + 120 + 150 s for the
+# Time limits on cuda: a 10 s probe of the interpreter, then 25 + 120 + 120 + 150 + 150 s for the
 # stages; whatever still runs at its limit gets SIGINT (the probe SIGTERM) and, 10 s later (the
-# probe 5 s), SIGKILL. Worst case: 15 + 35 + 130 + 130 + 160 = 470 s, under 8 minutes.
+# probe 5 s), SIGKILL. Worst case: 15 + 35 + 130 + 130 + 160 + 160 = 630 s, under 11 minutes.
 #
 # --device cpu is a dry run of the same stages on a machine without a GPU (the CUDA tests are
 # collected and skip with their reason; the check runs its correctness section only, the
-# comparison is the small cpu-smoke preset: a few seconds each).
+# comparison is the small cpu-smoke preset, torchtitan runs 6 steps resumed from step 3 in one
+# process through tests/torchtitan_cpu.py, which patches what stops torchtitan on a CPU: a few
+# seconds to half a minute each; its limit is 90 s, so the worst case stays under 10 minutes).
 #
 # Environment:
 #   PYTHON               the interpreter to use; default: the active virtualenv's
 #                        ($VIRTUAL_ENV/bin/python), else python3, else python on PATH. The summary
 #                        names the one used and its torch version.
-#   DEVICE_CHECK_STAGES  comma-separated stages to run (default: all four); the others are
+#   DEVICE_CHECK_STAGES  comma-separated stages to run (default: all five); the others are
 #                        listed as skipped, e.g. DEVICE_CHECK_STAGES=environment,check.
 #
 # It runs the project from this working tree (PYTHONPATH=src) with the machine's own PyTorch and
 # installs nothing. When pytest cannot be imported, the pytest-cuda stage is skipped with that
-# reason.
+# reason; likewise the torchtitan stage when torchtitan cannot be imported (install it as
+# docs/integrations.md says, or pip install "normuon[torchtitan]").
 set -uo pipefail
 
-ALL_STAGES="environment pytest-cuda check compare"
+ALL_STAGES="environment pytest-cuda check compare torchtitan"
 
 usage() {
   cat <<'EOF'
@@ -47,7 +55,7 @@ usage: bash scripts/device_check.sh [--device cuda|cpu] [OUT]
   -h, --help         show this help
 
 environment: PYTHON (interpreter), DEVICE_CHECK_STAGES (comma-separated subset of
-environment,pytest-cuda,check,compare)
+environment,pytest-cuda,check,compare,torchtitan)
 EOF
 }
 
@@ -286,21 +294,36 @@ try:
     import pytest
     print("pytest", pytest.__version__)
 except Exception as e:
-    print("pytest-missing", f"{type(e).__name__}: {e}")'
+    print("pytest-missing", f"{type(e).__name__}: {e}")
+try:
+    import torchtitan
+    print("torchtitan", getattr(torchtitan, "__version__", "unknown"))
+except Exception as e:
+    print("torchtitan-missing", f"{type(e).__name__}: {e}")
+try:
+    print("gpus", torch.cuda.device_count())
+except Exception:
+    print("gpus", 0)'
 probe_out=$(timeout --kill-after=5 10 "$PY" -c "$PROBE" 2>&1)
 probe_rc=$?
 printf '%s\n' "$probe_out" > "$OUT/interpreter.txt"
 PY_VERSION="unknown"
 TORCH="torch: unknown (probe exit $probe_rc, see interpreter.txt)"
 NO_PYTEST=""
+NO_TORCHTITAN="not probed (probe exit $probe_rc, see interpreter.txt)"
+GPUS=0
 while IFS= read -r line; do
   case "$line" in
     "python "*) PY_VERSION=${line#python } ;;
     "torch "*) TORCH="torch ${line#torch }" ;;
     "torch-missing "*) TORCH="torch not importable (${line#torch-missing })" ;;
     "pytest-missing "*) NO_PYTEST=${line#pytest-missing } ;;
+    "torchtitan "*) NO_TORCHTITAN="" ;;
+    "torchtitan-missing "*) NO_TORCHTITAN=${line#torchtitan-missing } ;;
+    "gpus "*) GPUS=${line#gpus } ;;
   esac
 done <<< "$probe_out"
+case "$GPUS" in '' | *[!0-9]*) GPUS=0 ;; esac
 
 {
   echo "# device check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -314,6 +337,10 @@ write_json
 PYTEST_SKIP=""
 if [ -n "$NO_PYTEST" ]; then
   PYTEST_SKIP="pytest is not importable by $PY: $NO_PYTEST"
+fi
+TORCHTITAN_SKIP=""
+if [ -n "$NO_TORCHTITAN" ]; then
+  TORCHTITAN_SKIP="torchtitan is not importable by $PY: $NO_TORCHTITAN"
 fi
 
 # ------------------------------------------------------------------ the stages
@@ -341,12 +368,35 @@ else
     --set train.val_every=10 --set train.checkpoint_every=0)
 fi
 
+# The torchtitan stage (scripts/torchtitan_resume.py): STEPS steps with checkpoints every
+# RESUME_AT, then the same command again from the middle checkpoint, whose losses must match.
+if [ "$DEVICE" = cuda ]; then
+  # docs/integrations.md's command (torchrun as "$PY -m torch.distributed.run", so that it is
+  # this interpreter's): the stock trainer on one GPU (two when there are more, so that FSDP
+  # shards NorMuon's state), torchtitan's Llama 3 debug model and batch (8 x 2048 bytes) on the
+  # embedded corpus. bf16 compute and CUDA kernels that need not be deterministic:
+  # the resumed losses match to 1e-2.
+  TT_LIMIT=150
+  TT_ARGS=(--steps 20 --resume-at 10 --rtol 1e-2 -- "$PY" -m torch.distributed.run --standalone
+    --nproc_per_node "$((GPUS >= 2 ? 2 : 1))" -m torchtitan.train
+    --module normuon.integrations.torchtitan_data --config llama3_debugmodel)
+else
+  # The dry run: the tests' CPU launcher (torchtitan patched from outside; float32, 4 x 64
+  # bytes per step), one process, which resumes to the same losses.
+  TT_LIMIT=90
+  TT_ARGS=(--steps 6 --resume-at 3 --rtol 1e-5 -- "$PY" -m torch.distributed.run --standalone
+    --nproc_per_node 1 tests/torchtitan_cpu.py --module torchtitan_cpu
+    --config llama3_debugmodel_cpu)
+fi
+
 stage environment 25 "" bash -c "$ENV_SH" environment "$PY" "$ENV_PY" "$DEVICE"
 stage pytest-cuda 120 "$PYTEST_SKIP" "$PY" -m pytest -q -rs -m cuda tests/test_cuda.py \
   -p no:cacheprovider
 stage check "$CHECK_LIMIT" "" "$PY" -m normuon check --device "$DEVICE" "${CHECK_ARGS[@]}" \
   --out "$OUT"
 stage compare 150 "" "$PY" -m normuon compare "${COMPARE_ARGS[@]}"
+stage torchtitan "$TT_LIMIT" "$TORCHTITAN_SKIP" "$PY" scripts/torchtitan_resume.py \
+  "$OUT/torchtitan" "${TT_ARGS[@]}" --override.imports normuon.integrations.torchtitan.normuon
 
 trap - INT TERM
 status=0

@@ -55,6 +55,7 @@ from normuon.integrations.torchtitan import (  # noqa: E402
     from_config,
     torchtitan_param_groups,
 )
+from normuon.integrations.torchtitan_data import corpus_rows, debug_model_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "tests" / "torchtitan_cpu.py"
@@ -64,7 +65,7 @@ Config = NorMuonOptimizersContainer.Config
 def _debug_model(name: str = "llama3", device: str = "cpu") -> nn.Module:
     """torchtitan's debug model as its trainer builds it: on meta, then materialized and
     initialized by its own init_weights (``device="meta"``: not materialized)."""
-    spec = torchtitan_cpu.debug_model_spec(name)
+    spec = debug_model_spec(name)
     with torch.device("meta"):
         model = spec.model.build()
     if device != "meta":
@@ -374,14 +375,14 @@ def test_torchtitans_lr_scheduler_scales_every_group_of_every_part():
 
 
 def _torchrun(world: int, folder: Path, *args: str, metrics: Path | None = None,
-              config: str = "llama3_debugmodel_cpu") -> None:
+              config: str = "llama3_debugmodel_cpu", module: str = "torchtitan_cpu") -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"),
                                           os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     if metrics is not None:
         env["NORMUON_TT_METRICS"] = str(metrics)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(world), str(LAUNCHER), "--module", "torchtitan_cpu",
+           "--nproc_per_node", str(world), str(LAUNCHER), "--module", module,
            "--config", config, "--dump_folder", str(folder), *args]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -394,6 +395,20 @@ STEPS, GLOBAL_BATCH, SEQ_LEN = 6, 4, 64
 OVERRIDE = 'normuon.integrations.torchtitan.normuon={"lr": 0.02, "ns_dtype": "float32"}'
 COMMON = ("--checkpoint.enable", "--checkpoint.interval", "3", "--training.steps", str(STEPS),
           "--training.seq_len", str(SEQ_LEN), "--override.imports", OVERRIDE)  # fmt: skip
+
+
+@pytest.mark.distributed
+def test_the_packaged_debug_config_is_found_by_its_dotted_module_path(tmp_path):
+    """The config of the documented CUDA command (``--module normuon.integrations.torchtitan_data
+    --config llama3_debugmodel``), found by torchtitan's own lookup of a dotted module path and
+    trained with NorMuon by its trainer at 2 ranks (here through the CPU launcher, in float32 and
+    on short sequences: the config is otherwise the one CUDA runs)."""
+    args = ("--training.steps", "2", "--training.seq_len", "64", "--training.local_batch_size",
+            "2", "--training.mixed_precision_param", "float32", "--override.imports", OVERRIDE)
+    _torchrun(2, tmp_path / "run", *args, metrics=tmp_path / "metrics.jsonl",
+              module="normuon.integrations.torchtitan_data", config="llama3_debugmodel")
+    losses = _losses(tmp_path / "metrics.jsonl")
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
 
 
 def _checkpoint(path: Path) -> dict:
@@ -451,8 +466,7 @@ def seed_run(tmp_path_factory):
         optimizers=[optimizer], training_steps=STEPS)  # fmt: skip
     tokens, losses = load_data().train, []
     for step in range(STEPS):
-        inputs, labels = torchtitan_cpu.corpus_rows(tokens, step * GLOBAL_BATCH, GLOBAL_BATCH,
-                                                    SEQ_LEN, seed=0)  # fmt: skip
+        inputs, labels = corpus_rows(tokens, step * GLOBAL_BATCH, GLOBAL_BATCH, SEQ_LEN, seed=0)
         logits = model(inputs)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                            reduction="sum") / labels.numel()  # fmt: skip

@@ -16,18 +16,20 @@ This launcher patches them from outside, before ``torchtitan.train.main()`` runs
    ``device_ids`` (the device module's current device), which only NCCL takes: dropped;
 4. gloo rejects ``PREMUL_SUM``, which FSDP2 uses for the ``gradient_divide_factor=1.0``
    torchtitan sets: on CPU the reduce-scatter sums instead, the same numbers (a factor of 1);
-5. FlexAttention is compiled and has no CPU backward: the CPU configs below use SDPA (causal),
+5. FlexAttention is compiled and has no CPU backward: the configs use causal SDPA (see 7),
    which torchtitan's decoder takes without masks;
 6. torchtitan calls pipeline schedules with inputs already split into microbatches
    (``step(arg_mbs=..., kwarg_mbs=...)``), an API torch 2.13's schedules lack: such calls are
    routed to the schedules' ``_step_microbatches``;
 7. the debug configs read a tokenizer folder and the ``c4_test`` dataset from a torchtitan
-   checkout (and Hugging Face ``datasets``): the CPU configs use the byte tokenizer and loader
-   below instead.
+   checkout (and Hugging Face ``datasets``): the CPU configs below start from those of
+   :mod:`normuon.integrations.torchtitan_data` (torchtitan's debug configs with causal SDPA,
+   normuon's byte tokenizer and a loader over its embedded Shakespeare corpus, which also run
+   on CUDA with the stock ``-m torchtitan.train``).
 
-The loader reads normuon's embedded Shakespeare corpus as bytes; its training step ``s``
-reads the same rows of one stream (:func:`corpus_rows`) at every data-parallel world size and
-pipeline microbatching, so runs of any layout see the same data.
+The CPU configs add float32 everywhere and a small batch (4 x 64 bytes). The loader's training
+step ``s`` reads the same rows of one stream (``torchtitan_data.corpus_rows``) at every
+data-parallel world size and pipeline microbatching, so runs of any layout see the same data.
 
 Use it in place of ``-m torchtitan.train``::
 
@@ -46,7 +48,6 @@ import json
 import os
 import sys
 import types
-from dataclasses import dataclass
 
 import torch
 
@@ -129,7 +130,7 @@ def _stub_missing_datasets() -> None:
 
 def patch_torchtitan_for_cpu() -> None:
     """Apply the patches 1-4 and 6 above (idempotent); call before torchtitan is imported.
-    (5 and 7 are in the CPU configs.)"""
+    (5 and 7 are in the configs.)"""
     if getattr(torch, _PATCHED, False):
         return
     if "torchtitan.tools.utils" in sys.modules:
@@ -240,116 +241,21 @@ def _record_metrics() -> None:
 
 # ----------------------------------------------------------------------------- configs
 
-
-def debug_model_spec(model: str = "llama3", n_layers: int | None = None):
-    """torchtitan's debug model of ``model`` with causal SDPA in place of FlexAttention (no
-    CPU backward), the same with or without the patches (the tests build it in-process);
-    ``n_layers`` keeps only the first layers."""
-    stub_triton_kernels()
-    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
-
-    module = importlib.import_module(f"torchtitan.models.{model}")
-    spec = module.model_registry("debugmodel")
-    for _, _, parent, attr in list(spec.model.traverse(FlexAttention.Config)):
-        if isinstance(parent, list):
-            parent[attr] = ScaledDotProductAttention.Config()
-        else:
-            setattr(parent, attr, ScaledDotProductAttention.Config())
-    if n_layers is not None:
-        spec.model.layers = spec.model.layers[:n_layers]
-    return spec
-
-
-def corpus_rows(tokens: torch.Tensor, first: int, count: int, seq_len: int, seed: int):
-    """Rows ``first .. first + count - 1`` of the training stream: row ``j`` is the window of
-    ``seq_len + 1`` tokens at a start drawn from a generator seeded by (seed, j) alone, split into
-    (inputs, next-token labels), each (count, seq_len) int64."""
-    starts = [
-        int(torch.randint(0, tokens.numel() - seq_len - 1, (1,),
-                          generator=torch.Generator().manual_seed(seed * 1_000_003 + j)))
-        for j in range(first, first + count)
-    ]  # fmt: skip
-    windows = torch.stack([tokens[s : s + seq_len + 1] for s in starts])
-    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
-
-
 # The trainer's configs, defined in the patched process only: torchtitan's ConfigManager imports
-# this file as the module ``torchtitan_cpu`` (``--module torchtitan_cpu``) after main() patched.
-_HAVE_TORCHTITAN = bool(getattr(torch, _PATCHED, False))
-
-if _HAVE_TORCHTITAN:
-    from torchtitan.components.dataloader import BaseDataLoader
-    from torchtitan.components.tokenizer import BaseTokenizer
-
-    from normuon.harness.data import load_data
-
-    class ByteTokenizer(BaseTokenizer):
-        """UTF-8 bytes as tokens (ids 0-255; the debug model's vocabulary has 2048)."""
-
-        @dataclass(kw_only=True, slots=True)
-        class Config(BaseTokenizer.Config):
-            pass
-
-        def __init__(self, config: Config, tokenizer_path: str | None = None) -> None:
-            super().__init__()
-            self.eos_id = 0
-
-        def encode(self, text: str, *args, **kwargs) -> list[int]:
-            return list(text.encode("utf-8"))
-
-        def decode(self, ids, *args, **kwargs) -> str:
-            return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-        def get_vocab_size(self) -> int:
-            return 256
-
-    class ShakespeareLoader(BaseDataLoader):
-        """Windows of the embedded corpus as one stream of rows shared by all ranks
-        (:func:`corpus_rows`): each call takes the next ``local_batch_size`` rows of this
-        data-parallel rank, so a training step (one call, or one per pipeline microbatch) reads
-        a contiguous block of the stream whatever the world size, microbatching or resumption."""
-
-        @dataclass(kw_only=True, slots=True)
-        class Config(BaseDataLoader.Config):
-            seed: int = 0
-
-        def __init__(self, config: Config, *, dp_world_size: int, dp_rank: int, tokenizer,
-                     seq_len: int, local_batch_size: int, **_: object) -> None:  # fmt: skip
-            self.tokens = load_data().train
-            self.seed = config.seed
-            self.dp_world_size, self.dp_rank = dp_world_size, dp_rank
-            self.seq_len, self.rows = seq_len, local_batch_size
-            self.next_row = 0  # rows of the stream consumed by all ranks together
-
-        def __iter__(self):
-            while True:
-                first = self.next_row + self.dp_rank * self.rows
-                self.next_row += self.dp_world_size * self.rows
-                inputs, labels = corpus_rows(self.tokens, first, self.rows, self.seq_len,
-                                             self.seed)  # fmt: skip
-                yield {"input": inputs}, labels
-
-        # The same on every rank and at every world size, so a checkpoint resumes anywhere.
-        def state_dict(self) -> dict:
-            return {"next_row": self.next_row}
-
-        def load_state_dict(self, state_dict: dict) -> None:
-            if state_dict:
-                self.next_row = int(state_dict["next_row"])
+# this file as the module ``torchtitan_cpu`` (``--module torchtitan_cpu``) after main() patched,
+# and normuon.integrations.torchtitan_data imports torchtitan, which must come after the patches.
+if getattr(torch, _PATCHED, False):
+    from normuon.integrations.torchtitan_data import with_embedded_data
 
     def _cpu(config, model: str, n_layers: int | None = None):
-        """A debug config made runnable on CPU: SDPA attention, float32 everywhere, the
-        local tokenizer and data, the partial_dtensor SPMD backend, no validation."""
-        config.model_spec = debug_model_spec(model, n_layers)
-        config.tokenizer = ByteTokenizer.Config()
-        config.dataloader = ShakespeareLoader.Config()
-        config.hf_assets_path = "."
-        config.parallelism.spmd_backend = "partial_dtensor"
+        """A debug config on the embedded corpus (normuon.integrations.torchtitan_data: byte
+        tokenizer, SDPA attention, partial_dtensor, no validation) made runnable on CPU:
+        float32 everywhere, no CUDA graphs, a small batch."""
+        config = with_embedded_data(config, model, n_layers)
         config.training.mixed_precision_param = "float32"
         config.training.local_batch_size = 4
         config.training.seq_len = 64
         config.training.disable_cuda_graphs = True
-        config.validator.enable = False
         config.metrics.log_freq = 1
         return config
 
