@@ -209,3 +209,15 @@ def test_step_versions_times_two_trees_alternately(tmp_path):
     assert re.search(r"B / A = [0-9.]+", out), out
     assert len(table_rows(out, "A") + table_rows(out, "B")) == 2, out
     assert list(tmp_path.glob("step_versions-tiny-*.md"))
+
+
+def test_harness_speed_times_eager_and_compiled(tmp_path):
+    out = run_script([str(BENCH / "harness_speed.py"), "--rungs", "xs", "--optimizers", "normuon",
+                      "--steps", "3", "--warmup", "2", "--reps", "1", "--out", str(tmp_path)],
+                     timeout=600)  # fmt: skip
+    rows = table_rows(out, "xs")
+    assert len(rows) == 1 and rows[0][1] == "normuon" and rows[0][2] == "280"
+    eager, compiled = (float(c.replace(",", "")) for c in rows[0][3:5])
+    assert eager > 0 and compiled > 0
+    assert "- `xs`: compiling saves" in out
+    assert list(tmp_path.glob("harness_speed-*.md"))

@@ -1,0 +1,118 @@
+"""Training tokens per second of the harness per ladder rung, eager against torch.compile.
+
+How much evidence fits in a CPU budget is bounded by the harness's speed, and whether compiling
+the model pays depends on the machine and the model size (compile time against the time it
+saves), so it is measured here rather than assumed. Per rung and optimizer, one thread (the
+CLI's CPU default): a :class:`~normuon.harness.trainer.Trainer` on the rung's preset takes
+``--warmup`` steps (in compiled mode the compilation happens there; its extra time is reported as
+the compile cost), then ``--steps`` timed steps (forward, backward, clipping, optimizer step,
+scheduler: the trainer's own step). Modes alternate eager / compiled ``--reps`` times per rung
+(median reported), so a change in the machine's load hits both.
+
+    python benchmarks/harness_speed.py [--rungs xs,s,m,l] [--optimizers adamw,muon,normuon]
+        [--steps 60] [--warmup 10] [--reps 2] [--out benchmarks/results]
+
+The verdict per rung: a run of the rung's 20-tokens-per-parameter preset takes
+``steps * tokens_per_step / tokens_per_s`` seconds; compiling pays when the time saved exceeds
+the compile cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_lines, md_table, median, today, write_report  # noqa: E402
+
+from normuon.harness.config import LADDER_SHAPES, get_preset  # noqa: E402
+from normuon.harness.data import load_data  # noqa: E402
+from normuon.harness.spec import resolve_spec  # noqa: E402
+from normuon.harness.trainer import Trainer  # noqa: E402
+
+
+def measure(rung: str, optimizer: str, compiled: bool, data, steps: int, warmup: int) -> dict:
+    """(tokens/s over the timed steps, seconds of the warm-up steps) of one fresh trainer."""
+    cfg = get_preset(f"ladder-{rung}-20tpp")
+    cfg.train.compile = compiled
+    spec, data = resolve_spec(cfg, data, optimizers=[optimizer], seeds=[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(spec, optimizer, data, out_dir=tmp, progress=False)
+        trainer.start()
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            trainer.train_step()
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        t2 = time.perf_counter()
+    per_step = spec.train.batch_size * spec.train.seq_len
+    return {"tokens_per_s": steps * per_step / (t2 - t1), "warmup_s": t1 - t0,
+            "step_s": (t2 - t1) / steps, "run_steps": spec.train.steps,
+            "tokens_per_step": per_step}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rungs", default="xs,s,m,l")
+    p.add_argument("--optimizers", default="adamw,muon,normuon")
+    p.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
+    p.add_argument("--reps", type=int, default=2, help="alternations eager / compiled")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rungs = [r.strip() for r in args.rungs.split(",") if r.strip()]
+    for rung in rungs:
+        if rung not in LADDER_SHAPES:
+            raise SystemExit(f"harness_speed: unknown rung {rung!r}; known: "
+                             f"{', '.join(LADDER_SHAPES)}")  # fmt: skip
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    data = load_data(None)
+    rows, verdict = [], []
+    for rung in rungs:
+        saved_total = 0.0
+        compile_cost = 0.0
+        for name in optimizers:
+            found: dict[bool, list[dict]] = {False: [], True: []}
+            for _ in range(args.reps):
+                for compiled in (False, True):
+                    found[compiled].append(measure(rung, name, compiled, data, args.steps,
+                                                   args.warmup))  # fmt: skip
+            eager = median([m["tokens_per_s"] for m in found[False]])
+            comp = median([m["tokens_per_s"] for m in found[True]])
+            step_e = median([m["step_s"] for m in found[False]])
+            step_c = median([m["step_s"] for m in found[True]])
+            # The compile cost: the compiled warm-up's time beyond as many steady steps.
+            cost = median([m["warmup_s"] for m in found[True]]) - args.warmup * step_c
+            run_steps = found[False][0]["run_steps"]
+            saved = run_steps * (step_e - step_c)
+            saved_total += saved
+            compile_cost += cost
+            rows.append([rung, name, run_steps, f"{eager:,.0f}", f"{comp:,.0f}",
+                         f"{comp / eager:.2f}", f"{cost:.1f}", f"{run_steps * step_e:.1f}",
+                         f"{saved:+.1f}"])  # fmt: skip
+        verdict.append(f"- `{rung}`: compiling saves {saved_total:+.1f} s over one 20-tpp run of "
+                       f"each optimizer and costs {compile_cost:.1f} s of compilation: "
+                       f"{'pays' if saved_total > compile_cost else 'does not pay'}.")
+    lines = [f"# Harness tokens per second, eager vs torch.compile ({today()})", "",
+             *machine_lines(), "",
+             f"`python benchmarks/harness_speed.py --rungs {','.join(rungs)} --optimizers "
+             f"{','.join(optimizers)} --steps {args.steps} --warmup {args.warmup} "
+             f"--reps {args.reps}`: one torch thread; median of {args.reps} alternations.", "",
+             *md_table(["rung", "optimizer", "steps at 20 tpp", "eager tokens/s",
+                        "compiled tokens/s", "ratio", "compile cost (s)",
+                        "eager run time (s)", "compiled saves (s)"], rows),
+             "", *verdict]  # fmt: skip
+    path = write_report(args.out, "harness_speed", lines)
+    print("\n".join(lines))
+    return path
+
+
+if __name__ == "__main__":
+    main()
