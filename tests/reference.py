@@ -130,7 +130,8 @@ class ReferenceMatrixOptimizer:
     def _muon(self, O, m, n):
         if self.update_scale == "preserve_norm":
             return O * math.sqrt(max(1.0, m / n))
-        return O * 0.2 * math.sqrt(m * n) / torch.linalg.norm(O)
+        norm = torch.linalg.norm(O)
+        return O * 0.2 * math.sqrt(m * n) / norm if norm > 0 else torch.zeros_like(O)
 
     def _denominator(self, X, m, n, i, slot):
         """sqrt(v) + eps after v's EMA step with X's statistic, shaped to divide X:
@@ -151,7 +152,8 @@ class ReferenceMatrixOptimizer:
         Oh = O / self._denominator(O, m, n, i, slot)
         if self.update_scale == "preserve_norm":
             return Oh * torch.linalg.norm(O) / torch.linalg.norm(Oh) * math.sqrt(max(1.0, m / n))
-        return Oh * 0.2 * math.sqrt(m * n) / torch.linalg.norm(Oh)
+        norm = torch.linalg.norm(Oh)
+        return Oh * 0.2 * math.sqrt(m * n) / norm if norm > 0 else torch.zeros_like(Oh)
 
 
 def adamw_reference(params, grads_per_step, lr, betas, eps, weight_decay, cautious=False):

@@ -548,6 +548,29 @@ def test_torch_compile_training_step(cls):
     assert compiled_opt.nonfinite_skips == eager_opt.nonfinite_skips == 0
 
 
+# ------------------------------------------------------------------ an all-zero update
+
+
+@pytest.mark.parametrize("cls", [Muon, NorMuon])
+@pytest.mark.parametrize("update_scale", ["preserve_norm", "adam_rms"])
+def test_exactly_zero_gradient_leaves_the_matrix_unchanged(cls, update_scale):
+    """A matrix behind a zero-initialised projection gets an exactly zero gradient at step 0:
+    its update is zero, not NaN (Muon's adam_rms scale divided by a zero norm gave inf * 0), and
+    it trains normally once its gradient is not zero."""
+    torch.manual_seed(0)
+    # (64, 16): 0.2 sqrt(64 * 16) / float32's tiny overflows to inf (a small matrix did not).
+    w = nn.Parameter(torch.randn(64, 16))
+    other = nn.Parameter(torch.randn(4, 4))
+    opt = cls([w, other], lr=0.02, update_scale=update_scale)
+    before = w.detach().clone()
+    w.grad, other.grad = torch.zeros(64, 16), torch.randn(4, 4)
+    opt.step()
+    assert torch.equal(w, before) and torch.isfinite(other).all()
+    w.grad, other.grad = torch.randn(64, 16), torch.randn(4, 4)
+    opt.step()
+    assert torch.isfinite(w).all() and not torch.equal(w, before)
+
+
 # ------------------------------------------------------------------ eps = 0 (valid option)
 
 

@@ -254,9 +254,12 @@ def muon_factors(o: torch.Tensor, ok: torch.Tensor | None, update_scale: str) ->
         )
         return (scale * okf)[:, None]
     if update_scale == "adam_rms":
-        tiny = torch.finfo(torch.float32).tiny
         norm = torch.linalg.vector_norm(o, dim=(-2, -1), dtype=accum_dtype(o.dtype))
-        return (ADAM_RMS_TARGET * math.sqrt(m * n) / norm.clamp_min(tiny) * okf)[:, None]
+        # An all-zero O (a matrix whose gradient is still exactly zero, e.g. behind a
+        # zero-initialised projection at step 0) gets g = 0: a clamped norm would give
+        # 0.2 sqrt(mn) / tiny, which overflows float32 to inf, and inf * 0 is NaN.
+        scale = torch.where(norm > 0, ADAM_RMS_TARGET * math.sqrt(m * n) / norm, 0.0)
+        return (scale * okf)[:, None]
     raise ValueError(f"update_scale must be 'preserve_norm' or 'adam_rms', got {update_scale!r}")
 
 
