@@ -104,6 +104,8 @@ def test_protocol_validation_names_the_field(change, message):
 
 #: Synthetic final loss of (optimizer, lr, embeddings/head lr): bowls in log2 with known optima.
 OPTIMA = {"adamw": (0.02, None), "muon": (0.04, 0.004), "normuon": (0.06, 0.016)}
+#: "always": optimizers the fake training makes diverge at every setting.
+DIVERGE: dict[str, frozenset[str]] = {"always": frozenset()}
 
 
 def _loss(name: str, lr: float, aux: float | None, seed: int) -> float:
@@ -126,7 +128,7 @@ def fake_training(monkeypatch):
             opt = run.spec.optimizers[run.name]
             aux = None if run.name == "adamw" else opt.adamw_lr
             trained.append((run.name, opt.lr, aux, run.seed, data.source))
-            if opt.lr >= 0.5:
+            if opt.lr >= 0.5 or run.name in DIVERGE["always"]:
                 on_result(run, Diverged("diverged: validation loss nan"))
                 continue
             final = _loss(run.name, opt.lr, aux, run.seed)
@@ -240,6 +242,17 @@ def test_divergence_scores_infinite_and_the_search_moves_away(tmp_path, fake_tra
     # Three steps down (0.125, 0.0625, 0.03125), then refined: 0.03125 * sqrt 2 is nearest 0.04.
     assert summary["settings"]["shared"]["muon"]["lr"] == 0.0441942
     assert "diverged" in (tmp_path / "d" / "tune.md").read_text()
+
+
+def test_a_judge_that_diverges_everywhere_does_not_choose_the_shared_lr(tmp_path, monkeypatch,
+                                                                        fake_training):
+    # Muon diverges at every setting: NorMuon alone chooses the shared embeddings/head lr (its
+    # own optimum, 0.016), instead of the smallest value tried (every joint score infinite).
+    monkeypatch.setitem(DIVERGE, "always", frozenset({"muon"}))
+    protocol = TuneProtocol(separate_aux=False)
+    summary = run_tune(*_specs(protocol), protocol, out=tmp_path / "j", log=lambda *_: None)
+    assert summary["judges"] == ["normuon"]
+    assert summary["shared_aux"] == 0.016
 
 
 def test_analysis_statistics_by_hand():

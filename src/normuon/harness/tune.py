@@ -351,8 +351,19 @@ class _Tuner:
                 self.best_lr[name] = best
         return need
 
+    def _effective_judges(self) -> list[str]:
+        """The judges that trained at all in the lr phase: one that diverged at every matrix lr
+        would make every shared value's score infinite and leave the choice to the tie rule.
+        Without any, every matrix optimizer that trained judges; without those, all do."""
+        def trained(name: str) -> bool:
+            return any(math.isfinite(v) for v in self._lr_scores(name, self.aux0).values())
+
+        return ([j for j in self.judges if trained(j)]
+                or [o for o in self.matrix if trained(o)] or list(self.judges))  # fmt: skip
+
     def _aux_requests(self) -> list[Point]:
         p = self.protocol
+        self.judges = self._effective_judges()
         per = {name: self._aux_scores(name) for name in self.matrix}
         common = set.intersection(*(set(per[j]) for j in self.judges))
         joint = {v: sum(per[j][v] for j in self.judges) / len(self.judges) for v in common}
