@@ -62,6 +62,7 @@ __all__ = [
     "TuneProtocol",
     "search_next",
     "run_tune",
+    "resolve_tune",
     "analyse_finals",
     "tune_tables",
     "write_tune_plot",
