@@ -286,6 +286,10 @@ def test_ladder_report_tables_and_figure(tmp_path, fake_training):
     text = ladder_report([summary, other], plot=tmp_path / "ladder.png")
     rows = [r for r in text.splitlines() if r.startswith("| embedded Shakespeare")]
     assert len(rows) == 4  # two summaries, two tables
+    other_lr = other["settings"]["shared"]["normuon"]
+    assert "tuned lr max/min across 2 sizes: adamw 1.00x, muon 1.00x, normuon 1.00x" in text
+    other_lr["lr"] *= 2
+    assert "normuon 2.00x" in ladder_report([summary, other])
     assert (tmp_path / "ladder.png").read_bytes()[:4] == b"\x89PNG"
 
 

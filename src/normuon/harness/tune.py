@@ -756,6 +756,21 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
         lrs = [_lr(st[n]["lr"]) if n in st else "—" for n in ("adamw", "muon", "normuon")]
         lines.append(f"| {_corpus(s)} | {s['preset']} | {s['n_params']:,} | "
                      f"{' | '.join(lrs)} | {_lr(s['shared_aux'])} |")
+    # Learning-rate transfer: how far each optimizer's tuned lr moves across the sizes of one
+    # corpus (1.0: it stays put; the grid resolution is sqrt 2 = 1.41).
+    for corpus in sorted({_corpus(s) for s in rows}):
+        sized = [s for s in rows if _corpus(s) == corpus]
+        if len(sized) < 2:
+            continue
+        spreads = []
+        for name in ("adamw", "muon", "normuon"):
+            lrs = [s["settings"]["shared"][name]["lr"] for s in sized
+                   if name in s["settings"].get("shared", {})]  # fmt: skip
+            if len(lrs) > 1:
+                spreads.append(f"{name} {max(lrs) / min(lrs):.2f}x")
+        if spreads:
+            lines += ["", f"{corpus}: tuned lr max/min across {len(sized)} sizes: "
+                          + ", ".join(spreads) + "."]
     hours = sum(s["train_time_s"] for s in rows) / 3600
     lines += ["", f"{sum(s['trainings'] for s in rows)} trainings, {hours:.2f} CPU-thread hours "
                   f"of training (evaluation excluded)."]
