@@ -382,7 +382,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         has its candidates timed then (:mod:`normuon.ns_kernels`), so compiled and captured
         steps find them decided (a traced step cannot time: a bucket it meets undecided runs
         the shape rule). This call decides what is still open (parameters that were on the
-        meta device, a changed ``ns_kernel``); ``prepare_capture`` calls it. Returns one :class:`~normuon.ns_kernels.KernelChoice` per distinct bucket (shape,
+        meta device, a changed ``ns_kernel``); ``prepare_capture`` calls it.
+
+        Returns one :class:`~normuon.ns_kernels.KernelChoice` per distinct bucket (shape,
         count, iteration dtype, device type, steps) with what runs and the times measured;
         empty with a custom ``orthogonalizer``. Buckets of steps where some parameters have no
         gradient hold fewer matrices: they are decided when first seen.
