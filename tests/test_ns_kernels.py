@@ -51,8 +51,10 @@ def _gradient_like(batch: int, m: int, n: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     rank = max(1, min(m, n) // 2)
     decay = torch.logspace(0, -2, rank, dtype=torch.float64)
-    signal = torch.randn(batch, m, rank, generator=gen, dtype=torch.float64) * decay @ torch.randn(
-        batch, rank, n, generator=gen, dtype=torch.float64
+    signal = (
+        torch.randn(batch, m, rank, generator=gen, dtype=torch.float64)
+        * decay
+        @ torch.randn(batch, rank, n, generator=gen, dtype=torch.float64)
     )
     noise = torch.randn(batch, m, n, generator=gen, dtype=torch.float64)
     return signal + 0.05 * signal.std() * noise
@@ -163,8 +165,13 @@ def test_multiply_adds_are_what_the_kernel_runs(kernel, shape, dtype):
     u = torch.randn(shape)
     scratch = NS.NSScratch.allocate(shape[0], shape[1], shape[2], torch.float64, "cpu")
     with FlopCounterMode(display=False) as counter:  # float64: the count is dtype-blind
-        NS.newton_schulz_(u.double(), coefficients, scratch, kernel=kernel,
-                          restarts=NS.gram_restarts(5, dtype) if kernel == "gram" else None)
+        NS.newton_schulz_(
+            u.double(),
+            coefficients,
+            scratch,
+            kernel=kernel,
+            restarts=NS.gram_restarts(5, dtype) if kernel == "gram" else None,
+        )
     restarts = NS.gram_restarts(5, dtype) if kernel == "gram" else ()
     expected = shape[0] * NS.ns_multiply_adds(shape[1], shape[2], 5, kernel, restarts)
     assert counter.get_total_flops() == 2 * expected
@@ -218,7 +225,7 @@ def test_auto_measures_each_bucket_once_per_process(measured):
     first = NorMuon(_params(SHAPES_OPT), ns_dtype="float32")
     # buckets: 2 x (16, 48), 3 x (24, 24), 1 x (40, 8) (one matrix, two kernels: gram, standard)
     assert sorted(measured) == sorted([(16, 48, 2), (24, 24, 3), (40, 8, 1)])
-    choices = first.ns_kernel_choices()
+    choices = first.ns_kernel_choices()  # one per planned batch, here one per bucket
     assert [(c.m, c.n, c.count) for c in choices] == [(16, 48, 2), (24, 24, 3), (40, 8, 1)]
     assert all(c.source == "measured" and len(c.timings) >= 2 for c in choices)
     params = _params(SHAPES_OPT, seed=1)
@@ -291,6 +298,7 @@ def _record_kernels(monkeypatch) -> list[str]:
 
 def test_the_fastest_candidate_is_chosen_and_run(monkeypatch):
     """With timings where the 2-D loop wins, the step runs the loop (seen at newton_schulz_)."""
+
     def fake_measure(m, n, count, dtype, device, coefficients, input_dtype, options, reps=3):
         return tuple((c, 1.0 if c.kernel == "loop" else 2.0) for c in options)
 

@@ -384,10 +384,11 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         the shape rule). This call decides what is still open (parameters that were on the
         meta device, a changed ``ns_kernel``); ``prepare_capture`` calls it.
 
-        Returns one :class:`~normuon.ns_kernels.KernelChoice` per distinct bucket (shape,
-        count, iteration dtype, device type, steps) with what runs and the times measured;
-        empty with a custom ``orthogonalizer``. Buckets of steps where some parameters have no
-        gradient hold fewer matrices: they are decided when first seen.
+        Returns the :class:`~normuon.ns_kernels.KernelChoice` of every planned batch, in plan
+        order (batches of one bucket: shape, count, iteration dtype, device type and steps,
+        share one), with what runs and the times measured; empty with a custom
+        ``orthogonalizer``. Buckets of steps where some parameters have no gradient hold fewer
+        matrices: they are decided when first seen.
 
         Examples:
             >>> import torch

@@ -376,12 +376,13 @@ class StepPipeline:
 
     def plan_kernels(self, batches: list[tuple[BlockBatch, ...]]) -> list[ns_kernels.KernelChoice]:
         """Decide the kernel of every planned batch (all members present), timing the
-        candidates of buckets this process has not seen (``ns_kernel="auto"``); returns one
-        choice per distinct bucket, in plan order. Empty with a custom ``orthogonalizer``."""
+        candidates of buckets this process has not seen (``ns_kernel="auto"``); returns the
+        choice of each batch, in plan order (batches of one bucket share theirs). Empty with a
+        custom ``orthogonalizer``."""
         opt = self.owner
         if opt.orthogonalizer is not None:
             return []
-        seen: dict[tuple, ns_kernels.KernelChoice] = {}
+        chosen: list[ns_kernels.KernelChoice] = []
         for group, group_batches in zip(opt.param_groups, batches):
             if group["algorithm"] == "adamw" or not group_batches:
                 continue
@@ -400,8 +401,8 @@ class StepPipeline:
                     "shape", batch.m, batch.n, count, dtype, batch.device, coefficients,
                     batch.dtype,
                 )  # fmt: skip
-                seen.setdefault(key, choice)
-        return list(seen.values())
+                chosen.append(choice)
+        return chosen
 
     # --------------------------------------------------------------------- AdamW groups
 
