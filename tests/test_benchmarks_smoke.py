@@ -57,7 +57,8 @@ def test_step_time_quick_writes_table(tmp_path, ns_dtype):
         assert row[8].endswith("%"), row  # non-NS share
         float(row[9])  # transient / params is a number
         float(row[10])  # alloc / params is a number
-        assert 0 <= float(row[11]) <= float(row[10]) + 1e-3, row  # of which outside GEMMs
+        # of which outside GEMMs (printed to 3 decimals, the total to 2: half a unit of slack)
+        assert 0 <= float(row[11]) <= float(row[10]) + 5e-3, row
         mem_row = next(r for r in table_rows(text, label) if len(r) == 11)
         assert float(mem_row[3]) >= 0 and float(mem_row[4]) == float(row[10]), mem_row
         assert 0 <= float(mem_row[5]) <= float(mem_row[3]), mem_row  # in GEMM kernels
