@@ -245,7 +245,8 @@ def test_candidates_offer_gram_only_where_it_pays():
     assert {c.kernel for c in square} == {"standard", "loop"}
     wide = ns_kernels.candidates(16, 48, 3, torch.float32, "cpu")
     assert {c.kernel for c in wide} == {"standard", "loop", "gram"}
-    assert wide[0] == ns_kernels.Candidate("standard", 3)  # the default first: it wins ties
+    assert ns_kernels.shape_rule(16, 48, 3, torch.float32, "cpu") in wide
+    assert ns_kernels.shape_rule(24, 24, 3, torch.float32, "cpu") in square
     assert {c.kernel for c in ns_kernels.candidates(16, 48, 1, torch.float32, "cpu")} == {
         "standard", "gram"}  # fmt: skip
     # CPU: a smaller chunk too where the default chunk holds more than a quarter budget.
@@ -281,6 +282,22 @@ def test_invalid_fixed_choice_raises_naming_it(bad):
     with pytest.raises(ValueError, match=repr(bad)):
         ns_kernels.choose(bad, 8, 8, 1, torch.float32, torch.device("cpu"),
                           NS.resolve_ns_coefficients("muon", 5), torch.float32)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "loop_seconds,expected", [(0.5, "loop"), (0.96, "standard"), (1.0, "standard")]
+)
+def test_another_kernel_must_be_clearly_faster_than_the_rule(monkeypatch, loop_seconds, expected):
+    """The shape rule's kernel (here the batched standard loop, 1 s) stays unless another
+    candidate times SWITCH_MARGIN (5%) faster: a choice on noise would only move rounding."""
+
+    def fake_measure(m, n, count, dtype, device, coefficients, input_dtype, options, reps=3):
+        return tuple((c, loop_seconds if c.kernel == "loop" else 1.0) for c in options)
+
+    monkeypatch.setattr(ns_kernels, "measure", fake_measure)
+    choice = ns_kernels.choose("auto", 24, 24, 3, torch.float32, torch.device("cpu"),
+                               NS.resolve_ns_coefficients("muon", 5), torch.float32)  # fmt: skip
+    assert choice.kernel == expected and choice.source == "measured"
 
 
 def _record_kernels(monkeypatch) -> list[str]:

@@ -5,12 +5,12 @@ of ``count`` same-shaped (m, n) matrices, in one iteration dtype, on one kind of
 number of steps. The kernels (:data:`normuon.newton_schulz.KERNELS`) give the same map and
 differ in speed only, and which is fastest depends on the GEMM library and the shapes (oneDNN
 and cuBLAS favour different ones), so with ``ns_kernel="auto"`` the optimizers time every
-candidate of a bucket once, on random data of its shape, the first time a step (or
-``prepare_capture``, or :meth:`normuon.NorMuon.ns_kernel_choices`) sees it, and keep the
-fastest in a per-process cache: a second optimizer with the same buckets does not measure
-again. The choice then never changes in that process, so a given process's results are
-deterministic; another process may choose another kernel, whose result differs by rounding
-(within each kernel's error bound, ``tests/test_ns_kernels.py``).
+candidate of a bucket once, on random data of its shape, when the optimizer's plans are built
+(or a step first meets a bucket), and keep the fastest (the shape rule's kernel stays unless
+another is :data:`SWITCH_MARGIN` faster) in a per-process cache: a second optimizer with the
+same buckets does not measure again. The choice then never changes in that process, so a
+given process's results are deterministic; another process may choose another kernel, whose
+result differs by rounding (within each kernel's error bound, ``tests/test_ns_kernels.py``).
 
 Candidates of a bucket (:func:`candidates`): the batched standard loop in the default chunk
 (:func:`normuon.newton_schulz.default_chunk_size`), the loop of 2-D products when the bucket
@@ -39,6 +39,7 @@ from . import newton_schulz as NS
 __all__ = [
     "MEASURE_REPS",
     "NS_KERNEL_MODES",
+    "SWITCH_MARGIN",
     "Candidate",
     "KernelChoice",
     "cached_choices",
@@ -46,6 +47,7 @@ __all__ = [
     "choose",
     "clear_cache",
     "measure",
+    "shape_rule",
 ]
 
 #: Values of the optimizers' ``ns_kernel`` option: ``"auto"`` (timed, see the module), the
@@ -55,6 +57,12 @@ NS_KERNEL_MODES = ("auto", "shape", *NS.KERNELS)
 #: Timed rounds per candidate after one warm-up round (the minimum is kept; rounds go over the
 #: candidates in turn, so load from other processes hits all of them alike).
 MEASURE_REPS = 3
+
+#: How much faster than the shape rule's kernel (:func:`shape_rule`) another candidate must
+#: time to replace it: on a shared machine the minimum of a few rounds still moves by several
+#: percent between otherwise equal kernels, and a choice made on noise would only change the
+#: rounding of the results from one process to the next.
+SWITCH_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,8 @@ class KernelChoice:
         device: the device type (``"cpu"``, ``"cuda"``, ...).
         steps: Newton-Schulz steps.
         candidate: what runs.
-        source: ``"measured"`` (fastest of ``timings``), ``"only"`` (the one candidate:
+        source: ``"measured"`` (from ``timings``: the fastest, unless it beats the shape
+            rule's kernel by less than :data:`SWITCH_MARGIN`), ``"only"`` (the one candidate:
             nothing to time), ``"fixed"`` (the ``ns_kernel`` option names it) or ``"shape"``
             (the shape rule: ``ns_kernel="shape"``, or nothing could be timed).
         timings: (candidate, seconds: minimum over :data:`MEASURE_REPS` rounds) of every
@@ -147,8 +156,8 @@ def _chunks(m: int, n: int, count: int, dtype: torch.dtype, device_type: str) ->
 
 def candidates(m: int, n: int, count: int, dtype: torch.dtype,
                device_type: str) -> tuple[Candidate, ...]:  # fmt: skip
-    """What ``ns_kernel="auto"`` times for a bucket (see the module docstring), the default
-    first (it wins ties)."""
+    """What ``ns_kernel="auto"`` times for a bucket (see the module docstring); the shape
+    rule's kernel (:func:`shape_rule`) is among them."""
     chunks = _chunks(m, n, count, dtype, device_type)
     out = [Candidate("standard", chunk) for chunk in chunks]
     if count > 1:  # one matrix: the same products as the batched loop
@@ -245,7 +254,10 @@ def choose(
         if _can_time(device):
             timings = measure(m, n, count, dtype, device, coefficients, input_dtype, options)
             seconds = dict(timings)
-            fastest = min(options, key=seconds.__getitem__)  # the first of equals
+            incumbent = shape_rule(m, n, count, dtype, device.type)
+            fastest = min(options, key=seconds.__getitem__)
+            if seconds[fastest] > (1.0 - SWITCH_MARGIN) * seconds[incumbent]:
+                fastest = incumbent  # not clearly faster: keep the rule's kernel
             choice = KernelChoice(**bucket, candidate=fastest, source="measured",
                                   timings=timings)  # fmt: skip
             _CACHE[key] = choice
