@@ -357,9 +357,10 @@ class StepPipeline:
         decided once (:func:`normuon.ns_kernels.choose`, which times the candidates the first
         time this process sees the bucket with ``ns_kernel="auto"``), then read from a dict.
 
-        A bucket first seen inside a traced step (``torch.compile``) is not timed there: it
-        runs the shape rule. ``prepare_capture`` and ``ns_kernel_choices`` decide every planned
-        bucket before a capture or a compile."""
+        The optimizer decides every planned bucket when its plans are built (and again in
+        ``prepare_capture`` and ``ns_kernel_choices``), so a step only reads the dict; a
+        bucket first met inside a traced step (``torch.compile``) is not timed there: it runs
+        the shape rule, undecided."""
         mode = self.owner.ns_kernel
         key = _kernel_key(mode, m, n, count, dtype, device, coefficients)
         found = self.kernels.get(key)
