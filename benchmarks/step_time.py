@@ -265,55 +265,84 @@ def time_steps(shapes, args, log) -> list[Impl]:
 # ------------------------------------------------------------------------------ NS throughput
 
 
-def ns_throughput(shapes, args, log) -> list[list[str]]:
-    """Time the standard and the default (auto: Gram for rectangular) Newton-Schulz per
-    same-shape bucket, in the run's NS dtype (the optimizer batches buckets the same way)."""
-    buckets: dict[tuple[int, int], int] = {}
-    for s in shapes:
-        buckets[s] = buckets.get(s, 0) + 1
-    dtype = args.ns_dtype
-    work = F.ns_compute_dtype(dtype, "cpu")
+#: Newton-Schulz schedules of the per-bucket table: (label, NorMuon options).
+NS_SCHEDULES = [
+    ("muon 5", {}),
+    ("fast 4", {"ns_steps": F.FAST_NS_STEPS, "ns_coefficients": F.fast_ns_coefficients()}),
+]
+
+
+def _bucket(choice) -> str:
+    return f"{choice.count} x ({choice.m}, {choice.n})"
+
+
+def ns_throughput(shapes, args, log) -> tuple[list[list[str]], list[list[str]]]:
+    """Per bucket of the default NorMuon's plan (its batches of same-shaped matrices, as a step
+    runs them, in the run's NS dtype): the kernel chosen at plan time with the candidates'
+    plan-time times, then every candidate timed again (``args.reps`` round-robin rounds, in
+    the optimizer's way: U copied into a kept buffer, orthogonalized in place in kept scratch)
+    against the floor of its own iteration (its multiply-adds at the measured matmul rate).
+
+    Returns (plan-time rows, timing rows)."""
+    work = F.ns_compute_dtype(args.ns_dtype, "cpu")
     rate, rate_name = (args.rate_fp32, "fp32")
     if work == torch.bfloat16:
         rate, rate_name = (args.rate_bf16, "bf16")
-    variants = []
-    schedules = [("muon 5", F.resolve_ns_coefficients("muon", 5)),
-                 ("fast 4", F.fast_ns_coefficients())]  # fmt: skip
-    for label, coeffs in schedules:
-        for method in ("standard", "auto"):
-            variants.append((f"{label}, {method}", len(coeffs), coeffs, method))
-    rows = []
-    for (m, n), count in buckets.items():
-        u = torch.randn(count, m, n)
-        # As the optimizer runs it: U copied into a kept input buffer, orthogonalized in place
-        # with kept scratch buffers (no fresh allocation per call).
-        buffer = torch.empty_like(u)
-        scratch = F.NSScratch.allocate(F.default_chunk_size(u.shape, work, "cpu"), m, n, work,
-                                       "cpu")  # fmt: skip
-
-        def run(coeffs, method, m=m, n=n, u=u, buffer=buffer, scratch=scratch):
-            buffer.copy_(u)
-            gram = method == "gram" or (method == "auto" and F.prefers_gram(m, n))
-            F.newton_schulz_(buffer, coeffs, scratch, use_gram=gram)
-
-        times: dict[str, list[float]] = {}
-        for name, _, coeffs, method in variants:
-            run(coeffs, method)  # warm-up
-            times[name] = []
-        for _ in range(args.reps):
-            for name, _, coeffs, method in variants:
-                times[name].append(timed(lambda c=coeffs, me=method: run(c, me)))
-        for name, steps, _, _ in variants:
-            flops = count * ns_flops(m, n, steps)
-            floor_ms = flops / (rate * 1e9) * 1e3
-            t = median(times[name])
-            rows.append([
-                f"{count} x ({m}, {n})", name, f"{t * 1e3:.1f}", f"{flops / t / 1e9:.0f}",
-                f"{100 * flops / t / 1e9 / rate:.0f}% of {rate_name}", f"{floor_ms:.1f}",
-                f"{t * 1e3 / floor_ms:.2f}x",
+    init, _ = make_inputs(shapes)
+    plan_rows, rows = [], []
+    for label, options in NS_SCHEDULES:
+        opt = NorMuon([torch.nn.Parameter(t.clone()) for t in init], ns_dtype=args.ns_dtype,
+                      **options)  # fmt: skip
+        coeffs = F.resolve_ns_coefficients(opt.param_groups[0]["ns_coefficients"],
+                                           opt.param_groups[0]["ns_steps"])  # fmt: skip
+        batches: dict = {}  # choice -> batches of the plan that run it
+        for choice in opt.ns_kernel_choices():
+            batches[choice] = batches.get(choice, 0) + 1
+        chosen_ms = floor_ms_total = 0.0
+        for choice, n_batches in batches.items():
+            plan_rows.append([
+                _bucket(choice), str(n_batches), label,
+                str(choice.dtype).replace("torch.", ""), choice.candidate.label, choice.source,
+                ", ".join(f"{c.label} {t * 1e3:.2f}" for c, t in choice.timings) or "-",
             ])  # fmt: skip
-        log(f"  NS bucket {count} x ({m}, {n}) done")
-    return rows
+            candidates = [c for c, _ in choice.timings] or [choice.candidate]
+            m, n, count = choice.m, choice.n, choice.count
+            u = torch.randn(count, m, n)
+            buffer = torch.empty_like(u)
+            largest = max(c.chunk for c in candidates)
+            flat = torch.empty(F.NSScratch.numel(largest, m, n), dtype=work)
+
+            def run(candidate, m=m, n=n, u=u, buffer=buffer, flat=flat, coeffs=coeffs):
+                buffer.copy_(u)
+                scratch = F.NSScratch.carve(flat, candidate.chunk, m, n)
+                F.newton_schulz_(buffer, coeffs, scratch, kernel=candidate.kernel)
+
+            times: dict = {c: [] for c in candidates}
+            for c in candidates:
+                run(c)  # warm-up
+            for _ in range(args.reps):
+                for c in candidates:
+                    times[c].append(timed(lambda c=c: run(c)))
+            for c in candidates:
+                restarts = F.gram_restarts(len(coeffs), work) if c.kernel == "gram" else ()
+                flops = 2.0 * count * F.ns_multiply_adds(m, n, len(coeffs), c.kernel, restarts)
+                floor_ms = flops / (rate * 1e9) * 1e3
+                t = median(times[c])
+                is_chosen = c == choice.candidate
+                if is_chosen:
+                    chosen_ms += n_batches * t * 1e3
+                    floor_ms_total += n_batches * floor_ms
+                rows.append([
+                    f"{_bucket(choice)}{f' [{n_batches} batches]' if n_batches > 1 else ''}",
+                    label, c.label + (" (chosen)" if is_chosen else ""), f"{t * 1e3:.3g}",
+                    f"{flops / t / 1e9:.0f}", f"{100 * flops / t / 1e9 / rate:.0f}% of {rate_name}",
+                    f"{floor_ms:.3g}", f"{t * 1e3 / floor_ms:.2f}x",
+                ])  # fmt: skip
+            log(f"  NS bucket {_bucket(choice)} ({label}) done")
+        ratio_total = f"{chosen_ms / floor_ms_total:.2f}x" if floor_ms_total else "-"
+        rows.append(["all buckets of a step", label, "chosen kernels", f"{chosen_ms:.3g}", "-",
+                     "-", f"{floor_ms_total:.3g}", ratio_total])  # fmt: skip
+    return plan_rows, rows
 
 
 # ------------------------------------------------------------------------------ memory
@@ -528,22 +557,42 @@ def run_set(name: str, args, log) -> list[str]:
 
     if not args.no_ns:
         log(f"[{name}] Newton-Schulz throughput")
-        rows = ns_throughput(shapes, args, log)
+        plan_rows, rows = ns_throughput(shapes, args, log)
         lines += [
-            f"### Newton-Schulz per bucket, {args.ns_dtype} requested "
-            f"(flops counted as 4 k^2 N + 2 k^3 per standard step)",
+            f"### Newton-Schulz kernels chosen at plan time, {args.ns_dtype} requested",
             "",
-            "'auto' is the default orthogonalizer: the Gram iteration (restarted in half "
-            "precision) for matrices with aspect >= 2, the standard loop otherwise. Rates are "
-            "against the matmul rate measured at the start of this run; 'floor' is the time the "
-            "standard loop's flops take at that rate. The Gram iteration does fewer flops than "
-            "counted, so it can beat the floor.",
+            "Each bucket (a batch of same-shaped matrices of the default NorMuon's plan) runs "
+            "the kernel `ns_kernel=\"auto\"` chose when the optimizer was built: every "
+            "candidate timed once on random data of the bucket (minimum of 3 rounds after a "
+            "warm-up, ms), the fastest kept for the process. Kernel labels are kernel/chunk "
+            "(matrices per chunk). 'only': a single candidate, nothing timed.",
             "",
         ]
         lines += md_table(
-            ["bucket", "variant", "ms", "GFLOP/s", "of matmul rate", "floor ms", "vs floor"],
+            ["bucket", "batches", "schedule", "iteration dtype", "chosen", "source",
+             "plan-time ms per candidate"],
+            plan_rows,
+        )  # fmt: skip
+        lines += [
+            "",
+            f"### Newton-Schulz per bucket, {args.ns_dtype} requested "
+            f"(floor: the flops of each kernel's own iteration)",
+            "",
+            "Every candidate of each bucket timed again here (medians of the run's reps, "
+            "round-robin). GFLOP/s and 'of matmul rate' count the flops of the iteration that "
+            "ran (standard and loop: s (4 k^2 N + 2 k^3); Gram with r restarts: "
+            "4 (r + 1) k^2 N + 2 (4 s - 3 (r + 1)) k^3; `normuon.newton_schulz.ns_multiply_adds`"
+            "), so 'floor' is the time that iteration's flops take at the matmul rate measured "
+            "at the start of this run, and 'vs floor' <= 1.15x is the target for the chosen "
+            "kernel. The last row of each schedule sums the chosen kernels over a step's "
+            "batches.",
+            "",
+        ]
+        lines += md_table(
+            ["bucket", "schedule", "kernel", "ms", "GFLOP/s", "of matmul rate", "floor ms",
+             "vs floor"],
             rows,
-        )
+        )  # fmt: skip
         lines.append("")
     return lines
 

@@ -11,7 +11,8 @@ exceptions, reviewed option by option:
 - the per-neuron factor 1 / (sqrt(v) + eps) is 0 where v == 0: v is exactly 0 only for a neuron
   whose rows of O were all exactly zero (a zero gradient), the same in every placement.
 - ``normalize="larger_dim"``, ``normalize_matrices="tall"``, the Gram iteration: chosen from
-  shapes, never from values.
+  shapes, never from values (``ns_kernel="auto"`` chooses the kernel by timing, per process:
+  the parallel tests fix it by shape, ``ns_kernel="shape"``).
 - non-finite gradients: a flag per parameter, exact (min/max of the gradient).
 
 So only cautious decay needs more than a rounding tolerance, and only on the entries where its

@@ -13,7 +13,9 @@ Runs on the device it is given (``cpu``, ``cuda``, ``cuda:N``) and reports:
 - **speed**: step time of the default NorMuon against ``torch.optim.Muon`` (and
   ``pytorch_optimizer.NorMuon`` when installed) on one transformer layer of each of the paper's
   models (GPT-2 124M and 350M, the 1.1B model: hidden 2048, MLP 8192, 4 KV heads of 16), with
-  the Newton-Schulz share of the step and its rate against the device's measured matmul rate.
+  the Newton-Schulz share of the step and its rate against the device's measured matmul rate
+  (counting the flops of the kernels that ran), and the Newton-Schulz kernel each bucket of the
+  step uses with the times of the candidates measured at plan time (``ns_kernel="auto"``).
 
 It exits non-zero when a correctness, host-sync or compile check fails, naming what failed.
 ``--quick`` keeps it to about two minutes on a 2-core CPU (fewer shapes, fewer repetitions).
@@ -34,8 +36,8 @@ from . import newton_schulz as NS
 from .host_reads import HostReadError, NoHostReads
 from .optimizer import Muon, NorMuon
 
-__all__ = ["CheckResult", "PAPER_LAYERS", "SECTIONS", "main_check", "newton_schulz_timer",
-           "run_check"]
+__all__ = ["CheckResult", "PAPER_LAYERS", "SECTIONS", "kernel_summary", "main_check",
+           "newton_schulz_timer", "run_check"]
 
 
 @dataclass
@@ -344,14 +346,14 @@ def check_speed(device: torch.device, quick: bool) -> list[CheckResult]:
             except ImportError:
                 continue
         base = timings.get("torch.optim.Muon")
-        ours, ns_seconds = timings["normuon.NorMuon"]
-        # The standard loop's flops (5 steps of 4 k^2 N + 2 k^3): the Gram iteration does fewer
-        # on rectangular matrices, so its "rate" can pass 100%.
-        flops = sum(5 * (4.0 * min(s) ** 2 * max(s) + 2.0 * min(s) ** 3) for s in shapes)
+        ours, ns_seconds, choices = timings["normuon.NorMuon"]
+        # The flops of the iterations that ran (the Gram iteration does fewer than the standard
+        # loop on rectangular matrices): a rate of 100% is the floor.
+        flops = sum(2.0 * c.multiply_adds() for c in choices)
         detail = (f"{ours * 1e3:.1f} ms per layer step, Newton-Schulz "
                   f"{100 * ns_seconds / ours:.0f}% at {flops / ns_seconds / 1e9 / rate * 100:.0f}%"
-                  f" of the matmul rate")  # fmt: skip
-        for label, (seconds, _) in timings.items():
+                  f" of the matmul rate (flops of the kernels run)")  # fmt: skip
+        for label, (seconds, _, _) in timings.items():
             if label != "normuon.NorMuon":
                 detail += f"; {label} {seconds * 1e3:.1f} ms ({ours / seconds:.2f}x)"
         if base is None:
@@ -359,7 +361,20 @@ def check_speed(device: torch.device, quick: bool) -> list[CheckResult]:
         if device.type == "cuda":
             detail += f"; peak memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
         results.append(CheckResult("speed", model, None, detail))
+        results.append(CheckResult("speed", f"{model}: Newton-Schulz kernels", None,
+                                   kernel_summary(choices)))  # fmt: skip
     return results
+
+
+def kernel_summary(choices) -> str:
+    """The kernel of each distinct bucket of a plan (:meth:`normuon.NorMuon.ns_kernel_choices`)
+    and how many batches run it, with the times measured at plan time."""
+    counts: dict[object, int] = {}
+    for choice in choices:
+        counts[choice] = counts.get(choice, 0) + 1
+    parts = [f"{choice.describe()}" + (f" [{n} batches]" if n > 1 else "")
+             for choice, n in counts.items()]  # fmt: skip
+    return "; ".join(parts) or "custom orthogonalizer: no built-in kernel"
 
 
 def _speed_impls(ns_dtype: torch.dtype):
@@ -401,8 +416,9 @@ def newton_schulz_timer(device: torch.device | str = "cpu") -> Iterator[list[flo
         NS.newton_schulz_ = original
 
 
-def _step_seconds(factory, shapes, device, reps) -> tuple[float, float]:
-    """(median step seconds, median seconds inside normuon's Newton-Schulz) after a warm-up."""
+def _step_seconds(factory, shapes, device, reps) -> tuple[float, float, list]:
+    """(median step seconds, median seconds inside normuon's Newton-Schulz, the Newton-Schulz
+    kernel choice of each of the optimizer's batches: empty for a peer) after a warm-up."""
     gen = torch.Generator().manual_seed(3)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device) * 0.02)
               for s in shapes]  # fmt: skip
@@ -422,7 +438,8 @@ def _step_seconds(factory, shapes, device, reps) -> tuple[float, float]:
         ns.append(seconds[0])
     steps.sort()
     ns.sort()
-    return steps[len(steps) // 2], ns[len(ns) // 2]
+    choices = opt.ns_kernel_choices() if hasattr(opt, "ns_kernel_choices") else []
+    return steps[len(steps) // 2], ns[len(ns) // 2], choices
 
 
 #: The sections of ``normuon check``, in the order they run (``--sections`` names them).

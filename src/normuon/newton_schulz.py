@@ -17,6 +17,7 @@ import torch
 __all__ = [
     "CPU_CHUNK_BYTES",
     "GRAM_MIN_ASPECT",
+    "KERNELS",
     "MUON_COEFFICIENTS",
     "NS_NORM_EPS",
     "Coefficients",
@@ -34,6 +35,7 @@ __all__ = [
     "newton_schulz_",
     "newton_schulz_gram",
     "ns_compute_dtype",
+    "ns_multiply_adds",
     "polar_express_coefficients",
     "prefers_gram",
     "resolve_ns_coefficients",
@@ -277,7 +279,14 @@ def ns_compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dt
 #: 0.86x and 0.95x at N = 2k, 1.2-1.3x (a loss) for square matrices.
 GRAM_MIN_ASPECT = 2
 
-_METHODS = ("standard", "gram", "auto")
+#: The iterations :func:`newton_schulz_` can run over a (B, m, n) stack, all the same map:
+#: ``"standard"`` (the plain loop, batched products over a chunk of matrices), ``"loop"`` (the
+#: plain loop as 2-D products, one matrix at a time: other GEMM kernels than the batched ones,
+#: which some libraries and shapes favour) and ``"gram"`` (:func:`newton_schulz_gram`'s
+#: iteration, batched).
+KERNELS = ("standard", "loop", "gram")
+
+_METHODS = ("standard", "loop", "gram", "auto")
 
 
 def newton_schulz(
@@ -302,12 +311,13 @@ def newton_schulz(
             ``dtype``, except a bfloat16/float16 request on a CPU without native half matrix
             products, which iterates in float32 and rounds only the result to ``dtype`` (there
             the half-precision GEMM is a scalar fallback 50-200x slower than float32).
-        method: ``"standard"`` (the loop above), ``"gram"`` (:func:`newton_schulz_gram`: same
-            result, fewer flops for rectangular matrices, restarted in half precision) or
-            ``"auto"`` (gram when the long side is at least :data:`GRAM_MIN_ASPECT` times the
-            short side, standard otherwise; what the optimizers use).
+        method: ``"standard"`` (the loop above), ``"loop"`` (the same loop as 2-D products,
+            one matrix at a time), ``"gram"`` (:func:`newton_schulz_gram`: same result, fewer
+            flops for rectangular matrices, restarted in half precision) or ``"auto"`` (gram
+            when the long side is at least :data:`GRAM_MIN_ASPECT` times the short side,
+            standard otherwise: the optimizers' ``ns_kernel="shape"``).
         restarts: passed to :func:`newton_schulz_gram` when it runs (None: its default for the
-            iteration dtype); must be None with ``method="standard"``.
+            iteration dtype); must be None with ``method="standard"`` or ``"loop"``.
         chunk_size: matrices iterated together. None (default): on a CPU, as many as fit in
             :data:`CPU_CHUNK_BYTES` (:func:`cpu_chunk_size`; cache-resident operands are
             faster), elsewhere the whole batch (one kernel per operation). Each matrix is
@@ -333,7 +343,7 @@ def newton_schulz(
     if u.ndim != 3:
         raise ValueError(f"newton_schulz expects a (B, m, n) stack, got shape {tuple(u.shape)}")
     work = ns_compute_dtype(dtype, u.device) if compute_dtype is None else compute_dtype
-    use_gram = _use_gram(u.shape[-2], u.shape[-1], method, restarts)
+    kernel = _kernel_of(u.shape[-2], u.shape[-1], method, restarts)
     if chunk_size is None:
         chunk_size = default_chunk_size(u.shape, work, u.device)
     elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
@@ -341,22 +351,51 @@ def newton_schulz(
     out = torch.empty(u.shape, dtype=dtype, device=u.device)
     scratch = NSScratch.allocate(min(chunk_size, u.shape[0]), u.shape[-2], u.shape[-1], work,
                                  u.device)  # fmt: skip
-    newton_schulz_(u, coefficients, scratch, use_gram=use_gram, restarts=restarts, out=out)
+    newton_schulz_(u, coefficients, scratch, kernel=kernel, restarts=restarts, out=out)
     return out
 
 
 def prefers_gram(m: int, n: int) -> bool:
-    """Whether ``method="auto"`` runs the Gram iteration for (m, n) matrices."""
+    """Whether ``method="auto"`` runs the Gram iteration for (m, n) matrices; also where the
+    optimizers' measured kernel choice offers it (below this aspect it does about as many
+    flops as the standard loop or more, so it cannot gain, and its half-precision error bound
+    is looser than the standard loop's)."""
     return max(m, n) >= GRAM_MIN_ASPECT * min(m, n)
 
 
-def _use_gram(m: int, n: int, method: str, restarts: Sequence[int] | None) -> bool:
-    """Whether ``method`` runs the Gram iteration for (m, n) matrices (validates both)."""
+def _kernel_of(m: int, n: int, method: str, restarts: Sequence[int] | None) -> str:
+    """The kernel ``method`` runs for (m, n) matrices (validates both)."""
     if method not in _METHODS:
-        raise ValueError(f"method must be 'standard', 'gram' or 'auto', got {method!r}")
-    if method == "standard" and restarts is not None:
+        raise ValueError(
+            f"method must be 'standard', 'loop', 'gram' or 'auto', got {method!r}"
+        )
+    if method in ("standard", "loop") and restarts is not None:
         raise ValueError(f"restarts={restarts!r} needs method='gram' or 'auto'")
-    return method == "gram" or (method == "auto" and prefers_gram(m, n))
+    if method == "auto":
+        return "gram" if prefers_gram(m, n) else "standard"
+    return method
+
+
+def ns_multiply_adds(
+    m: int, n: int, steps: int, kernel: str = "standard", restarts: Sequence[int] = ()
+) -> int:
+    """Multiply-adds of the matrix products of ``steps`` steps of ``kernel`` on one (m, n)
+    matrix (twice this is its flops): the floor a bucket is measured against.
+
+    With k = min(m, n), N = max(m, n): ``"standard"`` and ``"loop"``: s (2 k^2 N + k^3);
+    ``"gram"`` with r = len(restarts) restarts: 2 (r + 1) k^2 N + (4 s - 3 (r + 1)) k^3 (see
+    :func:`newton_schulz_gram`; ``restarts`` as it runs them, e.g. :func:`gram_restarts`).
+    Cubic steps (c = 0) are counted as quintic ones.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    k, big = min(m, n), max(m, n)
+    if kernel != "gram":
+        return steps * (2 * k * k * big + k**3)
+    segments = len(_check_restarts(restarts, steps)) + 1
+    return 2 * segments * k * k * big + (4 * steps - 3 * segments) * k**3
 
 
 #: Bytes of one chunk's iterate from which :func:`newton_schulz` splits a batch on the CPU, so
@@ -440,9 +479,10 @@ def newton_schulz_(
     coefficients: Sequence[Coefficients],
     scratch: NSScratch,
     *,
-    use_gram: bool,
+    use_gram: bool = False,
     restarts: Sequence[int] | None = None,
     out: torch.Tensor | None = None,
+    kernel: str | None = None,
 ) -> None:
     """:func:`newton_schulz` with every intermediate in ``scratch``: no allocation beyond a
     (c, 1, 1) norm per chunk.
@@ -451,10 +491,19 @@ def newton_schulz_(
     are written into ``out`` (B, m, n, any floating dtype), or over ``u`` itself when ``out`` is
     None (a chunk's input is consumed before its result is written; ``u`` is then also used to
     scale the input, which saves a temporary when it is in another dtype than the iteration).
-    The iteration runs in the dtype of ``scratch``. ``use_gram`` picks
+    The iteration runs in the dtype of ``scratch``. ``kernel`` is one of :data:`KERNELS`
+    (None: ``"gram"`` if ``use_gram`` else ``"standard"``); ``"gram"`` runs
     :func:`newton_schulz_gram`'s iteration (restarts: its ``restarts`` argument, None for the
-    default of the iteration dtype).
+    default of the iteration dtype). Every kernel gives the same map; results differ by
+    rounding only, and a given kernel and chunk give the same bits on every call.
     """
+    if kernel is None:
+        kernel = "gram" if use_gram else "standard"
+    elif kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    elif use_gram and kernel != "gram":
+        raise ValueError(f"use_gram=True contradicts kernel={kernel!r}")
+    use_gram = kernel == "gram"
     overwrite = out is None
     out = u if out is None else out
     if u.ndim != 3 or out.shape != u.shape:
@@ -476,6 +525,8 @@ def newton_schulz_(
         x = _ns_normalize_into(part.mT if m > n else part, scratch.x[:c], overwrite)
         if use_gram:
             x = _gram_iterate(x, coefficients, restart_at, scratch, c)
+        elif kernel == "loop":
+            x = _loop_iterate(coefficients, scratch, c)
         else:
             x = _standard_iterate(x, coefficients, scratch, c)
         out[start:stop].copy_(x.mT if m > n else x)
@@ -492,6 +543,22 @@ def _standard_iterate(x, coefficients, scratch: NSScratch, c: int) -> torch.Tens
         torch.baddbmm(x, poly, x, beta=a, alpha=1.0, out=spare)  # a X + (b A + c A A) X
         x, spare = spare, x
     return x
+
+
+def _loop_iterate(coefficients, scratch: NSScratch, c: int) -> torch.Tensor:
+    """The plain loop as 2-D products (``mm``/``addmm``), one matrix at a time through all its
+    steps (its (k, N) iterate and (k, k) Gram matrix stay in the cache meanwhile), from
+    ``scratch.x[:c]``; returns the buffer holding the result (every matrix ends in the same
+    one: they all take the same number of steps)."""
+    for i in range(c):
+        x, spare = scratch.x[i], scratch.x_next[i]  # (k, N)
+        gram, poly = scratch.gram[i], scratch.poly[i]  # (k, k)
+        for a, b, c_ in coefficients:
+            torch.mm(x, x.T, out=gram)  # A = X X^T
+            _gram_polynomial_into(gram, b, c_, poly)  # b A + c A A
+            torch.addmm(x, poly, x, beta=a, alpha=1.0, out=spare)  # a X + (b A + c A A) X
+            x, spare = spare, x
+    return (scratch.x if len(coefficients) % 2 == 0 else scratch.x_next)[:c]
 
 
 def _gram_iterate(x, coefficients, restart_at, scratch: NSScratch, c: int) -> torch.Tensor:
@@ -614,7 +681,7 @@ def _check_restarts(restarts: object, steps: int) -> frozenset[int]:
 
 
 def _gram_polynomial_into(gram: torch.Tensor, b: float, c: float, out: torch.Tensor) -> None:
-    """out = b A + c A A for a (B, k, k) stack.
+    """out = b A + c A A for a (B, k, k) stack or one (k, k) matrix.
 
     A cubic step (c = 0) is computed without a GEMM: oneDNN's bfloat16 ``baddbmm`` ignores
     ``beta`` when ``alpha`` is 0 and returns A unscaled (seen with torch 2.13 on CPUs with
@@ -622,6 +689,8 @@ def _gram_polynomial_into(gram: torch.Tensor, b: float, c: float, out: torch.Ten
     """
     if c == 0:
         torch.mul(gram, b, out=out)
+    elif gram.ndim == 2:
+        torch.addmm(gram, gram, gram, beta=b, alpha=c, out=out)
     else:
         torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=out)
 

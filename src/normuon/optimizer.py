@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import newton_schulz as NS
+from . import ns_kernels
 from .capture import CaptureSpec, make_capturable, structure
 from .checkpoint import check_state_dict
 from .distributed.distributor import Distributor
@@ -327,6 +328,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             ]
             self._workspace.clear()
             self._plans_cache = plans
+            # Plan time: each bucket's Newton-Schulz kernel decided (timed once per process
+            # with ns_kernel="auto") before any step, so a compiled or captured step finds it.
+            self._pipeline.plan_kernels(self._batches_cache)
         return self._plans_cache
 
     # ---------------------------------------------------------------- state
@@ -368,6 +372,38 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                 if plan.updated_here:
                     self._init_state(group["params"][plan.index], plan, group)
 
+    # ---------------------------------------------------------------- Newton-Schulz kernels
+
+    def ns_kernel_choices(self) -> list[ns_kernels.KernelChoice]:
+        """The Newton-Schulz kernel of every planned bucket, decided now where it is not yet.
+
+        The plans decide them when they are built (construction, ``add_param_group``,
+        ``load_state_dict``): with ``ns_kernel="auto"`` a bucket this process has not seen yet
+        has its candidates timed then (:mod:`normuon.ns_kernels`), so compiled and captured
+        steps find them decided (a traced step cannot time: a bucket it meets undecided runs
+        the shape rule). This call decides what is still open (parameters that were on the
+        meta device, a changed ``ns_kernel``); ``prepare_capture`` calls it.
+
+        Returns the :class:`~normuon.ns_kernels.KernelChoice` of every planned batch, in plan
+        order (batches of one bucket: shape, count, iteration dtype, device type and steps,
+        share one), with what runs and the times measured; empty with a custom
+        ``orthogonalizer``. Buckets of steps where some parameters have no gradient hold fewer
+        matrices: they are decided when first seen.
+
+        Examples:
+            >>> import torch
+            >>> from normuon import NorMuon
+            >>> w = torch.nn.Parameter(torch.randn(8, 32))
+            >>> opt = NorMuon([w], ns_dtype="float32", ns_kernel="loop")
+            >>> [c.describe() for c in opt.ns_kernel_choices()]
+            ['1 x (8, 32) float32 cpu, 5 steps: loop/1 (fixed)']
+        """
+        return self._pipeline.plan_kernels(self._batches_for_kernels())
+
+    def _batches_for_kernels(self) -> list[tuple[BlockBatch, ...]]:
+        self._plans()
+        return self._batches_cache
+
     # ---------------------------------------------------------------- capture (CUDA graphs)
 
     def prepare_capture(self) -> CaptureSpec:
@@ -403,6 +439,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         values = make_capturable(self.param_groups, device)
         self.host_reads = "never"
         self.init_state()
+        # Newton-Schulz kernels decided now: a capture (or a trace) cannot time candidates.
+        self.ns_kernel_choices()
         self._guard.ensure_counter(device)
         matrix_groups = [g for g in self.param_groups if g["algorithm"] != "adamw"]
         if any(_momentum_dtype(p, g) == torch.bfloat16 for g in matrix_groups for p in g["params"]):

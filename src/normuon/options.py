@@ -19,6 +19,7 @@ import torch
 
 from . import newton_schulz as NS
 from .geometry import LAYOUTS
+from .ns_kernels import NS_KERNEL_MODES
 
 __all__ = [
     "ADAMW_ALIAS_OPTIONS",
@@ -385,6 +386,14 @@ OPTIMIZER_OPTIONS: tuple[Option, ...] = (
         _ns_memory_budget,
         "bytes of Newton-Schulz input per batch of same-shaped matrices; the step's workspace, "
         "kept and reused across steps, is about this (None: one batch per shape)",
+    ),
+    Option(
+        "ns_kernel",
+        "auto",
+        _choice(*NS_KERNEL_MODES),
+        "Newton-Schulz kernel per bucket of same-shaped matrices: 'auto' (candidates timed once "
+        "per process when a bucket is first seen, the fastest kept), 'shape' (Gram from aspect "
+        "2, else the batched loop; no timing), or 'standard', 'loop', 'gram' for every bucket",
     ),
     Option(
         "host_reads",

@@ -29,6 +29,7 @@ import torch
 
 from . import functional as F
 from . import newton_schulz as NS
+from . import ns_kernels
 from .distributed.distributor import Distributor, OwnedMatrix
 from .distributed.plan import ParamPlan, local_tensor
 from .finite import FiniteCheck, NonfiniteGuard
@@ -174,8 +175,8 @@ class StepPipeline:
     the distributor, the non-finite guard) and reads the optimizer's options and state.
 
     The optimizer supplies, through ``owner``: ``param_groups``, ``state``, its options
-    (``nonfinite_grads``, ``host_reads``, ``comm_dtype``, ``orthogonalizer``), ``_neuron_norm``,
-    ``_init_state(p, plan, group)`` and ``_ns_dtype(requested, device)``.
+    (``nonfinite_grads``, ``host_reads``, ``comm_dtype``, ``orthogonalizer``, ``ns_kernel``),
+    ``_neuron_norm``, ``_init_state(p, plan, group)`` and ``_ns_dtype(requested, device)``.
     """
 
     def __init__(self, owner: Any) -> None:
@@ -183,6 +184,11 @@ class StepPipeline:
         self.guard = NonfiniteGuard()
         self.distributor = Distributor()
         self.workspace = Workspace()
+        # (ns_kernel, m, n, count, iteration dtype, device type, steps) -> (kernel, chunk) of
+        # the buckets this optimizer has run: plain constants, so a traced step reads them.
+        self.kernels: dict[tuple, tuple[str, int]] = {}
+        # The same keys -> the full choice (timings included), for reports.
+        self.kernel_choices: dict[tuple, ns_kernels.KernelChoice] = {}
 
     # --------------------------------------------------------------------- the whole step
 
@@ -337,12 +343,67 @@ class StepPipeline:
         if hyper.orthogonalizer is not None:
             u.copy_(hyper.orthogonalizer(u, hyper.coefficients, hyper.ns_dtype))
             return
-        _, m, n = u.shape
-        chunk = NS.default_chunk_size(u.shape, hyper.ns_dtype, u.device)
+        count, m, n = u.shape
+        kernel, chunk = self.kernel_for(m, n, count, hyper.ns_dtype, hyper.coefficients,
+                                        u.device, u.dtype)  # fmt: skip
         numel = NS.NSScratch.numel(chunk, m, n)
         flat = self.workspace.flat("newton_schulz", hyper.ns_dtype, u.device, numel)
         scratch = NS.NSScratch.carve(flat, chunk, m, n)
-        NS.newton_schulz_(u, hyper.coefficients, scratch, use_gram=NS.prefers_gram(m, n))
+        NS.newton_schulz_(u, hyper.coefficients, scratch, kernel=kernel)
+
+    def kernel_for(self, m: int, n: int, count: int, dtype: torch.dtype, coefficients,
+                   device: torch.device, input_dtype: torch.dtype):  # fmt: skip
+        """(kernel, chunk) of a bucket of ``count`` (m, n) matrices iterated in ``dtype``:
+        decided once (:func:`normuon.ns_kernels.choose`, which times the candidates the first
+        time this process sees the bucket with ``ns_kernel="auto"``), then read from a dict.
+
+        The optimizer decides every planned bucket when its plans are built (and again in
+        ``prepare_capture`` and ``ns_kernel_choices``), so a step only reads the dict; a
+        bucket first met inside a traced step (``torch.compile``) is not timed there: it runs
+        the shape rule, undecided."""
+        mode = self.owner.ns_kernel
+        key = _kernel_key(mode, m, n, count, dtype, device, coefficients)
+        found = self.kernels.get(key)
+        if found is not None:
+            return found
+        if torch.compiler.is_compiling():
+            rule = ns_kernels.shape_rule(m, n, count, dtype, device.type)
+            return (mode if mode in NS.KERNELS else rule.kernel), rule.chunk
+        choice = ns_kernels.choose(mode, m, n, count, dtype, device, coefficients, input_dtype)
+        if choice.source != "shape" or mode == "shape":  # else untimed now (meta, a capture)
+            self.kernels[key] = (choice.kernel, choice.candidate.chunk)
+            self.kernel_choices[key] = choice
+        return choice.kernel, choice.candidate.chunk
+
+    def plan_kernels(self, batches: list[tuple[BlockBatch, ...]]) -> list[ns_kernels.KernelChoice]:
+        """Decide the kernel of every planned batch (all members present), timing the
+        candidates of buckets this process has not seen (``ns_kernel="auto"``); returns the
+        choice of each batch, in plan order (batches of one bucket share theirs). Empty with a
+        custom ``orthogonalizer``."""
+        opt = self.owner
+        if opt.orthogonalizer is not None:
+            return []
+        chosen: list[ns_kernels.KernelChoice] = []
+        for group, group_batches in zip(opt.param_groups, batches):
+            if group["algorithm"] == "adamw" or not group_batches:
+                continue
+            requested = group["ns_dtype"]
+            requested = getattr(torch, requested) if isinstance(requested, str) else requested
+            coefficients = NS.resolve_ns_coefficients(group["ns_coefficients"],
+                                                      group["ns_steps"])  # fmt: skip
+            for batch in group_batches:
+                dtype = opt._ns_dtype(requested, batch.device)
+                count = sum(block.stack for block in batch.blocks)
+                self.kernel_for(batch.m, batch.n, count, dtype, coefficients, batch.device,
+                                batch.dtype)  # fmt: skip
+                key = _kernel_key(opt.ns_kernel, batch.m, batch.n, count, dtype, batch.device,
+                                  coefficients)  # fmt: skip
+                choice = self.kernel_choices.get(key) or ns_kernels.choose(
+                    "shape", batch.m, batch.n, count, dtype, batch.device, coefficients,
+                    batch.dtype,
+                )  # fmt: skip
+                chosen.append(choice)
+        return chosen
 
     # --------------------------------------------------------------------- AdamW groups
 
@@ -431,6 +492,11 @@ class StepPipeline:
                     tensors.append(p)
                     chosen.append(plan)
         self.distributor.sync_replicated(tensors, chosen, self.workspace.flat)
+
+
+def _kernel_key(mode: str, m: int, n: int, count: int, dtype: torch.dtype,
+                device: torch.device, coefficients) -> tuple:  # fmt: skip
+    return (mode, m, n, count, dtype, device.type, len(coefficients))
 
 
 def _grad_of(p: torch.Tensor, where: str) -> torch.Tensor:
