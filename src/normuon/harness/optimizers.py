@@ -62,6 +62,11 @@ def build_optimizer(
         momentum=ocfg.momentum,
         update_scale=ocfg.update_scale,
         ns_dtype=_ns_dtype(ocfg.ns_dtype, device),
+        # The harness's promises (a resumed run equals the uninterrupted one, in whatever
+        # process it resumes; seeds of a comparison or tuning differ only by their seed) need
+        # the same arithmetic in every process: "auto" times the kernels per process and may
+        # choose differently (within each kernel's error bound), so the shape rule is fixed.
+        ns_kernel="shape",
     )
     if name == "muon":
         return Muon(groups, **common)
