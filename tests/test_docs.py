@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,15 @@ def test_docs_site_builds_without_warnings(tmp_path):
     api = (tmp_path / "site" / "api" / "optimizers" / "index.html").read_text()
     # The reference is generated from the docstrings: the options table's entries are there.
     assert "cautious_weight_decay" in api and "state_dtype" in api
+
+
+def test_results_page_tables_match_the_committed_records():
+    """docs/results.md's generated tables say what the experiment records under docs/results/
+    say (scripts/results_tables.py --write regenerates them)."""
+    spec = importlib.util.spec_from_file_location("results_tables",
+                                                  ROOT / "scripts" / "results_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([]) == 0
+    page = (ROOT / "docs" / "results.md").read_text()
+    assert page.count("<!-- tables: ") == page.count("<!-- end tables -->") >= 2
