@@ -1,5 +1,7 @@
 """``state_dtype="bfloat16"``: a bf16 momentum, updated in float32 and stored stochastically
-rounded (unbiased), half the optimizer state of the matrices; checkpoints keep the dtype."""
+rounded (unbiased) with bits read from a fixed table at an offset set by the step, half the
+optimizer state of the matrices; checkpoints keep the dtype, and a resumed run rounds as the
+uninterrupted one."""
 
 from __future__ import annotations
 
@@ -230,3 +232,120 @@ def test_float64_parameters_with_float32_state(normalize):
     moved, moved_ref = p.detach() - q.detach(), q.detach()
     assert moved.abs().max() < 1e-5 * moved_ref.abs().max()  # float32 momentum: ~1e-7 apart
 
+
+def _resume_setup(cls, seed=0):
+    """Two matrix groups (one row-split into blocks, so blocks' keys differ by their first row)
+    and an AdamW group, bf16 momentum; gradients as a list per step."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(24, 16), (16, 24), (3, 8, 12)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
+    fused = torch.nn.Parameter(torch.randn(30, 16, generator=gen) * 0.1)
+    vector = torch.nn.Parameter(torch.randn(16, generator=gen))
+    groups = [{"params": params}, {"params": [fused], "split_sizes": (10, 20)},
+              {"params": [vector], "algorithm": "adamw", "lr": 1e-3}]  # fmt: skip
+    opt = cls(groups, lr=0.02, ns_dtype="float32", state_dtype="bfloat16")
+    return params + [fused, vector], opt
+
+
+def _grads(params, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(steps)]
+
+
+def _steps(params, opt, grads):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+
+
+def _assert_same_run(params, opt, ref_params, ref_opt):
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == ref_opt.state[q].keys()
+        for key, value in opt.state[p].items():
+            assert value.dtype == ref_opt.state[q][key].dtype
+            assert torch.equal(value, ref_opt.state[q][key]), key
+    for g, h in zip(opt.param_groups, ref_opt.param_groups):
+        assert g.get("rounding_step") == h.get("rounding_step")
+
+
+@pytest.mark.parametrize("via", ["state_dict", "dcp"])
+@pytest.mark.parametrize("cls", CLASSES)
+def test_a_resumed_run_is_bitwise_the_uninterrupted_one(cls, via, tmp_path):
+    """Train 5 steps, save, load into a fresh optimizer over copies of the parameters, train 4
+    more: parameters and every state tensor equal the 9-step run's bit for bit (the rounding bits
+    are a function of the saved step counter and the block's position)."""
+    grads = _grads(_resume_setup(cls)[0], 9)
+    ref_params, ref_opt = _resume_setup(cls)
+    _steps(ref_params, ref_opt, grads)
+    assert ref_opt.param_groups[0]["rounding_step"] == 9
+
+    params, opt = _resume_setup(cls)
+    _steps(params, opt, grads[:5])
+    fresh_params, fresh = _resume_setup(cls, seed=7)
+    with torch.no_grad():
+        for p, q in zip(params, fresh_params):
+            q.copy_(p)
+    if via == "state_dict":
+        fresh.load_state_dict(opt.state_dict())
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        _, saved = get_state_dict(torch.nn.ParameterList(params), opt)
+        dcp.save({"optim": saved}, checkpoint_id=str(tmp_path / "ckpt"))
+        fresh.init_state()  # every key exists before a DCP load
+        model = torch.nn.ParameterList(fresh_params)
+        _, into = get_state_dict(model, fresh)
+        dcp.load({"optim": into}, checkpoint_id=str(tmp_path / "ckpt"))
+        set_state_dict(model, fresh, model_state_dict={}, optim_state_dict=into)
+    assert fresh.param_groups[0]["rounding_step"] == 5
+    _steps(fresh_params, fresh, grads[5:])
+    _assert_same_run(fresh_params, fresh, ref_params, ref_opt)
+
+
+def test_rounding_step_counts_bf16_groups_only_and_is_validated():
+    params, opt = _resume_setup(NorMuon)
+    assert [g.get("rounding_step") for g in opt.param_groups] == [0, 0, None]
+    _steps(params, opt, _grads(params, 2))
+    assert [g.get("rounding_step") for g in opt.param_groups] == [2, 2, None]
+    plain = NorMuon([torch.nn.Parameter(torch.randn(4, 4))])
+    assert "rounding_step" not in plain.param_groups[0]  # float32 momentum: no bits drawn
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    assert NorMuon([{"params": [p], "rounding_step": 3}]).param_groups[0]["rounding_step"] == 3
+    with pytest.raises(ValueError, match="rounding_step must be >= 0"):
+        NorMuon([{"params": [p], "rounding_step": -1}], state_dtype="bfloat16")
+    with pytest.raises(TypeError, match="rounding_step must be an int"):
+        NorMuon([{"params": [p], "rounding_step": 1.5}], state_dtype="bfloat16")
+    with pytest.raises(ValueError, match="unknown option"):
+        NorMuon([{"params": [p]}, {"params": [torch.nn.Parameter(torch.randn(3))],
+                                   "algorithm": "adamw", "rounding_step": 0}])  # fmt: skip
+    sd = opt.state_dict()
+    sd["param_groups"][0]["rounding_step"] = -2
+    with pytest.raises(ValueError, match=r"load_state_dict: param_groups\[0\]: rounding_step"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["rounding_step"] == 2  # nothing loaded
+    del sd["param_groups"][0]["rounding_step"]  # a state dict saved before the counter existed
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["rounding_step"] == 0
+
+
+def test_blocks_and_parameters_read_different_bits():
+    """Two equal parameters with equal gradients, and the two equal row blocks of a split one:
+    updated alike in float32, each rounds with its own bits (keys of group, parameter and first
+    row), so their bf16 momenta differ somewhere."""
+    rows = torch.randn(10, 16, generator=torch.Generator().manual_seed(2))
+    twins = [torch.nn.Parameter(torch.zeros(10, 16)) for _ in range(2)]
+    fused = torch.nn.Parameter(torch.zeros(20, 16))
+    opt = NorMuon([{"params": twins}, {"params": [fused], "split_sizes": (10, 10)}],
+                  state_dtype="bfloat16")  # fmt: skip
+    for p in twins:
+        p.grad = rows.clone()
+    fused.grad = torch.cat([rows, rows])
+    opt.step()
+    a, b = (opt.state[p]["momentum_buffer"] for p in twins)
+    top, bottom = opt.state[fused]["momentum_buffer"].split(10)
+    for x, y in ((a, b), (top, bottom), (a, top)):
+        assert not torch.equal(x, y)
+        assert ((x.float() - y.float()).abs() <= 2 * (x.float().abs() * 2**-7)).all()
