@@ -116,8 +116,9 @@ def ddp_dcp_load(
 
 def bf16_state_sharded(rank: int, world: int, port: int, out_dir: str) -> None:
     """FSDP2 and DDP with ``state_dtype="bfloat16"``: momentum DTensors (FSDP2) / tensors (DDP)
-    in bf16, training close to one process with the same option (the stochastic rounding draws
-    different bits per rank, so equality holds to bf16 resolution, not to float rounding)."""
+    in bf16, training close to one process with the same option (an FSDP2 shard's rounding bits
+    are keyed by the shard's own entries, not the whole matrix's, and gradients are reduced in
+    another order, so equality holds to bf16 resolution, not to float rounding)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -145,7 +146,9 @@ def bf16_state_sharded(rank: int, world: int, port: int, out_dir: str) -> None:
             if "momentum_buffer" in state:
                 m = state["momentum_buffer"]
                 dtypes.add(str((m.to_local() if hasattr(m, "to_local") else m).dtype))
-        result[label] = {"max_rel_err": max(errors), "momentum_dtypes": sorted(dtypes)}
+        result[label] = {"max_rel_err": max(errors), "momentum_dtypes": sorted(dtypes),
+                         "rounding_steps": [g.get("rounding_step") for g in opt.param_groups],
+                         "steps": W.STEPS}  # fmt: skip
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
     teardown()

@@ -3,8 +3,10 @@
 A graph replays recorded kernels on the tensors they were recorded with. For an optimizer step
 that means: every hyperparameter must be a device tensor the graph reads (a Python number is
 baked into the kernels), everything the step would create lazily must exist before the capture
-(state, the non-finite skip counter, the random generators of bf16 state), and which
-parameters have a gradient must be an input (a flag per parameter) rather than a branch.
+(state, the non-finite skip counter, the random generator of bf16 state: a captured step draws
+its stochastic-rounding bits from it, where a view of the rounding table chosen at capture would
+be replayed unchanged), and which parameters have a gradient must be an input (a flag per
+parameter) rather than a branch.
 
 :meth:`normuon.NorMuon.prepare_capture` makes an optimizer so and returns a :class:`CaptureSpec`;
 :meth:`CaptureSpec.refresh` runs before each replay: a value a scheduler or a user wrote into a
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .options import ROUNDING_STEP
 
 __all__ = ["HYPERPARAMETERS", "CaptureSpec", "CapturedValue"]
 
@@ -94,7 +98,9 @@ def make_capturable(param_groups: Sequence[dict[str, Any]], device: torch.device
 def structure(param_groups: Sequence[dict[str, Any]], extra: tuple = ()) -> tuple:
     """Everything but the hyperparameters that a step reads from the groups (options that select
     kernels, like ``nesterov`` or ``ns_steps``), with ``extra``: what a capture bakes in."""
-    skip = _UNREAD_KEYS | set(HYPERPARAMETERS) | {"betas"}
+    # rounding_step: a counter eager steps advance (a captured step draws its rounding bits
+    # from a registered generator instead), not something a capture bakes in.
+    skip = _UNREAD_KEYS | set(HYPERPARAMETERS) | {"betas", ROUNDING_STEP}
     return extra + tuple(
         (
             len(g["params"]),

@@ -21,6 +21,10 @@ only that hook. The traps other implementations fell into, and what is done abou
 - **state created lazily**: all state, the non-finite skip counter and bf16 state's random
   generators exist before the capture, and the first steps run eagerly (warm-up, which also
   fills the optimizer's workspace);
+- **random bits frozen at capture**: eager steps read bf16 state's stochastic-rounding bits as
+  views of a fixed table at an offset set by the step counter, which a replay would repeat; a
+  step prepared for capture draws them from a generator the graph registers (its offset
+  advances at each replay) instead;
 - **a state dict loaded after capture**: ``load_state_dict`` replaces the state tensors, so the
   next step captures again, with the same generators (kept by the load) registered again and
   the skip counter kept;

@@ -13,6 +13,7 @@ the state and parameter as they were, without a host sync.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ Scalar = float | torch.Tensor
 
 __all__ = [
     "ADAM_RMS_TARGET",
+    "ROUNDING_WINDOWS",
     "AdamWHyper",
     "accum_dtype",
     "adamw_step_",
@@ -37,6 +39,10 @@ __all__ = [
     "muon_factors",
     "normuon_factors_",
     "rescale_input_",
+    "rounding_key",
+    "rounding_noise",
+    "rounding_offset",
+    "rounding_table",
     "stochastic_round_",
     "sub_scaled_",
     "update_second_moment_",
@@ -96,8 +102,10 @@ def momentum_and_input_(
 
     ``rounding``, for a momentum stored in lower precision than ``out`` (bfloat16): (a tensor
     shaped like ``out`` in its dtype, an int32 one, a generator or None). M and U are then
-    computed in ``out``'s precision and M is stored back with :func:`stochastic_round_`, so the
-    buffer is unbiased and updates far below bf16's resolution are not lost.
+    computed in ``out``'s precision and M is stored back with :func:`stochastic_round_`. The
+    int32 tensor holds the random bits (uniform in [0, 2^16), e.g. a :func:`rounding_noise`
+    view, which is only read); with a generator it is a scratch, filled from the generator
+    first.
     """
     if ok is None:
         out.copy_(grad)
@@ -113,23 +121,120 @@ def momentum_and_input_(
     else:
         out.copy_(m)
     if rounding is not None:
-        stochastic_round_(momentum_buffer, m, rounding[1], rounding[2])
+        noise = rounding[1]
+        if rounding[2] is not None:
+            noise.random_(0, 1 << 16, generator=rounding[2])
+        stochastic_round_(momentum_buffer, m, noise)
 
 
-def stochastic_round_(
-    dst: torch.Tensor, src: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None
-) -> None:
+#: The stochastic-rounding table's windows: a :func:`rounding_noise` view starts at one of the
+#: first ROUNDING_WINDOWS entries of the table.
+ROUNDING_WINDOWS = 1 << 16
+
+_MASK32 = (1 << 32) - 1
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32) and c < 2^32, without int64 overflow (16-bit
+    halves: every product is < 2^48)."""
+    low = (x & 0xFFFF) * c
+    high = (((x >> 16) * c) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def rounding_table(numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """int32 (numel,): uniform random 16-bit values in [0, 2^16), the bits of
+    :func:`stochastic_round_` that :func:`rounding_noise` views.
+
+    Entry j is the top 16 bits of murmur3's 32-bit finalizer of j * 0x9E3779B9 + 0x5EED (a
+    bijection of 32-bit counters, so the table is uniform and free of short-range patterns),
+    computed exactly in int64 on the CPU: the table depends on nothing but j, so every device,
+    rank, torch version and table size agrees on every entry (a table grown later keeps its
+    prefix), and a resumed run reads the bits the uninterrupted one read.
+    """
+    if not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be an int >= 0, got {numel!r}")
+    table = torch.empty(numel, dtype=torch.int32)
+    chunk = 1 << 15  # int64 temporaries of 256 KiB stay in cache: ~15 ns an entry on a CPU
+    for start in range(0, numel, chunk):
+        x = torch.arange(start, min(start + chunk, numel), dtype=torch.int64)
+        x = (_mul32(x, 0x9E3779B9) + 0x5EED) & _MASK32
+        x ^= x >> 16
+        x = _mul32(x, 0x85EBCA6B)
+        x ^= x >> 13
+        x = _mul32(x, 0xC2B2AE35)
+        x ^= x >> 16
+        table[start : start + x.numel()].copy_(x >> 16)
+    return table.to(device)
+
+
+def rounding_offset(step: int, key: int) -> int:
+    """Where the bits of rounding number ``step`` of the tensor named ``key`` start in the table:
+    (a t + b floor(t / W) + c key) mod W, with t = ``step``, W = ``ROUNDING_WINDOWS`` and a odd
+    (it depends on ``key``).
+
+    a odd makes t -> a t mod W a bijection: a tensor's W consecutive roundings start at W
+    different offsets, so each of its entries reads a different table entry every time (the
+    entries being independent, its bits are independent across roundings); the b term shifts
+    the next W roundings, so an entry's sequence does not repeat. Integers only (+, *, //, %),
+    so a symbolic ``step`` traces.
+    """
+    w = ROUNDING_WINDOWS
+    a = (40503 + 2 * (key % w)) % w  # odd: 40503 is, 2 (key mod W) and W are even
+    return (a * step + 25033 * (step // w) + 31337 * key) % w
+
+
+def rounding_key(*position: int) -> int:
+    """One integer for a tensor's position (e.g. group, parameter, first row): the ``key`` of
+    :func:`rounding_offset`."""
+    key = 0
+    for value in position:
+        key = (key * 1_000_003 + value) & _MASK32
+    return key
+
+
+def rounding_noise(table: torch.Tensor, step: int, key: int, like: torch.Tensor) -> torch.Tensor:
+    """The random bits of one rounding: a view of ``table`` (1-D int32, from
+    :func:`rounding_table`) shaped like ``like``, starting at ``rounding_offset(step, key)``; no
+    pass over memory. ``table`` must hold ``like.numel() + ROUNDING_WINDOWS`` entries."""
+    if table.numel() < like.numel() + ROUNDING_WINDOWS:
+        raise ValueError(
+            f"the rounding table holds {table.numel()} entries; {like.numel()} entries need "
+            f"{like.numel() + ROUNDING_WINDOWS}"
+        )
+    start = rounding_offset(step, key)
+    return table[start : start + like.numel()].view(like.shape)
+
+
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, noise: torch.Tensor) -> None:
     """dst = bfloat16(src) rounded up with probability equal to the dropped fraction (unbiased).
 
-    A float32's top 16 bits are its bfloat16 value (truncated toward zero); adding 16 uniform
-    random bits below them and truncating rounds the magnitude up exactly with probability
-    (dropped bits) / 2^16. ``src`` (float32) is overwritten; ``noise`` is an int32 scratch of its
-    shape. Values already exact in bfloat16 come back unchanged (the carry never reaches bit 16).
+    A float32's top 16 bits are its bfloat16 value (truncated toward zero); adding ``noise``,
+    16 uniform random bits (int32 in [0, 2^16), shaped like ``src``, independent of it), below
+    them and truncating rounds the magnitude up exactly with probability (dropped bits) / 2^16.
+    Values already exact in bfloat16 come back unchanged (the carry never reaches bit 16).
+
+    Two passes: the add, into ``src``'s bits (``src``, contiguous float32, is overwritten), and
+    a copy of the top halves of those 32-bit words into ``dst``'s 16-bit words (a strided int16
+    copy: no float conversion, no temporary).
     """
-    noise.random_(0, 1 << 16, generator=generator)
+    if src.dtype != torch.float32 or dst.dtype != torch.bfloat16 or noise.dtype != torch.int32:
+        raise TypeError(
+            f"stochastic_round_ rounds float32 into bfloat16 with int32 bits, got src "
+            f"{src.dtype}, dst {dst.dtype}, noise {noise.dtype}"
+        )
+    if not src.is_contiguous() or src.shape != dst.shape or noise.shape != src.shape:
+        raise ValueError(
+            f"stochastic_round_ needs a contiguous src, and dst and noise of its shape, got src "
+            f"{tuple(src.shape)} (contiguous: {src.is_contiguous()}), dst {tuple(dst.shape)}, "
+            f"noise {tuple(noise.shape)}"
+        )
+    if src.ndim == 0:  # int16 views need a last dimension
+        src, dst, noise = src.reshape(1), dst.reshape(1), noise.reshape(1)
     bits = src.view(torch.int32)
-    bits.add_(noise).bitwise_and_(-(1 << 16))
-    dst.copy_(src)
+    bits.add_(noise)
+    high = 1 if sys.byteorder == "little" else 0  # the int16 holding bits 16..31
+    dst.view(torch.int16).copy_(bits.view(torch.int16)[..., high::2])
 
 
 def inverse_rms(v: torch.Tensor, eps: Scalar) -> torch.Tensor:

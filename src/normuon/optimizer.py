@@ -34,7 +34,9 @@ from .options import (
     MUON_OPTIONS,
     NORMUON_OPTIONS,
     OPTIMIZER_OPTIONS,
+    ROUNDING_STEP,
     Option,
+    check_rounding_step,
     validate_group,
 )
 from .pipeline import StepPipeline
@@ -89,6 +91,16 @@ def _momentum_dtype(p: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
     """The ``state_dtype`` option: a dtype's name, or None for the default of ``p``."""
     name = group.get("state_dtype")
     return state_dtype(p.dtype) if name is None else getattr(torch, name)
+
+
+def _set_rounding_step(group: dict[str, Any], where: str | None) -> None:
+    """Check a matrix group's ``rounding_step``; give a bf16-momentum group one (0) when it has
+    none, so that the key exists before a checkpoint is loaded into it (DCP loads only the keys
+    it finds)."""
+    if ROUNDING_STEP in group:
+        group[ROUNDING_STEP] = check_rounding_step(group[ROUNDING_STEP], where)
+    elif group.get("state_dtype") == "bfloat16":
+        group[ROUNDING_STEP] = 0
 
 
 class _MatrixOptimizer(torch.optim.Optimizer):
@@ -228,6 +240,8 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         options = self._options_of(algorithm)
         allowed = {o.name for o in options} | (_ADAMW_ALIASES if algorithm == "adamw" else set())
         allowed |= _IGNORED_KEYS
+        if algorithm != "adamw":
+            allowed.add(ROUNDING_STEP)  # a copied group may carry its counter (see options.py)
         unknown = sorted(set(group) - allowed - COMMON_KEYS)
         if unknown:
             raise ValueError(
@@ -250,6 +264,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
                     matrix_geometry(p.shape, group["layout"], group["split_sizes"])
                 except ValueError as err:
                     raise ValueError(f"{where}['params'][{i}]: {err}") from None
+            _set_rounding_step(group, where)
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         if len({id(p) for p in params}) != len(params) or any(id(p) in seen for p in params):
             raise ValueError("a parameter appears more than once across the parameter groups")
@@ -534,6 +549,9 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             # betas its name; an option an older state dict lacks takes this group's value).
             loaded = copy.deepcopy({k: v for k, v in saved.items() if k != "params"})
             loaded.update(options)
+            if loaded["algorithm"] != "adamw":
+                _set_rounding_step(loaded, f"{type(self).__name__}.load_state_dict: "
+                                           f"param_groups[{len(groups)}]")  # fmt: skip
             loaded["params"] = group["params"]
             # As torch.optim: saved names replace the current ones; without any, these stay.
             if "param_names" in group and "param_names" not in loaded:

@@ -11,6 +11,7 @@ line plus the code that uses it.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,8 @@ __all__ = [
     "NORMUON_OPTIONS",
     "OPTIMIZER_OPTIONS",
     "Option",
+    "ROUNDING_STEP",
+    "check_rounding_step",
     "markdown_table",
     "validate_group",
 ]
@@ -37,6 +40,25 @@ __all__ = [
 #: ``initial_lr`` is added by torch.optim.lr_scheduler, ``param_names`` by named parameters,
 #: ``name`` is a free label.
 COMMON_KEYS = frozenset({"params", "algorithm", "initial_lr", "param_names", "name"})
+
+#: Matrix-group key (with ``state_dtype="bfloat16"``): how many steps the group has taken, the
+#: ``step`` from which :func:`normuon.functional.rounding_offset` picks the stochastic-rounding
+#: bits of its bf16 momentum. Not an option but state; it lives in the group, not per
+#: parameter, so that it is saved and loaded with the groups (state dicts, DCP) and every rank
+#: agrees on it (every rank steps every group, even one that owns none of its matrices): a
+#: resumed run rounds with the bits the uninterrupted one would have used.
+ROUNDING_STEP = "rounding_step"
+
+
+def check_rounding_step(value: Any, where: str | None = None) -> int:
+    """``rounding_step`` as an int >= 0 (TypeError for a non-integer, ValueError below 0)."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{prefix}{ROUNDING_STEP} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{prefix}{ROUNDING_STEP} must be >= 0, got {value!r}")
+    return int(value)
+
 
 NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 

@@ -22,7 +22,7 @@ Nothing here reads a tensor's value on the host (but the finite flags of CPU ten
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -34,9 +34,23 @@ from .distributed.distributor import Distributor, OwnedMatrix
 from .distributed.plan import ParamPlan, local_tensor
 from .finite import FiniteCheck, NonfiniteGuard
 from .geometry import second_moment_key
+from .options import ROUNDING_STEP
 from .step_plan import BlockBatch, MatrixBlock, Workspace
 
-__all__ = ["LocalMatrix", "MatrixHyper", "StepPipeline", "StepTensors", "update_weights_"]
+__all__ = [
+    "LocalMatrix", "MatrixHyper", "Rounding", "StepPipeline", "StepTensors", "update_weights_",
+]
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """One step's stochastic rounding of a matrix group's bf16 momentum: its bits are
+    :func:`normuon.functional.rounding_noise` at (``step``, key of (``group``, parameter, row)),
+    or drawn from the workspace's generator (``draw``: a step prepared for capture)."""
+
+    group: int = 0
+    step: int = 0
+    draw: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,8 @@ class MatrixHyper:
     normalize_input: bool = False
     #: NorMuon's rescale for blocks with more rows than columns only; Muon for the others
     tall_only: bool = False
+    #: this step's stochastic rounding of bf16 momentum (set after :meth:`of`)
+    rounding: Rounding | None = None
 
     def rescales(self, m: int, n: int) -> bool:
         """Whether (m, n) blocks get NorMuon's per-neuron rescale (else Muon's update)."""
@@ -199,20 +215,26 @@ class StepPipeline:
         opt = self.owner
         if opt.nonfinite_grads == "raise":
             self._raise_on_nonfinite(plans)
-        for group, group_plans, group_batches in zip(opt.param_groups, plans, batches):
+        for index, (group, group_plans, group_batches) in enumerate(
+            zip(opt.param_groups, plans, batches)
+        ):
             if group["algorithm"] == "adamw":
                 self.adamw_group(group, group_plans, capture_flags)
             else:
-                self.matrix_group(group, group_plans, group_batches, capture_flags)
+                self.matrix_group(group, group_plans, group_batches, capture_flags, index)
         self._sync_replicas(plans)
 
     # --------------------------------------------------------------------- matrix groups
 
     def matrix_group(self, group: dict[str, Any], plans: list[ParamPlan],
-                     batches: tuple[BlockBatch, ...], capture_flags) -> None:  # fmt: skip
-        """One matrix group: gradients -> momentum and U -> (owners) -> Newton-Schulz ->
-        factors -> weights updated -> (blocks back to their ranks, updated there)."""
+                     batches: tuple[BlockBatch, ...], capture_flags,
+                     index: int = 0) -> None:  # fmt: skip
+        """One matrix group (``param_groups[index]``): gradients -> momentum and U -> (owners)
+        -> Newton-Schulz -> factors -> weights updated -> (blocks back to their ranks, updated
+        there)."""
         opt = self.owner
+        # Counted before anything can return: every rank, with gradients or not.
+        rounding = self._rounding_of(group, index, capture_flags is not None)
         for plan in plans:  # every rank holds the same state keys (DCP), grad or not
             if plan.placement.state_everywhere(group["params"][plan.index]):
                 opt._init_state(group["params"][plan.index], plan, group)
@@ -226,6 +248,7 @@ class StepPipeline:
         requested = getattr(torch, requested) if isinstance(requested, str) else requested
         hyper = MatrixHyper.of(group, device, opt._ns_dtype(requested, device),
                                opt.orthogonalizer, opt._neuron_norm)  # fmt: skip
+        hyper = replace(hyper, rounding=rounding)
         pairs = [(plan, m) for (plan, _, _), m in zip(entries, matrices)]
         sharded = [(plan, m) for plan, m in pairs if plan.placement.assembled_on_owner]
         local = {plan.index: m for plan, m in pairs if not plan.placement.assembled_on_owner}
@@ -244,6 +267,25 @@ class StepPipeline:
         )  # fmt: skip
         # 4. Owners' updates back to every rank's blocks, applied there.
         self._return_from_owners(sharded, owned, ok, hyper)
+
+    def _rounding_of(self, group: dict[str, Any], index: int, draw: bool) -> Rounding:
+        """This step's stochastic rounding in matrix group ``index``; counts its step.
+
+        The step is the group's ``rounding_step``, advanced here at every eager step of a group
+        with bf16 momentum, on every rank and whether or not the group has gradients, so that it
+        is the same wherever and whenever the group is stepped. A step prepared for capture
+        (``draw``) leaves it: it draws its bits from a generator."""
+        step = group.get(ROUNDING_STEP, 0)
+        if group.get("state_dtype") == "bfloat16" and not draw:
+            group[ROUNDING_STEP] = step + 1
+        return Rounding(index, step, draw)
+
+    def _rounding_scratch(self, like: torch.Tensor, hyper: MatrixHyper, param: int, row: int):
+        """The ``rounding`` of one bf16 momentum block (``like``: its float32 update), its bits
+        keyed by (group index, parameter index, first row) and the group's step."""
+        rounding = hyper.rounding
+        key = F.rounding_key(rounding.group, param, row)
+        return self.workspace.rounding_scratch(like, rounding.step, key, rounding.draw)
 
     def _local_matrix(self, group: dict, plan: ParamPlan, p, grad) -> LocalMatrix:
         state = self.owner._init_state(p, plan, group)
@@ -264,7 +306,8 @@ class StepPipeline:
                                     m.momentum.numel()).view(m.momentum.shape)  # fmt: skip
             flag = None if ok is None else ok[plan.index]
             # A bf16 momentum (state_dtype): updated in float32, stored stochastically rounded.
-            rounding = None if m.momentum.dtype == u.dtype else self.workspace.rounding_scratch(u)
+            rounding = (None if m.momentum.dtype == u.dtype
+                        else self._rounding_scratch(u, hyper, plan.index, 0))  # fmt: skip
             F.momentum_and_input_(m.momentum, m.grad, flag, hyper.momentum, hyper.nesterov, u,
                                   rounding)  # fmt: skip
             inputs.append(u)
@@ -334,7 +377,8 @@ class StepPipeline:
             grad = geometry.as_matrices(local.grad)[:, rows]
             # A bf16 momentum (state_dtype) is updated in float32 and stored rounded.
             rounding = (None if momentum.dtype == out.dtype
-                        else self.workspace.rounding_scratch(out))  # fmt: skip
+                        else self._rounding_scratch(out, hyper, block.index,
+                                                      block.rows[0]))  # fmt: skip
             F.momentum_and_input_(momentum, grad, tensors.flag(block.index), hyper.momentum,
                                   hyper.nesterov, out, rounding)  # fmt: skip
 

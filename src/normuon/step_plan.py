@@ -10,7 +10,8 @@ of parameters that have no gradient this time.
 
 The :class:`Workspace` owns the buffers batches run in (the Newton-Schulz input, which is
 overwritten by its output, and the iteration's scratch), reused across batches and steps, so a
-steady-state step allocates no large tensor.
+steady-state step allocates no large tensor; and the table that bf16 momentum's stochastic
+rounding reads its bits from (built by :func:`normuon.functional.rounding_table`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import functional as F
 from .distributed.plan import ParamPlan
 
 __all__ = ["BlockBatch", "MatrixBlock", "Workspace", "plan_batches", "state_dtype"]
@@ -148,6 +150,9 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
         self._generators: dict[str, torch.Generator] = {}
+        # Per device: the stochastic-rounding table (int32, 1-D), a pure function of the entry
+        # index (functional.rounding_table), so rebuilding or growing it changes no bit.
+        self._tables: dict[str, torch.Tensor] = {}
 
     def flat(self, purpose: str, dtype: torch.dtype, device: torch.device, numel: int):
         """A 1-D view of ``numel`` elements of the buffer (contents undefined)."""
@@ -157,16 +162,38 @@ class Workspace:
             buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buffer[:numel]
 
-    def rounding_scratch(self, like: torch.Tensor):
-        """(float32 and int32 buffers shaped like ``like``, this device's generator): the
-        ``rounding`` of :func:`normuon.functional.momentum_and_input_`."""
+    def rounding_scratch(self, like: torch.Tensor, step: int, key: int, draw: bool):
+        """The ``rounding`` of :func:`normuon.functional.momentum_and_input_` for a bf16 momentum
+        whose float32 update is shaped like ``like``: (a float32 buffer shaped like it, the
+        random bits, None), the bits a view of this device's rounding table at (``step``,
+        ``key``) (:func:`normuon.functional.rounding_noise`: nothing generated, nothing
+        written).
+
+        ``draw``: a step prepared for CUDA-graph capture, where a view chosen at capture would
+        be replayed with the same bits every step; then (float32 buffer, int32 scratch, this
+        device's generator), which the graph registers and advances at each replay.
+        """
         m_new = self.flat("rounded_momentum", like.dtype, like.device, like.numel())
-        noise = self.flat("rounding_noise", torch.int32, like.device, like.numel())
-        return m_new.view(like.shape), noise.view(like.shape), self.generator(like.device)
+        if draw:
+            noise = self.flat("rounding_noise", torch.int32, like.device, like.numel())
+            return m_new.view(like.shape), noise.view(like.shape), self.generator(like.device)
+        table = self.rounding_table(like.device, like.numel() + F.ROUNDING_WINDOWS)
+        return m_new.view(like.shape), F.rounding_noise(table, step, key, like), None
+
+    def rounding_table(self, device: torch.device, numel: int) -> torch.Tensor:
+        """This device's table of rounding bits, at least ``numel`` entries (built when first
+        needed, regrown when a larger tensor asks: as large as the largest bf16 momentum block
+        plus ``ROUNDING_WINDOWS``, which is what a generated-bits scratch took)."""
+        key = str(device)
+        table = self._tables.get(key)
+        if table is None or table.numel() < numel:
+            table = self._tables[key] = F.rounding_table(numel, device)
+        return table
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """The random bits of stochastic rounding on ``device`` (seeded 0 when first used, so a
-        run is reproducible; not saved with the state, so a resumed run rounds differently)."""
+        """The random bits of stochastic rounding on ``device`` in a step prepared for capture
+        (seeded 0 when first used, so a run is reproducible; not saved with the state, so a
+        resumed captured run rounds differently). Eager steps read the rounding table."""
         key = str(device)
         if key not in self._generators:
             self._generators[key] = torch.Generator(device=device).manual_seed(0)
@@ -178,3 +205,4 @@ class Workspace:
 
     def clear(self) -> None:
         self._buffers.clear()
+        self._tables.clear()
