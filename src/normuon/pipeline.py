@@ -413,11 +413,23 @@ class StepPipeline:
         if torch.compiler.is_compiling():
             rule = ns_kernels.shape_rule(m, n, count, dtype, device.type)
             return (mode if mode in NS.KERNELS else rule.kernel), rule.chunk
+        choice = self._choice_for(m, n, count, dtype, coefficients, device, input_dtype)
+        return choice.kernel, choice.candidate.chunk
+
+    def _choice_for(self, m: int, n: int, count: int, dtype: torch.dtype, coefficients,
+                    device: torch.device, input_dtype: torch.dtype) -> ns_kernels.KernelChoice:
+        """The bucket's full choice (timings included): the one kept, or made now and kept
+        unless it could not be timed here (meta, a capture: the shape rule, not kept)."""
+        mode = self.owner.ns_kernel
+        key = _kernel_key(mode, m, n, count, dtype, device, coefficients)
+        kept = self.kernel_choices.get(key)
+        if kept is not None:
+            return kept
         choice = ns_kernels.choose(mode, m, n, count, dtype, device, coefficients, input_dtype)
-        if choice.source != "shape" or mode == "shape":  # else untimed now (meta, a capture)
+        if choice.source != "shape" or mode == "shape":
             self.kernels[key] = (choice.kernel, choice.candidate.chunk)
             self.kernel_choices[key] = choice
-        return choice.kernel, choice.candidate.chunk
+        return choice
 
     def plan_kernels(self, batches: list[tuple[BlockBatch, ...]]) -> list[ns_kernels.KernelChoice]:
         """Decide the kernel of every planned batch (all members present), timing the
@@ -438,15 +450,8 @@ class StepPipeline:
             for batch in group_batches:
                 dtype = opt._ns_dtype(requested, batch.device)
                 count = sum(block.stack for block in batch.blocks)
-                self.kernel_for(batch.m, batch.n, count, dtype, coefficients, batch.device,
-                                batch.dtype)  # fmt: skip
-                key = _kernel_key(opt.ns_kernel, batch.m, batch.n, count, dtype, batch.device,
-                                  coefficients)  # fmt: skip
-                choice = self.kernel_choices.get(key) or ns_kernels.choose(
-                    "shape", batch.m, batch.n, count, dtype, batch.device, coefficients,
-                    batch.dtype,
-                )  # fmt: skip
-                chosen.append(choice)
+                chosen.append(self._choice_for(batch.m, batch.n, count, dtype, coefficients,
+                                               batch.device, batch.dtype))  # fmt: skip
         return chosen
 
     # --------------------------------------------------------------------- AdamW groups

@@ -215,7 +215,8 @@ class _Ledger:
         self.path = path
         self.records: dict[str, dict[str, Any]] = {}
         if path.is_file():
-            for n, line in enumerate(path.read_text().splitlines(), 1):
+            lines = path.read_text().splitlines()
+            for n, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 try:
@@ -223,7 +224,7 @@ class _Ledger:
                     point = _point_of(record)
                 except (json.JSONDecodeError, KeyError, TypeError):
                     # A line cut by a kill: the training is simply done again.
-                    if n == len(path.read_text().splitlines()):
+                    if n == len(lines):
                         continue
                     raise ValueError(f"{path}: line {n} is not a ledger record") from None
                 self.records[point.key(record["seed"])] = record
