@@ -2,9 +2,11 @@
 
 Each generated block of docs/results.md sits between ``<!-- tables: GROUP -->`` and
 ``<!-- end tables -->``: the ladder report (:func:`normuon.harness.tune.ladder_report`) of every
-``docs/results/GROUP/*/summary.json``. ``--write`` rewrites the blocks (and, with ``--plot``, the
-figure of the ``fair20`` group); without it the script exits 1 if a block is stale (CI's check
-that the page says what the committed records say).
+``docs/results/GROUP/*/summary.json``, or for the groups of :data:`PER_OPTIMIZER` (runs with
+more optimizers than the ladder's columns, the ablations) each summary's own tables
+(:func:`normuon.harness.tune.tune_tables`) up to the list of tuning runs. ``--write`` rewrites
+the blocks (and, with ``--plot``, the figure of the ``fair20`` group); without it the script
+exits 1 if a block is stale (CI's check that the page says what the committed records say).
 
     python scripts/results_tables.py            # check
     python scripts/results_tables.py --write --plot docs/fair-ladder-20tpp.png
@@ -18,13 +20,17 @@ import re
 import sys
 from pathlib import Path
 
-from normuon.harness.tune import ladder_report
+from normuon.harness.tune import ladder_report, tune_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "results.md"
 RECORDS = ROOT / "docs" / "results"
 BLOCK = re.compile(r"(<!-- tables: (?P<group>[\w-]+) -->\n)(?P<body>.*?)(<!-- end tables -->)",
                    flags=re.S)  # fmt: skip
+#: Groups shown optimizer by optimizer (final test loss, savings, tests against Muon).
+PER_OPTIMIZER = {"ablations"}
+#: Where a summary's tables turn to the list of every tuning run (left out of the page).
+TUNING_RUNS = "Every tuning run"
 
 
 def report(group: str, plot: str | None = None) -> str:
@@ -32,6 +38,9 @@ def report(group: str, plot: str | None = None) -> str:
     if not paths:
         raise SystemExit(f"results_tables: no {RECORDS / group}/*/summary.json")
     summaries = [json.loads(p.read_text()) for p in paths]
+    if group in PER_OPTIMIZER:
+        tables = [tune_tables(s).split(TUNING_RUNS)[0].rstrip() for s in summaries]
+        return "\n\n".join(tables) + "\n"
     return ladder_report(summaries, plot=plot) + "\n"
 
 

@@ -94,8 +94,8 @@ def momentum_and_input_(
 ) -> None:
     """The momentum update M <- beta1 M + (1 - beta1) G in place, then the Newton-Schulz input
     U = G.lerp(M, beta1) (``nesterov``) or U = M written into ``out``, with ``out`` as the only
-    scratch: no tensor is allocated (G is cast, or masked, into ``out`` first; bf16 gradients
-    meet float32 state there).
+    scratch: no tensor is allocated (G is cast, or masked, into ``out`` first when its dtype
+    differs from ``out``'s, or ``ok`` is given; bf16 gradients meet float32 state there).
 
     Where ``ok`` (a 0-d bool tensor) is False, G is replaced by M: M stays as it was and U = M
     (finite; the update is zeroed later anyway). None: the caller knows G is finite.
@@ -107,17 +107,21 @@ def momentum_and_input_(
     view, which is only read); with a generator it is a scratch, filled from the generator
     first.
     """
-    if ok is None:
-        out.copy_(grad)
+    if ok is None and grad.dtype == out.dtype:
+        g = grad  # read where it is: a copy into ``out`` would be one more pass over G
     else:
-        torch.where(ok, grad, momentum_buffer, out=out)
+        g = out
+        if ok is None:
+            out.copy_(grad)
+        else:
+            torch.where(ok, grad, momentum_buffer, out=out)
     m = momentum_buffer
     if rounding is not None:
         m = rounding[0]
         m.copy_(momentum_buffer)
-    m.lerp_(out, 1.0 - beta1)
+    m.lerp_(g, 1.0 - beta1)
     if nesterov:
-        torch.lerp(out, m, beta1, out=out)
+        torch.lerp(g, m, beta1, out=out)
     else:
         out.copy_(m)
     if rounding is not None:

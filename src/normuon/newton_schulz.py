@@ -398,14 +398,15 @@ def ns_multiply_adds(
     return 2 * segments * k * k * big + (4 * steps - 3 * segments) * k**3
 
 
-#: Bytes of one chunk's iterate from which :func:`newton_schulz` splits a batch on the CPU, so
-#: that a chunk's operands (X, A, P and the next X, ~3x these bytes) stay in the cache through
-#: all steps. With the iteration in kept buffers (:func:`newton_schulz_`), measured on a 2-core
-#: AMD EPYC with native bf16 GEMMs (docs/performance.md), optimizer steps over the gpt-small
-#: shapes: 1 MiB chunks 2% faster than 4 MiB at 1 thread and 9% slower at 2 threads; each
-#: chunk's GEMMs also take a ~100 KiB oneDNN scratchpad per call, so fewer, larger chunks
-#: allocate less (1 MiB: 36 MiB per step, 4 MiB: 11 MiB).
-CPU_CHUNK_BYTES = 4 * 2**20
+#: Bytes of one chunk's iterate from which :func:`newton_schulz` splits a batch on the CPU.
+#: Fewer, larger batched GEMM calls run closer to the matmul rate than cache-sized ones: on a
+#: 2-core Intel Xeon with AMX, 2 threads (docs/performance.md, "Batch and chunk sizes"), the
+#: gpt-small step took 82.5 ms with 16 MiB chunks against 93.2 ms with 4 MiB (the batch
+#: budget raised alike), gpt2-124m 1110 against 1422 ms; a bf16 (3, 384, 1536) X X^T runs at
+#: 1520 GFLOP/s, (6, 384, 1536) at 2050. Earlier, on a 2-core AMD EPYC, 1 MiB chunks were 9%
+#: slower than 4 MiB at 2 threads. ``ns_kernel="auto"`` also times a chunk of a quarter of
+#: this, for CPUs whose caches favour it.
+CPU_CHUNK_BYTES = 16 * 2**20
 
 
 def cpu_chunk_size(m: int, n: int, work_dtype: torch.dtype) -> int:
@@ -429,9 +430,10 @@ def default_chunk_size(
 class NSScratch:
     """Buffers of one chunk of the Newton-Schulz iteration, reused across chunks and steps.
 
-    For a chunk of ``c`` matrices on the wide orientation (k, N), k = min(m, n): the iterate
-    ``x`` and ``x_next`` (c, k, N), and four (c, k, k) Gram-side buffers (the Gram matrix, the
-    polynomial P, the product Q of the Gram iteration and a spare), all in the iteration dtype.
+    For a chunk of ``c`` (m, n) matrices, k = min(m, n) and N = max(m, n): the iterate ``x``
+    and ``x_next`` (c, k, N; a chunk of tall matrices views them as (c, N, k)), and four
+    (c, k, k) Gram-side buffers (the Gram matrix, the polynomial P, the product Q of the Gram
+    iteration and a spare), all in the iteration dtype.
     Carved from one flat buffer (:meth:`carve`) so that an owner can keep a single arena.
     """
 
@@ -518,70 +520,98 @@ def newton_schulz_(
         if use_gram else frozenset()
     )  # fmt: skip
     m, n = u.shape[-2], u.shape[-1]
+    # Tall matrices iterate as they are, multiplied from the right (X <- X P(X^T X)): a
+    # transposed copy into the wide orientation and back costs 4-5x a plain cast.
+    tall = m > n
     for start in range(0, u.shape[0], scratch.chunk):
         stop = min(start + scratch.chunk, u.shape[0])
         c = stop - start
         part = u[start:stop]
-        x = _ns_normalize_into(part.mT if m > n else part, scratch.x[:c], overwrite)
+        x = _ns_normalize_into(part, _as_shape(scratch.x, c, m, n), overwrite)
         if use_gram:
-            x = _gram_iterate(x, coefficients, restart_at, scratch, c)
+            x = _gram_iterate(x, coefficients, restart_at, scratch, c, tall)
         elif kernel == "loop":
-            x = _loop_iterate(coefficients, scratch, c)
+            x = _loop_iterate(coefficients, scratch, c, m, n, tall)
         else:
-            x = _standard_iterate(x, coefficients, scratch, c)
-        out[start:stop].copy_(x.mT if m > n else x)
+            x = _standard_iterate(x, coefficients, scratch, c, tall)
+        out[start:stop].copy_(x)
 
 
-def _standard_iterate(x, coefficients, scratch: NSScratch, c: int) -> torch.Tensor:
-    """The plain loop on the wide orientation, from ``x`` = ``scratch.x[:c]``; returns the
-    buffer holding the result."""
-    spare = scratch.x_next[:c]
+def _as_shape(buffer: torch.Tensor, c: int, m: int, n: int) -> torch.Tensor:
+    """The first ``c`` matrices of a (chunk, k, N) scratch buffer viewed as (c, m, n)."""
+    return buffer[:c].view(c, m, n)
+
+
+def _times_poly(x: torch.Tensor, poly: torch.Tensor, tall: bool, **out) -> torch.Tensor:
+    """P X (wide) or X P (tall): the k x k factor on the short side of X."""
+    return torch.bmm(x, poly, **out) if tall else torch.bmm(poly, x, **out)
+
+
+def _gram_of(x: torch.Tensor, tall: bool, out: torch.Tensor) -> torch.Tensor:
+    """A = X^T X (tall) or X X^T (wide): (c, k, k), k the short side."""
+    return torch.bmm(x.mT, x, out=out) if tall else torch.bmm(x, x.mT, out=out)
+
+
+def _standard_iterate(x, coefficients, scratch: NSScratch, c: int, tall: bool) -> torch.Tensor:
+    """The plain loop from ``x`` (c, m, n) in ``scratch.x``; returns the buffer holding the
+    result."""
+    spare = _as_shape(scratch.x_next, c, *x.shape[1:])
     gram, poly = scratch.gram[:c], scratch.poly[:c]
     for a, b, c_ in coefficients:
-        torch.bmm(x, x.mT, out=gram)  # A = X X^T, (c, k, k)
+        _gram_of(x, tall, gram)  # A, (c, k, k)
         _gram_polynomial_into(gram, b, c_, poly)  # b A + c A A
-        torch.baddbmm(x, poly, x, beta=a, alpha=1.0, out=spare)  # a X + (b A + c A A) X
+        if tall:  # a X + X (b A + c A A)
+            torch.baddbmm(x, x, poly, beta=a, alpha=1.0, out=spare)
+        else:  # a X + (b A + c A A) X
+            torch.baddbmm(x, poly, x, beta=a, alpha=1.0, out=spare)
         x, spare = spare, x
     return x
 
 
-def _loop_iterate(coefficients, scratch: NSScratch, c: int) -> torch.Tensor:
+def _loop_iterate(coefficients, scratch: NSScratch, c: int, m: int, n: int,
+                  tall: bool) -> torch.Tensor:  # fmt: skip
     """The plain loop as 2-D products (``mm``/``addmm``), one matrix at a time through all its
-    steps (its (k, N) iterate and (k, k) Gram matrix stay in the cache meanwhile), from
-    ``scratch.x[:c]``; returns the buffer holding the result (every matrix ends in the same
+    steps (its (m, n) iterate and (k, k) Gram matrix stay in the cache meanwhile), from
+    ``scratch.x``; returns the buffer holding the result (every matrix ends in the same
     one: they all take the same number of steps)."""
+    xs, spares = _as_shape(scratch.x, c, m, n), _as_shape(scratch.x_next, c, m, n)
     for i in range(c):
-        x, spare = scratch.x[i], scratch.x_next[i]  # (k, N)
+        x, spare = xs[i], spares[i]  # (m, n)
         gram, poly = scratch.gram[i], scratch.poly[i]  # (k, k)
         for a, b, c_ in coefficients:
-            torch.mm(x, x.T, out=gram)  # A = X X^T
+            torch.mm(x.T, x, out=gram) if tall else torch.mm(x, x.T, out=gram)  # A
             _gram_polynomial_into(gram, b, c_, poly)  # b A + c A A
-            torch.addmm(x, poly, x, beta=a, alpha=1.0, out=spare)  # a X + (b A + c A A) X
+            if tall:
+                torch.addmm(x, x, poly, beta=a, alpha=1.0, out=spare)  # a X + X P
+            else:
+                torch.addmm(x, poly, x, beta=a, alpha=1.0, out=spare)  # a X + P X
             x, spare = spare, x
-    return (scratch.x if len(coefficients) % 2 == 0 else scratch.x_next)[:c]
+    return xs if len(coefficients) % 2 == 0 else spares
 
 
-def _gram_iterate(x, coefficients, restart_at, scratch: NSScratch, c: int) -> torch.Tensor:
+def _gram_iterate(x, coefficients, restart_at, scratch: NSScratch, c: int,
+                  tall: bool) -> torch.Tensor:  # fmt: skip
     """:func:`newton_schulz_gram`'s loop in the scratch buffers (see there for the algebra),
-    from ``x`` = ``scratch.x[:c]``; returns the buffer holding the result."""
-    k = x.shape[-2]
-    spare_x = scratch.x_next[:c]
+    from ``x`` (c, m, n) in ``scratch.x``; returns the buffer holding the result. A tall X is
+    multiplied from the right (X_t = X_r Q_t^T, the mirror image of the wide case)."""
+    k = min(x.shape[-2], x.shape[-1])
+    spare_x = _as_shape(scratch.x_next, c, *x.shape[1:])
     gram, poly, q, spare = scratch.gram[:c], scratch.poly[:c], scratch.q[:c], scratch.spare[:c]
-    torch.bmm(x, x.mT, out=gram)  # A_0
-    have_q = False  # Q_t = P_{t-1} ... P_r since the last (re)start r, in q
+    _gram_of(x, tall, gram)  # A_0
+    have_q = False  # Q_t = P_{t-1} ... P_r since the last (re)start r, in q (tall: Q_t^T)
     steps = len(coefficients)
     for t, (a, b, c_) in enumerate(coefficients):
         if t in restart_at:
             # X_t = Q_t X_r exactly; the Gram matrix recomputed from it drops the drift of A.
             if have_q:
-                torch.bmm(q, x, out=spare_x)
+                _times_poly(x, q, tall, out=spare_x)
                 x, spare_x = spare_x, x
                 have_q = False
-            torch.bmm(x, x.mT, out=gram)
+            _gram_of(x, tall, gram)
         _gram_polynomial_into(gram, b, c_, poly)  # b A + c A A
         poly.diagonal(dim1=-2, dim2=-1).add_(a)  # P = a I + b A + c A A
         if have_q:
-            torch.bmm(poly, q, out=spare)
+            torch.bmm(q, poly, out=spare) if tall else torch.bmm(poly, q, out=spare)
             q, spare = spare, q
         else:
             q.copy_(poly)
@@ -592,7 +622,7 @@ def _gram_iterate(x, coefficients, restart_at, scratch: NSScratch, c: int) -> to
             torch.bmm(spare, poly, out=pap)  # A <- P A P
             torch.add(pap, pap.mT, out=gram).mul_(0.5)
     if have_q:
-        torch.bmm(q, x, out=spare_x)
+        _times_poly(x, q, tall, out=spare_x)
         x = spare_x
     return x
 

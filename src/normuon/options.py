@@ -404,7 +404,7 @@ OPTIMIZER_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "ns_memory_budget",
-        8 * 2**20,
+        32 * 2**20,
         _ns_memory_budget,
         "bytes of Newton-Schulz input per batch of same-shaped matrices; the step's workspace, "
         "kept and reused across steps, is about this (None: one batch per shape)",
