@@ -111,6 +111,17 @@ def test_steps_to_reach_interpolates():
     assert steps_to_reach(steps, losses, 1.0) is None
 
 
+def test_steps_to_reach_needs_the_curve_to_stay_below():
+    # Overfitting: below 2.0 from step 20 to 40, back above it at the end -> not reached.
+    steps, losses = [0, 10, 20, 30, 40, 50], [5.0, 3.0, 1.9, 1.8, 1.95, 2.2]
+    assert steps_to_reach(steps, losses, 2.0) is None
+    # A bump above the target after the first crossing moves the step to the last crossing.
+    losses = [5.0, 3.0, 1.9, 2.1, 1.9, 1.8]
+    assert steps_to_reach(steps, losses, 2.0) == pytest.approx(35.0)
+    # The reference curve ends exactly at the target (its own mean final loss).
+    assert steps_to_reach([0, 10], [3.0, 2.0 + 1e-12], 2.0) == pytest.approx(10.0)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

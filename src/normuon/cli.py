@@ -400,6 +400,11 @@ def _tune(args, cfg, say, progress) -> int:
     spec, final_spec, data, final_data = resolve_tune(
         cfg, args.data, optimizers=_optimizer_list(args), protocol=protocol)
     say(f"normuon tune: {spec.preset}, {spec.budget.describe()}")
+    passes = spec.budget.tokens / data.train.numel()
+    if passes > 1:
+        say(f"note: each training reads its {data.train.numel():,} training tokens {passes:.1f} "
+            f"times; past one pass the losses measure overfitting as well as optimization "
+            f"(a larger corpus, or fewer tokens per parameter, stays in the paper's regime)")
     start = time.perf_counter()
     summary = run_tune(spec, final_spec, data, final_data, protocol, out=args.out,
                        jobs=args.jobs, resume=args.resume, overwrite=args.overwrite,

@@ -83,7 +83,7 @@ class OptimizerSummary:
     """1 - steps / AdamW's steps to AdamW's mean final loss (fraction; positive = fewer)."""
     saving_vs_muon: float | None
     """1 - steps / Muon's steps to Muon's mean final loss (the paper's target against Muon;
-    None where the seed-mean curve never gets there)."""
+    None where the seed-mean curve does not stay there to the end)."""
     wall_time_s: float
     optimizer_share: float
     optimizer_state_bytes: int
@@ -101,15 +101,24 @@ class OptimizerSummary:
 
 
 def steps_to_reach(xs: Sequence[float], losses: Sequence[float], target: float) -> float | None:
-    """First x at which the piecewise-linear curve (xs, losses) reaches ``target`` (or None)."""
-    for i, loss in enumerate(losses):
-        if loss <= target:
-            if i == 0:
-                return float(xs[0])
-            x0, x1, l0 = xs[i - 1], xs[i], losses[i - 1]
-            # Linear interpolation between the last point above and the first at/below target.
-            return float(x0 + (x1 - x0) * (l0 - target) / (l0 - loss))
-    return None
+    """The x from which the piecewise-linear curve (xs, losses) stays at or below ``target``
+    (or None when its last point is above it).
+
+    A curve that dips below the target and climbs back above it by the end (a model that
+    overfits repeated data, or a noisy plateau) has not reached it: a step saving counts only
+    if it still holds when the run ends. Within 1e-9 (relative) counts as at the target, so a
+    reference curve whose mean final loss *is* the target reaches it despite rounding.
+    """
+    tol = 1e-9 * abs(target)
+    above = [i for i, loss in enumerate(losses) if loss > target + tol]
+    if not above:
+        return float(xs[0]) if len(losses) else None
+    i = above[-1]
+    if i == len(losses) - 1:
+        return None
+    x0, x1, l0, l1 = xs[i], xs[i + 1], losses[i], losses[i + 1]
+    # Linear interpolation between the last point above and the first at/below for good.
+    return float(x0 + (x1 - x0) * (l0 - target) / (l0 - l1)) if l0 != l1 else float(x1)
 
 
 def summarize(
@@ -191,10 +200,10 @@ def muon_extra_steps(
     """How many more steps than its configured run Muon needs to reach ``target`` (the
     paper's "Muon needs X% more iterations"), as a fraction of the configured steps.
 
-    When Muon's own seed-mean curve reaches ``target`` its first crossing says when (<= 0,
-    the same first-reach rule as the savings); otherwise the final losses of the stretched
-    schedules are interpolated linearly in steps. None when the longest stretch does not
-    reach ``target``.
+    When Muon's own seed-mean curve reaches ``target`` (and stays there: the rule of the
+    savings, :func:`steps_to_reach`) that step says when (<= 0); otherwise the final losses of
+    the stretched schedules are interpolated linearly in steps. None when the longest stretch
+    does not reach ``target``.
     """
     base = points[0][0]
     reached = steps_to_reach(muon.val_steps, muon.val_mean, target)

@@ -396,7 +396,10 @@ class _Tuner:
                 if best is not None:
                     self.settings[kind][name] = Point(name, best, aux, "test")
         if "adamw" in self.spec.selected:
+            # AdamW (no embeddings/head split) joins each table that has matrix optimizers.
             for kind in self.settings:
+                if kind == "separate" and not p.separate_aux and self.matrix:
+                    continue
                 self.settings[kind]["adamw"] = Point("adamw", self.best_lr["adamw"], None, "test")
         return need
 
@@ -435,7 +438,9 @@ class _Tuner:
             "preset": self.spec.preset,
             "data": self.final_spec.data,
             "n_params": self.spec.budget.params_all,
-            "budget": {"steps": self.spec.train.steps, **self.spec.budget.to_json()},
+            "budget": {"steps": self.spec.train.steps, **self.spec.budget.to_json(),
+                       "train_tokens": self.data.train.numel(),
+                       "passes": self.spec.budget.tokens / self.data.train.numel()},
             "protocol": self.protocol.to_json(),
             "environment": _environment(),
             "jobs": self.jobs,
@@ -528,14 +533,28 @@ def _lr(value: float | None) -> str:
     return "—" if value is None else f"{value:g}"
 
 
+def _seeds(seeds: Sequence[int]) -> str:
+    return ", ".join(str(x) for x in seeds)
+
+
+def _passes(budget: dict[str, Any]) -> str:
+    """How many times a training reads its text, said where it is more than once: past one
+    pass the losses measure how each optimizer overfits, not only how fast it optimizes."""
+    passes = budget.get("passes")
+    if passes is None or passes <= 1:
+        return ""
+    return (f"; {passes:.1f} passes over the {budget['train_tokens']:,} training tokens: "
+            f"repeated data")
+
+
 def tune_tables(summary: dict[str, Any]) -> str:
     """The markdown tables of one :func:`run_tune` summary."""
     budget = summary["budget"]
     lines = [f"**{summary['preset']}** on {summary['data']}: {summary['n_params']:,} parameters, "
              f"{budget['steps']:,} steps, {budget['tokens']:,} tokens "
-             f"({budget['achieved_tokens_per_param']:.1f} per parameter); tuning seeds "
-             f"{summary['protocol']['tune_seeds']}, final seeds "
-             f"{summary['protocol']['final_seeds']}; shared embeddings/head lr "
+             f"({budget['achieved_tokens_per_param']:.1f} per parameter{_passes(budget)}); "
+             f"tuning seeds ({_seeds(summary['protocol']['tune_seeds'])}), final seeds "
+             f"({_seeds(summary['protocol']['final_seeds'])}); shared embeddings/head lr "
              f"{_lr(summary['shared_aux'])} (chosen by {', '.join(summary['judges'])})."]
     titles = {"shared": "shared embeddings/head/gains lr (the fair table)",
               "separate": "each matrix optimizer's own embeddings/head/gains lr"}  # fmt: skip
@@ -657,16 +676,25 @@ def run_tune(
         _accept_other_final_seeds(out / "config.json", identity)
     _claim_folder(out, identity, resume=resume, overwrite=overwrite)
     start = time.perf_counter()
+    # A resumed protocol's wall time adds to that of the sittings before it.
+    earlier = _earlier_wall_time(out / "summary.json") if resume else 0.0
     tuner = _Tuner(spec, final_spec, data, final_data, protocol, out, jobs=jobs,
                    options={"device": device, "diagnostics_every": 0}, progress=progress,
                    log=log)  # fmt: skip
     tuner.run()
     summary = tuner.summary()
-    summary["wall_time_s"] = time.perf_counter() - start
+    summary["wall_time_s"] = earlier + time.perf_counter() - start
     summary["tables"] = tune_tables(summary)
     write_json(out / "summary.json", summary)
     (out / "tune.md").write_text(summary["tables"] + "\n")
     return summary
+
+
+def _earlier_wall_time(path: Path) -> float:
+    try:
+        return float(json.loads(path.read_text()).get("wall_time_s", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0  # no (readable) summary yet: the ledger has the trainings either way
 
 
 def _accept_other_final_seeds(path: Path, identity: dict[str, Any]) -> None:
@@ -721,6 +749,10 @@ def _corpus(summary: dict[str, Any]) -> str:
         else source
 
 
+def _fmt_passes(passes: float | None) -> str:
+    return "—" if passes is None else f"{passes:.2f}" if passes < 10 else f"{passes:.0f}"
+
+
 def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None = None) -> str:
     """Markdown tables across :func:`run_tune` summaries (corpora x model sizes): NorMuon
     against Muon under the shared-aux protocol and under separate tuning, and the tuned lrs per
@@ -729,9 +761,10 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
     if not summaries:
         raise ValueError("ladder_report needs at least one summary")
     rows = sorted(summaries, key=lambda s: (_corpus(s), s["n_params"]))
-    lines = ["| corpus | preset | params | tokens/param | AdamW | Muon | NorMuon | NorMuon saving "
-             "vs Muon | paired p | Welch p | separate-aux NorMuon − Muon |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| corpus | preset | params | tokens/param | passes over the text | AdamW | Muon "
+             "| NorMuon | NorMuon saving vs Muon | paired p | Welch p "
+             "| separate-aux NorMuon − Muon |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for s in rows:
         fair = s["finals"].get("shared", {"optimizers": {}, "vs_muon": {}})
         cells = []
@@ -744,7 +777,8 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
         sep = s["finals"].get("separate", {}).get("vs_muon", {}).get("normuon")
         lines.append(
             f"| {_corpus(s)} | {s['preset']} | {s['n_params']:,} | "
-            f"{s['budget']['achieved_tokens_per_param']:.1f} | {' | '.join(cells)} | {saving} | "
+            f"{s['budget']['achieved_tokens_per_param']:.1f} | "
+            f"{_fmt_passes(s['budget'].get('passes'))} | {' | '.join(cells)} | {saving} | "
             f"{'—' if not test else format(test['paired']['p'], '.3f')} | "
             f"{'—' if not test else format(test['welch']['p'], '.3f')} | "
             f"{'—' if not sep else format(sep['welch']['mean_diff'], '+.4f')} |"
@@ -785,19 +819,36 @@ def _plot_ladder(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    missed = False
     for corpus in sorted({_corpus(s) for s in rows}):
-        xs, ys, es = [], [], []
+        xs, ys, es, misses, notes = [], [], [], [], []
         for s in rows:
+            if _corpus(s) != corpus:
+                continue
             entry = (s["finals"].get("shared", {}).get("optimizers", {}).get("normuon", {})
                      .get("vs_muon") or {})  # fmt: skip
-            if _corpus(s) != corpus or entry.get("saving") is None:
+            passes = s["budget"].get("passes")
+            if passes is not None and passes > 1:
+                notes.append((s["n_params"], f"{passes:.0f} passes"))
+            if entry.get("saving") is None:
+                misses.append(s["n_params"])  # NorMuon's curve ends above Muon's final loss
                 continue
             xs.append(s["n_params"])
             ys.append(100 * entry["saving"])
             ci = entry.get("saving_seeds")
             es.append(100 * ci[1] if ci and math.isfinite(ci[1]) else 0.0)
-        if xs:
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4, label=f"this harness, {corpus}")
+        line = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4,
+                           label=f"this harness, {corpus}")  # fmt: skip
+        color = line[0].get_color()
+        if misses:
+            missed = True
+            ax.plot(misses, [0.0] * len(misses), "v", color=color, mfc="none", ms=9)
+        for x, text in notes:
+            ax.annotate(text, (x, 0.0), textcoords="offset points", xytext=(6, -14),
+                        fontsize=7, color=color)  # fmt: skip
+    if missed:
+        ax.plot([], [], "v", color="gray", mfc="none",
+                label="not reached: NorMuon ends above Muon's final loss")  # fmt: skip
     paper = sorted(PAPER_SAVINGS_VS_MUON.items())
     ax.plot([p for p, _ in paper], [100 * v for _, v in paper], "s--", color="black",
             label="the paper (124M, 350M: Muon-rescale; 1.1B: to AdamW's loss)")
