@@ -266,10 +266,17 @@ def test_stretch_factors_must_lengthen_and_differ(tmp_path, capsys, factors, mes
     assert message in capsys.readouterr().err
 
 
-def test_muon_extra_steps_takes_the_first_crossing_of_muons_own_curve():
-    """A non-monotone Muon curve that reached the target early counts from there, as the
-    savings do, rather than from the stretched schedules."""
-    results = {"muon": [_run(0, [2.40, 2.50])], "other": [_run(0, [2.6, 2.45])]}
+def test_muon_extra_steps_counts_muons_own_curve_only_where_it_stays_at_the_target():
+    """Muon's own curve answers when it reaches the target and stays there (the savings'
+    rule); a curve that dips below and climbs back has not reached it, so the stretched
+    schedules decide."""
     stretch = {1.5: [SimpleNamespace(val_losses=[3.0, 2.30], steps=15)]}
+    # Muon ends at 2.50 after dipping to 2.40: 2.45 is reached only by the x1.5 schedule,
+    # interpolated between (10, 2.50) and (15, 2.30): 10 + 5 * 0.05 / 0.20 = 11.25 steps.
+    results = {"muon": [_run(0, [2.40, 2.50])], "other": [_run(0, [2.6, 2.45])]}
     rows = {r.optimizer: r for r in summarize(results, stretch)}
-    assert rows["other"].muon_extra_steps == pytest.approx(0 / 10 - 1)  # at step 0
+    assert rows["other"].muon_extra_steps == pytest.approx(11.25 / 10 - 1)
+    # Muon stays below 2.45 from step 0: its own run gets there at step 0 (-100%).
+    results = {"muon": [_run(0, [2.40, 2.35])], "other": [_run(0, [2.6, 2.45])]}
+    rows = {r.optimizer: r for r in summarize(results, stretch)}
+    assert rows["other"].muon_extra_steps == pytest.approx(0 / 10 - 1)
