@@ -1,13 +1,13 @@
 """Training tokens per second of the harness per ladder rung, eager against torch.compile.
 
-How much evidence fits in a CPU budget is bounded by the harness's speed, and whether compiling
-the model pays depends on the machine and the model size (compile time against the time it
-saves), so it is measured here rather than assumed. Per rung and optimizer, one thread (the
-CLI's CPU default): a :class:`~normuon.harness.trainer.Trainer` on the rung's preset takes
-``--warmup`` steps (in compiled mode the compilation happens there; its extra time is reported as
-the compile cost), then ``--steps`` timed steps (forward, backward, clipping, optimizer step,
-scheduler: the trainer's own step). Modes alternate eager / compiled ``--reps`` times per rung
-(median reported), so a change in the machine's load hits both.
+How much evidence fits in a CPU budget is bounded by the harness's speed, and whether compiling the
+model pays depends on the machine and the model size (compile time against the time it saves), so
+it is measured here rather than assumed. Per rung and optimizer, one thread (the CLI's CPU
+default): a :class:`~normuon.harness.trainer.Trainer` on the rung's preset takes ``--warmup`` steps
+(in compiled mode the compilation happens there, in-process caches reset first as in a fresh run;
+its extra time is reported as the compile cost), then ``--steps`` timed steps (forward, backward,
+clipping, optimizer step, scheduler: the trainer's own step). Modes alternate eager / compiled
+``--reps`` times per rung (median reported), so a change in the machine's load hits both.
 
     python benchmarks/harness_speed.py [--rungs xs,s,m,l] [--optimizers adamw,muon,normuon]
         [--steps 60] [--warmup 10] [--reps 2] [--out benchmarks/results]
@@ -40,6 +40,11 @@ def measure(rung: str, optimizer: str, compiled: bool, data, steps: int, warmup:
     """(tokens/s over the timed steps, seconds of the warm-up steps) of one fresh trainer."""
     cfg = get_preset(f"ladder-{rung}-20tpp")
     cfg.train.compile = compiled
+    if compiled:
+        # Every run of the CLI is a fresh process: forget what this one compiled before, so
+        # each compiled measurement pays the compilation a run pays (inductor's on-disk cache,
+        # which a user's later runs also find, is left alone).
+        torch._dynamo.reset()
     spec, data = resolve_spec(cfg, data, optimizers=[optimizer], seeds=[0])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(spec, optimizer, data, out_dir=tmp, progress=False)
