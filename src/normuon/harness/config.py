@@ -151,7 +151,9 @@ class TrainConfig:
     autocast_bf16: bool = True
     """On CUDA, run the forward pass under bfloat16 autocast (ignored on CPU)."""
     compile: bool = False
-    """Wrap the model in torch.compile (worth it on GPUs, not for CPU smoke runs)."""
+    """Wrap the model in torch.compile: 1.4-1.7x eager's tokens/s at every ladder rung on a
+    2-core CPU (benchmarks/harness_speed.py), for a few seconds of compilation per process and
+    a working C++ toolchain; off by default so a first run needs neither."""
     parallel: str = "ddp"
     """Under torchrun with WORLD_SIZE > 1: ``ddp`` (replicated model, NorMuon's replicated
     mode) or ``fsdp2`` (``fully_shard`` per block on a 1-D mesh, NorMuon's sharded mode)."""
