@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+import normuon.newton_schulz as NS
+
 # ------------------------------------------------------------------------------ machine
 
 
@@ -66,18 +68,38 @@ def version_of(dist: str) -> str:
 
 
 def bf16_gemm_native() -> bool | None:
-    """Whether oneDNN multiplies bfloat16 matrices on this CPU with native instructions
-    (AVX512-BF16 / AMX); None when this torch build cannot tell."""
+    """Whether bfloat16 matrix products on this CPU are fast enough for Newton-Schulz to run in
+    bfloat16: oneDNN supports them and they measured at least
+    ``HALF_MATMUL_MIN_SPEEDUP`` x float32's rate (:func:`normuon.newton_schulz.native_half_matmul`;
+    oneDNN also "supports" bf16 on AVX512 CPUs without BF16 instructions, emulated at ~0.25x
+    float32's rate). None when this torch build cannot tell."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except (AttributeError, RuntimeError):
         return None
+    return NS.native_half_matmul("cpu", torch.bfloat16)
+
+
+def bf16_gemm_line() -> str:
+    """The machine line saying how this CPU multiplies bfloat16 and what Newton-Schulz runs in."""
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return "- native bf16 GEMMs: unknown (this torch build cannot tell)"
+    if not onednn:
+        return ("- native bf16 GEMMs: False (oneDNN has no bf16 kernels here: a scalar fallback; "
+                "Newton-Schulz runs in float32)")  # fmt: skip
+    speedup = NS.half_matmul_speedup(torch.bfloat16)
+    return (f"- native bf16 GEMMs: {bf16_gemm_native()} (oneDNN supports bf16; measured at "
+            f"{speedup:.2f}x float32's rate, 512^2, so Newton-Schulz in bfloat16 needs >= "
+            f"{NS.HALF_MATMUL_MIN_SPEEDUP}x)")  # fmt: skip
 
 
 def default_ns_dtype() -> torch.dtype:
     """The Newton-Schulz dtype every implementation gets by default: bfloat16 (what all of them
-    ship with) where this CPU multiplies it natively, float32 where bfloat16 GEMMs would run on
-    a scalar fallback 50-200x slower (which is not a fair opponent)."""
+    ship with) where this CPU multiplies it fast, float32 where bfloat16 GEMMs are emulated
+    (~4x slower than float32) or a scalar fallback (50-200x slower), which is not a fair
+    opponent."""
     return torch.bfloat16 if bf16_gemm_native() else torch.float32
 
 
@@ -94,8 +116,7 @@ def machine_lines() -> list[str]:
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores visible, "
         f"torch threads {torch.get_num_threads()}; no GPU used",
         f"- SIMD flags: {cpu_flags()}",
-        f"- native bf16 GEMMs (oneDNN, `torch.ops.mkldnn._is_mkldnn_bf16_supported()`): "
-        f"{bf16_gemm_native()}",
+        bf16_gemm_line(),
         f"- load average at start (1, 5, 15 min): {load_average()}",
         f"- Python {platform.python_version()}, torch {torch.__version__}, normuon "
         f"{version_of('normuon')}, pytorch-optimizer {version_of('pytorch-optimizer')}",

@@ -59,6 +59,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    bf16_gemm_line,
     bf16_gemm_native,
     bytes_written,
     cpu_model,
@@ -557,7 +558,7 @@ def report(cfg: BenchConfig, per_config: dict[str, list[dict]], facts: dict) -> 
         f"- machine: {cpu_model()} (lscpu), {os.cpu_count()} logical cores, no GPU",
         f"- Python {platform.python_version()}, torch {torch.__version__}, gloo backend, "
         f"{cfg.threads} torch thread(s) per rank",
-        f"- native bf16 GEMMs (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`): {bf16}",
+        bf16_gemm_line(),
         f"- load average at start {facts['load_start']}, at the end {facts['load_end']}",
         f"- model: d_model {d} x {layers} blocks; per block q, k, v, o (d, d), up (4d, d), down "
         f"(d, 4d), float32: {6 * layers} matrices, {per_config_numel(per_config)} elements",

@@ -4,8 +4,11 @@
 # Machines differ in their matrix-product kernels, and the suite must pass on every kind:
 #   - AMX (Intel Sapphire Rapids and later): oneDNN's bf16 products on AMX tiles;
 #   - AVX512-BF16 without AMX (AMD Zen 4/5, Cooper Lake): oneDNN's AVX512-BF16 kernels;
-#   - neither (AVX2 only): bf16 products are a scalar fallback, so Newton-Schulz runs in float32
-#     (normuon.newton_schulz.native_half_matmul), and MKL's float32 GEMMs take AVX2 code paths.
+#   - AVX512 without BF16 instructions (Intel Cascade Lake, Ice Lake): oneDNN emulates bf16
+#     products at ~0.25x float32's rate, so Newton-Schulz runs in float32, as measured once per
+#     process (normuon.newton_schulz.native_half_matmul);
+#   - neither (AVX2 only): bf16 products are a scalar fallback, so Newton-Schulz runs in float32,
+#     and MKL's float32 GEMMs take AVX2 code paths.
 # oneDNN and MKL can be told to use fewer instructions than the CPU has (ONEDNN_MAX_CPU_ISA,
 # MKL_ENABLE_INSTRUCTIONS), so one machine exercises every kind at or below its own. A kind above
 # it cannot be forced (an AVX2-only CI machine cannot run AMX or AVX512-BF16 kernels); what it
@@ -18,11 +21,13 @@ PYTHON="${PYTHON:-python}"
 
 "$PYTHON" - <<'PY'
 import torch
-from normuon.newton_schulz import native_half_matmul
+from normuon.newton_schulz import half_matmul_speedup, native_half_matmul
 flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
 kind = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags
+        else "AVX512 without BF16 (bf16 emulated)" if "avx512f" in flags
         else "AVX2 (no native bf16)")
-print(f"this CPU: {kind}; torch {torch.__version__}; bf16 Newton-Schulz native: "
+print(f"this CPU: {kind}; torch {torch.__version__}; bf16 products at "
+      f"{half_matmul_speedup(torch.bfloat16):.2f}x float32's rate; bf16 Newton-Schulz: "
       f"{native_half_matmul('cpu', torch.bfloat16)}")
 PY
 
@@ -41,6 +46,21 @@ AVX2_TESTS=(
 echo "== as an AVX512-BF16 CPU without AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)"
 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 MKL_ENABLE_INSTRUCTIONS=AVX2 \
   "$PYTHON" -m pytest -n 2 -q -p no:cacheprovider "${AVX512_BF16_TESTS[@]}" "$@"
+echo "== as an AVX512 CPU without BF16 instructions (ONEDNN_MAX_CPU_ISA=AVX512_CORE)"
+# oneDNN still supports bf16 there (emulated in float32 units), so only the measurement keeps
+# Newton-Schulz in float32: check that it does (float32 runs the numerics below, as AVX2).
+ONEDNN_MAX_CPU_ISA=AVX512_CORE "$PYTHON" -c "
+import sys, torch
+from normuon.newton_schulz import half_matmul_speedup, native_half_matmul
+if 'avx512f' in open('/proc/cpuinfo').read():
+    speedup = half_matmul_speedup(torch.bfloat16)
+    print(f'bf16 products at {speedup:.2f}x float32 rate; bf16 Newton-Schulz: '
+          f'{native_half_matmul(\"cpu\", torch.bfloat16)}')
+    if native_half_matmul('cpu', torch.bfloat16):
+        sys.exit('emulated bf16 products were taken for fast ones')
+else:
+    print('no AVX512 on this CPU: nothing to check')
+"
 echo "== as an AVX2-only CPU (ONEDNN_MAX_CPU_ISA=AVX2: no native bf16, float32 Newton-Schulz)"
 # The limit must take: with it, torch must report no native bf16 products on any x86 CPU.
 ONEDNN_MAX_CPU_ISA=AVX2 "$PYTHON" -c "

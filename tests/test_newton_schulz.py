@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import normuon.newton_schulz as NS
 from normuon.newton_schulz import (
     CPU_CHUNK_BYTES,
     FAST_NS_LOWER,
@@ -595,3 +596,67 @@ def test_rejects_bad_chunk_size(chunk_size):
     with pytest.raises(ValueError, match="chunk_size"):
         newton_schulz(torch.randn(2, 4, 8), _coeffs("muon", 5), torch.float32,
                       chunk_size=chunk_size)  # fmt: skip
+
+
+# ---------------------------------------------------------------- the CPU half-precision decision
+
+
+@pytest.fixture
+def _no_half_env(monkeypatch):
+    monkeypatch.delenv(NS.CPU_HALF_MATMUL_ENV, raising=False)
+
+
+@pytest.mark.parametrize("speedup,expected", [(0.25, False), (1.0, False), (1.49, False),
+                                              (1.5, True), (4.2, True)])  # fmt: skip
+def test_cpu_half_newton_schulz_follows_the_measured_speedup(monkeypatch, _no_half_env, speedup,
+                                                             expected):  # fmt: skip
+    """oneDNN's support is not speed (on AVX512 CPUs without BF16 instructions it emulates bf16
+    at ~0.25x float32's rate): where it supports the dtype, the measured speedup decides."""
+    monkeypatch.setattr(NS, "_onednn_half_support", lambda dtype: True)
+    monkeypatch.setattr(NS, "half_matmul_speedup", lambda dtype: speedup)
+    assert NS.native_half_matmul("cpu", torch.bfloat16) is expected
+    expected_dtype = torch.bfloat16 if expected else torch.float32
+    assert ns_compute_dtype(torch.bfloat16, "cpu") == expected_dtype
+
+
+def test_cpu_half_newton_schulz_is_not_measured_without_onednn_support(monkeypatch, _no_half_env):
+    """Without oneDNN the products are a scalar loop: float32, and nothing is timed."""
+    monkeypatch.setattr(NS, "_onednn_half_support", lambda dtype: False)
+
+    def not_called(dtype):
+        raise AssertionError("measured a scalar fallback")
+
+    monkeypatch.setattr(NS, "half_matmul_speedup", not_called)
+    assert ns_compute_dtype(torch.bfloat16, "cpu") == torch.float32
+    assert ns_compute_dtype(torch.float16, "cpu") == torch.float32
+
+
+@pytest.mark.parametrize("value,supported,expected", [
+    ("float32", True, torch.float32), ("half", True, torch.bfloat16),
+    ("half", False, torch.float32), (" HALF ", True, torch.bfloat16),
+])  # fmt: skip
+def test_the_environment_fixes_the_cpu_decision(monkeypatch, value, supported, expected):
+    monkeypatch.setenv(NS.CPU_HALF_MATMUL_ENV, value)
+    monkeypatch.setattr(NS, "_onednn_half_support", lambda dtype: supported)
+    monkeypatch.setattr(NS, "half_matmul_speedup", lambda dtype: 0.25 if value == "half" else 9.0)
+    assert ns_compute_dtype(torch.bfloat16, "cpu") == expected
+
+
+def test_a_bad_environment_value_is_named(monkeypatch):
+    monkeypatch.setenv(NS.CPU_HALF_MATMUL_ENV, "bf16")
+    with pytest.raises(ValueError, match=r"NORMUON_CPU_HALF_MATMUL.*'bf16'"):
+        ns_compute_dtype(torch.bfloat16, "cpu")
+
+
+def test_float32_and_accelerators_are_never_measured(monkeypatch, _no_half_env):
+    monkeypatch.setattr(NS, "half_matmul_speedup", lambda dtype: pytest.fail("measured"))
+    assert ns_compute_dtype(torch.float32, "cpu") == torch.float32
+    assert ns_compute_dtype(torch.float64, "cpu") == torch.float64
+    assert ns_compute_dtype(torch.bfloat16, "meta") == torch.bfloat16
+    assert ns_compute_dtype(torch.bfloat16, torch.device("meta")) == torch.bfloat16
+
+
+def test_the_measured_speedup_is_a_positive_ratio_cached_per_process():
+    first = NS.half_matmul_speedup(torch.bfloat16)
+    assert math.isfinite(first) and first > 0
+    assert NS.half_matmul_speedup(torch.bfloat16) == first  # measured once

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,7 +18,9 @@ import torch
 
 __all__ = [
     "CPU_CHUNK_BYTES",
+    "CPU_HALF_MATMUL_ENV",
     "GRAM_MIN_ASPECT",
+    "HALF_MATMUL_MIN_SPEEDUP",
     "KERNELS",
     "MUON_COEFFICIENTS",
     "NS_NORM_EPS",
@@ -30,6 +34,7 @@ __all__ = [
     "default_orthogonalizer",
     "fast_ns_coefficients",
     "gram_restarts",
+    "half_matmul_speedup",
     "native_half_matmul",
     "newton_schulz",
     "newton_schulz_",
@@ -243,23 +248,79 @@ def scalar_ns_map(x: torch.Tensor, coefficients: Sequence[Coefficients]) -> torc
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=16)
-def native_half_matmul(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``dtype`` matrix products on ``device_type`` run on fast hardware paths.
+#: How much faster than float32 a CPU's half-precision matrix products must run before
+#: Newton-Schulz iterates in half precision there (float32 is the more accurate of the two, so
+#: half must win clearly). Measured bf16 / float32 rates of a 512^2 product, 2 threads: AMX
+#: (Sapphire Rapids) ~6x, AVX512-BF16 (AMD Zen 4) ~4x, AVX512 without BF16 instructions (where
+#: oneDNN emulates bf16 in float32 units) ~0.25x; far from this margin on every kind.
+HALF_MATMUL_MIN_SPEEDUP = 1.5
 
-    On a CPU, PyTorch multiplies bfloat16/float16 matrices quickly only through oneDNN, which
-    needs AVX512-BF16/AMX (or AVX512-FP16) instructions; otherwise it falls back to a scalar
-    loop that is 50-200x slower than its own float32 GEMM (measured on an AVX2-only AMD EPYC:
-    ~1 GFLOP/s bf16 against ~180 GFLOP/s fp32). Accelerators are assumed to be fast.
-    """
-    if dtype not in (torch.bfloat16, torch.float16) or device_type != "cpu":
-        return True
+#: Environment variable that fixes the CPU decision instead of measuring it: ``half`` (iterate
+#: in the half type wherever oneDNN supports it), ``float32`` (never), ``auto`` or unset
+#: (measure once per process, :func:`half_matmul_speedup`).
+CPU_HALF_MATMUL_ENV = "NORMUON_CPU_HALF_MATMUL"
+
+_HALF_MATMUL_CHOICES = ("auto", "half", "float32")
+
+
+def _onednn_half_support(dtype: torch.dtype) -> bool:
+    """Whether oneDNN multiplies ``dtype`` matrices on this CPU at all (natively or emulated in
+    float32 units); without it torch falls back to a scalar loop."""
     try:
         if dtype == torch.bfloat16:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
     except (AttributeError, RuntimeError):  # pragma: no cover - very old or stripped builds
         return True
+
+
+@functools.lru_cache(maxsize=4)
+def half_matmul_speedup(dtype: torch.dtype, size: int = 512, reps: int = 3) -> float:
+    """float32 time / ``dtype`` time of one (size, size) matrix product on this CPU, with
+    torch's current threads: the minimum of ``reps`` timed rounds after one warm-up, the two
+    dtypes alternating so that load from other processes hits both alike. Measured once per
+    process (a few milliseconds; ~50 ms on a CPU whose half products are emulated)."""
+    gen = torch.Generator().manual_seed(0)
+    a32 = torch.randn(size, size, generator=gen)
+    b32 = torch.randn(size, size, generator=gen)
+    operands = {torch.float32: (a32, b32), dtype: (a32.to(dtype), b32.to(dtype))}
+    best = dict.fromkeys(operands, math.inf)
+    for round_ in range(reps + 1):
+        for key, (a, b) in operands.items():
+            start = time.perf_counter()
+            torch.mm(a, b)
+            if round_:  # round 0 warms up (oneDNN builds its kernels on first use)
+                best[key] = min(best[key], time.perf_counter() - start)
+    return best[torch.float32] / best[dtype]
+
+
+def native_half_matmul(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` matrix products on ``device_type`` are fast enough for Newton-Schulz to
+    iterate in ``dtype`` (accelerators: assumed; CPUs: measured).
+
+    On a CPU, PyTorch multiplies bfloat16/float16 matrices through oneDNN, or else in a scalar
+    loop 50-200x slower than its float32 GEMM (an AVX2-only AMD EPYC: ~1 GFLOP/s bf16 against
+    ~180 GFLOP/s fp32). oneDNN's support does not mean speed: with AVX512-BF16/AMX instructions
+    bf16 runs 4-6x float32's rate, but on an AVX512 CPU without them (Intel Cascade Lake, Ice
+    Lake) oneDNN emulates bf16 in float32 units at ~0.25x float32's rate (59 against 237
+    GFLOP/s at 2048^2, 2 threads). So where oneDNN supports ``dtype`` the answer is measured
+    once per process (:func:`half_matmul_speedup` >= :data:`HALF_MATMUL_MIN_SPEEDUP`), unless
+    :data:`CPU_HALF_MATMUL_ENV` fixes it. Never measured inside a ``torch.compile`` trace (the
+    optimizers ask before tracing); there the oneDNN answer stands in.
+    """
+    if dtype not in (torch.bfloat16, torch.float16) or device_type != "cpu":
+        return True
+    fixed = os.environ.get(CPU_HALF_MATMUL_ENV, "auto").strip().lower() or "auto"
+    if fixed not in _HALF_MATMUL_CHOICES:
+        raise ValueError(
+            f"{CPU_HALF_MATMUL_ENV} must be one of {', '.join(_HALF_MATMUL_CHOICES)}, got "
+            f"{os.environ[CPU_HALF_MATMUL_ENV]!r}"
+        )
+    if fixed == "float32" or not _onednn_half_support(dtype):
+        return False
+    if fixed == "half" or torch.compiler.is_compiling():
+        return True
+    return half_matmul_speedup(dtype) >= HALF_MATMUL_MIN_SPEEDUP
 
 
 def ns_compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
