@@ -74,14 +74,22 @@ def _groups(params: list[torch.Tensor], layouts: list[str], vectors: list[torch.
     return groups + [{"params": vectors, "algorithm": "adamw", "weight_decay": 0.01}]
 
 
-def _train(cls, device, dtype, ns_dtype, steps=3, host_reads="auto", compile_step=False):
-    """(matrices, vectors, optimizer) after ``steps`` steps on fixed random data."""
+#: What ``--quick`` compiles: the three layouts that change the traced step (plain, transposed,
+#: stacked); a cold compile of the step takes 40-100 s on a 2-core CPU, mostly a fixed cost.
+_QUICK_COMPILE_SHAPES = ("square", "transposed", "stacked")
+
+
+def _train(cls, device, dtype, ns_dtype, steps=3, host_reads="auto", compile_step=False,
+           shapes=None):  # fmt: skip
+    """(matrices, vectors, optimizer) after ``steps`` steps on fixed random data; ``shapes``:
+    the labels of :data:`_SHAPES` to train (None: all)."""
     gen = torch.Generator().manual_seed(0)
-    init = [torch.randn(s, generator=gen, dtype=torch.float64) * 0.1 for _, s, _ in _SHAPES]
+    chosen = [entry for entry in _SHAPES if shapes is None or entry[0] in shapes]
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) * 0.1 for _, s, _ in chosen]
     vec_init = [torch.randn(16, generator=gen, dtype=torch.float64)]
     params = [torch.nn.Parameter(t.to(device=device, dtype=dtype)) for t in init]
     vectors = [torch.nn.Parameter(t.to(device=device, dtype=dtype)) for t in vec_init]
-    opt = cls(_groups(params, [lay for _, _, lay in _SHAPES], vectors), lr=0.02,
+    opt = cls(_groups(params, [lay for _, _, lay in chosen], vectors), lr=0.02,
               weight_decay=0.1, ns_dtype=ns_dtype, adamw_lr=1e-2, host_reads=host_reads)
     step = torch.compile(opt.step, fullgraph=True) if compile_step else opt.step
     for _ in range(steps):
@@ -203,17 +211,20 @@ def _no_host_reads(device: torch.device) -> Iterator[None]:
 
 def check_compile(device: torch.device, quick: bool = False) -> list[CheckResult]:
     results = []
-    # Muon's step is NorMuon's without the neuron factors: --quick compiles NorMuon only.
+    # Muon's step is NorMuon's without the neuron factors: --quick compiles NorMuon only, on
+    # fewer shapes.
+    shapes = _QUICK_COMPILE_SHAPES if quick else None
     for cls in (NorMuon,) if quick else (NorMuon, Muon):
         try:
             eager, _, _ = _train(cls, device, torch.float32, "float32", steps=2,
-                                 host_reads="never")
+                                 host_reads="never", shapes=shapes)
             torch._dynamo.reset()
             compiled, _, _ = _train(cls, device, torch.float32, "float32", steps=2,
-                                    host_reads="never", compile_step=True)
+                                    host_reads="never", compile_step=True, shapes=shapes)
             err = max(_rel_err(a, b) for a, b in zip(compiled, eager))
             results.append(CheckResult("compile", f"{cls.__name__} fullgraph", err < 1e-5,
-                                       f"max rel. difference from eager {err:.2e}"))
+                                       f"max rel. difference from eager {err:.2e}"
+                                       + (f" ({', '.join(shapes)})" if shapes else "")))
         except Exception as exc:  # noqa: BLE001 - a compiler failure is a failed check
             results.append(CheckResult("compile", f"{cls.__name__} fullgraph", False,
                                        f"{type(exc).__name__}: {str(exc)[:160]}"))

@@ -202,7 +202,7 @@ _MATRIX_COMMON = (
         "ns_dtype",
         "bfloat16",
         _ns_dtype,
-        "dtype of the Newton-Schulz iteration (float32 where a CPU lacks bf16 GEMMs)",
+        "dtype of the Newton-Schulz iteration (float32 on a CPU whose bf16 GEMMs measure slow)",
         "authors' code",
     ),
     Option(
