@@ -18,6 +18,7 @@ def test_quick_check_on_the_cpu_passes_and_writes_its_report(tmp_path, capsys):
     assert "graphed step (stand-in replay) | pass" in text
     assert "graphed step (stand-in replay): load_state_dict, bf16 state | pass" in text
     assert "torch.optim.Muon" in text  # the peer timed beside it
+    assert "| speed | bf16 Newton-Schulz dtype | - |" in text  # and why that dtype
     # What each Newton-Schulz bucket runs, and what its candidates took at plan time.
     assert "| speed | GPT-2 124M: Newton-Schulz kernels | - |" in text
     assert "(768, 768)" in text and " ms" in text

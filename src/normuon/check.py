@@ -24,6 +24,7 @@ It exits non-zero when a correctness, host-sync or compile check fails, naming w
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -340,6 +341,24 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 2048) -> f
     return 2 * size**3 / seconds / 1e9
 
 
+def _cpu_half_detail() -> str:
+    """The dtype bf16 Newton-Schulz iterates in on this CPU, and why
+    (:func:`normuon.newton_schulz.native_half_matmul`)."""
+    fixed = os.environ.get(NS.CPU_HALF_MATMUL_ENV, "").strip()
+    dtype = str(NS.ns_compute_dtype(torch.bfloat16, "cpu")).replace("torch.", "")
+    if fixed and fixed.lower() != "auto":
+        return f"{dtype} ({NS.CPU_HALF_MATMUL_ENV}={fixed})"
+    if not NS.native_half_matmul("cpu", torch.bfloat16) and dtype == "float32":
+        try:
+            if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                return "float32 (no oneDNN bf16 kernels on this CPU: a scalar fallback)"
+        except (AttributeError, RuntimeError):
+            pass
+    speedup = NS.half_matmul_speedup(torch.bfloat16)
+    return (f"{dtype} (bf16 products measured at {speedup:.2f}x float32's rate, 512^2; bf16 "
+            f"needs >= {NS.HALF_MATMUL_MIN_SPEEDUP}x)")
+
+
 def check_speed(device: torch.device, quick: bool) -> list[CheckResult]:
     layers = dict(PAPER_LAYERS)
     if quick and device.type == "cpu":
@@ -348,6 +367,8 @@ def check_speed(device: torch.device, quick: bool) -> list[CheckResult]:
     rate = matmul_rate(device, ns_dtype)
     results = [CheckResult("speed", "matmul rate", None,
                            f"{rate:.0f} GFLOP/s ({str(ns_dtype).replace('torch.', '')}, 2048^2)")]
+    if device.type == "cpu":
+        results.append(CheckResult("speed", "bf16 Newton-Schulz dtype", None, _cpu_half_detail()))
     reps = 2 if quick else 5
     for model, shapes in layers.items():
         timings = {}

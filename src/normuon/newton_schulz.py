@@ -250,9 +250,11 @@ def scalar_ns_map(x: torch.Tensor, coefficients: Sequence[Coefficients]) -> torc
 
 #: How much faster than float32 a CPU's half-precision matrix products must run before
 #: Newton-Schulz iterates in half precision there (float32 is the more accurate of the two, so
-#: half must win clearly). Measured bf16 / float32 rates of a 512^2 product, 2 threads: AMX
-#: (Sapphire Rapids) ~6x, AVX512-BF16 (AMD Zen 4) ~4x, AVX512 without BF16 instructions (where
-#: oneDNN emulates bf16 in float32 units) ~0.25x; far from this margin on every kind.
+#: half must win clearly). bf16 / float32 rates at 2048^2, 2 threads (benchmarks/results): an
+#: Intel Xeon with AMX 6.3x, an AMD EPYC with AVX512-BF16 4.2x, an Intel Xeon with AVX512 but
+#: no BF16 instructions (oneDNN emulates bf16 in float32 units) 0.25x, and 0.23-0.26x there
+#: by :func:`half_matmul_speedup` (512^2, one thread) with both cores busy: far from this
+#: margin on every kind.
 HALF_MATMUL_MIN_SPEEDUP = 1.5
 
 #: Environment variable that fixes the CPU decision instead of measuring it: ``half`` (iterate
@@ -275,22 +277,30 @@ def _onednn_half_support(dtype: torch.dtype) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def half_matmul_speedup(dtype: torch.dtype, size: int = 512, reps: int = 3) -> float:
-    """float32 time / ``dtype`` time of one (size, size) matrix product on this CPU, with
-    torch's current threads: the minimum of ``reps`` timed rounds after one warm-up, the two
-    dtypes alternating so that load from other processes hits both alike. Measured once per
-    process (a few milliseconds; ~50 ms on a CPU whose half products are emulated)."""
+def half_matmul_speedup(dtype: torch.dtype, size: int = 512, reps: int = 5) -> float:
+    """float32 time / ``dtype`` time of one (size, size) matrix product on this CPU core.
+
+    The minimum of ``reps`` timed rounds after one warm-up, the two dtypes alternating, on one
+    thread: a product that needs one core is far likelier than one that needs all of them to
+    run uninterrupted somewhere among the rounds on a loaded machine, and the ratio per core is
+    the ratio of the kernels. Measured once per process (~20 ms; ~80 ms on a CPU whose half
+    products are emulated)."""
     gen = torch.Generator().manual_seed(0)
     a32 = torch.randn(size, size, generator=gen)
     b32 = torch.randn(size, size, generator=gen)
     operands = {torch.float32: (a32, b32), dtype: (a32.to(dtype), b32.to(dtype))}
     best = dict.fromkeys(operands, math.inf)
-    for round_ in range(reps + 1):
-        for key, (a, b) in operands.items():
-            start = time.perf_counter()
-            torch.mm(a, b)
-            if round_:  # round 0 warms up (oneDNN builds its kernels on first use)
-                best[key] = min(best[key], time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for round_ in range(reps + 1):
+            for key, (a, b) in operands.items():
+                start = time.perf_counter()
+                torch.mm(a, b)
+                if round_:  # round 0 warms up (oneDNN builds its kernels on first use)
+                    best[key] = min(best[key], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
     return best[torch.float32] / best[dtype]
 
 
