@@ -89,6 +89,10 @@ def bf16_gemm_line() -> str:
     if not onednn:
         return ("- native bf16 GEMMs: False (oneDNN has no bf16 kernels here: a scalar fallback; "
                 "Newton-Schulz runs in float32)")  # fmt: skip
+    fixed = os.environ.get(NS.CPU_HALF_MATMUL_ENV, "").strip()
+    if fixed and fixed.lower() != "auto":
+        return (f"- native bf16 GEMMs: {bf16_gemm_native()} (oneDNN supports bf16; fixed by "
+                f"{NS.CPU_HALF_MATMUL_ENV}={fixed})")  # fmt: skip
     speedup = NS.half_matmul_speedup(torch.bfloat16)
     return (f"- native bf16 GEMMs: {bf16_gemm_native()} (oneDNN supports bf16; measured at "
             f"{speedup:.2f}x float32's rate, 512^2, so Newton-Schulz in bfloat16 needs >= "

@@ -26,8 +26,9 @@ flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpui
 kind = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags
         else "AVX512 without BF16 (bf16 emulated)" if "avx512f" in flags
         else "AVX2 (no native bf16)")
-print(f"this CPU: {kind}; torch {torch.__version__}; bf16 products at "
-      f"{half_matmul_speedup(torch.bfloat16):.2f}x float32's rate; bf16 Newton-Schulz: "
+rate = (f"bf16 products at {half_matmul_speedup(torch.bfloat16):.2f}x float32's rate"
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no oneDNN bf16 (scalar fallback)")
+print(f"this CPU: {kind}; torch {torch.__version__}; {rate}; bf16 Newton-Schulz: "
       f"{native_half_matmul('cpu', torch.bfloat16)}")
 PY
 
@@ -46,7 +47,7 @@ AVX2_TESTS=(
 echo "== as an AVX512-BF16 CPU without AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)"
 if grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then
   ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 MKL_ENABLE_INSTRUCTIONS=AVX2 \
-    "$PYTHON" -m pytest -n 2 -q -p no:cacheprovider "${AVX512_BF16_TESTS[@]}" "$@"
+    "$PYTHON" -m pytest -n 2 --dist worksteal -q -p no:cacheprovider "${AVX512_BF16_TESTS[@]}" "$@"
 else
   # A kind above this CPU's cannot be forced: the limit would leave oneDNN as it is, and the
   # main suite has just run these tests as this CPU's own kind.
@@ -55,7 +56,7 @@ fi
 echo "== as an AVX512 CPU without BF16 instructions (ONEDNN_MAX_CPU_ISA=AVX512_CORE)"
 # oneDNN still supports bf16 there (emulated in float32 units), so only the measurement keeps
 # Newton-Schulz in float32: check that it does (float32 runs the numerics below, as AVX2).
-ONEDNN_MAX_CPU_ISA=AVX512_CORE "$PYTHON" -c "
+env -u NORMUON_CPU_HALF_MATMUL ONEDNN_MAX_CPU_ISA=AVX512_CORE "$PYTHON" -c "
 import sys, torch
 from normuon.newton_schulz import half_matmul_speedup, native_half_matmul
 if 'avx512f' in open('/proc/cpuinfo').read():
@@ -76,4 +77,4 @@ if platform.machine() in ('x86_64', 'AMD64') and torch.ops.mkldnn._is_mkldnn_bf1
 "
 # Checkpoint round trips (dcp) move state, not numerics: they run once, in the main suite.
 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
-  "$PYTHON" -m pytest -n 2 -q -p no:cacheprovider "${AVX2_TESTS[@]}" -k "not dcp" "$@"
+  "$PYTHON" -m pytest -n 2 --dist worksteal -q -p no:cacheprovider "${AVX2_TESTS[@]}" -k "not dcp" "$@"

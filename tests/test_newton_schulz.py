@@ -603,7 +603,10 @@ def test_rejects_bad_chunk_size(chunk_size):
 
 @pytest.fixture
 def _no_half_env(monkeypatch):
+    """No override, and a throwaway record of decisions (what these tests make the CPU decide
+    must not reach later tests' traces)."""
     monkeypatch.delenv(NS.CPU_HALF_MATMUL_ENV, raising=False)
+    monkeypatch.setattr(NS, "_CPU_HALF_DECIDED", {})
 
 
 @pytest.mark.parametrize("speedup,expected", [(0.25, False), (1.0, False), (1.49, False),
@@ -636,6 +639,7 @@ def test_cpu_half_newton_schulz_is_not_measured_without_onednn_support(monkeypat
     ("half", False, torch.float32), (" HALF ", True, torch.bfloat16),
 ])  # fmt: skip
 def test_the_environment_fixes_the_cpu_decision(monkeypatch, value, supported, expected):
+    """``half`` cannot force a scalar fallback; ``float32`` overrides a fast measurement."""
     monkeypatch.setenv(NS.CPU_HALF_MATMUL_ENV, value)
     monkeypatch.setattr(NS, "_onednn_half_support", lambda dtype: supported)
     monkeypatch.setattr(NS, "half_matmul_speedup", lambda dtype: 0.25 if value == "half" else 9.0)
@@ -656,7 +660,43 @@ def test_float32_and_accelerators_are_never_measured(monkeypatch, _no_half_env):
     assert ns_compute_dtype(torch.bfloat16, torch.device("meta")) == torch.bfloat16
 
 
-def test_the_measured_speedup_is_a_positive_ratio_cached_per_process():
-    first = NS.half_matmul_speedup(torch.bfloat16)
-    assert math.isfinite(first) and first > 0
-    assert NS.half_matmul_speedup(torch.bfloat16) == first  # measured once
+def test_the_speedup_is_measured_on_the_cpu_in_float32_whatever_the_defaults():
+    """Neither a meta default device (which would time nothing) nor a float64 default dtype
+    changes what is timed: a CPU float32 product against a CPU bf16 one."""
+    measure = NS.half_matmul_speedup.__wrapped__  # uncached: measured here, small and quick
+    old_dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        with torch.device("meta"):
+            seen = []
+            real_mm = torch.mm
+
+            def recording_mm(a, b):
+                seen.append((a.device.type, a.dtype))
+                return real_mm(a, b)
+
+            NS.torch.mm = recording_mm
+            try:
+                ratio = measure(torch.bfloat16, size=32, reps=1)
+            finally:
+                NS.torch.mm = real_mm
+    finally:
+        torch.set_default_dtype(old_dtype)
+    assert math.isfinite(ratio) and ratio > 0
+    assert set(seen) == {("cpu", torch.float32), ("cpu", torch.bfloat16)}
+
+
+def test_a_trace_uses_the_measured_answer_or_float32(monkeypatch, _no_half_env):
+    """Nothing is timed inside torch.compile: a trace reuses what eager measured, and before
+    any measurement iterates in float32 (never the emulated bf16 that oneDNN reports)."""
+    monkeypatch.setattr(NS, "_onednn_half_support", lambda dtype: True)
+    monkeypatch.setattr(NS, "_CPU_HALF_DECIDED", {})
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(NS, "half_matmul_speedup", lambda dtype: pytest.fail("timed in a trace"))
+    assert ns_compute_dtype(torch.bfloat16, "cpu") == torch.float32
+    NS._CPU_HALF_DECIDED[torch.bfloat16] = True  # what an eager call measured on an AMX CPU
+    assert ns_compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(NS, "half_matmul_speedup", lambda dtype: 0.25)
+    assert ns_compute_dtype(torch.bfloat16, "cpu") == torch.float32  # measured again: emulated
+    assert NS._CPU_HALF_DECIDED[torch.bfloat16] is False

@@ -264,6 +264,9 @@ CPU_HALF_MATMUL_ENV = "NORMUON_CPU_HALF_MATMUL"
 
 _HALF_MATMUL_CHOICES = ("auto", "half", "float32")
 
+#: The measured answers of :func:`native_half_matmul` on this CPU, per half dtype, for traces.
+_CPU_HALF_DECIDED: dict[torch.dtype, bool] = {}
+
 
 def _onednn_half_support(dtype: torch.dtype) -> bool:
     """Whether oneDNN multiplies ``dtype`` matrices on this CPU at all (natively or emulated in
@@ -285,9 +288,10 @@ def half_matmul_speedup(dtype: torch.dtype, size: int = 512, reps: int = 5) -> f
     run uninterrupted somewhere among the rounds on a loaded machine, and the ratio per core is
     the ratio of the kernels. Measured once per process (~20 ms; ~80 ms on a CPU whose half
     products are emulated)."""
-    gen = torch.Generator().manual_seed(0)
-    a32 = torch.randn(size, size, generator=gen)
-    b32 = torch.randn(size, size, generator=gen)
+    # On the CPU in float32 whatever the default device and dtype (meta would time nothing).
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a32 = torch.randn(size, size, generator=gen, device="cpu", dtype=torch.float32)
+    b32 = torch.randn(size, size, generator=gen, device="cpu", dtype=torch.float32)
     operands = {torch.float32: (a32, b32), dtype: (a32.to(dtype), b32.to(dtype))}
     best = dict.fromkeys(operands, math.inf)
     threads = torch.get_num_threads()
@@ -312,11 +316,12 @@ def native_half_matmul(device_type: str, dtype: torch.dtype) -> bool:
     loop 50-200x slower than its float32 GEMM (an AVX2-only AMD EPYC: ~1 GFLOP/s bf16 against
     ~180 GFLOP/s fp32). oneDNN's support does not mean speed: with AVX512-BF16/AMX instructions
     bf16 runs 4-6x float32's rate, but on an AVX512 CPU without them (Intel Cascade Lake, Ice
-    Lake) oneDNN emulates bf16 in float32 units at ~0.25x float32's rate (59 against 237
-    GFLOP/s at 2048^2, 2 threads). So where oneDNN supports ``dtype`` the answer is measured
-    once per process (:func:`half_matmul_speedup` >= :data:`HALF_MATMUL_MIN_SPEEDUP`), unless
-    :data:`CPU_HALF_MATMUL_ENV` fixes it. Never measured inside a ``torch.compile`` trace (the
-    optimizers ask before tracing); there the oneDNN answer stands in.
+    Lake) oneDNN emulates bf16 in float32 units at ~0.25x float32's rate (52 against 211
+    GFLOP/s, bf16 at 1024^2 and float32 at 2048^2, 2 threads). So where oneDNN supports
+    ``dtype`` the answer is measured once per process (:func:`half_matmul_speedup` >=
+    :data:`HALF_MATMUL_MIN_SPEEDUP`), unless :data:`CPU_HALF_MATMUL_ENV` fixes it. Never
+    measured inside a ``torch.compile`` trace (the optimizers ask before tracing): there an
+    earlier measurement's answer stands, or float32.
     """
     if dtype not in (torch.bfloat16, torch.float16) or device_type != "cpu":
         return True
@@ -328,9 +333,12 @@ def native_half_matmul(device_type: str, dtype: torch.dtype) -> bool:
         )
     if fixed == "float32" or not _onednn_half_support(dtype):
         return False
-    if fixed == "half" or torch.compiler.is_compiling():
+    if fixed == "half":
         return True
-    return half_matmul_speedup(dtype) >= HALF_MATMUL_MIN_SPEEDUP
+    if torch.compiler.is_compiling():  # nothing is timed in a trace: an earlier answer, or float32
+        return _CPU_HALF_DECIDED.get(dtype, False)
+    fast = _CPU_HALF_DECIDED[dtype] = half_matmul_speedup(dtype) >= HALF_MATMUL_MIN_SPEEDUP
+    return fast
 
 
 def ns_compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:

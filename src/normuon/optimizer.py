@@ -197,7 +197,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         self._plans_cache = None
         self._stepped = {id(p) for p in self.state}
         for group in self.param_groups:
-            self._resolve_ns_dtypes(group["params"])
+            self._resolve_ns_dtypes(group["params"], group.get("ns_dtype"))
 
     # ---------------------------------------------------------------- groups and validation
 
@@ -270,20 +270,21 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             raise ValueError("a parameter appears more than once across the parameter groups")
         self.param_groups.append(group)
         self._plans_cache = None
-        self._resolve_ns_dtypes(params)
+        self._resolve_ns_dtypes(params, group.get("ns_dtype"))
         # Planned now, not in step(): unsupported placements fail here, and step() only runs
         # the plan (reading DTensor meshes while planning is no business of a step).
         self._plans()
 
-    def _resolve_ns_dtypes(self, params: list[torch.Tensor]) -> None:
-        """Answer the half-precision capability queries for these parameters' devices now,
-        outside any traced step (see ``_ns_dtype_cache``)."""
+    def _resolve_ns_dtypes(self, params: list[torch.Tensor], requested: Any) -> None:
+        """Answer the half-precision capability query of the group's ``ns_dtype`` (a name or a
+        dtype; None for groups without Newton-Schulz) for these parameters' devices now,
+        outside any traced step (see ``_ns_dtype_cache``; on a CPU it is a measurement)."""
+        dtype = getattr(torch, requested, None) if isinstance(requested, str) else requested
+        if dtype not in (torch.bfloat16, torch.float16):
+            return
         for device_type in {local_tensor(p).device.type for p in params}:
-            for dtype in (torch.bfloat16, torch.float16):
-                if (device_type, dtype) not in self._ns_dtype_cache:
-                    self._ns_dtype_cache[(device_type, dtype)] = NS.ns_compute_dtype(
-                        dtype, device_type
-                    )
+            if (device_type, dtype) not in self._ns_dtype_cache:
+                self._ns_dtype_cache[(device_type, dtype)] = NS.ns_compute_dtype(dtype, device_type)
 
     def _ns_dtype(self, requested: torch.dtype, device: torch.device) -> torch.dtype:
         if requested not in (torch.bfloat16, torch.float16):
