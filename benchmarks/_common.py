@@ -82,21 +82,10 @@ def bf16_gemm_native() -> bool | None:
 
 def bf16_gemm_line() -> str:
     """The machine line saying how this CPU multiplies bfloat16 and what Newton-Schulz runs in."""
-    try:
-        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+    native = bf16_gemm_native()
+    if native is None:
         return "- native bf16 GEMMs: unknown (this torch build cannot tell)"
-    if not onednn:
-        return ("- native bf16 GEMMs: False (oneDNN has no bf16 kernels here: a scalar fallback; "
-                "Newton-Schulz runs in float32)")  # fmt: skip
-    fixed = os.environ.get(NS.CPU_HALF_MATMUL_ENV, "").strip()
-    if fixed and fixed.lower() != "auto":
-        return (f"- native bf16 GEMMs: {bf16_gemm_native()} (oneDNN supports bf16; fixed by "
-                f"{NS.CPU_HALF_MATMUL_ENV}={fixed})")  # fmt: skip
-    speedup = NS.half_matmul_speedup(torch.bfloat16)
-    return (f"- native bf16 GEMMs: {bf16_gemm_native()} (oneDNN supports bf16; measured at "
-            f"{speedup:.2f}x float32's rate, 512^2, so Newton-Schulz in bfloat16 needs >= "
-            f"{NS.HALF_MATMUL_MIN_SPEEDUP}x)")  # fmt: skip
+    return f"- native bf16 GEMMs: {native} (Newton-Schulz in {NS.describe_cpu_half_choice()})"
 
 
 def default_ns_dtype() -> torch.dtype:

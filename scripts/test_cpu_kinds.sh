@@ -21,15 +21,13 @@ PYTHON="${PYTHON:-python}"
 
 "$PYTHON" - <<'PY'
 import torch
-from normuon.newton_schulz import half_matmul_speedup, native_half_matmul
+from normuon.newton_schulz import describe_cpu_half_choice
 flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
 kind = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags
         else "AVX512 without BF16 (bf16 emulated)" if "avx512f" in flags
         else "AVX2 (no native bf16)")
-rate = (f"bf16 products at {half_matmul_speedup(torch.bfloat16):.2f}x float32's rate"
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no oneDNN bf16 (scalar fallback)")
-print(f"this CPU: {kind}; torch {torch.__version__}; {rate}; bf16 Newton-Schulz: "
-      f"{native_half_matmul('cpu', torch.bfloat16)}")
+print(f"this CPU: {kind}; torch {torch.__version__}; bf16 Newton-Schulz in "
+      f"{describe_cpu_half_choice(torch.bfloat16)}")
 PY
 
 # Single-process numerics, bf16 Newton-Schulz included: as an AVX512-BF16 CPU without AMX runs them.

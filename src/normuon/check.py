@@ -24,7 +24,6 @@ It exits non-zero when a correctness, host-sync or compile check fails, naming w
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -342,24 +341,6 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 2048) -> f
     return 2 * size**3 / seconds / 1e9
 
 
-def _cpu_half_detail() -> str:
-    """The dtype bf16 Newton-Schulz iterates in on this CPU, and why
-    (:func:`normuon.newton_schulz.native_half_matmul`)."""
-    fixed = os.environ.get(NS.CPU_HALF_MATMUL_ENV, "").strip()
-    dtype = str(NS.ns_compute_dtype(torch.bfloat16, "cpu")).replace("torch.", "")
-    try:
-        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # pragma: no cover - very old or stripped builds
-        onednn = True
-    if not onednn:
-        return "float32 (no oneDNN bf16 kernels on this CPU: a scalar fallback)"
-    if fixed and fixed.lower() != "auto":
-        return f"{dtype} ({NS.CPU_HALF_MATMUL_ENV}={fixed})"
-    speedup = NS.half_matmul_speedup(torch.bfloat16)
-    return (f"{dtype} (bf16 products measured at {speedup:.2f}x float32's rate, 512^2; bf16 "
-            f"needs >= {NS.HALF_MATMUL_MIN_SPEEDUP}x)")
-
-
 def check_speed(device: torch.device, quick: bool) -> list[CheckResult]:
     layers = dict(PAPER_LAYERS)
     if quick and device.type == "cpu":
@@ -369,7 +350,8 @@ def check_speed(device: torch.device, quick: bool) -> list[CheckResult]:
     results = [CheckResult("speed", "matmul rate", None,
                            f"{rate:.0f} GFLOP/s ({str(ns_dtype).replace('torch.', '')}, 2048^2)")]
     if device.type == "cpu":
-        results.append(CheckResult("speed", "bf16 Newton-Schulz dtype", None, _cpu_half_detail()))
+        results.append(CheckResult("speed", "bf16 Newton-Schulz dtype", None,
+                                   NS.describe_cpu_half_choice(torch.bfloat16)))
     reps = 2 if quick else 5
     for model, shapes in layers.items():
         timings = {}

@@ -32,6 +32,7 @@ __all__ = [
     "cpu_chunk_size",
     "default_chunk_size",
     "default_orthogonalizer",
+    "describe_cpu_half_choice",
     "fast_ns_coefficients",
     "gram_restarts",
     "half_matmul_speedup",
@@ -279,6 +280,18 @@ def _onednn_half_support(dtype: torch.dtype) -> bool:
         return True
 
 
+def _fixed_cpu_half_choice() -> str:
+    """:data:`CPU_HALF_MATMUL_ENV`, normalized (``auto`` when unset or empty); a value outside
+    ``auto``, ``half``, ``float32`` raises ``ValueError`` naming it."""
+    fixed = os.environ.get(CPU_HALF_MATMUL_ENV, "auto").strip().lower() or "auto"
+    if fixed not in _HALF_MATMUL_CHOICES:
+        raise ValueError(
+            f"{CPU_HALF_MATMUL_ENV} must be one of {', '.join(_HALF_MATMUL_CHOICES)}, got "
+            f"{os.environ[CPU_HALF_MATMUL_ENV]!r}"
+        )
+    return fixed
+
+
 @functools.lru_cache(maxsize=4)
 def half_matmul_speedup(dtype: torch.dtype, size: int = 512, reps: int = 5) -> float:
     """float32 time / ``dtype`` time of one (size, size) matrix product on this CPU core.
@@ -325,12 +338,7 @@ def native_half_matmul(device_type: str, dtype: torch.dtype) -> bool:
     """
     if dtype not in (torch.bfloat16, torch.float16) or device_type != "cpu":
         return True
-    fixed = os.environ.get(CPU_HALF_MATMUL_ENV, "auto").strip().lower() or "auto"
-    if fixed not in _HALF_MATMUL_CHOICES:
-        raise ValueError(
-            f"{CPU_HALF_MATMUL_ENV} must be one of {', '.join(_HALF_MATMUL_CHOICES)}, got "
-            f"{os.environ[CPU_HALF_MATMUL_ENV]!r}"
-        )
+    fixed = _fixed_cpu_half_choice()
     if fixed == "float32" or not _onednn_half_support(dtype):
         return False
     if fixed == "half":
@@ -339,6 +347,21 @@ def native_half_matmul(device_type: str, dtype: torch.dtype) -> bool:
         return _CPU_HALF_DECIDED.get(dtype, False)
     fast = _CPU_HALF_DECIDED[dtype] = half_matmul_speedup(dtype) >= HALF_MATMUL_MIN_SPEEDUP
     return fast
+
+
+def describe_cpu_half_choice(dtype: torch.dtype = torch.bfloat16) -> str:
+    """What Newton-Schulz asked for ``dtype`` iterates in on this CPU, and why (for reports:
+    ``normuon check``, the benchmarks), e.g. ``"float32: bfloat16 products measured at 0.25x
+    float32's rate (512^2); bfloat16 needs >= 1.5x"``."""
+    name = str(dtype).removeprefix("torch.")
+    chosen = str(ns_compute_dtype(dtype, "cpu")).removeprefix("torch.")
+    if not _onednn_half_support(dtype):
+        return f"{chosen}: no oneDNN {name} kernels on this CPU (a scalar fallback)"
+    fixed = _fixed_cpu_half_choice()
+    if fixed != "auto":
+        return f"{chosen}: fixed by {CPU_HALF_MATMUL_ENV}={fixed}"
+    return (f"{chosen}: {name} products measured at {half_matmul_speedup(dtype):.2f}x float32's "
+            f"rate (512^2); {name} needs >= {HALF_MATMUL_MIN_SPEEDUP}x")
 
 
 def ns_compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
