@@ -10,16 +10,18 @@ clipping, optimizer step, scheduler: the trainer's own step). Modes alternate ea
 ``--reps`` times per rung (median reported), so a change in the machine's load hits both.
 
     python benchmarks/harness_speed.py [--rungs xs,s,m,l] [--optimizers adamw,muon,normuon]
-        [--steps 60] [--warmup 10] [--reps 2] [--out benchmarks/results]
+        [--measure training,optimizer-step] [--steps 60] [--warmup 10] [--reps 2]
+        [--out benchmarks/results]
 
 The verdict per rung: a run of the rung's 20-tokens-per-parameter preset takes
 ``steps * tokens_per_step / tokens_per_s`` seconds; compiling pays when the time saved exceeds
 the compile cost.
 
-``--optimizer-step`` adds the Muon family's optimizer step alone (25-32% of a training's time at
-``l``), eager against ``torch.compile(step, fullgraph=True)``: the rung's model and optimizer,
-fixed random gradients, learning rates held as tensors (a float lr that a schedule changes every
-step would recompile every step) and changed in place before each step, as a schedule does.
+``--measure optimizer-step`` times the Muon family's optimizer step alone (a quarter to a third
+of a training's time at ``l``: the ``optimizer step`` share ``normuon tune`` prints), eager
+against ``torch.compile(step, fullgraph=True)``: the rung's model and optimizer, fixed random
+gradients, learning rates held as tensors (a float lr that a schedule changes every step would
+recompile every step) and changed in place before each step, as a schedule does.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from normuon.harness.model import GPT  # noqa: E402
 from normuon.harness.optimizers import build_optimizer  # noqa: E402
 from normuon.harness.spec import resolve_spec  # noqa: E402
 from normuon.harness.trainer import Trainer  # noqa: E402
+
+#: What ``--measure`` can time.
+MEASURES = ("training", "optimizer-step")
 
 
 def measure(rung: str, optimizer: str, compiled: bool, data, steps: int, warmup: int) -> dict:
@@ -108,28 +113,9 @@ def measure_optimizer_step(rung: str, optimizer: str, steps: int, reps: int,
             "compile_s": compile_s}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rungs", default="xs,s,m,l")
-    p.add_argument("--optimizers", default="adamw,muon,normuon")
-    p.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
-    p.add_argument("--reps", type=int, default=2, help="alternations eager / compiled")
-    p.add_argument("--optimizer-step", action="store_true",
-                   help="also time the Muon family's optimizer step alone, eager vs compiled")
-    p.add_argument("--step-backend", default="inductor", choices=("inductor", "eager"),
-                   help="torch.compile backend of --optimizer-step (eager: the fullgraph trace "
-                        "alone, without inductor's code generation; for smoke tests)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    rungs = [r.strip() for r in args.rungs.split(",") if r.strip()]
-    for rung in rungs:
-        if rung not in LADDER_SHAPES:
-            raise SystemExit(f"harness_speed: unknown rung {rung!r}; known: "
-                             f"{', '.join(LADDER_SHAPES)}")  # fmt: skip
-    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-    data = load_data(None)
+def training_section(rungs, optimizers, data, args) -> list[str]:
+    """Tokens per second of the trainer's whole step per rung and optimizer, eager against a
+    compiled model, and whether compiling pays over one 20-tpp run."""
     rows, verdict = [], []
     for rung in rungs:
         saved_total = 0.0
@@ -156,32 +142,86 @@ def main(argv: list[str] | None = None) -> Path:
         verdict.append(f"- `{rung}`: compiling saves {saved_total:+.1f} s over one 20-tpp run of "
                        f"each optimizer and costs {compile_cost:.1f} s of compilation: "
                        f"{'pays' if saved_total > compile_cost else 'does not pay'}.")
-    lines = [f"# Harness tokens per second, eager vs torch.compile ({today()})", "",
-             *machine_lines(), "",
+    return ["## The training step: eager model against a compiled one", "",
+            f"Median of {args.reps} alternations, {args.steps} timed steps after {args.warmup}.",
+            "", *md_table(["rung", "optimizer", "steps at 20 tpp", "eager tokens/s",
+                           "compiled tokens/s", "ratio", "compile cost (s)",
+                           "eager run time (s)", "compiled saves (s)"], rows),
+            "", *verdict]  # fmt: skip
+
+
+def optimizer_step_section(rungs, optimizers, args) -> list[str]:
+    """The Muon family's optimizer step alone, eager against compiled (fullgraph), and what
+    compiling it would save over one 20-tpp run."""
+    steps, reps = max(args.steps, 20), 2 * args.reps
+    rows = []
+    data = load_data(None)
+    for rung in rungs:
+        # The steps of a 20-tpp run (resolved from the parameter count, as a run does).
+        spec, _ = resolve_spec(get_preset(f"ladder-{rung}-20tpp"), data,
+                               optimizers=optimizers[:1], seeds=[0])  # fmt: skip
+        run_steps = spec.train.steps
+        for name in optimizers:
+            m = measure_optimizer_step(rung, name, steps, reps, args.step_backend)
+            saved = run_steps * (m["eager_ms"] - m["compiled_ms"]) / 1e3
+            rows.append([rung, name, f"{m['eager_ms']:.2f}", f"{m['compiled_ms']:.2f}",
+                         f"{m['eager_ms'] / m['compiled_ms']:.2f}", f"{m['compile_s']:.1f}",
+                         f"{saved:+.1f}"])  # fmt: skip
+    return ["## The optimizer step alone: eager against torch.compile(step, fullgraph=True)", "",
+            f"Compile backend `{args.step_backend}`; median of {reps} alternations of {steps} "
+            "steps; the rung's model and optimizer with fixed random gradients; learning rates "
+            "held as tensors and changed in place before every step (a decaying schedule). "
+            "'First 2 compiled calls' is the compilation (in-process caches reset first, "
+            "inductor's on-disk cache left as it is); 'saves over a run' is the 20-tpp run's "
+            "steps x the difference per step.", "",
+            *md_table(["rung", "optimizer", "eager ms/step", "compiled ms/step",
+                       "eager / compiled", "first 2 compiled calls (s)",
+                       "saves over a 20-tpp run (s)"], rows)]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rungs", default="xs,s,m,l")
+    p.add_argument("--optimizers", default="adamw,muon,normuon")
+    p.add_argument("--measure", default="training",
+                   help="comma-separated: training (the trainer's step, eager vs compiled "
+                        "model), optimizer-step (the Muon family's step alone, eager vs "
+                        "compiled)")
+    p.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
+    p.add_argument("--reps", type=int, default=2, help="alternations eager / compiled")
+    p.add_argument("--step-backend", default="inductor", choices=("inductor", "eager"),
+                   help="torch.compile backend of the optimizer-step measurement (eager: the "
+                        "fullgraph trace alone, without inductor's code generation; for smoke "
+                        "tests)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rungs = [r.strip() for r in args.rungs.split(",") if r.strip()]
+    for rung in rungs:
+        if rung not in LADDER_SHAPES:
+            raise SystemExit(f"harness_speed: unknown rung {rung!r}; known: "
+                             f"{', '.join(LADDER_SHAPES)}")  # fmt: skip
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    measures = [m.strip() for m in args.measure.split(",") if m.strip()]
+    for what in measures:
+        if what not in MEASURES:
+            raise SystemExit(f"harness_speed: unknown --measure {what!r}; known: "
+                             f"{', '.join(MEASURES)}")  # fmt: skip
+    lines = [f"# Harness speed, eager vs torch.compile ({today()})", "", *machine_lines(), "",
              f"`python benchmarks/harness_speed.py --rungs {','.join(rungs)} --optimizers "
-             f"{','.join(optimizers)} --steps {args.steps} --warmup {args.warmup} "
-             f"--reps {args.reps}`: one torch thread; median of {args.reps} alternations.", "",
-             *md_table(["rung", "optimizer", "steps at 20 tpp", "eager tokens/s",
-                        "compiled tokens/s", "ratio", "compile cost (s)",
-                        "eager run time (s)", "compiled saves (s)"], rows),
-             "", *verdict]  # fmt: skip
-    matrix_optimizers = [o for o in optimizers if o != "adamw"]
-    if args.optimizer_step and matrix_optimizers:
-        step_rows = []
-        for rung in rungs:
-            for name in matrix_optimizers:
-                m = measure_optimizer_step(rung, name, max(args.steps, 20), 2 * args.reps,
-                                           args.step_backend)
-                step_rows.append([rung, name, f"{m['eager_ms']:.2f}", f"{m['compiled_ms']:.2f}",
-                                  f"{m['eager_ms'] / m['compiled_ms']:.2f}",
-                                  f"{m['compile_s']:.1f}"])  # fmt: skip
-        lines += ["", "## The optimizer step alone, eager vs compiled (fullgraph)", "",
-                  f"`--optimizer-step`, compile backend `{args.step_backend}`. "
-                  f"Median of {2 * args.reps} alternations of {max(args.steps, 20)} steps; "
-                  "learning rates as tensors changed in place before every step; fixed random "
-                  "gradients.", "",
-                  *md_table(["rung", "optimizer", "eager ms/step", "compiled ms/step",
-                             "eager / compiled", "first 2 compiled calls (s)"], step_rows)]
+             f"{','.join(optimizers)} --measure {','.join(measures)} --steps {args.steps} "
+             f"--warmup {args.warmup} --reps {args.reps}"
+             + (f" --step-backend {args.step_backend}" if args.step_backend != "inductor" else "")
+             + "`: one torch thread.", ""]  # fmt: skip
+    if "training" in measures:
+        lines += training_section(rungs, optimizers, load_data(None), args)
+    matrix_optimizers = [o for o in optimizers if o != "adamw"]  # AdamW's step is torch's
+    if "optimizer-step" in measures:
+        if not matrix_optimizers:
+            raise SystemExit("harness_speed: --measure optimizer-step times the Muon family's "
+                             "step: give --optimizers muon and/or normuon")  # fmt: skip
+        lines += ["", *optimizer_step_section(rungs, matrix_optimizers, args)]
     path = write_report(args.out, "harness_speed", lines)
     print("\n".join(lines))
     return path

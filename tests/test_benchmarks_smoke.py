@@ -229,17 +229,19 @@ def test_harness_speed_times_eager_and_compiled(tmp_path):
     # --step-backend eager: dynamo's fullgraph trace of the optimizer step (a graph break fails
     # it) without inductor's minutes of code generation; the benchmark itself uses inductor.
     out = run_script([str(BENCH / "harness_speed.py"), "--rungs", "xs", "--optimizers", "normuon",
-                      "--steps", "3", "--warmup", "2", "--reps", "1", "--optimizer-step",
-                      "--step-backend", "eager", "--out", str(tmp_path)],
+                      "--steps", "3", "--warmup", "2", "--reps", "1", "--measure",
+                      "training,optimizer-step", "--step-backend", "eager", "--out",
+                      str(tmp_path)],
                      timeout=600)  # fmt: skip
     rows = [r for r in table_rows(out, "xs") if len(r) == 9]
     assert len(rows) == 1 and rows[0][1] == "normuon" and rows[0][2] == "280"
     eager, compiled = (float(c.replace(",", "")) for c in rows[0][3:5])
     assert eager > 0 and compiled > 0
     assert "- `xs`: compiling saves" in out
-    assert "compile backend `eager`" in out
-    step_rows = [r for r in table_rows(out, "xs") if len(r) == 6]
+    assert "Compile backend `eager`" in out
+    step_rows = [r for r in table_rows(out, "xs") if len(r) == 7]
     assert len(step_rows) == 1 and step_rows[0][1] == "normuon"
     assert float(step_rows[0][2]) > 0 and float(step_rows[0][3]) > 0
+    float(step_rows[0][6])  # the saving over a 280-step run, signed
     assert list(tmp_path.glob("harness_speed-*.md"))
 
