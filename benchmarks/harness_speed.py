@@ -84,9 +84,9 @@ def measure_optimizer_step(rung: str, optimizer: str, steps: int, reps: int,
     opt = build_optimizer(optimizer, model, cfg.optimizers[optimizer], torch.device("cpu"))
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-2
-    for group in opt.param_groups:
-        group["lr"] = torch.tensor(float(group["lr"]))
-    base = [group["lr"].item() for group in opt.param_groups]
+    base = [float(group["lr"]) for group in opt.param_groups]
+    for group, lr in zip(opt.param_groups, base, strict=True):
+        group["lr"] = torch.tensor(lr)
     torch._dynamo.reset()
     steps_by_mode = {"eager": opt.step, "compiled": torch.compile(opt.step, fullgraph=True,
                                                                  backend=backend)}
@@ -150,12 +150,11 @@ def training_section(rungs, optimizers, data, args) -> list[str]:
             "", *verdict]  # fmt: skip
 
 
-def optimizer_step_section(rungs, optimizers, args) -> list[str]:
+def optimizer_step_section(rungs, optimizers, data, args) -> list[str]:
     """The Muon family's optimizer step alone, eager against compiled (fullgraph), and what
-    compiling it would save over one 20-tpp run."""
+    compiling it would save over one 20-tpp run (its steps resolved on ``data``)."""
     steps, reps = max(args.steps, 20), 2 * args.reps
     rows = []
-    data = load_data(None)
     for rung in rungs:
         # The steps of a 20-tpp run (resolved from the parameter count, as a run does).
         spec, _ = resolve_spec(get_preset(f"ladder-{rung}-20tpp"), data,
@@ -214,14 +213,15 @@ def main(argv: list[str] | None = None) -> Path:
              f"--warmup {args.warmup} --reps {args.reps}"
              + (f" --step-backend {args.step_backend}" if args.step_backend != "inductor" else "")
              + "`: one torch thread.", ""]  # fmt: skip
+    data = load_data(None)  # the embedded corpus, read once for both sections
     if "training" in measures:
-        lines += training_section(rungs, optimizers, load_data(None), args)
+        lines += training_section(rungs, optimizers, data, args)
     matrix_optimizers = [o for o in optimizers if o != "adamw"]  # AdamW's step is torch's
     if "optimizer-step" in measures:
         if not matrix_optimizers:
             raise SystemExit("harness_speed: --measure optimizer-step times the Muon family's "
                              "step: give --optimizers muon and/or normuon")  # fmt: skip
-        lines += ["", *optimizer_step_section(rungs, matrix_optimizers, args)]
+        lines += ["", *optimizer_step_section(rungs, matrix_optimizers, data, args)]
     path = write_report(args.out, "harness_speed", lines)
     print("\n".join(lines))
     return path

@@ -37,6 +37,7 @@ from .options import (
     ROUNDING_STEP,
     Option,
     check_rounding_step,
+    group_ns_dtype,
     validate_group,
 )
 from .pipeline import StepPipeline
@@ -197,7 +198,7 @@ class _MatrixOptimizer(torch.optim.Optimizer):
         self._plans_cache = None
         self._stepped = {id(p) for p in self.state}
         for group in self.param_groups:
-            self._resolve_ns_dtypes(group["params"], group.get("ns_dtype"))
+            self._resolve_ns_dtypes(group)
 
     # ---------------------------------------------------------------- groups and validation
 
@@ -270,19 +271,19 @@ class _MatrixOptimizer(torch.optim.Optimizer):
             raise ValueError("a parameter appears more than once across the parameter groups")
         self.param_groups.append(group)
         self._plans_cache = None
-        self._resolve_ns_dtypes(params, group.get("ns_dtype"))
+        self._resolve_ns_dtypes(group)
         # Planned now, not in step(): unsupported placements fail here, and step() only runs
         # the plan (reading DTensor meshes while planning is no business of a step).
         self._plans()
 
-    def _resolve_ns_dtypes(self, params: list[torch.Tensor], requested: Any) -> None:
-        """Answer the half-precision capability query of the group's ``ns_dtype`` (a name or a
-        dtype; None for groups without Newton-Schulz) for these parameters' devices now,
-        outside any traced step (see ``_ns_dtype_cache``; on a CPU it is a measurement)."""
-        dtype = getattr(torch, requested, None) if isinstance(requested, str) else requested
+    def _resolve_ns_dtypes(self, group: dict[str, Any]) -> None:
+        """Answer the half-precision capability query of the group's ``ns_dtype`` for its
+        parameters' devices now, outside any traced step (see ``_ns_dtype_cache``; on a CPU it
+        is a measurement). Groups without a half ``ns_dtype`` ask nothing."""
+        dtype = group_ns_dtype(group)
         if dtype not in (torch.bfloat16, torch.float16):
             return
-        for device_type in {local_tensor(p).device.type for p in params}:
+        for device_type in {local_tensor(p).device.type for p in group["params"]}:
             if (device_type, dtype) not in self._ns_dtype_cache:
                 self._ns_dtype_cache[(device_type, dtype)] = NS.ns_compute_dtype(dtype, device_type)
 

@@ -32,6 +32,7 @@ __all__ = [
     "Option",
     "ROUNDING_STEP",
     "check_rounding_step",
+    "group_ns_dtype",
     "markdown_table",
     "validate_group",
 ]
@@ -135,6 +136,13 @@ def _ns_dtype(name: str, value: Any) -> str:
             f"{name} must be one of {[str(d) for d in NS_DTYPES]} (or their names), got {value!r}"
         )
     return str(dtype).removeprefix("torch.")
+
+
+def group_ns_dtype(group: dict[str, Any]) -> torch.dtype | None:
+    """The ``ns_dtype`` a param group asks for, as a torch.dtype (stored by name; a
+    torch.dtype in state dicts of 0.1.0 betas); None for groups without one (AdamW)."""
+    requested = group.get("ns_dtype")
+    return getattr(torch, requested) if isinstance(requested, str) else requested
 
 
 def _split_sizes(name: str, value: Any) -> tuple[int, ...] | None:

@@ -34,7 +34,7 @@ from .distributed.distributor import Distributor, OwnedMatrix
 from .distributed.plan import ParamPlan, local_tensor
 from .finite import FiniteCheck, NonfiniteGuard
 from .geometry import second_moment_key
-from .options import ROUNDING_STEP
+from .options import ROUNDING_STEP, group_ns_dtype
 from .step_plan import BlockBatch, MatrixBlock, Workspace
 
 __all__ = [
@@ -244,9 +244,7 @@ class StepPipeline:
         matrices = [self._local_matrix(group, plan, p, g) for plan, p, g in entries]
         ok = None if masks is None else {plan.index: f for (plan, _, _), f in zip(entries, masks)}
         device = matrices[0].param.device
-        requested = group["ns_dtype"]  # a name; a torch.dtype in state_dicts of 0.1.0 betas
-        requested = getattr(torch, requested) if isinstance(requested, str) else requested
-        hyper = MatrixHyper.of(group, device, opt._ns_dtype(requested, device),
+        hyper = MatrixHyper.of(group, device, opt._ns_dtype(group_ns_dtype(group), device),
                                opt.orthogonalizer, opt._neuron_norm)  # fmt: skip
         hyper = replace(hyper, rounding=rounding)
         pairs = [(plan, m) for (plan, _, _), m in zip(entries, matrices)]
@@ -443,8 +441,7 @@ class StepPipeline:
         for group, group_batches in zip(opt.param_groups, batches):
             if group["algorithm"] == "adamw" or not group_batches:
                 continue
-            requested = group["ns_dtype"]
-            requested = getattr(torch, requested) if isinstance(requested, str) else requested
+            requested = group_ns_dtype(group)
             coefficients = NS.resolve_ns_coefficients(group["ns_coefficients"],
                                                       group["ns_steps"])  # fmt: skip
             for batch in group_batches:
