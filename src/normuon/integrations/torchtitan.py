@@ -178,6 +178,12 @@ class NorMuonOptimizersContainer(OptimizersContainer):
                 "adamw_betas": tuple(self.adamw_betas),
                 "adamw_eps": self.adamw_eps,
                 "adamw_weight_decay": self.adamw_weight_decay,
+                # The shape rule's Newton-Schulz kernels unless the options say otherwise: a
+                # torchtitan run resumes from DCP in new processes, and ns_kernel="auto" times
+                # the kernels per process, so a resumed run could take another kernel and leave
+                # the uninterrupted curve by rounding (seen: 4e-5 relative in the loss three
+                # steps after a resume).
+                "ns_kernel": "shape",
                 **_dtype_names_to_dtypes(self.options),
             }
 
@@ -189,11 +195,7 @@ class NorMuonOptimizersContainer(OptimizersContainer):
         # Optimizer.__init__) from param_groups.
         impl_kwargs = self._build_impl_kwargs(config)
         cls = _CLASSES[config.algorithm]
-        # The shape rule's Newton-Schulz kernels unless the options say otherwise: a torchtitan
-        # run resumes from DCP in new processes, and ns_kernel="auto" times the kernels per
-        # process, so a resumed run could take another kernel and leave the uninterrupted
-        # curve by rounding (seen: 4e-5 relative in the loss three steps after a resume).
-        options = {"ns_kernel": "shape", **config.optimizer_options()}
+        options = config.optimizer_options()
         self.optimizers = []
         self.model_parts = model_parts
         all_params: list[nn.Parameter] = []
