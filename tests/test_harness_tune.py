@@ -22,6 +22,7 @@ from normuon.harness.tune import (
     ladder_report,
     resolve_tune,
     run_tune,
+    search_edges,
     search_next,
 )
 
@@ -228,6 +229,54 @@ def test_resume_from_the_ledger_alone_trains_nothing_more(tmp_path, fake_trainin
     with pytest.raises(ValueError, match="another config"):
         run_tune(*_specs(TuneProtocol(grid_points=5)), TuneProtocol(grid_points=5),
                  out=tmp_path / "a", resume=True, log=lambda *_: None)  # fmt: skip
+
+
+def test_a_value_on_the_edge_of_its_search_is_named_and_a_wider_resume_looks_beyond(
+        tmp_path, monkeypatch, fake_training):  # fmt: skip
+    # Both judges' embeddings/head optimum at 0.001, below the grid 0.004, 0.008, 0.016: with no
+    # steps past the edge allowed, the search ends on 0.004, the lowest value it tried.
+    monkeypatch.setitem(OPTIMA, "muon", (0.04, 0.001))
+    monkeypatch.setitem(OPTIMA, "normuon", (0.06, 0.001))
+    narrow = TuneProtocol(separate_aux=False, max_extend=0)
+    summary = run_tune(*_specs(narrow), narrow, out=tmp_path / "e", log=lambda *_: None)
+    assert summary["shared_aux"] == 0.004
+    assert search_edges(summary) == {"emb/head": (0.004, "lowest")}
+    md = (tmp_path / "e" / "tune.md").read_text()
+    assert ("At the edge of the search: the shared embeddings/head lr 0.004 is the lowest "
+            "tried") in md and "(this search: 0)" in md
+    assert "| 0.004 (lowest tried) |" in ladder_report([summary])
+    # The same folder resumed with a wider search: the ledger's trainings stand, the aux search
+    # steps down to the optimum and brackets it, and the rung's config records the new width.
+    n = len(fake_training)
+    wide = dataclasses.replace(narrow, max_extend=3)
+    again = run_tune(*_specs(wide), wide, out=tmp_path / "e", resume=True, log=lambda *_: None)
+    assert again["shared_aux"] == 0.001 and "emb/head" not in search_edges(again)
+    assert len(fake_training) > n
+    assert len(set(fake_training)) == len(fake_training)  # nothing trained twice
+    saved = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert saved["protocol"]["max_extend"] == 3
+    assert "At the edge" not in (tmp_path / "e" / "tune.md").read_text()
+
+
+def test_search_edges_reads_every_value_tried():
+    def run(name, lr, aux=None):
+        return {"optimizer": name, "lr": lr, "adamw_lr": aux}
+
+    summary = {
+        "settings": {"shared": {"adamw": {"lr": 0.04}, "muon": {"lr": 0.02},
+                                "normuon": {"lr": 0.01}}},
+        "judges": ["muon", "normuon"], "shared_aux": 0.016,
+        "tuning_runs": [run("adamw", 0.01), run("adamw", 0.02), run("adamw", 0.04),
+                        # Muon's lowest lr was tried at another embeddings/head lr: it counts.
+                        run("muon", 0.01, 0.008), run("muon", 0.02, 0.016),
+                        run("muon", 0.04, 0.016), run("normuon", 0.01, 0.016),
+                        run("normuon", 0.01, 0.008)],
+    }  # fmt: skip
+    # AdamW at its highest; NorMuon tried one lr only (no search to be on the edge of); the
+    # shared embeddings/head lr at the judges' highest.
+    assert search_edges(summary) == {"adamw": (0.04, "highest"), "emb/head": (0.016, "highest")}
+    summary["tuning_runs"].append(run("muon", 0.02, 0.032))
+    assert "emb/head" not in search_edges(summary)
 
 
 def test_divergence_scores_infinite_and_the_search_moves_away(tmp_path, fake_training):

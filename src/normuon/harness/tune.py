@@ -61,6 +61,7 @@ from .spec import RunSpec
 __all__ = [
     "TuneProtocol",
     "search_next",
+    "search_edges",
     "run_tune",
     "resolve_tune",
     "analyse_finals",
@@ -537,6 +538,58 @@ def _seeds(seeds: Sequence[int]) -> str:
     return ", ".join(str(x) for x in seeds)
 
 
+#: The key of :func:`search_edges` for the shared embeddings/head/gains lr.
+SHARED_AUX = "emb/head"
+
+
+def search_edges(summary: dict[str, Any]) -> dict[str, tuple[float, str]]:
+    """The tuned values of a summary's fair (shared) table that no search looked beyond.
+
+    name -> (value, ``"lowest"`` or ``"highest"``): the lr an optimizer was given is the lowest
+    (highest) it was ever trained at in tuning, at any embeddings/head lr; :data:`SHARED_AUX`:
+    the shared embeddings/head lr is the lowest (highest) at which a judge was trained. Only
+    where at least two values were tried. A search steps past its grid's edge while the best
+    value lies there, at most ``max_extend`` times; a value found on an edge after that may be
+    beaten by one beyond it, which ``--resume`` with a larger ``--max-extend`` trains.
+    """
+    runs = summary.get("tuning_runs", [])
+    edges: dict[str, tuple[float, str]] = {}
+
+    def check(key: str, value: float | None, tried: set[float]) -> None:
+        if value is None or len(tried) < 2:
+            return
+        if value <= min(tried):
+            edges[key] = (value, "lowest")
+        elif value >= max(tried):
+            edges[key] = (value, "highest")
+
+    for name, setting in summary.get("settings", {}).get("shared", {}).items():
+        check(name, setting["lr"], {r["lr"] for r in runs if r["optimizer"] == name})
+    judges = set(summary.get("judges") or [])
+    check(SHARED_AUX, summary.get("shared_aux"),
+          {r["adamw_lr"] for r in runs if r["optimizer"] in judges and r["adamw_lr"] is not None})
+    return edges
+
+
+def _marked_lr(value: float | None, edge: tuple[float, str] | None) -> str:
+    """An lr for a table, marked when it is on the edge of its search (:func:`search_edges`)."""
+    return _lr(value) + ("" if edge is None else f" ({edge[1]} tried)")
+
+
+def _edge_lines(summary: dict[str, Any]) -> list[str]:
+    """A sentence for :func:`tune_tables` naming the tuned values at the edge of their search."""
+    edges = search_edges(summary)
+    if not edges:
+        return []
+    parts = [f"{'the shared embeddings/head lr' if key == SHARED_AUX else key + ' lr'} "
+             f"{value:g} is the {side} tried" for key, (value, side) in edges.items()]
+    extend = summary.get("protocol", {}).get("max_extend")
+    return ["", "At the edge of the search: " + "; ".join(parts) + ". A value beyond it may "
+            "score better: `--resume` with a larger `--max-extend`"
+            + (f" (this search: {extend})" if extend is not None else "")
+            + " looks further."]
+
+
 def _passes(budget: dict[str, Any]) -> str:
     """How many times a training reads its text, said where it is more than once: past one
     pass the losses measure how each optimizer overfits, not only how fast it optimizes."""
@@ -583,6 +636,7 @@ def tune_tables(summary: dict[str, Any]) -> str:
                 w, pt = t["welch"], t["paired"]
                 lines.append(f"| {name} | {w['mean_diff']:+.4f} | {w['t']:.2f} ({w['df']:.1f}) "
                              f"| {w['p']:.3f} | {pt['t']:.2f} ({pt['df']}) | {pt['p']:.3f} |")
+    lines += _edge_lines(summary)
     lines += ["", "Every tuning run (validation half; score = mean over the tuning seeds):", "",
               "| optimizer | lr | emb/head lr | phase | seeds' final losses | score |",
               "|---|---|---|---|---|---|"]  # fmt: skip
@@ -673,7 +727,7 @@ def run_tune(
     identity = {"tune": spec.to_json(), "final_data": final_spec.data,
                 "optimizers": list(spec.selected), "protocol": protocol.to_json()}  # fmt: skip
     if resume:
-        _accept_other_final_seeds(out / "config.json", identity)
+        _accept_resumable_changes(out / "config.json", identity)
     _claim_folder(out, identity, resume=resume, overwrite=overwrite)
     start = time.perf_counter()
     # A resumed protocol's wall time adds to that of the sittings before it.
@@ -697,9 +751,15 @@ def _earlier_wall_time(path: Path) -> float:
         return 0.0  # no (readable) summary yet: the ledger has the trainings either way
 
 
-def _accept_other_final_seeds(path: Path, identity: dict[str, Any]) -> None:
-    """A resumed protocol may retrain on more (or other) final seeds: the tuning is the same. If
-    ``path`` (a folder's config.json) differs from ``identity`` only there, it is rewritten."""
+#: Protocol fields a resumed protocol may change: every training in the ledger stays valid
+#: (other final seeds add trainings; another ``max_extend`` lets a search that stopped at an
+#: edge go further, or stop sooner, from the same scores).
+RESUMABLE_CHANGES = ("final_seeds", "max_extend")
+
+
+def _accept_resumable_changes(path: Path, identity: dict[str, Any]) -> None:
+    """A resumed protocol may change the fields of :data:`RESUMABLE_CHANGES`. If ``path`` (a
+    folder's config.json) differs from ``identity`` only there, it is rewritten."""
     if not path.is_file():
         return
     try:
@@ -707,13 +767,14 @@ def _accept_other_final_seeds(path: Path, identity: dict[str, Any]) -> None:
     except json.JSONDecodeError:
         return  # _claim_folder reports it
 
-    def without_final_seeds(config: dict[str, Any]) -> Any:
+    def fixed_part(config: dict[str, Any]) -> Any:
         config = json.loads(json.dumps(config))
         if isinstance(config.get("protocol"), dict):
-            config["protocol"].pop("final_seeds", None)
+            for field in RESUMABLE_CHANGES:
+                config["protocol"].pop(field, None)
         return config
 
-    if without_final_seeds(saved) == without_final_seeds(identity):
+    if fixed_part(saved) == fixed_part(identity):
         write_json(path, identity)
 
 
@@ -786,11 +847,18 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
     lines += ["", "Tuned learning rates (shared protocol; matrix lr for Muon and NorMuon):", "",
               "| corpus | preset | params | AdamW lr | Muon lr | NorMuon lr | shared emb/head lr |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
+    any_edge = False
     for s in rows:
         st = s["settings"].get("shared", {})
-        lrs = [_lr(st[n]["lr"]) if n in st else "—" for n in ("adamw", "muon", "normuon")]
+        edges = search_edges(s)
+        any_edge = any_edge or bool(edges)
+        lrs = [_marked_lr(st[n]["lr"], edges.get(n)) if n in st else "—"
+               for n in ("adamw", "muon", "normuon")]  # fmt: skip
         lines.append(f"| {_corpus(s)} | {s['preset']} | {s['n_params']:,} | "
-                     f"{' | '.join(lrs)} | {_lr(s['shared_aux'])} |")
+                     f"{' | '.join(lrs)} | {_marked_lr(s['shared_aux'], edges.get(SHARED_AUX))} |")
+    if any_edge:
+        lines += ["", "(lowest tried) / (highest tried): no lower / higher value was trained in "
+                      "that rung's tuning, so a better one may lie beyond it."]
     # Learning-rate transfer: how far each optimizer's tuned lr moves across the sizes of one
     # corpus (1.0: it stays put; the grid resolution is sqrt 2 = 1.41).
     for corpus in sorted({_corpus(s) for s in rows}):
