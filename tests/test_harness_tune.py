@@ -17,6 +17,7 @@ from normuon.harness.compare import Diverged
 from normuon.harness.config import get_preset
 from normuon.harness.train import RunResult
 from normuon.harness.tune import (
+    SearchEdge,
     TuneProtocol,
     analyse_finals,
     ladder_report,
@@ -231,7 +232,7 @@ def test_resume_from_the_ledger_alone_trains_nothing_more(tmp_path, fake_trainin
                  out=tmp_path / "a", resume=True, log=lambda *_: None)  # fmt: skip
 
 
-def test_a_value_on_the_edge_of_its_search_is_named_and_a_wider_resume_looks_beyond(
+def test_a_search_ending_on_its_edge_is_named_and_a_wider_resume_looks_beyond(
         tmp_path, monkeypatch, fake_training):  # fmt: skip
     # Both judges' embeddings/head optimum at 0.001, below the grid 0.004, 0.008, 0.016: with no
     # steps past the edge allowed, the search ends on 0.004, the lowest value it tried.
@@ -240,43 +241,72 @@ def test_a_value_on_the_edge_of_its_search_is_named_and_a_wider_resume_looks_bey
     narrow = TuneProtocol(separate_aux=False, max_extend=0)
     summary = run_tune(*_specs(narrow), narrow, out=tmp_path / "e", log=lambda *_: None)
     assert summary["shared_aux"] == 0.004
-    assert search_edges(summary) == {"emb/head": (0.004, "lowest")}
+    # NorMuon's optimum 0.06 also lies past its x2 grid (0.02, 0.04, 0.08): its search ends on
+    # 0.08 (its sqrt 2 refinement then takes 0.0566, which is not an edge of a x2 search).
+    assert search_edges(summary) == [SearchEdge("lr", "normuon", 0.08, "highest"),
+                                     SearchEdge("aux", None, 0.004, "lowest")]
     md = (tmp_path / "e" / "tune.md").read_text()
-    assert ("At the edge of the search: the shared embeddings/head lr 0.004 is the lowest "
-            "tried") in md and "(this search: 0)" in md
-    assert "| 0.004 (lowest tried) |" in ladder_report([summary])
-    # The same folder resumed with a wider search: the ledger's trainings stand, the aux search
-    # steps down to the optimum and brackets it, and the rung's config records the new width.
+    assert ("Searches that ended on their edge (a value beyond the best was not tried, so it may "
+            "score better): normuon's lr search ended on its highest value, 0.08; the shared "
+            "embeddings/head lr search ended on its lowest value, 0.004.") in md
+    assert "(this run: 0); `--resume` with a larger one continues it." in md
+    first = list(fake_training)
+    report = ladder_report([summary])
+    assert "| 0.0565685 (edge) | 0.004 (edge) |" in report and "(edge): the x2 search" in report
+    # A narrower search on resume is refused: it could pass over values already trained.
+    wider = dataclasses.replace(narrow, max_extend=3)
+    run_tune(*_specs(wider), wider, out=tmp_path / "w", log=lambda *_: None)
+    with pytest.raises(ValueError, match="--max-extend 0 is smaller than the 3"):
+        run_tune(*_specs(narrow), narrow, out=tmp_path / "w", resume=True, log=lambda *_: None)
+    # The first folder resumed with a wider search: the ledger's trainings stand, both searches
+    # step on to their optima and bracket them, and the config records the new width.
     n = len(fake_training)
-    wide = dataclasses.replace(narrow, max_extend=3)
-    again = run_tune(*_specs(wide), wide, out=tmp_path / "e", resume=True, log=lambda *_: None)
-    assert again["shared_aux"] == 0.001 and "emb/head" not in search_edges(again)
-    assert len(fake_training) > n
-    assert len(set(fake_training)) == len(fake_training)  # nothing trained twice
+    again = run_tune(*_specs(wider), wider, out=tmp_path / "e", resume=True, log=lambda *_: None)
+    assert again["shared_aux"] == 0.001 and search_edges(again) == []
+    added = fake_training[n:]
+    assert added and len(set(added)) == len(added) and not set(added) & set(first)
     saved = json.loads((tmp_path / "e" / "config.json").read_text())
     assert saved["protocol"]["max_extend"] == 3
-    assert "At the edge" not in (tmp_path / "e" / "tune.md").read_text()
+    assert "ended on their edge" not in (tmp_path / "e" / "tune.md").read_text()
 
 
-def test_search_edges_reads_every_value_tried():
-    def run(name, lr, aux=None):
-        return {"optimizer": name, "lr": lr, "adamw_lr": aux}
+def test_search_edges_reads_each_search_apart():
+    def run(name, lr, aux, loss):
+        return {"optimizer": name, "lr": lr, "adamw_lr": aux, "final_loss": loss,
+                "diverged": False}  # fmt: skip
 
     summary = {
-        "settings": {"shared": {"adamw": {"lr": 0.04}, "muon": {"lr": 0.02},
-                                "normuon": {"lr": 0.01}}},
-        "judges": ["muon", "normuon"], "shared_aux": 0.016,
-        "tuning_runs": [run("adamw", 0.01), run("adamw", 0.02), run("adamw", 0.04),
-                        # Muon's lowest lr was tried at another embeddings/head lr: it counts.
-                        run("muon", 0.01, 0.008), run("muon", 0.02, 0.016),
-                        run("muon", 0.04, 0.016), run("normuon", 0.01, 0.016),
-                        run("normuon", 0.01, 0.008)],
+        "settings": {"shared": {"adamw": {"lr": 0.0566}, "muon": {"lr": 0.04}}},
+        "judges": ["muon"], "aux_start": 0.008, "shared_aux": 0.016,
+        "tuning_runs": [
+            # AdamW: best on the x2 grid's top (0.04), but its refinement tried 0.0566 above
+            # it and that won: the top value tried is the best, an edge.
+            run("adamw", 0.01, None, 2.3), run("adamw", 0.02, None, 2.2),
+            run("adamw", 0.04, None, 2.1), run("adamw", 0.0283, None, 2.15),
+            run("adamw", 0.0566, None, 2.05),
+            # Muon at the starting embeddings/head lr: best 0.04 inside (0.02, 0.08).
+            run("muon", 0.02, 0.008, 2.2), run("muon", 0.04, 0.008, 2.0),
+            run("muon", 0.08, 0.008, 2.1),
+            # The aux search at Muon's 0.04: 0.016 best, the highest tried.
+            run("muon", 0.04, 0.004, 2.1), run("muon", 0.04, 0.016, 1.9),
+            # The refinement at 0.016 brackets 0.04.
+            run("muon", 0.0283, 0.016, 1.95), run("muon", 0.0566, 0.016, 1.97),
+        ],
     }  # fmt: skip
-    # AdamW at its highest; NorMuon tried one lr only (no search to be on the edge of); the
-    # shared embeddings/head lr at the judges' highest.
-    assert search_edges(summary) == {"adamw": (0.04, "highest"), "emb/head": (0.016, "highest")}
-    summary["tuning_runs"].append(run("muon", 0.02, 0.032))
-    assert "emb/head" not in search_edges(summary)
+    assert search_edges(summary) == [SearchEdge("lr", "adamw", 0.0566, "highest"),
+                                     SearchEdge("aux", None, 0.016, "highest")]
+    # A diverged seed scores its point infinite: Muon's 0.08, diverged in one seed, is not
+    # its best; at a finite score it would be, an edge.
+    summary["tuning_runs"].append(run("muon", 0.08, 0.008, 1.5) | {"diverged": True})
+    assert all(e.optimizer != "muon" for e in search_edges(summary))
+    summary["tuning_runs"][-1]["diverged"] = False
+    assert SearchEdge("lr", "muon", 0.08, "highest") in search_edges(summary)
+    # A value tried beyond the aux value removes that edge; a one-point search has none.
+    summary["tuning_runs"].append(run("muon", 0.04, 0.032, 2.0))
+    assert all(e.search != "aux" for e in search_edges(summary))
+    summary["tuning_runs"] = [r for r in summary["tuning_runs"] if r["optimizer"] != "adamw"]
+    summary["tuning_runs"].append(run("adamw", 0.0566, None, 2.0))
+    assert all(e.optimizer != "adamw" for e in search_edges(summary))
 
 
 def test_divergence_scores_infinite_and_the_search_moves_away(tmp_path, fake_training):

@@ -62,6 +62,7 @@ __all__ = [
     "TuneProtocol",
     "search_next",
     "search_edges",
+    "SearchEdge",
     "run_tune",
     "resolve_tune",
     "analyse_finals",
@@ -538,56 +539,93 @@ def _seeds(seeds: Sequence[int]) -> str:
     return ", ".join(str(x) for x in seeds)
 
 
-#: The key of :func:`search_edges` for the shared embeddings/head/gains lr.
-SHARED_AUX = "emb/head"
+@dataclass(frozen=True)
+class SearchEdge:
+    """A search of a tuning run whose best value was the lowest or highest value it tried."""
+
+    search: str
+    """``"lr"``: an optimizer's x2 lr search (at the starting embeddings/head lr; AdamW's
+    refinement included); ``"aux"``: the shared embeddings/head lr's search."""
+    optimizer: str | None
+    """The optimizer searched (None for ``"aux"``)."""
+    value: float
+    """The search's best value."""
+    side: str
+    """``"lowest"`` or ``"highest"``: no value beyond it was tried in that search."""
+
+    def describe(self) -> str:
+        what = ("the shared embeddings/head lr search" if self.search == "aux"
+                else f"{self.optimizer}'s lr search")  # fmt: skip
+        return f"{what} ended on its {self.side} value, {self.value:g}"
 
 
-def search_edges(summary: dict[str, Any]) -> dict[str, tuple[float, str]]:
-    """The tuned values of a summary's fair (shared) table that no search looked beyond.
+def _best_of(scores: dict[float, float]) -> float:
+    return min(scores, key=lambda v: (scores[v], v))  # ties to the smaller value, as the search
 
-    name -> (value, ``"lowest"`` or ``"highest"``): the lr an optimizer was given is the lowest
-    (highest) it was ever trained at in tuning, at any embeddings/head lr; :data:`SHARED_AUX`:
-    the shared embeddings/head lr is the lowest (highest) at which a judge was trained. Only
-    where at least two values were tried. A search steps past its grid's edge while the best
-    value lies there, at most ``max_extend`` times; a value found on an edge after that may be
-    beaten by one beyond it, which ``--resume`` with a larger ``--max-extend`` trains.
+
+def search_edges(summary: dict[str, Any]) -> list[SearchEdge]:
+    """The searches of a :func:`run_tune` summary whose best value lies on their edge.
+
+    Read from the summary's tuning runs (scores: the mean over the tuning seeds, inf where one
+    diverged): an optimizer's lr search is its runs at the embeddings/head lr it started from
+    (none for AdamW); the embeddings/head search, the values its judges were trained at, the
+    chosen one being the shared value. A search with fewer than two values has no edge. These
+    are the x2 searches, which step past their grid's edge while their best lies there, at most
+    ``max_extend`` times: a best still on the edge may be beaten by a value beyond it. A matrix
+    lr's sqrt 2 refinement at the shared embeddings/head lr is a local check around the x2
+    search's best (its neighbours beyond were scored, at the starting embeddings/head lr), and
+    picks one of its ends about half the time: it is not reported.
     """
     runs = summary.get("tuning_runs", [])
-    edges: dict[str, tuple[float, str]] = {}
+    shared = summary.get("settings", {}).get("shared", {})
 
-    def check(key: str, value: float | None, tried: set[float]) -> None:
-        if value is None or len(tried) < 2:
-            return
-        if value <= min(tried):
-            edges[key] = (value, "lowest")
-        elif value >= max(tried):
-            edges[key] = (value, "highest")
+    def scores(name: str, aux: float | None) -> dict[float, float]:
+        losses: dict[float, list[float]] = {}
+        for r in runs:
+            if r["optimizer"] == name and r["adamw_lr"] == aux:
+                losses.setdefault(r["lr"], []).append(
+                    math.inf if r["diverged"] else r["final_loss"])
+        return {lr: sum(v) / len(v) for lr, v in losses.items()}
 
-    for name, setting in summary.get("settings", {}).get("shared", {}).items():
-        check(name, setting["lr"], {r["lr"] for r in runs if r["optimizer"] == name})
+    def edge(search: str, name: str | None, best: float, tried: Iterable[float]) -> None:
+        tried = set(tried)
+        if len(tried) >= 2 and best in (min(tried), max(tried)):
+            side = "lowest" if best == min(tried) else "highest"
+            edges.append(SearchEdge(search, name, best, side))
+
+    edges: list[SearchEdge] = []
+    for name in shared:
+        first = scores(name, None if name == "adamw" else summary.get("aux_start"))
+        if first:
+            edge("lr", name, _best_of(first), first)
     judges = set(summary.get("judges") or [])
-    check(SHARED_AUX, summary.get("shared_aux"),
-          {r["adamw_lr"] for r in runs if r["optimizer"] in judges and r["adamw_lr"] is not None})
+    shared_aux = summary.get("shared_aux")
+    if shared_aux is not None:
+        tried = {r["adamw_lr"] for r in runs if r["optimizer"] in judges}
+        edge("aux", None, shared_aux, tried - {None})
     return edges
 
 
-def _marked_lr(value: float | None, edge: tuple[float, str] | None) -> str:
-    """An lr for a table, marked when it is on the edge of its search (:func:`search_edges`)."""
-    return _lr(value) + ("" if edge is None else f" ({edge[1]} tried)")
+def _marked_lr(value: float | None, edges: Sequence[SearchEdge]) -> str:
+    """An lr for a table, marked when a search behind it ended on its edge."""
+    return _lr(value) + (" (edge)" if edges else "")
 
 
 def _edge_lines(summary: dict[str, Any]) -> list[str]:
-    """A sentence for :func:`tune_tables` naming the tuned values at the edge of their search."""
+    """Sentences for :func:`tune_tables` naming the searches that ended on their edge."""
     edges = search_edges(summary)
     if not edges:
         return []
-    parts = [f"{'the shared embeddings/head lr' if key == SHARED_AUX else key + ' lr'} "
-             f"{value:g} is the {side} tried" for key, (value, side) in edges.items()]
-    extend = summary.get("protocol", {}).get("max_extend")
-    return ["", "At the edge of the search: " + "; ".join(parts) + ". A value beyond it may "
-            "score better: `--resume` with a larger `--max-extend`"
-            + (f" (this search: {extend})" if extend is not None else "")
-            + " looks further."]
+    protocol = summary.get("protocol", {})
+    lines = ["", "Searches that ended on their edge (a value beyond the best was not tried, so it "
+                 "may score better): " + "; ".join(e.describe() for e in edges) + "."]
+    if protocol.get("grid_points", 3) > 1:
+        lines[-1] += (f" A x2 search takes at most `--max-extend` steps past its grid (this "
+                      f"run: {protocol.get('max_extend', '?')}); `--resume` with a larger one "
+                      f"continues it.")
+    else:
+        lines[-1] += " One-point grids never step past their edge: a wider `--grid-points` does."
+    return lines
 
 
 def _passes(budget: dict[str, Any]) -> str:
@@ -752,20 +790,28 @@ def _earlier_wall_time(path: Path) -> float:
 
 
 #: Protocol fields a resumed protocol may change: every training in the ledger stays valid
-#: (other final seeds add trainings; another ``max_extend`` lets a search that stopped at an
-#: edge go further, or stop sooner, from the same scores).
+#: (other final seeds add trainings; a larger ``max_extend`` lets a search that stopped on its
+#: edge go on from the same scores).
 RESUMABLE_CHANGES = ("final_seeds", "max_extend")
 
 
 def _accept_resumable_changes(path: Path, identity: dict[str, Any]) -> None:
     """A resumed protocol may change the fields of :data:`RESUMABLE_CHANGES`. If ``path`` (a
-    folder's config.json) differs from ``identity`` only there, it is rewritten."""
+    folder's config.json) differs from ``identity`` only there, it is rewritten. A smaller
+    ``max_extend`` is refused: its searches would stop short of values already trained, and
+    could choose a worse one while the ledger holds a better."""
     if not path.is_file():
         return
     try:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError:
         return  # _claim_folder reports it
+    before = (saved.get("protocol") or {}).get("max_extend") if isinstance(saved, dict) else None
+    after = identity["protocol"]["max_extend"]
+    if isinstance(before, int) and after < before:
+        raise ValueError(f"--max-extend {after} is smaller than the {before} this folder's "
+                         f"searches ran with ({path}): a narrower search could pass over values "
+                         f"already trained; resume with --max-extend {before} or more")
 
     def fixed_part(config: dict[str, Any]) -> Any:
         config = json.loads(json.dumps(config))
@@ -852,13 +898,15 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
         st = s["settings"].get("shared", {})
         edges = search_edges(s)
         any_edge = any_edge or bool(edges)
-        lrs = [_marked_lr(st[n]["lr"], edges.get(n)) if n in st else "—"
-               for n in ("adamw", "muon", "normuon")]  # fmt: skip
+        lrs = [_marked_lr(st[n]["lr"], [e for e in edges if e.optimizer == n]) if n in st
+               else "—" for n in ("adamw", "muon", "normuon")]  # fmt: skip
+        aux = _marked_lr(s["shared_aux"], [e for e in edges if e.search == "aux"])
         lines.append(f"| {_corpus(s)} | {s['preset']} | {s['n_params']:,} | "
-                     f"{' | '.join(lrs)} | {_marked_lr(s['shared_aux'], edges.get(SHARED_AUX))} |")
+                     f"{' | '.join(lrs)} | {aux} |")
     if any_edge:
-        lines += ["", "(lowest tried) / (highest tried): no lower / higher value was trained in "
-                      "that rung's tuning, so a better one may lie beyond it."]
+        lines += ["", "(edge): the x2 search behind that value (a matrix lr's: at the starting "
+                      "embeddings/head lr) ended on the lowest or highest value it tried, its "
+                      "steps past the grid spent, so a better value may lie beyond it."]
     # Learning-rate transfer: how far each optimizer's tuned lr moves across the sizes of one
     # corpus (1.0: it stays put; the grid resolution is sqrt 2 = 1.41).
     for corpus in sorted({_corpus(s) for s in rows}):
