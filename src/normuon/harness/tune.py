@@ -139,6 +139,11 @@ class TuneProtocol:
         return dataclasses.asdict(self)
 
 
+def _best_of(scores: dict[float, float]) -> float:
+    """The value of lowest score; ties go to the smaller value (the safer lr)."""
+    return min(scores, key=lambda v: (scores[v], v))
+
+
 def search_next(
     center: float,
     scores: dict[float, float],
@@ -178,7 +183,7 @@ def search_next(
         missing = [v for v in around if v not in scores]
         if missing:
             return missing, None
-        best = min([best, *around], key=lambda v: (scores[v], v))
+        best = _best_of({v: scores[v] for v in (best, *around)})
     return [], best
 
 
@@ -380,8 +385,7 @@ class _Tuner:
                 for v in sorted(values) for name in self.matrix if v not in per[name]]  # fmt: skip
         if not need and best is not None:
             self.shared_aux = best
-            self.own_aux = {name: min(per[name], key=lambda v: (per[name][v], v))
-                            for name in self.matrix}  # fmt: skip
+            self.own_aux = {name: _best_of(per[name]) for name in self.matrix}
         return need
 
     def _refine_requests(self) -> list[Point]:
@@ -559,8 +563,15 @@ class SearchEdge:
         return f"{what} ended on its {self.side} value, {self.value:g}"
 
 
-def _best_of(scores: dict[float, float]) -> float:
-    return min(scores, key=lambda v: (scores[v], v))  # ties to the smaller value, as the search
+def _run_scores(runs: Iterable[dict[str, Any]], optimizer: str,
+                adamw_lr: float | None) -> dict[float, float]:
+    """lr -> score of a summary's tuning runs of ``optimizer`` at embeddings/head lr
+    ``adamw_lr``: the mean final loss over the seeds run, inf where one diverged."""
+    losses: dict[float, list[float]] = {}
+    for r in runs:
+        if r["optimizer"] == optimizer and r["adamw_lr"] == adamw_lr:
+            losses.setdefault(r["lr"], []).append(math.inf if r["diverged"] else r["final_loss"])
+    return {lr: sum(v) / len(v) for lr, v in losses.items()}
 
 
 def search_edges(summary: dict[str, Any]) -> list[SearchEdge]:
@@ -579,14 +590,6 @@ def search_edges(summary: dict[str, Any]) -> list[SearchEdge]:
     runs = summary.get("tuning_runs", [])
     shared = summary.get("settings", {}).get("shared", {})
 
-    def scores(name: str, aux: float | None) -> dict[float, float]:
-        losses: dict[float, list[float]] = {}
-        for r in runs:
-            if r["optimizer"] == name and r["adamw_lr"] == aux:
-                losses.setdefault(r["lr"], []).append(
-                    math.inf if r["diverged"] else r["final_loss"])
-        return {lr: sum(v) / len(v) for lr, v in losses.items()}
-
     def edge(search: str, name: str | None, best: float, tried: Iterable[float]) -> None:
         tried = set(tried)
         if len(tried) >= 2 and best in (min(tried), max(tried)):
@@ -595,7 +598,7 @@ def search_edges(summary: dict[str, Any]) -> list[SearchEdge]:
 
     edges: list[SearchEdge] = []
     for name in shared:
-        first = scores(name, None if name == "adamw" else summary.get("aux_start"))
+        first = _run_scores(runs, name, None if name == "adamw" else summary.get("aux_start"))
         if first:
             edge("lr", name, _best_of(first), first)
     judges = set(summary.get("judges") or [])
@@ -702,12 +705,9 @@ def write_tune_plot(summary: dict[str, Any], path: str | Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     shared = summary["settings"].get("shared", {})
     for name, st in shared.items():
-        pts: dict[float, list[float]] = {}
-        for r in summary["tuning_runs"]:
-            if r["optimizer"] == name and r["adamw_lr"] == st["adamw_lr"]:
-                pts.setdefault(r["lr"], []).append(math.inf if r["diverged"] else r["final_loss"])
-        xs = sorted(pts)
-        ys = [sum(pts[x]) / len(pts[x]) for x in xs]
+        scores = _run_scores(summary["tuning_runs"], name, st["adamw_lr"])
+        xs = sorted(scores)
+        ys = [scores[x] for x in xs]
         left.plot(xs, [y if math.isfinite(y) else float("nan") for y in ys], marker="o",
                   label=name)  # fmt: skip
     left.set_xscale("log")
