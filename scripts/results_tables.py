@@ -2,10 +2,12 @@
 
 Each generated block of docs/results.md sits between ``<!-- tables: GROUP -->`` and
 ``<!-- end tables -->``: the ladder report (:func:`normuon.harness.tune.ladder_report`) of every
-``docs/results/GROUP/*/summary.json``, or for the groups of :data:`PER_OPTIMIZER` (runs with
+``docs/results/GROUP/*/summary.json``, for the groups of :data:`PER_OPTIMIZER` (runs with
 more optimizers than the ladder's columns, the ablations) each summary's own tables
-(:func:`normuon.harness.tune.tune_tables`) up to the list of tuning runs. ``--write`` rewrites
-the blocks (and, with ``--plot``, the figure of the ``fair20`` group); without it the script
+(:func:`normuon.harness.tune.tune_tables`) up to the list of tuning runs, and for the width
+sweeps of :data:`TRANSFER` the transfer report (:func:`normuon.harness.transfer.transfer_report`).
+``--write`` rewrites the blocks (with ``--plot``, the figure of the ``fair20`` group; always, the
+figures of :data:`TRANSFER`); without it the script
 exits 1 if a block is stale (CI's check that the page says what the committed records say).
 
     python scripts/results_tables.py            # check
@@ -20,6 +22,7 @@ import re
 import sys
 from pathlib import Path
 
+from normuon.harness.transfer import transfer_report
 from normuon.harness.tune import ladder_report, tune_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +32,9 @@ BLOCK = re.compile(r"(<!-- tables: (?P<group>[\w-]+) -->\n)(?P<body>.*?)(<!-- en
                    flags=re.S)  # fmt: skip
 #: Groups shown optimizer by optimizer (final test loss, savings, tests against Muon).
 PER_OPTIMIZER = {"ablations"}
+#: Width sweeps (:func:`normuon.harness.transfer.transfer_report`) and the figure ``--write``
+#: draws for each.
+TRANSFER = {"width-transfer": ROOT / "docs" / "lr-width-transfer.png"}
 #: Where a summary's tables turn to the list of every tuning run (left out of the page).
 TUNING_RUNS = "Every tuning run"
 
@@ -38,6 +44,8 @@ def report(group: str, plot: str | None = None) -> str:
     if not paths:
         raise SystemExit(f"results_tables: no {RECORDS / group}/*/summary.json")
     summaries = [json.loads(p.read_text()) for p in paths]
+    if group in TRANSFER:
+        return transfer_report(summaries, plot=plot) + "\n"
     if group in PER_OPTIMIZER:
         tables = [tune_tables(s).split(TUNING_RUNS)[0].rstrip() for s in summaries]
         return "\n\n".join(tables) + "\n"
@@ -54,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def fill(match: re.Match) -> str:
         group = match["group"]
-        body = report(group, args.plot if args.write and group == "fair20" else None)
+        plot = args.plot if group == "fair20" else TRANSFER.get(group)
+        body = report(group, plot if args.write else None)
         if body != match["body"]:
             stale.append(group)
         return match.group(1) + body + match.group(4)

@@ -16,6 +16,7 @@ from normuon.harness import tune as tune_mod
 from normuon.harness.compare import Diverged
 from normuon.harness.config import get_preset
 from normuon.harness.train import RunResult
+from normuon.harness.transfer import parabola_vertex, transfer_report, width_exponent
 from normuon.harness.tune import (
     SearchEdge,
     TuneProtocol,
@@ -110,8 +111,13 @@ OPTIMA = {"adamw": (0.02, None), "muon": (0.04, 0.004), "normuon": (0.06, 0.016)
 DIVERGE: dict[str, frozenset[str]] = {"always": frozenset()}
 
 
-def _loss(name: str, lr: float, aux: float | None, seed: int) -> float:
+#: Optimizers whose best lr the surface moves with width, as (d_model / 32) ** exponent.
+WIDTH_EXPONENT: dict[str, float] = {}
+
+
+def _loss(name: str, lr: float, aux: float | None, seed: int, d_model: int = 32) -> float:
     best_lr, best_aux = OPTIMA[name]
+    best_lr *= (d_model / 32) ** WIDTH_EXPONENT.get(name, 0.0)
     value = 2.0 + 0.1 * (math.log2(lr) - math.log2(best_lr)) ** 2 + 0.001 * seed
     if aux is not None:
         value += 0.05 * (math.log2(aux) - math.log2(best_aux)) ** 2
@@ -133,7 +139,7 @@ def fake_training(monkeypatch):
             if opt.lr >= 0.5 or run.name in DIVERGE["always"]:
                 on_result(run, Diverged("diverged: validation loss nan"))
                 continue
-            final = _loss(run.name, opt.lr, aux, run.seed)
+            final = _loss(run.name, opt.lr, aux, run.seed, run.spec.model.d_model)
             if "test half" in data.source:
                 final += 0.01  # the test half reads a little higher
             steps = [0, 5, 10]
@@ -148,8 +154,9 @@ def fake_training(monkeypatch):
     return trained
 
 
-def _specs(protocol, optimizers=("adamw", "muon", "normuon")):
+def _specs(protocol, optimizers=("adamw", "muon", "normuon"), d_model=32):
     cfg = get_preset("cpu-smoke")
+    cfg.model.d_model = d_model
     cfg.optimizers["adamw"].lr = 0.01
     for name in ("muon", "normuon"):
         cfg.optimizers[name].lr, cfg.optimizers[name].adamw_lr = 0.04, 0.008
@@ -370,6 +377,64 @@ def test_ladder_report_tables_and_figure(tmp_path, fake_training):
     other_lr["lr"] *= 2
     assert "normuon 2.00x" in ladder_report([summary, other])
     assert (tmp_path / "ladder.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------ learning-rate transfer
+
+
+def test_parabola_vertex_recovers_a_quadratic_minimum_and_refuses_without_a_bracket():
+    def bowl(lrs, best):  # exactly quadratic in log2 lr: any three points give its vertex
+        return {lr: 1.0 + (math.log2(lr) - math.log2(best)) ** 2 for lr in lrs}
+
+    # Uneven spacing (x2 grid plus a sqrt 2 refinement point) still finds it exactly.
+    assert parabola_vertex(bowl([0.01, 0.02, 0.0282843, 0.04, 0.08], 0.03)) == pytest.approx(0.03)
+    assert parabola_vertex(bowl([0.01, 0.02, 0.04], 0.015)) == pytest.approx(0.015)
+    assert parabola_vertex(bowl([0.01, 0.02, 0.04], 0.005)) is None  # best on the edge
+    assert parabola_vertex({0.01: 2.0, 0.02: 1.0, 0.04: math.inf}) is None  # a neighbour diverged
+    assert parabola_vertex({0.01: 2.0, 0.02: 1.0}) is None  # two points
+    # A tie: the smaller lr is the best, and the vertex lies halfway to the other (in log2).
+    assert parabola_vertex({0.01: 2.0, 0.02: 1.0, 0.04: 1.0}) == pytest.approx(0.02 * 2**0.5)
+    assert parabola_vertex({0.01: 1.0, 0.02: 1.0, 0.04: 1.0}) is None  # flat: no minimum
+
+
+def test_width_exponent_is_the_log_log_slope():
+    widths = [16, 32, 64, 128]
+    assert width_exponent(widths, [0.1 * (w / 16) ** -0.5 for w in widths]) == pytest.approx(-0.5)
+    assert width_exponent(widths, [0.02] * 4) == pytest.approx(0.0)
+    assert width_exponent([32, 32], [0.01, 0.02]) is None
+
+
+def test_transfer_report_finds_the_width_rule_of_a_known_surface(tmp_path, fake_training,
+                                                                 monkeypatch):
+    # On the synthetic surface Muon's best lr stays put and NorMuon's falls as 1/width; a
+    # width sweep through the real protocol must read exponents 0 and -1 off its summaries.
+    monkeypatch.setitem(WIDTH_EXPONENT, "normuon", -1.0)
+    protocol = TuneProtocol(separate_aux=False)
+    summaries = []
+    for width in (16, 32, 64):
+        summary = run_tune(*_specs(protocol, ("muon", "normuon"), d_model=width), protocol,
+                           out=tmp_path / f"w{width}", log=lambda *_: None)  # fmt: skip
+        assert summary["model"] == {"n_layer": 2, "d_model": width, "n_head": 2}
+        assert summary["update_scale"] == {"muon": "preserve_norm", "normuon": "preserve_norm"}
+        summaries.append(summary)
+    text = transfer_report(summaries[::-1], plot=tmp_path / "transfer.png")
+    assert "muon: best lr max/min 1.00x, vertices ∝ width^+0.00 (3 widths)" in text
+    assert "normuon: best lr max/min 4.00x, vertices ∝ width^-1.00 (3 widths)" in text
+    rows = [r for r in text.splitlines() if r.startswith("| 16 |") or r.startswith("| 64 |")]
+    # NorMuon at width 16: optimum 0.06 x 2; the nearest tried value is off, the vertex exact.
+    assert rows[0].startswith("| 16 | 2 |") and "| 0.113137 (0.12) |" in rows[0]
+    assert "| 0.04 (0.04) | 0.0282843 (0.03) |" in rows[1]  # muon; normuon: 0.06 / 2
+    assert (tmp_path / "transfer.png").read_bytes()[:4] == b"\x89PNG"
+    # A summary without the model shape (written before the field existed) is named.
+    old = json.loads(json.dumps(summaries[0]))
+    del old["model"]
+    with pytest.raises(ValueError, match="records no model shape.*--resume"):
+        transfer_report([old])
+    # Different depths or update scales are separate groups, never mixed in one table.
+    other = json.loads(json.dumps(summaries[1]))
+    other["update_scale"]["normuon"] = "adam_rms"
+    assert transfer_report(summaries + [other]).count("Across widths") == 1
+    assert "normuon `adam_rms`" in transfer_report(summaries + [other])
 
 
 # ------------------------------------------------------------------ the command, for real

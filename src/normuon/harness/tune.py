@@ -444,6 +444,11 @@ class _Tuner:
             "preset": self.spec.preset,
             "data": self.final_spec.data,
             "n_params": self.spec.budget.params_all,
+            # The shape and each matrix optimizer's update scale: what a learning-rate transfer
+            # report (normuon.harness.transfer) compares across summaries.
+            "model": {k: getattr(self.spec.model, k) for k in ("n_layer", "d_model", "n_head")},
+            "update_scale": {n: self.spec.optimizers[n].update_scale for n in self.spec.selected
+                             if n != "adamw"},  # fmt: skip
             "budget": {"steps": self.spec.train.steps, **self.spec.budget.to_json(),
                        "train_tokens": self.data.train.numel(),
                        "passes": self.spec.budget.tokens / self.data.train.numel()},
