@@ -467,6 +467,9 @@ def test_tune_command_end_to_end(tmp_path, capsys):
     # The ladder report of the summary.
     assert main(["tune", "--report", str(out / "summary.json")]) == 0
     assert "NorMuon saving vs Muon" in capsys.readouterr().out
+    # Read as a width sweep (one width here): the search scores and the best lr per width.
+    assert main(["tune", "--report", str(out / "summary.json"), "--transfer"]) == 0
+    assert "by matrix lr and width" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -477,6 +480,8 @@ def test_tune_command_end_to_end(tmp_path, capsys):
         (["--set", "train.val_fraction=0.3"], "val_fraction"),
         (["--optimizers", "adamw,sgd"], "sgd"),
         (["--report", "/nonexistent/summary.json"], "no such summary file"),
+        (["--transfer"], "--transfer only goes with --report"),
+        (["--plot", "x.png"], "--plot only goes with --report"),
     ],
 )
 def test_tune_command_errors(tmp_path, capsys, args, message):

@@ -162,7 +162,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="train nothing: the size-ladder tables of these summary.json files "
                         "(several corpora and presets)")
     u.add_argument("--plot", default=None, metavar="FILE",
-                   help="with --report: also draw the saving-vs-parameters figure here")
+                   help="with --report: also draw the saving-vs-parameters figure here (with "
+                        "--transfer: score against lr per width)")
+    u.add_argument("--transfer", action="store_true",
+                   help="with --report: read the summaries as a width sweep (same depth and "
+                        "steps, widths differ): each search's scores by lr and width, the best "
+                        "lr's vertex per width, and how it scales with width")
     k = sub.add_parser("check", help="self-check on this device: correctness against float64, "
                                      "host syncs, compile, speed against the peers")
     k.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -341,6 +346,9 @@ def _run(args, say) -> int:
     progress = False if args.no_progress else None
     if args.command == "tune" and args.report:
         return _tune_report(args, say)
+    if args.command == "tune" and (args.plot or args.transfer):
+        given = "--plot" if args.plot else "--transfer"
+        raise ValueError(f"{given} only goes with --report (it reads summaries, trains nothing)")
     cfg = _config(args)
     if args.list_fields:
         say(_list_fields(cfg))
@@ -419,6 +427,7 @@ def _tune_report(args, say) -> int:
     import json
     from pathlib import Path
 
+    from .harness.transfer import transfer_report
     from .harness.tune import ladder_report
 
     summaries = []
@@ -430,7 +439,7 @@ def _tune_report(args, say) -> int:
             summaries.append(json.loads(path.read_text()))
         except json.JSONDecodeError:
             raise ValueError(f"--report: {path} is not JSON") from None
-    say(ladder_report(summaries, plot=args.plot))
+    say((transfer_report if args.transfer else ladder_report)(summaries, plot=args.plot))
     if args.plot:
         say(f"wrote {args.plot}")
     return 0
