@@ -2,13 +2,14 @@
 
 Each generated block of docs/results.md sits between ``<!-- tables: GROUP -->`` and
 ``<!-- end tables -->``: the ladder report (:func:`normuon.harness.tune.ladder_report`) of every
-``docs/results/GROUP/*/summary.json``, for the groups of :data:`PER_OPTIMIZER` (runs with
-more optimizers than the ladder's columns, the ablations) each summary's own tables
-(:func:`normuon.harness.tune.tune_tables`) up to the list of tuning runs, and for the width
-sweeps of :data:`TRANSFER` the transfer report (:func:`normuon.harness.transfer.transfer_report`).
-``--write`` rewrites the blocks (with ``--plot``, the figure of the ``fair20`` group; always, the
-figures of :data:`TRANSFER`); without it the script
-exits 1 if a block is stale (CI's check that the page says what the committed records say).
+``docs/results/GROUP/*/summary.json``; for the groups of :data:`PER_OPTIMIZER` (runs with more
+optimizers than the ladder's columns, the ablations) each summary's own tables
+(:func:`normuon.harness.tune.tune_tables`) up to the list of tuning runs; for the sweeps of
+:data:`TRANSFER` (width, steps, depth) the transfer report
+(:func:`normuon.harness.transfer.transfer_report`). ``--write`` rewrites the blocks (with
+``--plot`` the figure of the ``fair20`` group, and always the figures of :data:`TRANSFER`);
+without it the script exits 1 if a block is stale (CI's check that the page says what the
+committed records say).
 
     python scripts/results_tables.py            # check
     python scripts/results_tables.py --write --plot docs/fair-ladder-20tpp.png
@@ -32,9 +33,13 @@ BLOCK = re.compile(r"(<!-- tables: (?P<group>[\w-]+) -->\n)(?P<body>.*?)(<!-- en
                    flags=re.S)  # fmt: skip
 #: Groups shown optimizer by optimizer (final test loss, savings, tests against Muon).
 PER_OPTIMIZER = {"ablations"}
-#: Width sweeps (:func:`normuon.harness.transfer.transfer_report`) and the figure ``--write``
-#: draws for each.
-TRANSFER = {"width-transfer": ROOT / "docs" / "lr-width-transfer.png"}
+#: Sweeps (:func:`normuon.harness.transfer.transfer_report`): the axis of each group and the
+#: figure ``--write`` draws for it.
+TRANSFER = {
+    "width-transfer": ("width", ROOT / "docs" / "lr-width-transfer.png"),
+    "steps-transfer": ("steps", ROOT / "docs" / "lr-steps-transfer.png"),
+    "depth-transfer": ("depth", ROOT / "docs" / "lr-depth-transfer.png"),
+}
 #: Where a summary's tables turn to the list of every tuning run (left out of the page).
 TUNING_RUNS = "Every tuning run"
 
@@ -45,7 +50,7 @@ def report(group: str, plot: str | None = None) -> str:
         raise SystemExit(f"results_tables: no {RECORDS / group}/*/summary.json")
     summaries = [json.loads(p.read_text()) for p in paths]
     if group in TRANSFER:
-        return transfer_report(summaries, plot=plot) + "\n"
+        return transfer_report(summaries, axis=TRANSFER[group][0], plot=plot) + "\n"
     if group in PER_OPTIMIZER:
         tables = [tune_tables(s).split(TUNING_RUNS)[0].rstrip() for s in summaries]
         return "\n\n".join(tables) + "\n"
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def fill(match: re.Match) -> str:
         group = match["group"]
-        plot = args.plot if group == "fair20" else TRANSFER.get(group)
+        plot = args.plot if group == "fair20" else TRANSFER.get(group, (None, None))[1]
         body = report(group, plot if args.write else None)
         if body != match["body"]:
             stale.append(group)

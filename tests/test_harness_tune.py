@@ -16,7 +16,7 @@ from normuon.harness import tune as tune_mod
 from normuon.harness.compare import Diverged
 from normuon.harness.config import get_preset
 from normuon.harness.train import RunResult
-from normuon.harness.transfer import parabola_vertex, transfer_report, width_exponent
+from normuon.harness.transfer import parabola_vertex, scaling_exponent, transfer_report
 from normuon.harness.tune import (
     SearchEdge,
     TuneProtocol,
@@ -397,11 +397,12 @@ def test_parabola_vertex_recovers_a_quadratic_minimum_and_refuses_without_a_brac
     assert parabola_vertex({0.01: 1.0, 0.02: 1.0, 0.04: 1.0}) is None  # flat: no minimum
 
 
-def test_width_exponent_is_the_log_log_slope():
+def test_scaling_exponent_is_the_log_log_slope():
     widths = [16, 32, 64, 128]
-    assert width_exponent(widths, [0.1 * (w / 16) ** -0.5 for w in widths]) == pytest.approx(-0.5)
-    assert width_exponent(widths, [0.02] * 4) == pytest.approx(0.0)
-    assert width_exponent([32, 32], [0.01, 0.02]) is None
+    assert scaling_exponent(widths, [0.1 * (w / 16) ** -0.5 for w in widths]) == pytest.approx(
+        -0.5)
+    assert scaling_exponent(widths, [0.02] * 4) == pytest.approx(0.0)
+    assert scaling_exponent([32, 32], [0.01, 0.02]) is None
 
 
 def test_transfer_report_finds_the_width_rule_of_a_known_surface(tmp_path, fake_training,
@@ -418,11 +419,13 @@ def test_transfer_report_finds_the_width_rule_of_a_known_surface(tmp_path, fake_
         assert summary["update_scale"] == {"muon": "preserve_norm", "normuon": "preserve_norm"}
         summaries.append(summary)
     text = transfer_report(summaries[::-1], plot=tmp_path / "transfer.png")
-    assert "muon: best lr max/min 1.00x, vertices ∝ width^+0.00 (3 widths)" in text
-    assert "normuon: best lr max/min 4.00x, vertices ∝ width^-1.00 (3 widths)" in text
-    rows = [r for r in text.splitlines() if r.startswith("| 16 |") or r.startswith("| 64 |")]
+    assert "**embedded Shakespeare, 2 layers, 40 steps; update scale: muon `preserve_norm`" in text
+    assert "| optimizer | lr | width 16 | width 32 | width 64 |" in text
+    assert "muon: best lr max/min 1.00x, vertices ∝ width^+0.00 (3 points)" in text
+    assert "normuon: best lr max/min 4.00x, vertices ∝ width^-1.00 (3 points)" in text
+    rows = [r for r in text.splitlines() if r.startswith("| 2 x 16 ") or r.startswith("| 2 x 64 ")]
     # NorMuon at width 16: optimum 0.06 x 2; the nearest tried value is off, the vertex exact.
-    assert rows[0].startswith("| 16 | 2 |") and "| 0.113137 (0.12) |" in rows[0]
+    assert rows[0].startswith("| 2 x 16 (2) | 40 | 14,") and "| 0.113137 (0.12) |" in rows[0]
     assert "| 0.04 (0.04) | 0.0282843 (0.03) |" in rows[1]  # muon; normuon: 0.06 / 2
     assert (tmp_path / "transfer.png").read_bytes()[:4] == b"\x89PNG"
     # A summary without the model shape (written before the field existed) is named.
@@ -433,8 +436,14 @@ def test_transfer_report_finds_the_width_rule_of_a_known_surface(tmp_path, fake_
     # Different depths or update scales are separate groups, never mixed in one table.
     other = json.loads(json.dumps(summaries[1]))
     other["update_scale"]["normuon"] = "adam_rms"
-    assert transfer_report(summaries + [other]).count("Across widths") == 1
+    assert transfer_report(summaries + [other]).count("Along width") == 1
     assert "normuon `adam_rms`" in transfer_report(summaries + [other])
+    # Along another axis the same summaries hold the width fixed: one point per group.
+    steps_text = transfer_report(summaries, axis="steps")
+    assert steps_text.count("| optimizer | lr | steps 40 |") == 3
+    assert "embedded Shakespeare, width 32, 2 layers" in steps_text
+    with pytest.raises(ValueError, match="axis must be one of width, depth, steps, got 'heads'"):
+        transfer_report(summaries, axis="heads")
 
 
 # ------------------------------------------------------------------ the command, for real
@@ -470,6 +479,8 @@ def test_tune_command_end_to_end(tmp_path, capsys):
     # Read as a width sweep (one width here): the search scores and the best lr per width.
     assert main(["tune", "--report", str(out / "summary.json"), "--transfer"]) == 0
     assert "by matrix lr and width" in capsys.readouterr().out
+    assert main(["tune", "--report", str(out / "summary.json"), "--transfer", "steps"]) == 0
+    assert "by matrix lr and steps" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -164,10 +164,11 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--plot", default=None, metavar="FILE",
                    help="with --report: also draw the saving-vs-parameters figure here (with "
                         "--transfer: score against lr per width)")
-    u.add_argument("--transfer", action="store_true",
-                   help="with --report: read the summaries as a width sweep (same depth and "
-                        "steps, widths differ): each search's scores by lr and width, the best "
-                        "lr's vertex per width, and how it scales with width")
+    u.add_argument("--transfer", nargs="?", const="width", default=None,
+                   choices=("width", "depth", "steps"), metavar="AXIS",
+                   help="with --report: read the summaries as a sweep along AXIS (width, the "
+                        "default; depth; steps), the other two held: each search's scores by "
+                        "lr and point, the best lr's vertex per point, and how it scales")
     k = sub.add_parser("check", help="self-check on this device: correctness against float64, "
                                      "host syncs, compile, speed against the peers")
     k.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -439,7 +440,10 @@ def _tune_report(args, say) -> int:
             summaries.append(json.loads(path.read_text()))
         except json.JSONDecodeError:
             raise ValueError(f"--report: {path} is not JSON") from None
-    say((transfer_report if args.transfer else ladder_report)(summaries, plot=args.plot))
+    if args.transfer:
+        say(transfer_report(summaries, axis=args.transfer, plot=args.plot))
+    else:
+        say(ladder_report(summaries, plot=args.plot))
     if args.plot:
         say(f"wrote {args.plot}")
     return 0

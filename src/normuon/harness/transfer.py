@@ -1,19 +1,20 @@
-"""Learning-rate transfer across widths, read from :func:`~normuon.harness.tune.run_tune`
-summaries.
+"""Learning-rate transfer along one axis (width, depth or steps), read from
+:func:`~normuon.harness.tune.run_tune` summaries.
 
 The question a user asks before tuning a larger model: does an optimizer's best matrix lr stay
-put when only the width grows? The size ladder cannot answer it, because its rungs also add
-layers and, at a fixed number of tokens per parameter, train for more steps; both move the best
-lr. A width sweep holds the depth, the head dimension, the batch and the number of steps fixed
-and runs the same protocol at each width. Each matrix optimizer's x2 search, at the
-embeddings/head lr every width starts from, gives a curve of validation score against lr per
-width: the curve's minimum staying put is transfer.
+put when the model grows? The size ladder cannot answer it, because its rungs add width and
+layers at once and, at a fixed number of tokens per parameter, train for more steps; each moves
+the best lr. A sweep changes one of them (the width, with the head dimension fixed; the number
+of layers; the number of steps) and holds the rest, running the same protocol at each point.
+Each matrix optimizer's x2 search, at the embeddings/head lr every point starts from, gives a
+curve of validation score against lr per point: the curve's minimum staying put is transfer.
 
 :func:`transfer_report` turns such summaries into tables and, optionally, the figure. The best
 lr of a search is the tried value of lowest score; between grid points the minimum is estimated
 by the vertex of the parabola through the best value and its nearest tried neighbours (in
-log2 lr), which resolves moves smaller than the grid's factor of 2. How the best lr scales with
-width is a least-squares fit of ``log lr = a log width + c`` over the widths whose vertex exists.
+log2 lr), which resolves moves smaller than the grid's factor of 2. How the best lr scales
+along the axis is a least-squares fit of ``log lr = a log x + c`` over the points whose vertex
+exists.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from typing import Any
 
 from .tune import _best_of, _corpus, _run_scores
 
-__all__ = ["transfer_report", "parabola_vertex", "width_exponent"]
+__all__ = ["transfer_report", "parabola_vertex", "scaling_exponent", "AXES"]
+
+#: What a sweep may vary, and how each is read from a summary.
+AXES = {
+    "width": lambda s: _model(s)["d_model"],
+    "depth": lambda s: _model(s)["n_layer"],
+    "steps": lambda s: s["budget"]["steps"],
+}
 
 
 def parabola_vertex(scores: dict[float, float]) -> float | None:
@@ -53,10 +61,10 @@ def parabola_vertex(scores: dict[float, float]) -> float | None:
     return 2.0**x
 
 
-def width_exponent(widths: Sequence[float], lrs: Sequence[float]) -> float | None:
-    """Slope ``a`` of the least-squares line ``log lr = a log width + c``; None with fewer than
-    two distinct widths. ``a = 0``: the lr transfers; ``a = -1``: it falls as 1/width."""
-    pairs = [(math.log(w), math.log(lr)) for w, lr in zip(widths, lrs, strict=True)]
+def scaling_exponent(xs: Sequence[float], lrs: Sequence[float]) -> float | None:
+    """Slope ``a`` of the least-squares line ``log lr = a log x + c``; None with fewer than two
+    distinct ``xs``. ``a = 0``: the lr transfers; ``a = -1``: it falls as 1/x."""
+    pairs = [(math.log(x), math.log(lr)) for x, lr in zip(xs, lrs, strict=True)]
     if len({x for x, _ in pairs}) < 2:
         return None
     mx = sum(x for x, _ in pairs) / len(pairs)
@@ -75,10 +83,12 @@ def _model(summary: dict[str, Any]) -> dict[str, int]:
     return model
 
 
-def _group_key(summary: dict[str, Any]) -> tuple:
-    model = _model(summary)
+def _group_key(summary: dict[str, Any], axis: str) -> tuple:
+    """What a sweep along ``axis`` holds fixed: the corpus, the update scales, and the other
+    axes' values."""
+    held = tuple((name, read(summary)) for name, read in AXES.items() if name != axis)
     scales = tuple(sorted(summary.get("update_scale", {}).items()))
-    return (_corpus(summary), model["n_layer"], summary["budget"]["steps"], scales)
+    return (_corpus(summary), scales, held)
 
 
 def _matrix_optimizers(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -97,30 +107,40 @@ def _fmt_score(score: float | None, best: bool) -> str:
     return f"**{text}**" if best else text
 
 
-def transfer_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None = None) -> str:
-    """Markdown tables of a width sweep (module docstring): per group of summaries that share
-    corpus, depth, steps and update scales, each matrix optimizer's search scores by lr and
-    width, the best lr and its vertex per width, the tuned settings, the final test losses, and
-    the width exponent of the best lr. ``plot``: score against lr, a line per width, a panel per
-    matrix optimizer (the first group)."""
+def _held_text(held: tuple) -> str:
+    parts = {"width": "width {}", "depth": "{} layers", "steps": "{:,} steps"}
+    return ", ".join(parts[name].format(value) for name, value in held)
+
+
+def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
+                    plot: str | Path | None = None) -> str:  # fmt: skip
+    """Markdown tables of a sweep along ``axis`` (one of :data:`AXES`; module docstring): per
+    group of summaries that share corpus, update scales and the other axes, each matrix
+    optimizer's search scores by lr and point, the best lr and its vertex per point, the tuned
+    settings, the final test losses, and the exponent of the best lr along the axis. ``plot``:
+    score against lr, a line per point, a panel per matrix optimizer (the first group)."""
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {', '.join(AXES)}, got {axis!r}")
     if not summaries:
         raise ValueError("transfer_report needs at least one summary")
+    read = AXES[axis]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for s in summaries:
-        groups.setdefault(_group_key(s), []).append(s)
+        groups.setdefault(_group_key(s, axis), []).append(s)
     lines: list[str] = []
-    for (corpus, n_layer, steps, scales), rows in groups.items():
-        rows = sorted(rows, key=lambda s: _model(s)["d_model"])
+    for (corpus, scales, held), rows in groups.items():
+        rows = sorted(rows, key=read)
         names = _matrix_optimizers(rows)
-        widths = [_model(s)["d_model"] for s in rows]
+        points = [read(s) for s in rows]
         scale_text = ", ".join(f"{n} `{v}`" for n, v in scales) or "—"
+        title = f"{corpus}, {_held_text(held)}; update scale: {scale_text}"
         if lines:
             lines.append("")
-        lines += [f"**{corpus}**, {n_layer} layers, {steps:,} steps; update scale: {scale_text}. "
-                  f"Validation score (mean of the tuning seeds) by matrix lr and width, at the "
-                  f"embeddings/head lr each width started from; bold: the best of a width.",
-                  "", "| optimizer | lr | " + " | ".join(f"width {w}" for w in widths) + " |",
-                  "|---|---|" + "---|" * len(widths)]  # fmt: skip
+        lines += [f"**{title}.** Validation score (mean of the tuning seeds) by matrix lr and "
+                  f"{axis}, at the embeddings/head lr each point started from; bold: the best "
+                  f"of a point.",
+                  "", "| optimizer | lr | " + " | ".join(f"{axis} {x:,}" for x in points) + " |",
+                  "|---|---|" + "---|" * len(points)]  # fmt: skip
         curves = {name: [_run_scores(s["tuning_runs"], name, s["aux_start"]) for s in rows]
                   for name in names}  # fmt: skip
         best: dict[str, list[float | None]] = {}
@@ -129,68 +149,60 @@ def transfer_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None
             best[name] = [_best_of(c) if c else None for c in curves[name]]
             vertex[name] = [parabola_vertex(c) for c in curves[name]]
             for lr in sorted({lr for c in curves[name] for lr in c}):
-                cells = [_fmt_score(c.get(lr), lr == b) for c, b in zip(curves[name],
-                                                                        best[name])]
+                cells = [_fmt_score(c.get(lr), lr == b)
+                         for c, b in zip(curves[name], best[name])]  # fmt: skip
                 lines.append(f"| {name} | {lr:g} | " + " | ".join(cells) + " |")
-        lines += ["", "| width | heads | params | tokens/param | starting emb/head lr | "
-                  + " | ".join(f"{n} best lr (vertex)" for n in names)
-                  + " | shared emb/head lr | "
-                  + " | ".join(f"{n} tuned lr" for n in names)
-                  + " | " + " | ".join(f"{n} test loss" for n in names) + " | "
-                  + " | ".join(f"{n} − muon (Welch p)" for n in names if n != "muon") + " |"]
-        cols = 5 + 3 * len(names) + 1 + sum(n != "muon" for n in names)
-        lines.append("|" + "---|" * cols)
+        others = [n for n in names if n != "muon"]
+        header = (["layers x width (heads)", "steps", "params", "tokens/param",
+                   "starting emb/head lr"] + [f"{n} best lr (vertex)" for n in names]
+                  + ["shared emb/head lr"] + [f"{n} tuned lr" for n in names]
+                  + [f"{n} test loss" for n in names]
+                  + [f"{n} − muon (Welch p)" for n in others])  # fmt: skip
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for i, s in enumerate(rows):
             model = _model(s)
             shared = s["settings"].get("shared", {})
             fair = s["finals"].get("shared", {"optimizers": {}, "vs_muon": {}})
-            found = [("—" if best[n][i] is None else f"{best[n][i]:g}")
-                     + ("" if vertex[n][i] is None else f" ({vertex[n][i]:.3g})")
-                     for n in names]  # fmt: skip
-            tuned = [f"{shared[n]['lr']:g}" if n in shared else "—" for n in names]
-            losses = []
+            cells = [f"{model['n_layer']} x {model['d_model']} ({model['n_head']})",
+                     f"{s['budget']['steps']:,}", f"{s['n_params']:,}",
+                     f"{s['budget']['achieved_tokens_per_param']:.2f}", f"{s['aux_start']:g}"]
+            cells += [("—" if best[n][i] is None else f"{best[n][i]:g}")
+                      + ("" if vertex[n][i] is None else f" ({vertex[n][i]:.3g})")
+                      for n in names]  # fmt: skip
+            cells.append(f"{s['shared_aux']:g}")
+            cells += [f"{shared[n]['lr']:g}" if n in shared else "—" for n in names]
             for n in names:
                 o = fair["optimizers"].get(n)
-                losses.append("—" if o is None else "diverged" if o.get("diverged")
-                              else f"{o['mean']:.4f} ± {o['ci95']:.4f}")  # fmt: skip
-            diffs = []
-            for n in names:
-                if n == "muon":
-                    continue
+                cells.append("—" if o is None else "diverged" if o.get("diverged")
+                             else f"{o['mean']:.4f} ± {o['ci95']:.4f}")  # fmt: skip
+            for n in others:
                 w = fair["vs_muon"].get(n, {}).get("welch")
-                diffs.append("—" if not w else f"{w['mean_diff']:+.4f} ({w['p']:.3f})")
-            lines.append(
-                f"| {model['d_model']} | {model['n_head']} | {s['n_params']:,} | "
-                f"{s['budget']['achieved_tokens_per_param']:.2f} | {s['aux_start']:g} | "
-                + " | ".join(found) + f" | {s['shared_aux']:g} | " + " | ".join(tuned) + " | "
-                + " | ".join(losses) + " | " + " | ".join(diffs) + " |"
-            )
+                cells.append("—" if not w else f"{w['mean_diff']:+.4f} ({w['p']:.3f})")
+            lines.append("| " + " | ".join(cells) + " |")
         spreads = []
         for name in names:
-            known = [(w, b) for w, b in zip(widths, best[name]) if b is not None]
+            known = [b for b in best[name] if b is not None]
             if len(known) < 2:
                 continue
-            spread = max(b for _, b in known) / min(b for _, b in known)
-            text = f"{name}: best lr max/min {spread:.2f}x"
-            at = [(w, v) for w, v in zip(widths, vertex[name]) if v is not None]
-            slope = width_exponent([w for w, _ in at], [v for _, v in at]) if at else None
+            text = f"{name}: best lr max/min {max(known) / min(known):.2f}x"
+            at = [(x, v) for x, v in zip(points, vertex[name]) if v is not None]
+            slope = scaling_exponent([x for x, _ in at], [v for _, v in at]) if at else None
             if slope is not None:
-                text += f", vertices ∝ width^{slope:+.2f} ({len(at)} widths)"
+                text += f", vertices ∝ {axis}^{slope:+.2f} ({len(at)} points)"
             spreads.append(text)
         if spreads:
-            lines += ["", "Across widths: " + "; ".join(spreads) + ". (Grid factor 2: a best "
-                          "lr that moves by less than 2x is within one grid step.)"]
+            lines += ["", f"Along {axis}: " + "; ".join(spreads) + ". (Grid factor 2: a best "
+                          "lr that moves by less than 2x is within one grid step.)"]  # fmt: skip
         hours = sum(s["train_time_s"] for s in rows) / 3600
         lines += ["", f"{sum(s['trainings'] for s in rows)} trainings, {hours:.2f} CPU-thread "
-                      f"hours of training (evaluation excluded)."]
+                      f"hours of training (evaluation excluded)."]  # fmt: skip
         if plot:
-            _plot_transfer(rows, names, curves, Path(plot),
-                           f"{corpus}, {n_layer} layers, {steps:,} steps; {scale_text}")
+            _plot_transfer(rows, names, curves, axis, Path(plot), title)
             plot = None  # one figure: the first group
     return "\n".join(lines)
 
 
-def _plot_transfer(rows, names, curves, path: Path, title: str) -> None:
+def _plot_transfer(rows, names, curves, axis: str, path: Path, title: str) -> None:
     from .report import _pyplot
 
     plt = _pyplot()
@@ -199,7 +211,7 @@ def _plot_transfer(rows, names, curves, path: Path, title: str) -> None:
         for s, scores in zip(rows, curves[name]):
             xs = sorted(scores)
             ys = [scores[x] if math.isfinite(scores[x]) else float("nan") for x in xs]
-            line = ax.plot(xs, ys, marker="o", label=f"width {_model(s)['d_model']}")[0]
+            line = ax.plot(xs, ys, marker="o", label=f"{axis} {AXES[axis](s):,}")[0]
             v = parabola_vertex(scores)
             if v is not None:
                 ax.axvline(v, color=line.get_color(), ls=":", lw=1)
@@ -209,7 +221,7 @@ def _plot_transfer(rows, names, curves, path: Path, title: str) -> None:
         ax.set_title(name)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.suptitle(f"Learning rate against width: {title} (dotted: parabola vertex)", fontsize=9)
+    fig.suptitle(f"Learning rate along {axis}: {title} (dotted: parabola vertex)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
