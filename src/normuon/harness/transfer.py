@@ -118,7 +118,8 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
     group of summaries that share corpus, update scales and the other axes, each matrix
     optimizer's search scores by lr and point, the best lr and its vertex per point, the tuned
     settings, the final test losses, and the exponent of the best lr along the axis. ``plot``:
-    score against lr, a line per point, a panel per matrix optimizer (the first group)."""
+    score against lr, a line per point; a row of panels per group, a panel per matrix
+    optimizer."""
     if axis not in AXES:
         raise ValueError(f"axis must be one of {', '.join(AXES)}, got {axis!r}")
     if not summaries:
@@ -128,6 +129,7 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
     for s in summaries:
         groups.setdefault(_group_key(s, axis), []).append(s)
     lines: list[str] = []
+    panels: list[tuple[str, list, list[str], dict]] = []  # per group, for the figure
     for (corpus, scales, held), rows in groups.items():
         rows = sorted(rows, key=read)
         names = _matrix_optimizers(rows)
@@ -196,32 +198,45 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
         hours = sum(s["train_time_s"] for s in rows) / 3600
         lines += ["", f"{sum(s['trainings'] for s in rows)} trainings, {hours:.2f} CPU-thread "
                       f"hours of training (evaluation excluded)."]  # fmt: skip
-        if plot:
-            _plot_transfer(rows, names, curves, axis, Path(plot), title)
-            plot = None  # one figure: the first group
+        panels.append(([f"{n}, {dict(scales).get(n, '?')}\n{corpus}, {_held_text(held)}"
+                        for n in names], rows, names, curves))  # fmt: skip
+    if plot:
+        _plot_transfer(panels, axis, Path(plot))
     return "\n".join(lines)
 
 
-def _plot_transfer(rows, names, curves, axis: str, path: Path, title: str) -> None:
+def _plot_transfer(panels, axis: str, path: Path) -> None:
     from .report import _pyplot
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        for s, scores in zip(rows, curves[name]):
-            xs = sorted(scores)
-            ys = [scores[x] if math.isfinite(scores[x]) else float("nan") for x in xs]
-            line = ax.plot(xs, ys, marker="o", label=f"{axis} {AXES[axis](s):,}")[0]
-            v = parabola_vertex(scores)
-            if v is not None:
-                ax.axvline(v, color=line.get_color(), ls=":", lw=1)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(f"{name} matrix lr")
-        ax.set_ylabel("validation loss, mean of tuning seeds")
-        ax.set_title(name)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Learning rate along {axis}: {title} (dotted: parabola vertex)", fontsize=9)
+    ncols = max(len(names) for _, _, names, _ in panels)
+    fig, axes = plt.subplots(len(panels), ncols, figsize=(5.5 * ncols, 4.0 * len(panels)),
+                             squeeze=False)  # fmt: skip
+    for row, (titles, rows, names, curves) in zip(axes, panels):
+        for ax in row[len(names):]:
+            ax.set_visible(False)
+        for ax, name, title in zip(row, names, titles):
+            _plot_panel(ax, rows, curves[name], axis, title)
+    fig.suptitle(f"Learning rate along {axis} (dotted: parabola vertex)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_panel(ax, rows, curves, axis: str, title: str) -> None:
+    """Validation score against matrix lr, a line per point of the sweep, each less its own
+    best score (the points' losses differ far more than the scores along one curve)."""
+    for s, scores in zip(rows, curves):
+        xs = sorted(scores)
+        low = min(scores.values())
+        ys = [scores[x] - low if math.isfinite(scores[x]) else float("nan") for x in xs]
+        line = ax.plot(xs, ys, marker="o", label=f"{axis} {AXES[axis](s):,}")[0]
+        v = parabola_vertex(scores)
+        if v is not None:
+            ax.axvline(v, color=line.get_color(), ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("matrix lr")
+    ax.set_ylabel("validation loss above the point's best")
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
