@@ -154,12 +154,12 @@ def fake_training(monkeypatch):
     return trained
 
 
-def _specs(protocol, optimizers=("adamw", "muon", "normuon"), d_model=32):
+def _specs(protocol, optimizers=("adamw", "muon", "normuon"), d_model=32, n_head=2, aux=0.008):
     cfg = get_preset("cpu-smoke")
-    cfg.model.d_model = d_model
+    cfg.model.d_model, cfg.model.n_head, cfg.model.n_kv_head = d_model, n_head, n_head
     cfg.optimizers["adamw"].lr = 0.01
     for name in ("muon", "normuon"):
-        cfg.optimizers[name].lr, cfg.optimizers[name].adamw_lr = 0.04, 0.008
+        cfg.optimizers[name].lr, cfg.optimizers[name].adamw_lr = 0.04, aux
     return resolve_tune(cfg, None, optimizers=list(optimizers), protocol=protocol)
 
 
@@ -405,45 +405,90 @@ def test_scaling_exponent_is_the_log_log_slope():
     assert scaling_exponent([32, 32], [0.01, 0.02]) is None
 
 
+def _sweep(tmp_path, widths=(16, 32, 64), aux=0.032, optimizers=("adamw", "muon", "normuon")):
+    """Summaries of a width sweep on the synthetic surface, head dimension 16."""
+    protocol = TuneProtocol(separate_aux=False)
+    return [run_tune(*_specs(protocol, optimizers, d_model=w, n_head=w // 16, aux=aux),
+                     protocol, out=tmp_path / f"w{w}-{aux}", log=lambda *_: None)
+            for w in widths]  # fmt: skip
+
+
 def test_transfer_report_finds_the_width_rule_of_a_known_surface(tmp_path, fake_training,
                                                                  monkeypatch):
-    # On the synthetic surface Muon's best lr stays put and NorMuon's falls as 1/width; a
-    # width sweep through the real protocol must read exponents 0 and -1 off its summaries.
-    monkeypatch.setitem(WIDTH_EXPONENT, "normuon", -1.0)
-    protocol = TuneProtocol(separate_aux=False)
-    summaries = []
-    for width in (16, 32, 64):
-        summary = run_tune(*_specs(protocol, ("muon", "normuon"), d_model=width), protocol,
-                           out=tmp_path / f"w{width}", log=lambda *_: None)  # fmt: skip
-        assert summary["model"] == {"n_layer": 2, "d_model": width, "n_head": 2}
-        assert summary["update_scale"] == {"muon": "preserve_norm", "normuon": "preserve_norm"}
-        summaries.append(summary)
+    # On the synthetic surface Muon's best lr stays put and NorMuon's falls as width^-0.75;
+    # a width sweep through the real protocol must read exponents 0 and -0.75 off the
+    # vertices (the best grid values, 0.08, 0.08, 0.04, would say -0.5).
+    monkeypatch.setitem(WIDTH_EXPONENT, "normuon", -0.75)
+    summaries = _sweep(tmp_path)
+    assert summaries[0]["model"] == {"n_layer": 2, "d_model": 16, "n_head": 1}
+    assert summaries[0]["update_scale"] == {"muon": "preserve_norm", "normuon": "preserve_norm"}
+    # The searches start at embeddings/head lr 0.032; the shared value moves to 0.008.
+    assert {s["aux_start"] for s in summaries} == {0.032}
+    assert {s["shared_aux"] for s in summaries} == {0.008}
     text = transfer_report(summaries[::-1], plot=tmp_path / "transfer.png")
-    assert "**embedded Shakespeare, 2 layers, 40 steps; update scale: muon `preserve_norm`" in text
+    assert ("**embedded Shakespeare, 2 layers, head dim 16, 40 steps; update scale: muon "
+            "`preserve_norm`, normuon `preserve_norm`.**") in text
     assert "| optimizer | lr | width 16 | width 32 | width 64 |" in text
     assert "muon: best lr max/min 1.00x, vertices ∝ width^+0.00 (3 points)" in text
-    assert "normuon: best lr max/min 4.00x, vertices ∝ width^-1.00 (3 points)" in text
-    rows = [r for r in text.splitlines() if r.startswith("| 2 x 16 ") or r.startswith("| 2 x 64 ")]
-    # NorMuon at width 16: optimum 0.06 x 2; the nearest tried value is off, the vertex exact.
-    assert rows[0].startswith("| 2 x 16 (2) | 40 | 14,") and "| 0.113137 (0.12) |" in rows[0]
-    assert "| 0.04 (0.04) | 0.0282843 (0.03) |" in rows[1]  # muon; normuon: 0.06 / 2
+    assert "normuon: best lr max/min 2.00x, vertices ∝ width^-0.75 (3 points)" in text
+    assert "| adamw |" not in text and "adamw best" not in text  # AdamW has no matrix lr
+    rows = [r for r in text.splitlines() if r.startswith("| 2 x ")]
+    # NorMuon at width 16: optimum 0.06 x 2^0.75 = 0.1009 between grid values 0.08 and 0.16;
+    # the search at the starting 0.032 is read, not the refinement at the shared 0.008.
+    assert rows[0].startswith("| 2 x 16 (1) | 40 | ")
+    assert "| 0.032 | 0.04 (0.04) | 0.08 (0.101) | 0.008 |" in rows[0]
+    assert "| 0.04 (0.04) | 0.04 (0.0357) |" in rows[2]  # width 64: 0.06 / 2^0.75
     assert (tmp_path / "transfer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_transfer_report_reads_each_search_apart_and_refuses_mixed_sweeps(
+        tmp_path, fake_training):  # fmt: skip
+    summaries = _sweep(tmp_path, optimizers=("muon", "normuon"))
+    # Started at the shared value, a search's table leaves the sqrt 2 refinement out.
+    [same] = _sweep(tmp_path, widths=(16,), aux=0.008, optimizers=("muon", "normuon"))
+    assert any(r["phase"] == "refine" and r["adamw_lr"] == 0.008 for r in same["tuning_runs"])
+    search = transfer_report([same]).split("\n\n")[1]
+    assert "| muon | 0.0282843 |" not in search and "| muon | 0.04 |" in search
+    # Two summaries at one point of a sweep are refused.
+    with pytest.raises(ValueError, match="two summaries of one sweep at width 16"):
+        transfer_report([summaries[0], same])
+    # Another depth, update scale or head dimension is another sweep, never one table.
+    deeper = json.loads(json.dumps(summaries[1]))
+    deeper["model"]["n_layer"] = 3
+    rescaled = json.loads(json.dumps(summaries[1]))
+    rescaled["update_scale"]["normuon"] = "adam_rms"
+    text = transfer_report(summaries + [deeper, rescaled])
+    assert text.count("Along width") == 3 and "normuon `adam_rms`" in text
+    assert "3 layers, head dim 16" in text
+    # A search whose best lies on its edge is marked and has no vertex; one that only
+    # diverged has no best, and the exponent names the points it could not use.
+    edged = [json.loads(json.dumps(s)) for s in summaries]
+    runs = edged[0]["tuning_runs"]
+    edged[0]["tuning_runs"] = [r for r in runs if not (r["optimizer"] == "muon"
+                                                       and r["lr"] < 0.04)]  # fmt: skip
+    for r in edged[1]["tuning_runs"]:
+        if r["optimizer"] == "normuon":
+            r["diverged"], r["final_loss"] = True, None
+    text = transfer_report(edged, plot=tmp_path / "edged.png")
+    rows = [r for r in text.splitlines() if r.startswith("| 2 x ")]
+    assert "| 0.04 (edge) |" in rows[0]
+    assert "| — |" in rows[1].split("| 0.032 |")[1]  # NorMuon's best at width 32
+    assert "muon: best lr max/min 1.00x, vertices ∝ width^+0.00 (2 points) (no vertex at " \
+           "width 16:" in text
+    assert "normuon: best lr max/min 1.00x, vertices ∝ width^+0.00 (2 points) (no vertex at " \
+           "width 32:" in text
+    assert (tmp_path / "edged.png").read_bytes()[:4] == b"\x89PNG"  # a curve left out
+    # Along another axis the same summaries hold the width: one point per sweep.
+    steps_text = transfer_report(summaries, axis="steps")
+    assert steps_text.count("| optimizer | lr | steps 40 |") == 3
+    assert "embedded Shakespeare, 2 layers, width 32, 2 heads" in steps_text
+    with pytest.raises(ValueError, match="axis must be one of width, depth, steps, got 'heads'"):
+        transfer_report(summaries, axis="heads")
     # A summary without the model shape (written before the field existed) is named.
     old = json.loads(json.dumps(summaries[0]))
     del old["model"]
     with pytest.raises(ValueError, match="records no model shape.*--resume"):
         transfer_report([old])
-    # Different depths or update scales are separate groups, never mixed in one table.
-    other = json.loads(json.dumps(summaries[1]))
-    other["update_scale"]["normuon"] = "adam_rms"
-    assert transfer_report(summaries + [other]).count("Along width") == 1
-    assert "normuon `adam_rms`" in transfer_report(summaries + [other])
-    # Along another axis the same summaries hold the width fixed: one point per group.
-    steps_text = transfer_report(summaries, axis="steps")
-    assert steps_text.count("| optimizer | lr | steps 40 |") == 3
-    assert "embedded Shakespeare, width 32, 2 layers" in steps_text
-    with pytest.raises(ValueError, match="axis must be one of width, depth, steps, got 'heads'"):
-        transfer_report(summaries, axis="heads")
 
 
 # ------------------------------------------------------------------ the command, for real
@@ -478,9 +523,18 @@ def test_tune_command_end_to_end(tmp_path, capsys):
     assert "NorMuon saving vs Muon" in capsys.readouterr().out
     # Read as a width sweep (one width here): the search scores and the best lr per width.
     assert main(["tune", "--report", str(out / "summary.json"), "--transfer"]) == 0
-    assert "by matrix lr and width" in capsys.readouterr().out
+    assert "search by lr and width" in capsys.readouterr().out
     assert main(["tune", "--report", str(out / "summary.json"), "--transfer", "steps"]) == 0
-    assert "by matrix lr and steps" in capsys.readouterr().out
+    assert "search by lr and steps" in capsys.readouterr().out
+    # Files that are not tune summaries, or too old for a transfer report, are named.
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    assert main(["tune", "--report", str(tmp_path / "other.json")]) == 2
+    assert "other.json is not a summary.json of normuon tune" in capsys.readouterr().err
+    old = json.loads((out / "summary.json").read_text())
+    del old["model"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(["tune", "--report", str(tmp_path / "old.json"), "--transfer"]) == 2
+    assert "old.json records no model shape" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

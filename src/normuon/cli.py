@@ -437,9 +437,16 @@ def _tune_report(args, say) -> int:
         if not path.is_file():
             raise ValueError(f"--report: {path}: no such summary file")
         try:
-            summaries.append(json.loads(path.read_text()))
+            summary = json.loads(path.read_text())
         except json.JSONDecodeError:
             raise ValueError(f"--report: {path} is not JSON") from None
+        if not isinstance(summary, dict) or "tuning_runs" not in summary:
+            raise ValueError(f"--report: {path} is not a summary.json of normuon tune")
+        if args.transfer and "model" not in summary:
+            raise ValueError(f"--report --transfer: {path} records no model shape (summaries do "
+                             f"since 2026-12-07): rebuild it with the normuon tune command "
+                             f"that made it and --resume, which trains nothing new")  # fmt: skip
+        summaries.append(summary)
     if args.transfer:
         say(transfer_report(summaries, axis=args.transfer, plot=args.plot))
     else:

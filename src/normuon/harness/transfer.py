@@ -6,8 +6,9 @@ put when the model grows? The size ladder cannot answer it, because its rungs ad
 layers at once and, at a fixed number of tokens per parameter, train for more steps; each moves
 the best lr. A sweep changes one of them (the width, with the head dimension fixed; the number
 of layers; the number of steps) and holds the rest, running the same protocol at each point.
-Each matrix optimizer's x2 search, at the embeddings/head lr every point starts from, gives a
-curve of validation score against lr per point: the curve's minimum staying put is transfer.
+Each matrix optimizer's x2 search, at the embeddings/head lr every point starts from (the
+search's own runs, not the sqrt 2 refinement that may follow there), gives a curve of
+validation score against lr per point: the curve's minimum staying put is transfer.
 
 :func:`transfer_report` turns such summaries into tables and, optionally, the figure. The best
 lr of a search is the tried value of lowest score; between grid points the minimum is estimated
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .tune import _best_of, _corpus, _run_scores
+from .tune import _best_of, _corpus, _final_cell, _run_scores, _trainings_line
 
 __all__ = ["transfer_report", "parabola_vertex", "scaling_exponent", "AXES"]
 
@@ -34,31 +35,40 @@ AXES = {
     "depth": lambda s: _model(s)["n_layer"],
     "steps": lambda s: s["budget"]["steps"],
 }
+#: What a sweep along each axis holds fixed besides the data, batch, preset, update scales and
+#: tuning seeds (a width sweep: the head dimension, so attention scales alike at every width).
+HELD = {
+    "width": ("layers", "head dim", "steps"),
+    "depth": ("width", "heads", "steps"),
+    "steps": ("layers", "width", "heads"),
+}
+_HELD_FORMAT = {"layers": "{} layers", "head dim": "head dim {}", "steps": "{:,} steps",
+                "width": "width {}", "heads": "{} heads"}  # fmt: skip
 
 
 def parabola_vertex(scores: dict[float, float]) -> float | None:
     """The lr at the vertex of the parabola, in log2 lr, through the best-scoring lr and its
-    nearest tried neighbours on either side; None when the best lr is the lowest or highest
-    tried (no bracket), a neighbour's score is not finite, or the three points are not convex.
+    nearest tried neighbours on either side; None when no score is finite, the best lr is the
+    lowest or highest tried (no bracket), or a nearest neighbour diverged (inf: no parabola).
+    The best has the lowest score (ties to the smaller lr), so the three points are convex.
     """
     finite = {lr: s for lr, s in scores.items() if math.isfinite(s)}
-    if len(finite) < 3:
+    if not finite:
         return None
     best = _best_of(finite)
-    below = [lr for lr in finite if lr < best]
-    above = [lr for lr in finite if lr > best]
+    below = [lr for lr in scores if lr < best]
+    above = [lr for lr in scores if lr > best]
     if not below or not above:
         return None
-    points = [(math.log2(lr), finite[lr]) for lr in (max(below), best, min(above))]
-    (x0, y0), (x1, y1), (x2, y2) = points
-    # Divided differences: y = y0 + d01 (x - x0) + d012 (x - x0)(x - x1).
+    lrs = (max(below), best, min(above))
+    if not all(math.isfinite(scores[lr]) for lr in lrs):
+        return None
+    (x0, y0), (x1, y1), (x2, y2) = [(math.log2(lr), scores[lr]) for lr in lrs]
+    # Divided differences: y = y0 + d01 (x - x0) + d012 (x - x0)(x - x1); y0 > y1 <= y2, so
+    # d012 > 0 and the vertex is a minimum between x0 and x2.
     d01 = (y1 - y0) / (x1 - x0)
-    d12 = (y2 - y1) / (x2 - x1)
-    d012 = (d12 - d01) / (x2 - x0)
-    if d012 <= 0:
-        return None  # not convex: the three scores do not bracket a minimum
-    x = (x0 + x1) / 2 - d01 / (2 * d012)
-    return 2.0**x
+    d012 = ((y2 - y1) / (x2 - x1) - d01) / (x2 - x0)
+    return 2.0 ** ((x0 + x1) / 2 - d01 / (2 * d012))
 
 
 def scaling_exponent(xs: Sequence[float], lrs: Sequence[float]) -> float | None:
@@ -76,19 +86,29 @@ def scaling_exponent(xs: Sequence[float], lrs: Sequence[float]) -> float | None:
 def _model(summary: dict[str, Any]) -> dict[str, int]:
     model = summary.get("model")
     if not model:
-        raise ValueError(f"summary of {summary.get('preset')!r} on {summary.get('data')!r} "
-                         f"records no model shape (written since 2026-12-07): rebuild it with "
-                         f"the same normuon tune command and --resume, which trains nothing "
-                         f"new")  # fmt: skip
+        raise ValueError(f"the summary of preset {summary.get('preset')!r} on "
+                         f"{summary.get('data')!r} records no model shape (summaries do since "
+                         f"2026-12-07): rebuild it with the normuon tune command that made it "
+                         f"and --resume, which trains nothing new")  # fmt: skip
     return model
 
 
+def _held(summary: dict[str, Any], axis: str) -> tuple[tuple[str, int], ...]:
+    model = _model(summary)
+    values = {"layers": model["n_layer"], "width": model["d_model"], "heads": model["n_head"],
+              "head dim": model["d_model"] // model["n_head"],
+              "steps": summary["budget"]["steps"]}  # fmt: skip
+    return tuple((name, values[name]) for name in HELD[axis])
+
+
 def _group_key(summary: dict[str, Any], axis: str) -> tuple:
-    """What a sweep along ``axis`` holds fixed: the corpus, the update scales, and the other
-    axes' values."""
-    held = tuple((name, read(summary)) for name, read in AXES.items() if name != axis)
-    scales = tuple(sorted(summary.get("update_scale", {}).items()))
-    return (_corpus(summary), scales, held)
+    """What a sweep along ``axis`` holds fixed: data, preset, batch, update scales, tuning
+    seeds and grid factor, and :data:`HELD`."""
+    protocol = summary.get("protocol", {})
+    return (summary["data"], summary["preset"], summary["budget"]["tokens_per_step"],
+            tuple(sorted(summary.get("update_scale", {}).items())),
+            tuple(protocol.get("tune_seeds", ())), protocol.get("grid_factor", 2.0),
+            _held(summary, axis))  # fmt: skip
 
 
 def _matrix_optimizers(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -107,19 +127,27 @@ def _fmt_score(score: float | None, best: bool) -> str:
     return f"**{text}**" if best else text
 
 
-def _held_text(held: tuple) -> str:
-    parts = {"width": "width {}", "depth": "{} layers", "steps": "{:,} steps"}
-    return ", ".join(parts[name].format(value) for name, value in held)
+def _best_cell(scores: dict[float, float]) -> str:
+    """The best lr of a search, marked (edge) when it is the lowest or highest value tried,
+    with its parabola vertex in brackets."""
+    finite = [lr for lr, v in scores.items() if math.isfinite(v)]
+    if not finite:
+        return "—"
+    best = _best_of({lr: scores[lr] for lr in finite})
+    text = f"{best:g}" + (" (edge)" if best in (min(scores), max(scores)) else "")
+    vertex = parabola_vertex(scores)
+    return text + ("" if vertex is None else f" ({vertex:.3g})")
 
 
 def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
                     plot: str | Path | None = None) -> str:  # fmt: skip
     """Markdown tables of a sweep along ``axis`` (one of :data:`AXES`; module docstring): per
-    group of summaries that share corpus, update scales and the other axes, each matrix
-    optimizer's search scores by lr and point, the best lr and its vertex per point, the tuned
-    settings, the final test losses, and the exponent of the best lr along the axis. ``plot``:
-    score against lr, a line per point; a row of panels per group, a panel per matrix
-    optimizer."""
+    group of summaries that hold the same settings but ``axis`` (:func:`_group_key`), each
+    matrix optimizer's search scores by lr and point, the best lr and its vertex per point, the
+    tuned settings, the final test losses, and the exponent of the vertices along the axis.
+    ``plot``: score against lr, a line per point; a row of panels per group, a panel per matrix
+    optimizer. ValueError for an unknown axis, a summary without the model shape, or two
+    summaries at the same point of one group."""
     if axis not in AXES:
         raise ValueError(f"axis must be one of {', '.join(AXES)}, got {axis!r}")
     if not summaries:
@@ -129,30 +157,34 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
     for s in summaries:
         groups.setdefault(_group_key(s, axis), []).append(s)
     lines: list[str] = []
-    panels: list[tuple[str, list, list[str], dict]] = []  # per group, for the figure
-    for (corpus, scales, held), rows in groups.items():
+    panels: list[tuple[list[str], list, list[str], dict]] = []  # per group, for the figure
+    for key, rows in groups.items():
         rows = sorted(rows, key=read)
-        names = _matrix_optimizers(rows)
         points = [read(s) for s in rows]
-        scale_text = ", ".join(f"{n} `{v}`" for n, v in scales) or "—"
-        title = f"{corpus}, {_held_text(held)}; update scale: {scale_text}"
+        if len(set(points)) < len(points):
+            twice = sorted({x for x in points if points.count(x) > 1})
+            raise ValueError(f"two summaries of one sweep at {axis} {twice[0]}: give each point "
+                             f"once")  # fmt: skip
+        names = _matrix_optimizers(rows)
+        scales = dict(key[3])
+        scale_text = ", ".join(f"{n} `{v}`" for n, v in scales.items()) or "—"
+        held = ", ".join(_HELD_FORMAT[name].format(v) for name, v in key[-1])
+        title = f"{_corpus(rows[0])}, {held}; update scale: {scale_text}"
         if lines:
             lines.append("")
-        lines += [f"**{title}.** Validation score (mean of the tuning seeds) by matrix lr and "
-                  f"{axis}, at the embeddings/head lr each point started from; bold: the best "
-                  f"of a point.",
+        lines += [f"**{title}.** Validation score (mean of the tuning seeds) of each matrix lr "
+                  f"search by lr and {axis}, at the embeddings/head lr each point started "
+                  f"from; bold: the best of a point.",
                   "", "| optimizer | lr | " + " | ".join(f"{axis} {x:,}" for x in points) + " |",
                   "|---|---|" + "---|" * len(points)]  # fmt: skip
-        curves = {name: [_run_scores(s["tuning_runs"], name, s["aux_start"]) for s in rows]
-                  for name in names}  # fmt: skip
-        best: dict[str, list[float | None]] = {}
-        vertex: dict[str, list[float | None]] = {}
+        curves = {name: [_run_scores(s["tuning_runs"], name, s["aux_start"], phase="lr")
+                         for s in rows] for name in names}  # fmt: skip
         for name in names:
-            best[name] = [_best_of(c) if c else None for c in curves[name]]
-            vertex[name] = [parabola_vertex(c) for c in curves[name]]
+            bests = [_best_of({lr: v for lr, v in c.items() if math.isfinite(v)})
+                     if any(math.isfinite(v) for v in c.values()) else None
+                     for c in curves[name]]  # fmt: skip
             for lr in sorted({lr for c in curves[name] for lr in c}):
-                cells = [_fmt_score(c.get(lr), lr == b)
-                         for c, b in zip(curves[name], best[name])]  # fmt: skip
+                cells = [_fmt_score(c.get(lr), lr == b) for c, b in zip(curves[name], bests)]
                 lines.append(f"| {name} | {lr:g} | " + " | ".join(cells) + " |")
         others = [n for n in names if n != "muon"]
         header = (["layers x width (heads)", "steps", "params", "tokens/param",
@@ -168,41 +200,43 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
             cells = [f"{model['n_layer']} x {model['d_model']} ({model['n_head']})",
                      f"{s['budget']['steps']:,}", f"{s['n_params']:,}",
                      f"{s['budget']['achieved_tokens_per_param']:.2f}", f"{s['aux_start']:g}"]
-            cells += [("—" if best[n][i] is None else f"{best[n][i]:g}")
-                      + ("" if vertex[n][i] is None else f" ({vertex[n][i]:.3g})")
-                      for n in names]  # fmt: skip
+            cells += [_best_cell(curves[n][i]) for n in names]
             cells.append(f"{s['shared_aux']:g}")
             cells += [f"{shared[n]['lr']:g}" if n in shared else "—" for n in names]
-            for n in names:
-                o = fair["optimizers"].get(n)
-                cells.append("—" if o is None else "diverged" if o.get("diverged")
-                             else f"{o['mean']:.4f} ± {o['ci95']:.4f}")  # fmt: skip
+            cells += [_final_cell(fair["optimizers"].get(n)) for n in names]
             for n in others:
                 w = fair["vs_muon"].get(n, {}).get("welch")
                 cells.append("—" if not w else f"{w['mean_diff']:+.4f} ({w['p']:.3f})")
             lines.append("| " + " | ".join(cells) + " |")
-        spreads = []
-        for name in names:
-            known = [b for b in best[name] if b is not None]
-            if len(known) < 2:
-                continue
-            text = f"{name}: best lr max/min {max(known) / min(known):.2f}x"
-            at = [(x, v) for x, v in zip(points, vertex[name]) if v is not None]
-            slope = scaling_exponent([x for x, _ in at], [v for _, v in at]) if at else None
-            if slope is not None:
-                text += f", vertices ∝ {axis}^{slope:+.2f} ({len(at)} points)"
-            spreads.append(text)
-        if spreads:
-            lines += ["", f"Along {axis}: " + "; ".join(spreads) + ". (Grid factor 2: a best "
-                          "lr that moves by less than 2x is within one grid step.)"]  # fmt: skip
-        hours = sum(s["train_time_s"] for s in rows) / 3600
-        lines += ["", f"{sum(s['trainings'] for s in rows)} trainings, {hours:.2f} CPU-thread "
-                      f"hours of training (evaluation excluded)."]  # fmt: skip
-        panels.append(([f"{n}, {dict(scales).get(n, '?')}\n{corpus}, {_held_text(held)}"
-                        for n in names], rows, names, curves))  # fmt: skip
+        lines += ["", f"Along {axis}: " + "; ".join(
+            _exponent_text(name, axis, points, curves[name]) for name in names)
+            + f". (Grid factor {key[5]:g}: a best lr that moves by less than that is within one "
+            f"grid step; the vertices resolve less.)", "", _trainings_line(rows)]  # fmt: skip
+        panels.append(([f"{n}, {scales.get(n, '?')}\n{title.split(';')[0]}" for n in names],
+                       rows, names, curves))  # fmt: skip
     if plot:
         _plot_transfer(panels, axis, Path(plot))
     return "\n".join(lines)
+
+
+def _exponent_text(name: str, axis: str, points: Sequence[int],
+                   curves: Sequence[dict[float, float]]) -> str:  # fmt: skip
+    """How an optimizer's best lr moves along the sweep: the spread of the best values, the
+    exponent fitted to the vertices, and the points without one."""
+    bests = [_best_of({lr: v for lr, v in c.items() if math.isfinite(v)})
+             for c in curves if any(math.isfinite(v) for v in c.values())]  # fmt: skip
+    if len(bests) < 2:
+        return f"{name}: fewer than two points with a finite best"
+    text = f"{name}: best lr max/min {max(bests) / min(bests):.2f}x"
+    at = [(x, v) for x, c in zip(points, curves) if (v := parabola_vertex(c)) is not None]
+    slope = scaling_exponent([x for x, _ in at], [v for _, v in at]) if at else None
+    if slope is not None:
+        text += f", vertices ∝ {axis}^{slope:+.2f} ({len(at)} points)"
+    missing = [f"{x:,}" for x, c in zip(points, curves) if parabola_vertex(c) is None]
+    if missing:
+        text += (f" (no vertex at {axis} {', '.join(missing)}: best on the edge of its search, "
+                 f"a diverged neighbour, or no finite score)")
+    return text
 
 
 def _plot_transfer(panels, axis: str, path: Path) -> None:
@@ -227,6 +261,8 @@ def _plot_panel(ax, rows, curves, axis: str, title: str) -> None:
     """Validation score against matrix lr, a line per point of the sweep, each less its own
     best score (the points' losses differ far more than the scores along one curve)."""
     for s, scores in zip(rows, curves):
+        if not any(math.isfinite(v) for v in scores.values()):
+            continue  # the optimizer did not train (or only diverged) at this point
         xs = sorted(scores)
         low = min(scores.values())
         ys = [scores[x] - low if math.isfinite(scores[x]) else float("nan") for x in xs]

@@ -568,13 +568,16 @@ class SearchEdge:
         return f"{what} ended on its {self.side} value, {self.value:g}"
 
 
-def _run_scores(runs: Iterable[dict[str, Any]], optimizer: str,
-                adamw_lr: float | None) -> dict[float, float]:
+def _run_scores(runs: Iterable[dict[str, Any]], optimizer: str, adamw_lr: float | None,
+                phase: str | None = None) -> dict[float, float]:
     """lr -> score of a summary's tuning runs of ``optimizer`` at embeddings/head lr
-    ``adamw_lr``: the mean final loss over the seeds run, inf where one diverged."""
+    ``adamw_lr`` (``phase``: only the runs first trained in that phase, e.g. ``"lr"``, the x2
+    search without the sqrt 2 refinement): the mean final loss over the seeds run, inf where one
+    diverged."""
     losses: dict[float, list[float]] = {}
     for r in runs:
-        if r["optimizer"] == optimizer and r["adamw_lr"] == adamw_lr:
+        if (r["optimizer"] == optimizer and r["adamw_lr"] == adamw_lr
+                and (phase is None or r.get("phase") == phase)):  # fmt: skip
             losses.setdefault(r["lr"], []).append(math.inf if r["diverged"] else r["final_loss"])
     return {lr: sum(v) / len(v) for lr, v in losses.items()}
 
@@ -668,7 +671,7 @@ def tune_tables(summary: dict[str, Any]) -> str:
                   "| saving vs AdamW | saving vs Muon |", "|---|---|---|---|---|---|---|"]
         for name, st in settings.items():
             o = analysis["optimizers"][name]
-            loss = "diverged" if o.get("diverged") else f"{o['mean']:.4f} ± {o['ci95']:.4f}"
+            loss = _final_cell(o)
             lines.append(
                 f"| {name} | {st['lr']:g} | {_lr(st['adamw_lr'])} | "
                 f"{st['validation_score']:.4f} | {loss} | "
@@ -865,6 +868,21 @@ def _fmt_passes(passes: float | None) -> str:
     return "—" if passes is None else f"{passes:.2f}" if passes < 10 else f"{passes:.0f}"
 
 
+def _final_cell(analysis: dict[str, Any] | None) -> str:
+    """An optimizer's final test loss for a table: mean ± 95% CI, "diverged", or "—"."""
+    if analysis is None:
+        return "—"
+    return "diverged" if analysis.get("diverged") else \
+        f"{analysis['mean']:.4f} ± {analysis['ci95']:.4f}"
+
+
+def _trainings_line(summaries: Sequence[dict[str, Any]]) -> str:
+    """The trainings and CPU-thread hours behind a table of several summaries."""
+    hours = sum(s["train_time_s"] for s in summaries) / 3600
+    return (f"{sum(s['trainings'] for s in summaries)} trainings, {hours:.2f} CPU-thread hours "
+            f"of training (evaluation excluded).")
+
+
 def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None = None) -> str:
     """Markdown tables across :func:`run_tune` summaries (corpora x model sizes): NorMuon
     against Muon under the shared-aux protocol and under separate tuning, and the tuned lrs per
@@ -881,9 +899,7 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
         fair = s["finals"].get("shared", {"optimizers": {}, "vs_muon": {}})
         cells = []
         for name in ("adamw", "muon", "normuon"):
-            o = fair["optimizers"].get(name)
-            cells.append("—" if o is None else "diverged" if o.get("diverged")
-                         else f"{o['mean']:.4f} ± {o['ci95']:.4f}")  # fmt: skip
+            cells.append(_final_cell(fair["optimizers"].get(name)))
         test = fair["vs_muon"].get("normuon")
         saving = _pct(fair["optimizers"].get("normuon", {}).get("vs_muon"))
         sep = s["finals"].get("separate", {}).get("vs_muon", {}).get("normuon")
@@ -927,9 +943,7 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
         if spreads:
             lines += ["", f"{corpus}: tuned lr max/min across {len(sized)} sizes: "
                           + ", ".join(spreads) + "."]
-    hours = sum(s["train_time_s"] for s in rows) / 3600
-    lines += ["", f"{sum(s['trainings'] for s in rows)} trainings, {hours:.2f} CPU-thread hours "
-                  f"of training (evaluation excluded)."]
+    lines += ["", _trainings_line(rows)]
     if plot:
         _plot_ladder(rows, Path(plot))
     return "\n".join(lines)
