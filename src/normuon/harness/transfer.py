@@ -46,16 +46,21 @@ _HELD_FORMAT = {"layers": "{} layers", "head dim": "head dim {}", "steps": "{:,}
                 "width": "width {}", "heads": "{} heads"}  # fmt: skip
 
 
+def _finite_best(scores: dict[float, float]) -> float | None:
+    """The lr of lowest finite score (ties to the smaller lr); None when every run diverged."""
+    finite = {lr: v for lr, v in scores.items() if math.isfinite(v)}
+    return _best_of(finite) if finite else None
+
+
 def parabola_vertex(scores: dict[float, float]) -> float | None:
     """The lr at the vertex of the parabola, in log2 lr, through the best-scoring lr and its
     nearest tried neighbours on either side; None when no score is finite, the best lr is the
     lowest or highest tried (no bracket), or a nearest neighbour diverged (inf: no parabola).
     The best has the lowest score (ties to the smaller lr), so the three points are convex.
     """
-    finite = {lr: s for lr, s in scores.items() if math.isfinite(s)}
-    if not finite:
+    best = _finite_best(scores)
+    if best is None:
         return None
-    best = _best_of(finite)
     below = [lr for lr in scores if lr < best]
     above = [lr for lr in scores if lr > best]
     if not below or not above:
@@ -130,10 +135,9 @@ def _fmt_score(score: float | None, best: bool) -> str:
 def _best_cell(scores: dict[float, float]) -> str:
     """The best lr of a search, marked (edge) when it is the lowest or highest value tried,
     with its parabola vertex in brackets."""
-    finite = [lr for lr, v in scores.items() if math.isfinite(v)]
-    if not finite:
+    best = _finite_best(scores)
+    if best is None:
         return "—"
-    best = _best_of({lr: scores[lr] for lr in finite})
     text = f"{best:g}" + (" (edge)" if best in (min(scores), max(scores)) else "")
     vertex = parabola_vertex(scores)
     return text + ("" if vertex is None else f" ({vertex:.3g})")
@@ -180,9 +184,7 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
         curves = {name: [_run_scores(s["tuning_runs"], name, s["aux_start"], phase="lr")
                          for s in rows] for name in names}  # fmt: skip
         for name in names:
-            bests = [_best_of({lr: v for lr, v in c.items() if math.isfinite(v)})
-                     if any(math.isfinite(v) for v in c.values()) else None
-                     for c in curves[name]]  # fmt: skip
+            bests = [_finite_best(c) for c in curves[name]]
             for lr in sorted({lr for c in curves[name] for lr in c}):
                 cells = [_fmt_score(c.get(lr), lr == b) for c, b in zip(curves[name], bests)]
                 lines.append(f"| {name} | {lr:g} | " + " | ".join(cells) + " |")
@@ -223,16 +225,16 @@ def _exponent_text(name: str, axis: str, points: Sequence[int],
                    curves: Sequence[dict[float, float]]) -> str:  # fmt: skip
     """How an optimizer's best lr moves along the sweep: the spread of the best values, the
     exponent fitted to the vertices, and the points without one."""
-    bests = [_best_of({lr: v for lr, v in c.items() if math.isfinite(v)})
-             for c in curves if any(math.isfinite(v) for v in c.values())]  # fmt: skip
+    bests = [b for c in curves if (b := _finite_best(c)) is not None]
     if len(bests) < 2:
         return f"{name}: fewer than two points with a finite best"
     text = f"{name}: best lr max/min {max(bests) / min(bests):.2f}x"
-    at = [(x, v) for x, c in zip(points, curves) if (v := parabola_vertex(c)) is not None]
+    vertices = [parabola_vertex(c) for c in curves]
+    at = [(x, v) for x, v in zip(points, vertices) if v is not None]
     slope = scaling_exponent([x for x, _ in at], [v for _, v in at]) if at else None
     if slope is not None:
         text += f", vertices ∝ {axis}^{slope:+.2f} ({len(at)} points)"
-    missing = [f"{x:,}" for x, c in zip(points, curves) if parabola_vertex(c) is None]
+    missing = [f"{x:,}" for x, v in zip(points, vertices) if v is None]
     if missing:
         text += (f" (no vertex at {axis} {', '.join(missing)}: best on the edge of its search, "
                  f"a diverged neighbour, or no finite score)")
