@@ -96,6 +96,7 @@ def test_search_one_point_grid_only_refines():
         ({"grid_factor": 1.0}, "grid_factor must be a number > 1"),
         ({"refine_factor": 2.0}, "refine_factor must be in"),
         ({"max_extend": -1}, "max_extend must be"),
+        ({"tune_aux": False}, "separate_aux=True needs tune_aux=True"),
     ],
 )
 def test_protocol_validation_names_the_field(change, message):
@@ -154,12 +155,14 @@ def fake_training(monkeypatch):
     return trained
 
 
-def _specs(protocol, optimizers=("adamw", "muon", "normuon"), d_model=32, n_head=2, aux=0.008):
+def _specs(protocol, optimizers=("adamw", "muon", "normuon"), d_model=32, n_head=2, aux=0.008,
+           lrs=None):  # fmt: skip
     cfg = get_preset("cpu-smoke")
     cfg.model.d_model, cfg.model.n_head, cfg.model.n_kv_head = d_model, n_head, n_head
-    cfg.optimizers["adamw"].lr = 0.01
+    lrs = {"adamw": 0.01, "muon": 0.04, "normuon": 0.04, **(lrs or {})}
+    cfg.optimizers["adamw"].lr = lrs["adamw"]
     for name in ("muon", "normuon"):
-        cfg.optimizers[name].lr, cfg.optimizers[name].adamw_lr = 0.04, aux
+        cfg.optimizers[name].lr, cfg.optimizers[name].adamw_lr = lrs[name], aux
     return resolve_tune(cfg, None, optimizers=list(optimizers), protocol=protocol)
 
 
@@ -489,6 +492,84 @@ def test_transfer_report_reads_each_search_apart_and_refuses_mixed_sweeps(
     del old["model"]
     with pytest.raises(ValueError, match="records no model shape.*--resume"):
         transfer_report([old])
+
+
+def test_a_check_carries_settings_over_and_joins_the_sweep(tmp_path, fake_training,
+                                                           monkeypatch):  # fmt: skip
+    # NorMuon's optimum falls as width^-0.75, Muon's stays at 0.04, AdamW's at 0.02. Full
+    # searches at widths 16 and 32; at width 64 a sqrt 2 check around the width-32 settings.
+    monkeypatch.setitem(WIDTH_EXPONENT, "normuon", -0.75)
+    full = _sweep(tmp_path, widths=(16, 32))
+    tuned = {n: st["lr"] for n, st in full[1]["settings"]["shared"].items()}
+    assert tuned == {"adamw": 0.02, "muon": 0.04, "normuon": 0.0565685}
+    check = TuneProtocol.check()
+    assert (check.grid_factor, check.refine_factor, check.tune_aux, check.separate_aux) == (
+        math.sqrt(2), 1.0, False, False)
+    n = len(fake_training)
+    summary = run_tune(*_specs(check, d_model=64, n_head=4, aux=0.008, lrs=tuned), check,
+                       out=tmp_path / "check", log=lambda *_: None)  # fmt: skip
+    trained = fake_training[n:]
+    tuning = [t for t in trained if "validation half" in t[4]]
+    # Every matrix run at the carried embeddings/head lr: no search of it, no refinement.
+    assert {t[2] for t in tuning} == {None, 0.008} and summary["shared_aux"] == 0.008
+    assert {r["phase"] for r in summary["tuning_runs"]} == {"lr"}
+    lrs = {name: sorted({t[1] for t in tuning if t[0] == name}) for name in tuned}
+    # AdamW and Muon: their value and one sqrt 2 step either side, the value held. NorMuon
+    # (optimum 0.06 / 2^0.75 = 0.0357): 0.04 is the check's lowest and best, so it steps once
+    # more, to 0.0282842, which scores worse. (Steps of sqrt 2 from the carried 0.0565685, each
+    # rounded to 6 digits: 0.0799999, not the 0.08 a search centred on 0.04 reaches.)
+    assert lrs == {"adamw": [0.0141421, 0.02, 0.0282843], "muon": [0.0282843, 0.04, 0.0565685],
+                   "normuon": [0.0282842, 0.04, 0.0565685, 0.0799999]}
+    assert len(tuning) == 2 * (3 + 3 + 4)
+    shared = summary["settings"]["shared"]
+    assert {n: st["lr"] for n, st in shared.items()} == {
+        "adamw": 0.02, "muon": 0.04, "normuon": 0.04}
+    assert list(summary["settings"]) == ["shared"] and search_edges(summary) == []
+    md = (tmp_path / "check" / "tune.md").read_text()
+    assert "shared embeddings/head lr 0.008 (carried over, not searched)" in md
+    assert ("A xsqrt 2 check of carried-over settings (`--check`): each lr scored at its "
+            "configured value and one grid step either side, the embeddings/head lr kept. "
+            "adamw 0.02 held; muon 0.04 held; normuon 0.0565685 moved to 0.04 (x0.707).") in md
+    # The checked width joins the full searches' sweep, its search marked; its vertices count.
+    text = transfer_report([*full, summary])
+    assert text.count("Along width") == 1
+    rows = [r for r in text.splitlines() if r.startswith("| 2 x ")]
+    assert "| x2 | 0.032 |" in rows[0] and "| xsqrt 2 check | 0.008 |" in rows[2]
+    assert "muon: best lr max/min 1.00x, vertices ∝ width^+0.00 (3 points)" in text
+    assert "normuon: best lr max/min 2.00x, vertices ∝ width^-0.7" in text
+
+
+def test_a_folder_from_before_a_protocol_field_resumes(tmp_path, fake_training):
+    protocol = TuneProtocol(separate_aux=False)
+    specs = _specs(protocol)
+    run_tune(*specs, protocol, out=tmp_path / "a", log=lambda *_: None)
+    n = len(fake_training)
+    config = tmp_path / "a" / "config.json"
+    saved = json.loads(config.read_text())
+    del saved["protocol"]["tune_aux"]  # as written before the field existed
+    config.write_text(json.dumps(saved))
+    run_tune(*specs, protocol, out=tmp_path / "a", resume=True, log=lambda *_: None)
+    assert len(fake_training) == n
+    assert json.loads(config.read_text())["protocol"]["tune_aux"] is True
+    # Not when the missing field's default differs from what the resume asks for.
+    config.write_text(json.dumps(saved))
+    fixed = TuneProtocol(separate_aux=False, tune_aux=False)
+    with pytest.raises(ValueError, match="another config"):
+        run_tune(*_specs(fixed), fixed, out=tmp_path / "a", resume=True, log=lambda *_: None)
+
+
+def test_tune_check_command(tmp_path, capsys, fake_training):
+    out = tmp_path / "check"
+    assert main(["tune", "--preset", "cpu-smoke", "--check", "--optimizers", "muon,normuon",
+                 "--set", "muon.lr=0.04", "--set", "normuon.lr=0.06", "--set",
+                 "muon.adamw_lr=0.004", "--seeds", "2", "--out", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"]["tune_aux"] is False and summary["lr_start"] == {
+        "muon": 0.04, "normuon": 0.06}
+    # Both carried values are the surface's optima: 3 values x 2 seeds each, then 2 x 2 finals.
+    assert summary["trainings"] == 2 * 3 * 2 + 2 * 2
+    assert "muon 0.04 held; normuon 0.06 held." in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ the command, for real

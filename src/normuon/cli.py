@@ -149,11 +149,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="the final seeds are N .. N+seeds-1 (default 100; must not overlap "
                         "the tuning seeds)")
     u.add_argument("--grid-points", type=_positive_int, default=3, metavar="K",
-                   help="values of each first x2 grid, odd (default 3)")
+                   help="values of each first x2 grid (x sqrt 2 with --check), odd "
+                        "(default 3)")
     u.add_argument("--max-extend", type=_non_negative_int, default=3, metavar="K",
-                   help="x2 steps a search may take past a grid edge (default 3)")
+                   help="grid steps a search may take past a grid edge (default 3)")
     u.add_argument("--no-separate-aux", action="store_true",
                    help="skip the second table (each matrix optimizer's own embeddings/head lr)")
+    u.add_argument("--check", action="store_true",
+                   help="instead of full searches, check settings carried over from a smaller "
+                        "model: each lr (adamw.lr, muon.lr, ...) at its value and x sqrt 2 "
+                        "either side, stepped on while the best is on an edge; the "
+                        "embeddings/head lr stays at muon.adamw_lr for every matrix optimizer")
     u.add_argument("--jobs", type=_positive_int, default=1,
                    help="runs trained at once in worker processes, one thread each (default 1)")
     u.add_argument("--resume", action="store_true",
@@ -399,13 +405,13 @@ def _run(args, say) -> int:
 def _tune(args, cfg, say, progress) -> int:
     from .harness.tune import TuneProtocol, resolve_tune, run_tune, write_tune_plot
 
-    protocol = TuneProtocol(
-        tune_seeds=tuple(range(args.tune_seeds)),
-        final_seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
-        grid_points=args.grid_points,
-        max_extend=args.max_extend,
-        separate_aux=not args.no_separate_aux,
-    )
+    choices = {"tune_seeds": tuple(range(args.tune_seeds)),
+               "final_seeds": tuple(range(args.first_seed, args.first_seed + args.seeds)),
+               "grid_points": args.grid_points, "max_extend": args.max_extend}  # fmt: skip
+    if args.check:
+        protocol = TuneProtocol.check(**choices)
+    else:
+        protocol = TuneProtocol(**choices, separate_aux=not args.no_separate_aux)
     spec, final_spec, data, final_data = resolve_tune(
         cfg, args.data, optimizers=_optimizer_list(args), protocol=protocol)
     say(f"normuon tune: {spec.preset}, {spec.budget.describe()}")

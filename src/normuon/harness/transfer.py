@@ -8,7 +8,9 @@ the best lr. A sweep changes one of them (the width, with the head dimension fix
 of layers; the number of steps) and holds the rest, running the same protocol at each point.
 Each matrix optimizer's x2 search, at the embeddings/head lr every point starts from (the
 search's own runs, not the sqrt 2 refinement that may follow there), gives a curve of
-validation score against lr per point: the curve's minimum staying put is transfer.
+validation score against lr per point: the curve's minimum staying put is transfer. Once it
+does, a larger point needs no full search: ``normuon tune --check`` scores the carried-over lr
+and sqrt 2 either side, and such a point joins the sweep with its search marked.
 
 :func:`transfer_report` turns such summaries into tables and, optionally, the figure. The best
 lr of a search is the tried value of lowest score; between grid points the minimum is estimated
@@ -25,7 +27,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .tune import _best_of, _corpus, _final_cell, _run_scores, _trainings_line
+from .tune import (
+    _best_of,
+    _corpus,
+    _factor,
+    _final_cell,
+    _is_check,
+    _run_scores,
+    _trainings_line,
+)
 
 __all__ = ["transfer_report", "parabola_vertex", "scaling_exponent", "AXES"]
 
@@ -108,12 +118,17 @@ def _held(summary: dict[str, Any], axis: str) -> tuple[tuple[str, int], ...]:
 
 def _group_key(summary: dict[str, Any], axis: str) -> tuple:
     """What a sweep along ``axis`` holds fixed: data, preset, batch, update scales, tuning
-    seeds and grid factor, and :data:`HELD`."""
-    protocol = summary.get("protocol", {})
+    seeds, and :data:`HELD`. (Not the grid: a point may be a full x2 search or a sqrt 2 check
+    of the lr carried over from the others.)"""
     return (summary["data"], summary["preset"], summary["budget"]["tokens_per_step"],
             tuple(sorted(summary.get("update_scale", {}).items())),
-            tuple(protocol.get("tune_seeds", ())), protocol.get("grid_factor", 2.0),
-            _held(summary, axis))  # fmt: skip
+            tuple(summary.get("protocol", {}).get("tune_seeds", ())), _held(summary, axis))
+
+
+def _search_kind(summary: dict[str, Any]) -> str:
+    protocol = summary.get("protocol", {})
+    factor = _factor(protocol.get("grid_factor", 2.0))
+    return f"x{factor} check" if _is_check(summary) else f"x{factor}"
 
 
 def _matrix_optimizers(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -189,7 +204,7 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
                 cells = [_fmt_score(c.get(lr), lr == b) for c, b in zip(curves[name], bests)]
                 lines.append(f"| {name} | {lr:g} | " + " | ".join(cells) + " |")
         others = [n for n in names if n != "muon"]
-        header = (["layers x width (heads)", "steps", "params", "tokens/param",
+        header = (["layers x width (heads)", "steps", "params", "tokens/param", "search",
                    "starting emb/head lr"] + [f"{n} best lr (vertex)" for n in names]
                   + ["shared emb/head lr"] + [f"{n} tuned lr" for n in names]
                   + [f"{n} test loss" for n in names]
@@ -201,7 +216,8 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
             fair = s["finals"].get("shared", {"optimizers": {}, "vs_muon": {}})
             cells = [f"{model['n_layer']} x {model['d_model']} ({model['n_head']})",
                      f"{s['budget']['steps']:,}", f"{s['n_params']:,}",
-                     f"{s['budget']['achieved_tokens_per_param']:.2f}", f"{s['aux_start']:g}"]
+                     f"{s['budget']['achieved_tokens_per_param']:.2f}", _search_kind(s),
+                     f"{s['aux_start']:g}"]
             cells += [_best_cell(curves[n][i]) for n in names]
             cells.append(f"{s['shared_aux']:g}")
             cells += [f"{shared[n]['lr']:g}" if n in shared else "—" for n in names]
@@ -212,8 +228,8 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"Along {axis}: " + "; ".join(
             _exponent_text(name, axis, points, curves[name]) for name in names)
-            + f". (Grid factor {key[5]:g}: a best lr that moves by less than that is within one "
-            f"grid step; the vertices resolve less.)", "", _trainings_line(rows)]  # fmt: skip
+            + ". (A best lr that moves by less than its search's grid factor is within one "
+            "grid step; the vertices resolve less.)", "", _trainings_line(rows)]  # fmt: skip
         panels.append(([f"{n}, {scales.get(n, '?')}\n{title.split(';')[0]}" for n in names],
                        rows, names, curves))  # fmt: skip
     if plot:

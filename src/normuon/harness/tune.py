@@ -26,6 +26,12 @@ the matrix update. The protocol here:
    - *Separate* (:attr:`TuneProtocol.separate_aux`, the freedom an earlier protocol gave): each
      matrix optimizer's own best embeddings/head lr among the values of (b), its matrix lr
      refined there; reported as a second table to show how much that freedom moves results.
+   - *A check* (:meth:`TuneProtocol.check`, ``normuon tune --check``) of settings carried over
+     from a smaller model (whose lr transfers: :mod:`normuon.harness.transfer`): each lr is
+     scored at its carried value and sqrt 2 either side, stepped on by sqrt 2 while the best
+     lies on an edge; the embeddings/head lr stays at its carried value (no step b, no
+     refinement). Three trained points per optimizer where a full search trains five (AdamW) or
+     seven (a matrix optimizer) or more.
 4. **Reporting.** The tuned settings are retrained on :attr:`TuneProtocol.final_seeds` (fresh
    seeds) and read on the test half: final loss with 95% confidence intervals, the steps each
    optimizer needs to reach AdamW's and Muon's mean final loss (the saving, with its per-seed
@@ -110,7 +116,17 @@ class TuneProtocol:
     them selected; every selected matrix optimizer when none is)."""
     separate_aux: bool = True
     """Also retrain each matrix optimizer at the embeddings/head lr it scores best with alone
-    (a second table)."""
+    (a second table; needs ``tune_aux``)."""
+    tune_aux: bool = True
+    """Search the shared embeddings/head/gains lr (step b). False keeps the baseline's
+    configured value for every matrix optimizer: a check of settings carried over."""
+
+    @classmethod
+    def check(cls, **changes: Any) -> TuneProtocol:
+        """The sqrt 2 check of carried-over settings (module docstring): a 3-point grid sqrt 2
+        apart around each configured lr, no refinement, the embeddings/head lr kept."""
+        return cls(**{"grid_factor": math.sqrt(2), "refine_factor": 1.0, "tune_aux": False,
+                      "separate_aux": False, **changes})  # fmt: skip
 
     def validate(self) -> None:
         """ValueError naming the field and value of the first bad choice."""
@@ -134,6 +150,9 @@ class TuneProtocol:
                              f"got {self.refine_factor!r}")  # fmt: skip
         if not (isinstance(self.max_extend, int) and self.max_extend >= 0):
             raise ValueError(f"max_extend must be an integer >= 0, got {self.max_extend!r}")
+        if self.separate_aux and not self.tune_aux:
+            raise ValueError("separate_aux=True needs tune_aux=True: each matrix optimizer's own "
+                             "embeddings/head lr is chosen among the values that search tried")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -411,8 +430,10 @@ class _Tuner:
 
     def run(self) -> None:
         self.drive("lr", self._lr_requests)
-        if self.matrix:
+        if self.matrix and self.protocol.tune_aux:
             self.drive("aux", self._aux_requests)
+        elif self.matrix:
+            self.shared_aux = self.aux0  # carried over: every matrix optimizer started there
         self.drive("refine", self._refine_requests)
         self.train([pt for kind in self.settings.values() for pt in kind.values()], "final")
 
@@ -457,6 +478,8 @@ class _Tuner:
             "jobs": self.jobs,
             "judges": self.judges,
             "aux_start": self.aux0,
+            # Each search's centre: the configured lr (a check's carried-over value).
+            "lr_start": {n: _value(self.spec.optimizers[n].lr) for n in self.spec.selected},
             "shared_aux": self.shared_aux,
             "own_aux": self.own_aux,
             "settings": settings,
@@ -622,6 +645,11 @@ def _marked_lr(value: float | None, edges: Sequence[SearchEdge]) -> str:
     return _lr(value) + (" (edge)" if edges else "")
 
 
+def _factor(factor: float) -> str:
+    """A grid's ratio as the tables say it: 2, sqrt 2, or the number."""
+    return "sqrt 2" if math.isclose(factor, math.sqrt(2)) else f"{factor:g}"
+
+
 def _edge_lines(summary: dict[str, Any]) -> list[str]:
     """Sentences for :func:`tune_tables` naming the searches that ended on their edge."""
     edges = search_edges(summary)
@@ -631,8 +659,9 @@ def _edge_lines(summary: dict[str, Any]) -> list[str]:
     lines = ["", "Searches that ended on their edge (a value beyond the best was not tried, so it "
                  "may score better): " + "; ".join(e.describe() for e in edges) + "."]
     if protocol.get("grid_points", 3) > 1:
-        lines[-1] += (f" A x2 search takes at most `--max-extend` steps past its grid (this "
-                      f"run: {protocol.get('max_extend', '?')}); `--resume` with a larger one "
+        lines[-1] += (f" A x{_factor(protocol.get('grid_factor', 2.0))} search takes at most "
+                      f"`--max-extend` steps past its grid (this run: "
+                      f"{protocol.get('max_extend', '?')}); `--resume` with a larger one "
                       f"continues it.")
     else:
         lines[-1] += " One-point grids never step past their edge: a wider `--grid-points` does."
@@ -649,6 +678,36 @@ def _passes(budget: dict[str, Any]) -> str:
             f"repeated data")
 
 
+def _is_check(summary: dict[str, Any]) -> bool:
+    protocol = summary.get("protocol", {})
+    return protocol.get("tune_aux", True) is False and protocol.get("refine_factor") == 1
+
+
+def _aux_origin(summary: dict[str, Any]) -> str:
+    if summary.get("protocol", {}).get("tune_aux", True) is False:
+        return "carried over, not searched"
+    return f"chosen by {', '.join(summary['judges'])}"
+
+
+def _check_line(summary: dict[str, Any]) -> str:
+    """Per optimizer, whether the lr it was configured with (the carried-over value, the
+    centre of its check) held: the best of the check, or where the check moved to."""
+    factor = _factor(summary["protocol"]["grid_factor"])
+    verdicts = []
+    for name, st in summary["settings"].get("shared", {}).items():
+        aux = None if name == "adamw" else summary.get("aux_start")
+        scores = _run_scores(summary["tuning_runs"], name, aux, phase="lr")
+        centre = summary.get("lr_start", {}).get(name)
+        if centre is None or not scores:
+            continue
+        verdict = ("held" if st["lr"] == centre
+                   else f"moved to {st['lr']:g} (x{st['lr'] / centre:.3g})")  # fmt: skip
+        verdicts.append(f"{name} {centre:g} {verdict}")
+    return (f"A x{factor} check of carried-over settings (`--check`): each lr scored at its "
+            f"configured value and one grid step either side, the embeddings/head lr kept. "
+            + "; ".join(verdicts) + ".")
+
+
 def tune_tables(summary: dict[str, Any]) -> str:
     """The markdown tables of one :func:`run_tune` summary."""
     budget = summary["budget"]
@@ -657,7 +716,9 @@ def tune_tables(summary: dict[str, Any]) -> str:
              f"({budget['achieved_tokens_per_param']:.1f} per parameter{_passes(budget)}); "
              f"tuning seeds ({_seeds(summary['protocol']['tune_seeds'])}), final seeds "
              f"({_seeds(summary['protocol']['final_seeds'])}); shared embeddings/head lr "
-             f"{_lr(summary['shared_aux'])} (chosen by {', '.join(summary['judges'])})."]
+             f"{_lr(summary['shared_aux'])} ({_aux_origin(summary)})."]
+    if _is_check(summary):
+        lines += ["", _check_line(summary)]
     titles = {"shared": "shared embeddings/head/gains lr (the fair table)",
               "separate": "each matrix optimizer's own embeddings/head/gains lr"}  # fmt: skip
     for kind, analysis in summary["finals"].items():
@@ -801,11 +862,13 @@ def _earlier_wall_time(path: Path) -> float:
 #: (other final seeds add trainings; a larger ``max_extend`` lets a search that stopped on its
 #: edge go on from the same scores).
 RESUMABLE_CHANGES = ("final_seeds", "max_extend")
+_PROTOCOL_DEFAULTS = TuneProtocol().to_json()
 
 
 def _accept_resumable_changes(path: Path, identity: dict[str, Any]) -> None:
     """A resumed protocol may change the fields of :data:`RESUMABLE_CHANGES`. If ``path`` (a
-    folder's config.json) differs from ``identity`` only there, it is rewritten. A smaller
+    folder's config.json) differs from ``identity`` only there, or lacks protocol fields added
+    later that ``identity`` holds at their defaults, it is rewritten. A smaller
     ``max_extend`` is refused: its searches would stop short of values already trained, and
     could choose a worse one while the ledger holds a better."""
     if not path.is_file():
@@ -824,6 +887,8 @@ def _accept_resumable_changes(path: Path, identity: dict[str, Any]) -> None:
     def fixed_part(config: dict[str, Any]) -> Any:
         config = json.loads(json.dumps(config))
         if isinstance(config.get("protocol"), dict):
+            # A field added to the protocol since the folder was made ran at its default.
+            config["protocol"] = {**_PROTOCOL_DEFAULTS, **config["protocol"]}
             for field in RESUMABLE_CHANGES:
                 config["protocol"].pop(field, None)
         return config
