@@ -527,14 +527,17 @@ def test_a_check_carries_settings_over_and_joins_the_sweep(tmp_path, fake_traini
     assert list(summary["settings"]) == ["shared"] and search_edges(summary) == []
     md = (tmp_path / "check" / "tune.md").read_text()
     assert "shared embeddings/head lr 0.008 (carried over, not searched)" in md
-    assert ("A xsqrt 2 check of carried-over settings (`--check`): each lr scored at its "
+    # NorMuon's move: 0.1 x ((log2 0.0565685/0.0357)^2 - (log2 0.04/0.0357)^2) lower, per the
+    # surface (the seeds' offsets cancel).
+    assert ("A sqrt 2 check of carried-over settings (`--check`): each lr scored at its "
             "configured value and one grid step either side, the embeddings/head lr kept. "
-            "adamw 0.02 held; muon 0.04 held; normuon 0.0565685 moved to 0.04 (x0.707).") in md
+            "adamw 0.02 held; muon 0.04 held; normuon 0.0565685 moved to 0.04 (x0.707, scoring "
+            "0.0415 lower).") in md
     # The checked width joins the full searches' sweep, its search marked; its vertices count.
     text = transfer_report([*full, summary])
     assert text.count("Along width") == 1
     rows = [r for r in text.splitlines() if r.startswith("| 2 x ")]
-    assert "| x2 | 0.032 |" in rows[0] and "| xsqrt 2 check | 0.008 |" in rows[2]
+    assert "| x2 | 0.032 |" in rows[0] and "| sqrt 2 check | 0.008 |" in rows[2]
     assert "muon: best lr max/min 1.00x, vertices ∝ width^+0.00 (3 points)" in text
     assert "normuon: best lr max/min 2.00x, vertices ∝ width^-0.7" in text
 

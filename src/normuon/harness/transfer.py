@@ -30,8 +30,8 @@ from typing import Any
 from .tune import (
     _best_of,
     _corpus,
-    _factor,
     _final_cell,
+    _grid_name,
     _is_check,
     _run_scores,
     _trainings_line,
@@ -127,8 +127,8 @@ def _group_key(summary: dict[str, Any], axis: str) -> tuple:
 
 def _search_kind(summary: dict[str, Any]) -> str:
     protocol = summary.get("protocol", {})
-    factor = _factor(protocol.get("grid_factor", 2.0))
-    return f"x{factor} check" if _is_check(summary) else f"x{factor}"
+    grid = _grid_name(protocol.get("grid_factor", 2.0))
+    return f"{grid} check" if _is_check(summary) else grid
 
 
 def _matrix_optimizers(rows: Sequence[dict[str, Any]]) -> list[str]:

@@ -645,9 +645,9 @@ def _marked_lr(value: float | None, edges: Sequence[SearchEdge]) -> str:
     return _lr(value) + (" (edge)" if edges else "")
 
 
-def _factor(factor: float) -> str:
-    """A grid's ratio as the tables say it: 2, sqrt 2, or the number."""
-    return "sqrt 2" if math.isclose(factor, math.sqrt(2)) else f"{factor:g}"
+def _grid_name(factor: float) -> str:
+    """A grid's ratio as the tables say it: "x2", "sqrt 2", or "x" and the number."""
+    return "sqrt 2" if math.isclose(factor, math.sqrt(2)) else f"x{factor:g}"
 
 
 def _edge_lines(summary: dict[str, Any]) -> list[str]:
@@ -659,7 +659,7 @@ def _edge_lines(summary: dict[str, Any]) -> list[str]:
     lines = ["", "Searches that ended on their edge (a value beyond the best was not tried, so it "
                  "may score better): " + "; ".join(e.describe() for e in edges) + "."]
     if protocol.get("grid_points", 3) > 1:
-        lines[-1] += (f" A x{_factor(protocol.get('grid_factor', 2.0))} search takes at most "
+        lines[-1] += (f" A {_grid_name(protocol.get('grid_factor', 2.0))} search takes at most "
                       f"`--max-extend` steps past its grid (this run: "
                       f"{protocol.get('max_extend', '?')}); `--resume` with a larger one "
                       f"continues it.")
@@ -692,18 +692,23 @@ def _aux_origin(summary: dict[str, Any]) -> str:
 def _check_line(summary: dict[str, Any]) -> str:
     """Per optimizer, whether the lr it was configured with (the carried-over value, the
     centre of its check) held: the best of the check, or where the check moved to."""
-    factor = _factor(summary["protocol"]["grid_factor"])
+    grid = _grid_name(summary["protocol"]["grid_factor"])
     verdicts = []
     for name, st in summary["settings"].get("shared", {}).items():
         aux = None if name == "adamw" else summary.get("aux_start")
         scores = _run_scores(summary["tuning_runs"], name, aux, phase="lr")
         centre = summary.get("lr_start", {}).get(name)
-        if centre is None or not scores:
+        if centre not in scores or st["lr"] not in scores:
             continue
-        verdict = ("held" if st["lr"] == centre
-                   else f"moved to {st['lr']:g} (x{st['lr'] / centre:.3g})")  # fmt: skip
+        if st["lr"] == centre:
+            verdict = "held"
+        else:
+            # How much better the new value scores says whether the move matters.
+            gain = scores[centre] - scores[st["lr"]]
+            by = "the carried value diverged" if math.isinf(gain) else f"scoring {gain:.4f} lower"
+            verdict = f"moved to {st['lr']:g} (x{st['lr'] / centre:.3g}, {by})"
         verdicts.append(f"{name} {centre:g} {verdict}")
-    return (f"A x{factor} check of carried-over settings (`--check`): each lr scored at its "
+    return (f"A {grid} check of carried-over settings (`--check`): each lr scored at its "
             f"configured value and one grid step either side, the embeddings/head lr kept. "
             + "; ".join(verdicts) + ".")
 
