@@ -97,6 +97,7 @@ def test_search_one_point_grid_only_refines():
         ({"refine_factor": 2.0}, "refine_factor must be in"),
         ({"max_extend": -1}, "max_extend must be"),
         ({"tune_aux": False}, "separate_aux=True needs tune_aux=True"),
+        ({"grid_points": 1, "refine_factor": 1.0}, "a check needs grid_points >= 3"),
     ],
 )
 def test_protocol_validation_names_the_field(change, message):
@@ -542,6 +543,28 @@ def test_a_check_carries_settings_over_and_joins_the_sweep(tmp_path, fake_traini
     assert "normuon: best lr max/min 2.00x, vertices ∝ width^-0.7" in text
 
 
+def test_a_check_that_diverges_or_trains_adamw_alone_says_so(tmp_path, monkeypatch,
+                                                             fake_training):  # fmt: skip
+    # NorMuon diverges at every lr: its verdict says so (no "moved", no score difference).
+    monkeypatch.setitem(DIVERGE, "always", frozenset({"normuon"}))
+    check = TuneProtocol.check()
+    summary = run_tune(*_specs(check), check, out=tmp_path / "d", log=lambda *_: None)
+    md = (tmp_path / "d" / "tune.md").read_text()
+    assert "adamw 0.01 moved to 0.02 (x2, scoring " in md
+    assert "muon 0.04 held; normuon 0.04 diverged at every lr tried." in md and "nan" not in md
+    # Five grid points: two steps either side.
+    wide = TuneProtocol.check(grid_points=5)
+    run_tune(*_specs(wide), wide, out=tmp_path / "w", log=lambda *_: None)
+    text = (tmp_path / "w" / "tune.md").read_text()
+    assert "its configured value and 2 grid steps either side" in text
+    # AdamW alone: one table, and no embeddings/head lr to speak of.
+    alone = run_tune(*_specs(check, optimizers=("adamw",)), check, out=tmp_path / "a",
+                     log=lambda *_: None)  # fmt: skip
+    assert list(alone["settings"]) == ["shared"] and alone["shared_aux"] is None
+    assert "shared embeddings/head lr — (no matrix optimizer)" in alone["tables"]
+    assert summary["settings"]["shared"]["normuon"]["validation_score"] == math.inf
+
+
 def test_a_folder_from_before_a_protocol_field_resumes(tmp_path, fake_training):
     protocol = TuneProtocol(separate_aux=False)
     specs = _specs(protocol)
@@ -565,14 +588,20 @@ def test_tune_check_command(tmp_path, capsys, fake_training):
     out = tmp_path / "check"
     assert main(["tune", "--preset", "cpu-smoke", "--check", "--optimizers", "muon,normuon",
                  "--set", "muon.lr=0.04", "--set", "normuon.lr=0.06", "--set",
-                 "muon.adamw_lr=0.004", "--seeds", "2", "--out", str(out),
+                 "muon.adamw_lr=0.004", "--set", "normuon.adamw_lr=0.016", "--seeds", "2",
+                 "--out", str(out),
                  "--no-progress"]) == 0  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["protocol"]["tune_aux"] is False and summary["lr_start"] == {
         "muon": 0.04, "normuon": 0.06}
     # Both carried values are the surface's optima: 3 values x 2 seeds each, then 2 x 2 finals.
     assert summary["trainings"] == 2 * 3 * 2 + 2 * 2
-    assert "muon 0.04 held; normuon 0.06 held." in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "muon 0.04 held; normuon 0.06 held." in printed
+    # One embeddings/head lr for both: NorMuon's own setting is named as unused.
+    assert ("note: every matrix optimizer trains at embeddings/head lr 0.004 (muon.adamw_lr); "
+            "normuon.adamw_lr=0.016 is not used") in printed
+    assert {r["adamw_lr"] for r in summary["tuning_runs"]} == {0.004}
 
 
 # ------------------------------------------------------------------ the command, for real

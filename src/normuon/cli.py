@@ -158,8 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--check", action="store_true",
                    help="instead of full searches, check settings carried over from a smaller "
                         "model: each lr (adamw.lr, muon.lr, ...) at its value and x sqrt 2 "
-                        "either side, stepped on while the best is on an edge; the "
-                        "embeddings/head lr stays at muon.adamw_lr for every matrix optimizer")
+                        "either side, stepped on while the best is on an edge; every "
+                        "matrix optimizer keeps the embeddings/head lr muon.adamw_lr (without "
+                        "muon: the first matrix optimizer's)")
     u.add_argument("--jobs", type=_positive_int, default=1,
                    help="runs trained at once in worker processes, one thread each (default 1)")
     u.add_argument("--resume", action="store_true",

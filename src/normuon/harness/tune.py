@@ -153,6 +153,9 @@ class TuneProtocol:
         if self.separate_aux and not self.tune_aux:
             raise ValueError("separate_aux=True needs tune_aux=True: each matrix optimizer's own "
                              "embeddings/head lr is chosen among the values that search tried")
+        if self.grid_points == 1 and self.refine_factor == 1:
+            raise ValueError("grid_points=1 with refine_factor=1 trains only the configured lr "
+                             "and compares it with nothing: a check needs grid_points >= 3")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -294,6 +297,7 @@ class _Tuner:
         self.judges = [j for j in protocol.aux_judges if j in self.matrix] or list(self.matrix)
         start = BASELINE if BASELINE in self.matrix else (self.matrix or [None])[0]
         self.aux0 = None if start is None else _value(spec.optimizers[start].adamw_lr)
+        self.aux0_from = start
         self.best_lr: dict[str, float] = {}
         self.shared_aux: float | None = None
         self.own_aux: dict[str, float] = {}
@@ -423,7 +427,7 @@ class _Tuner:
         if "adamw" in self.spec.selected:
             # AdamW (no embeddings/head split) joins each table that has matrix optimizers.
             for kind in self.settings:
-                if kind == "separate" and not p.separate_aux and self.matrix:
+                if kind == "separate" and not p.separate_aux:
                     continue
                 self.settings[kind]["adamw"] = Point("adamw", self.best_lr["adamw"], None, "test")
         return need
@@ -684,6 +688,8 @@ def _is_check(summary: dict[str, Any]) -> bool:
 
 
 def _aux_origin(summary: dict[str, Any]) -> str:
+    if summary.get("shared_aux") is None:
+        return "no matrix optimizer"
     if summary.get("protocol", {}).get("tune_aux", True) is False:
         return "carried over, not searched"
     return f"chosen by {', '.join(summary['judges'])}"
@@ -700,7 +706,9 @@ def _check_line(summary: dict[str, Any]) -> str:
         centre = summary.get("lr_start", {}).get(name)
         if centre not in scores or st["lr"] not in scores:
             continue
-        if st["lr"] == centre:
+        if math.isinf(scores[st["lr"]]):
+            verdict = "diverged at every lr tried"
+        elif st["lr"] == centre:
             verdict = "held"
         else:
             # How much better the new value scores says whether the move matters.
@@ -708,8 +716,10 @@ def _check_line(summary: dict[str, Any]) -> str:
             by = "the carried value diverged" if math.isinf(gain) else f"scoring {gain:.4f} lower"
             verdict = f"moved to {st['lr']:g} (x{st['lr'] / centre:.3g}, {by})"
         verdicts.append(f"{name} {centre:g} {verdict}")
+    steps = summary["protocol"]["grid_points"] // 2
+    either = "one grid step" if steps == 1 else f"{steps} grid steps"
     return (f"A {grid} check of carried-over settings (`--check`): each lr scored at its "
-            f"configured value and one grid step either side, the embeddings/head lr kept. "
+            f"configured value and {either} either side, the embeddings/head lr kept. "
             + "; ".join(verdicts) + ".")
 
 
@@ -847,6 +857,11 @@ def run_tune(
     tuner = _Tuner(spec, final_spec, data, final_data, protocol, out, jobs=jobs,
                    options={"device": device, "diagnostics_every": 0}, progress=progress,
                    log=log)  # fmt: skip
+    unused = [f"{n}.adamw_lr={spec.optimizers[n].adamw_lr:g}" for n in tuner.matrix
+              if _value(spec.optimizers[n].adamw_lr) != tuner.aux0]  # fmt: skip
+    if unused and not protocol.tune_aux:
+        log(f"note: every matrix optimizer trains at embeddings/head lr {tuner.aux0:g} "
+            f"({tuner.aux0_from}.adamw_lr); {', '.join(unused)} is not used")
     tuner.run()
     summary = tuner.summary()
     summary["wall_time_s"] = earlier + time.perf_counter() - start
@@ -867,7 +882,7 @@ def _earlier_wall_time(path: Path) -> float:
 #: (other final seeds add trainings; a larger ``max_extend`` lets a search that stopped on its
 #: edge go on from the same scores).
 RESUMABLE_CHANGES = ("final_seeds", "max_extend")
-_PROTOCOL_DEFAULTS = TuneProtocol().to_json()
+_PROTOCOL_DEFAULTS = json.loads(json.dumps(TuneProtocol().to_json()))  # lists, as read back
 
 
 def _accept_resumable_changes(path: Path, identity: dict[str, Any]) -> None:
@@ -995,9 +1010,10 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
         lines.append(f"| {_corpus(s)} | {s['preset']} | {s['n_params']:,} | "
                      f"{' | '.join(lrs)} | {aux} |")
     if any_edge:
-        lines += ["", "(edge): the x2 search behind that value (a matrix lr's: at the starting "
-                      "embeddings/head lr) ended on the lowest or highest value it tried, its "
-                      "steps past the grid spent, so a better value may lie beyond it."]
+        lines += ["", "(edge): the x2 search (or sqrt 2 check) behind that value (a matrix lr's: "
+                      "at the starting embeddings/head lr) ended on the lowest or highest value "
+                      "it tried, its steps past the grid spent, so a better value may lie "
+                      "beyond it."]
     # Learning-rate transfer: how far each optimizer's tuned lr moves across the sizes of one
     # corpus (1.0: it stays put; the grid resolution is sqrt 2 = 1.41).
     for corpus in sorted({_corpus(s) for s in rows}):
