@@ -541,6 +541,10 @@ def test_a_check_carries_settings_over_and_joins_the_sweep(tmp_path, fake_traini
     assert "| x2 | 0.032 |" in rows[0] and "| sqrt 2 check | 0.008 |" in rows[2]
     assert "muon: best lr max/min 1.00x, vertices ∝ width^+0.00 (3 points)" in text
     assert "normuon: best lr max/min 2.00x, vertices ∝ width^-0.7" in text
+    # The check's 0.0799999 shares the full searches' row of 0.08: one row, every width scored.
+    assert "| normuon | 0.0799999 |" not in text
+    [row] = [r for r in text.splitlines() if r.startswith("| normuon | 0.08 |")]
+    assert row.count("·") == 0 and row.count("|") == 6
 
 
 def test_a_check_that_diverges_or_trains_adamw_alone_says_so(tmp_path, monkeypatch,

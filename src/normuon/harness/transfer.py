@@ -131,6 +131,22 @@ def _search_kind(summary: dict[str, Any]) -> str:
     return f"{grid} check" if _is_check(summary) else grid
 
 
+def _on_one_lattice(curves: list[dict[float, float]]) -> list[dict[float, float]]:
+    """The curves with each lr that differs from one of another curve only by rounding (a
+    check's grid steps from a rounded value: 0.0799999 against 0.08) written as that one, so the
+    score table has one row per lr."""
+    seen: list[float] = []
+
+    def same(lr: float) -> float:
+        match = next((v for v in seen if math.isclose(v, lr, rel_tol=1e-5)), None)
+        if match is None:
+            seen.append(lr)
+            return lr
+        return match
+
+    return [{same(lr): score for lr, score in sorted(c.items())} for c in curves]
+
+
 def _matrix_optimizers(rows: Sequence[dict[str, Any]]) -> list[str]:
     names: list[str] = []
     for s in rows:
@@ -196,8 +212,9 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
                   f"from; bold: the best of a point.",
                   "", "| optimizer | lr | " + " | ".join(f"{axis} {x:,}" for x in points) + " |",
                   "|---|---|" + "---|" * len(points)]  # fmt: skip
-        curves = {name: [_run_scores(s["tuning_runs"], name, s["aux_start"], phase="lr")
-                         for s in rows] for name in names}  # fmt: skip
+        curves = {name: _on_one_lattice([_run_scores(s["tuning_runs"], name, s["aux_start"],
+                                                     phase="lr") for s in rows])
+                  for name in names}  # fmt: skip
         for name in names:
             bests = [_finite_best(c) for c in curves[name]]
             for lr in sorted({lr for c in curves[name] for lr in c}):
