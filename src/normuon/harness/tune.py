@@ -857,11 +857,12 @@ def run_tune(
     tuner = _Tuner(spec, final_spec, data, final_data, protocol, out, jobs=jobs,
                    options={"device": device, "diagnostics_every": 0}, progress=progress,
                    log=log)  # fmt: skip
-    unused = [f"{n}.adamw_lr={spec.optimizers[n].adamw_lr:g}" for n in tuner.matrix
-              if _value(spec.optimizers[n].adamw_lr) != tuner.aux0]  # fmt: skip
-    if unused and not protocol.tune_aux:
-        log(f"note: every matrix optimizer trains at embeddings/head lr {tuner.aux0:g} "
-            f"({tuner.aux0_from}.adamw_lr); {', '.join(unused)} is not used")
+    if not protocol.tune_aux:  # a full protocol searches that lr: nothing goes unused
+        unused = [f"{n}.adamw_lr={spec.optimizers[n].adamw_lr:g}" for n in tuner.matrix
+                  if _value(spec.optimizers[n].adamw_lr) != tuner.aux0]  # fmt: skip
+        if unused:
+            log(f"note: every matrix optimizer trains at embeddings/head lr {tuner.aux0:g} "
+                f"({tuner.aux0_from}.adamw_lr); {', '.join(unused)} is not used")
     tuner.run()
     summary = tuner.summary()
     summary["wall_time_s"] = earlier + time.perf_counter() - start
