@@ -435,7 +435,7 @@ def _tune_report(args, say) -> int:
     import json
     from pathlib import Path
 
-    from .harness.transfer import transfer_report
+    from .harness.transfer import model_shape, transfer_report
     from .harness.tune import ladder_report
 
     summaries = []
@@ -449,10 +449,8 @@ def _tune_report(args, say) -> int:
             raise ValueError(f"--report: {path} is not JSON") from None
         if not isinstance(summary, dict) or "tuning_runs" not in summary:
             raise ValueError(f"--report: {path} is not a summary.json of normuon tune")
-        if args.transfer and "model" not in summary:
-            raise ValueError(f"--report --transfer: {path} records no model shape (summaries do "
-                             f"since 2026-12-07): rebuild it with the normuon tune command "
-                             f"that made it and --resume, which trains nothing new")  # fmt: skip
+        if args.transfer:
+            model_shape(summary, source=f"--report --transfer: {path}")  # fails early, naming it
         summaries.append(summary)
     if args.transfer:
         say(transfer_report(summaries, axis=args.transfer, plot=args.plot))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .tune import (
     _best_of,
@@ -37,12 +37,12 @@ from .tune import (
     _trainings_line,
 )
 
-__all__ = ["transfer_report", "parabola_vertex", "scaling_exponent", "AXES"]
+__all__ = ["transfer_report", "parabola_vertex", "scaling_exponent", "model_shape", "AXES"]
 
 #: What a sweep may vary, and how each is read from a summary.
 AXES = {
-    "width": lambda s: _model(s)["d_model"],
-    "depth": lambda s: _model(s)["n_layer"],
+    "width": lambda s: model_shape(s)["d_model"],
+    "depth": lambda s: model_shape(s)["n_layer"],
     "steps": lambda s: s["budget"]["steps"],
 }
 #: What a sweep along each axis holds fixed besides the data, batch, preset, update scales and
@@ -98,31 +98,47 @@ def scaling_exponent(xs: Sequence[float], lrs: Sequence[float]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in pairs) / sxx
 
 
-def _model(summary: dict[str, Any]) -> dict[str, int]:
+def model_shape(summary: dict[str, Any], source: str | Path | None = None) -> dict[str, int]:
+    """The model shape a summary records (``n_layer``, ``d_model``, ``n_head``, ...).
+    ValueError, naming ``source`` (the summary's file) when given, for a summary written before
+    summaries recorded it."""
     model = summary.get("model")
     if not model:
-        raise ValueError(f"the summary of preset {summary.get('preset')!r} on "
-                         f"{summary.get('data')!r} records no model shape (summaries do since "
-                         f"2026-12-07): rebuild it with the normuon tune command that made it "
-                         f"and --resume, which trains nothing new")  # fmt: skip
+        where = (f"{source}" if source is not None else
+                 f"the summary of preset {summary.get('preset')!r} on {summary.get('data')!r}")
+        raise ValueError(f"{where} records no model shape (summaries do since 2026-12-07): "
+                         f"rebuild it with the normuon tune command that made it and "
+                         f"--resume, which trains nothing new")  # fmt: skip
     return model
 
 
 def _held(summary: dict[str, Any], axis: str) -> tuple[tuple[str, int], ...]:
-    model = _model(summary)
+    model = model_shape(summary)
     values = {"layers": model["n_layer"], "width": model["d_model"], "heads": model["n_head"],
               "head dim": model["d_model"] // model["n_head"],
               "steps": summary["budget"]["steps"]}  # fmt: skip
     return tuple((name, values[name]) for name in HELD[axis])
 
 
-def _group_key(summary: dict[str, Any], axis: str) -> tuple:
-    """What a sweep along ``axis`` holds fixed: data, preset, batch, update scales, tuning
-    seeds, and :data:`HELD`. (Not the grid: a point may be a full x2 search or a sqrt 2 check
-    of the lr carried over from the others.)"""
-    return (summary["data"], summary["preset"], summary["budget"]["tokens_per_step"],
-            tuple(sorted(summary.get("update_scale", {}).items())),
-            tuple(summary.get("protocol", {}).get("tune_seeds", ())), _held(summary, axis))
+class _SweepGroup(NamedTuple):
+    """What a sweep along an axis holds fixed, so summaries that agree on it are one sweep.
+    (Not the grid: a point may be a full x2 search or a sqrt 2 check of the lr carried over
+    from the others.)"""
+
+    data: str
+    preset: str
+    tokens_per_step: int
+    update_scale: tuple[tuple[str, str], ...]
+    tune_seeds: tuple[int, ...]
+    held: tuple[tuple[str, int], ...]  # :data:`HELD` of the axis, (name, value) pairs
+
+
+def _group_key(summary: dict[str, Any], axis: str) -> _SweepGroup:
+    return _SweepGroup(data=summary["data"], preset=summary["preset"],
+                       tokens_per_step=summary["budget"]["tokens_per_step"],
+                       update_scale=tuple(sorted(summary.get("update_scale", {}).items())),
+                       tune_seeds=tuple(summary.get("protocol", {}).get("tune_seeds", ())),
+                       held=_held(summary, axis))  # fmt: skip
 
 
 def _search_kind(summary: dict[str, Any]) -> str:
@@ -201,9 +217,9 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
             raise ValueError(f"two summaries of one sweep at {axis} {twice[0]}: give each point "
                              f"once")  # fmt: skip
         names = _matrix_optimizers(rows)
-        scales = dict(key[3])
+        scales = dict(key.update_scale)
         scale_text = ", ".join(f"{n} `{v}`" for n, v in scales.items()) or "—"
-        held = ", ".join(_HELD_FORMAT[name].format(v) for name, v in key[-1])
+        held = ", ".join(_HELD_FORMAT[name].format(v) for name, v in key.held)
         title = f"{_corpus(rows[0])}, {held}; update scale: {scale_text}"
         if lines:
             lines.append("")
@@ -228,7 +244,7 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
                   + [f"{n} − muon (Welch p)" for n in others])  # fmt: skip
         lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for i, s in enumerate(rows):
-            model = _model(s)
+            model = model_shape(s)
             shared = s["settings"].get("shared", {})
             fair = s["finals"].get("shared", {"optimizers": {}, "vs_muon": {}})
             cells = [f"{model['n_layer']} x {model['d_model']} ({model['n_head']})",
