@@ -26,6 +26,7 @@ from normuon.harness.tune import (
     run_tune,
     search_edges,
     search_next,
+    tune_tables,
 )
 
 # ------------------------------------------------------------------ the 1-D search
@@ -366,6 +367,33 @@ def test_analysis_statistics_by_hand():
     assert a["optimizers"]["muon"]["mean"] == pytest.approx(2.1)
     # AdamW's mean final 3.1: its own curve reaches it at 10 + 10 * (4 - 3.1) / (4 - 3.1) = 20.
     assert a["optimizers"]["muon"]["vs_adamw"]["ref_steps"] == pytest.approx(20.0)
+
+
+def test_on_repeated_data_the_tables_show_where_curves_bottom_out(tmp_path, fake_training):
+    protocol = TuneProtocol(separate_aux=False)
+    summary = run_tune(*_specs(protocol), protocol, out=tmp_path / "t", log=lambda *_: None)
+    assert summary["budget"]["passes"] < 1
+    assert "lowest during training" not in tune_tables(summary)
+    # Read three times, NorMuon's test curve falls to 1.2 at step 5 and climbs back to its final
+    # loss; AdamW's still falls at its last step.
+    summary["budget"]["passes"] = 3.0
+    fair = summary["finals"]["shared"]["optimizers"]
+    fair["normuon"]["val_mean"] = [5.5, 1.2, fair["normuon"]["mean"]]
+    text = tune_tables(summary)
+    header = next(r for r in text.splitlines() if r.startswith("| optimizer | lr | emb/head"))
+    assert "(mean ± 95% CI) | lowest during training (step) | saving vs AdamW" in header
+    row = next(r for r in text.splitlines() if r.startswith("| normuon | "))
+    assert row.split(" | ")[5] == "1.2000 (5)"
+    row = next(r for r in text.splitlines() if r.startswith("| adamw | "))
+    assert row.split(" | ")[5] == f"{fair['adamw']['val_mean'][-1]:.4f} (10)"
+    assert text.count("On repeated data the final loss also counts") == 1
+    # The ladder report gives the same cells in a table of its own, for such rungs only.
+    ladder = ladder_report([summary])
+    row = next(r for r in ladder.splitlines() if "| cpu-smoke | 3.00 | " in r)
+    assert row.endswith(f"| {fair['adamw']['val_mean'][-1]:.4f} (10) | "
+                        f"{fair['muon']['val_mean'][-1]:.4f} (10) | 1.2000 (5) |")
+    summary["budget"]["passes"] = 0.5
+    assert "lowest (step)" not in ladder_report([summary])
 
 
 def test_ladder_report_tables_and_figure(tmp_path, fake_training):

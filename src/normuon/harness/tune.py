@@ -734,6 +734,9 @@ def tune_tables(summary: dict[str, Any]) -> str:
              f"{_lr(summary['shared_aux'])} ({_aux_origin(summary)})."]
     if _is_check(summary):
         lines += ["", _check_line(summary)]
+    # Past one pass the final loss ranks overfitting too: show where each curve bottomed out.
+    repeated = (budget.get("passes") or 0.0) > 1
+    explained = False  # the lowest-point column, said once
     titles = {"shared": "shared embeddings/head/gains lr (the fair table)",
               "separate": "each matrix optimizer's own embeddings/head/gains lr"}  # fmt: skip
     for kind, analysis in summary["finals"].items():
@@ -742,18 +745,27 @@ def tune_tables(summary: dict[str, Any]) -> str:
             lines += ["", "Each matrix optimizer's own best embeddings/head/gains lr is the "
                           "shared one: the separate-tuning table is the same."]  # fmt: skip
             continue
+        lowest_header = " lowest during training (step) |" if repeated else ""
         lines += ["", f"Final test loss, {titles[kind]}:", "",
                   "| optimizer | lr | emb/head lr | validation score | test loss (mean ± 95% CI) "
-                  "| saving vs AdamW | saving vs Muon |", "|---|---|---|---|---|---|---|"]
+                  f"|{lowest_header} saving vs AdamW | saving vs Muon |",
+                  "|---|---|---|---|---|" + "---|" * (3 if repeated else 2)]  # fmt: skip
         for name, st in settings.items():
             o = analysis["optimizers"][name]
             loss = _final_cell(o)
+            lowest = f" {_lowest_cell(o)} |" if repeated else ""
             lines.append(
                 f"| {name} | {st['lr']:g} | {_lr(st['adamw_lr'])} | "
-                f"{st['validation_score']:.4f} | {loss} | "
+                f"{st['validation_score']:.4f} | {loss} |{lowest} "
                 f"{'—' if name == 'adamw' else _pct(o.get('vs_adamw'))} | "
                 f"{'—' if name in ('adamw', BASELINE) else _pct(o.get('vs_muon'))} |"
             )
+        if repeated and not explained:
+            explained = True
+            lines += ["", "On repeated data the final loss also counts how far a run has "
+                          "overfit: *lowest during training* is the lowest point of the "
+                          "seed-mean test curve and the step it comes at; a final loss far "
+                          "above it, from an early step, is overfitting, not slow learning."]
         if analysis["vs_muon"]:
             lines += ["", "| vs Muon | test loss difference | Welch t (df) | Welch p | "
                       "paired t (df) | paired p |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -962,6 +974,15 @@ def _final_cell(analysis: dict[str, Any] | None) -> str:
         f"{analysis['mean']:.4f} ± {analysis['ci95']:.4f}"
 
 
+def _lowest_cell(analysis: dict[str, Any] | None) -> str:
+    """The lowest point of an optimizer's seed-mean test curve and its step, or "—"."""
+    if not analysis or analysis.get("diverged") or not analysis.get("val_mean"):
+        return "—"
+    curve = analysis["val_mean"]
+    at = min(range(len(curve)), key=curve.__getitem__)
+    return f"{curve[at]:.4f} ({analysis['val_steps'][at]:,})"
+
+
 def _trainings_line(summaries: Sequence[dict[str, Any]]) -> str:
     """The trainings and CPU-thread hours behind a table of several summaries."""
     hours = sum(s["train_time_s"] for s in summaries) / 3600
@@ -997,6 +1018,19 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
             f"{'—' if not test else format(test['welch']['p'], '.3f')} | "
             f"{'—' if not sep else format(sep['welch']['mean_diff'], '+.4f')} |"
         )
+    repeated = [s for s in rows if (s["budget"].get("passes") or 0.0) > 1]
+    if repeated:
+        lines += ["", "Where a rung reads its text more than once the final loss also counts "
+                      "how far each optimizer has overfit: the lowest point of each seed-mean "
+                      "test curve (shared protocol) and the step it comes at.", "",
+                  "| corpus | preset | passes | steps | AdamW lowest (step) | Muon lowest (step) "
+                  "| NorMuon lowest (step) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for s in repeated:
+            fair = s["finals"].get("shared", {"optimizers": {}})["optimizers"]
+            cells = [_lowest_cell(fair.get(n)) for n in ("adamw", "muon", "normuon")]
+            lines.append(f"| {_corpus(s)} | {s['preset']} | "
+                         f"{_fmt_passes(s['budget']['passes'])} | {s['budget']['steps']:,} | "
+                         f"{' | '.join(cells)} |")
     lines += ["", "Tuned learning rates (shared protocol; matrix lr for Muon and NorMuon):", "",
               "| corpus | preset | params | AdamW lr | Muon lr | NorMuon lr | shared emb/head lr |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
