@@ -672,12 +672,17 @@ def _edge_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _repeats_data(budget: dict[str, Any]) -> bool:
+    """Whether a training reads its text more than once: past one pass the losses measure how
+    each optimizer overfits, not only how fast it optimizes. (Older summaries lack ``passes``.)"""
+    return (budget.get("passes") or 0.0) > 1
+
+
 def _passes(budget: dict[str, Any]) -> str:
-    """How many times a training reads its text, said where it is more than once: past one
-    pass the losses measure how each optimizer overfits, not only how fast it optimizes."""
-    passes = budget.get("passes")
-    if passes is None or passes <= 1:
+    """How many times a training reads its text, said where it is more than once."""
+    if not _repeats_data(budget):
         return ""
+    passes = budget["passes"]
     return (f"; {passes:.1f} passes over the {budget['train_tokens']:,} training tokens: "
             f"repeated data")
 
@@ -735,7 +740,7 @@ def tune_tables(summary: dict[str, Any]) -> str:
     if _is_check(summary):
         lines += ["", _check_line(summary)]
     # Past one pass the final loss ranks overfitting too: show where each curve bottomed out.
-    repeated = (budget.get("passes") or 0.0) > 1
+    repeated = _repeats_data(budget)
     explained = False  # the lowest-point column, said once
     titles = {"shared": "shared embeddings/head/gains lr (the fair table)",
               "separate": "each matrix optimizer's own embeddings/head/gains lr"}  # fmt: skip
@@ -1018,7 +1023,7 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
             f"{'—' if not test else format(test['welch']['p'], '.3f')} | "
             f"{'—' if not sep else format(sep['welch']['mean_diff'], '+.4f')} |"
         )
-    repeated = [s for s in rows if (s["budget"].get("passes") or 0.0) > 1]
+    repeated = [s for s in rows if _repeats_data(s["budget"])]
     if repeated:
         lines += ["", "Where a rung reads its text more than once the final loss also counts "
                       "how far each optimizer has overfit: the lowest point of each seed-mean "
@@ -1083,9 +1088,8 @@ def _plot_ladder(rows: Sequence[dict[str, Any]], path: Path) -> None:
                 continue
             entry = (s["finals"].get("shared", {}).get("optimizers", {}).get("normuon", {})
                      .get("vs_muon") or {})  # fmt: skip
-            passes = s["budget"].get("passes")
-            if passes is not None and passes > 1:
-                notes.append((s["n_params"], f"{passes:.0f} passes"))
+            if _repeats_data(s["budget"]):
+                notes.append((s["n_params"], f"{s['budget']['passes']:.0f} passes"))
             if entry.get("saving") is None:
                 misses.append(s["n_params"])  # NorMuon's curve ends above Muon's final loss
                 continue
