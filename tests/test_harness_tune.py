@@ -99,6 +99,7 @@ def test_search_one_point_grid_only_refines():
         ({"max_extend": -1}, "max_extend must be"),
         ({"tune_aux": False}, "separate_aux=True needs tune_aux=True"),
         ({"grid_points": 1, "refine_factor": 1.0}, "a check needs grid_points >= 3"),
+        ({"score": "best"}, "score must be one of final, lowest, got 'best'"),
     ],
 )
 def test_protocol_validation_names_the_field(change, message):
@@ -116,12 +117,16 @@ DIVERGE: dict[str, frozenset[str]] = {"always": frozenset()}
 
 #: Optimizers whose best lr the surface moves with width, as (d_model / 32) ** exponent.
 WIDTH_EXPONENT: dict[str, float] = {}
+#: Optimizers whose validation curve dips mid-run (step 5) to a bowl 1.0 lower than the final
+#: one, centred on this lr instead: the lowest point and the final loss disagree on the best lr.
+EARLY_OPTIMA: dict[str, float] = {}
 
 
-def _loss(name: str, lr: float, aux: float | None, seed: int, d_model: int = 32) -> float:
-    best_lr, best_aux = OPTIMA[name]
-    best_lr *= (d_model / 32) ** WIDTH_EXPONENT.get(name, 0.0)
-    value = 2.0 + 0.1 * (math.log2(lr) - math.log2(best_lr)) ** 2 + 0.001 * seed
+def _loss(name: str, lr: float, aux: float | None, seed: int, d_model: int = 32,
+          best_lr: float | None = None, floor: float = 2.0) -> float:  # fmt: skip
+    own_lr, best_aux = OPTIMA[name]
+    best_lr = (best_lr or own_lr) * (d_model / 32) ** WIDTH_EXPONENT.get(name, 0.0)
+    value = floor + 0.1 * (math.log2(lr) - math.log2(best_lr)) ** 2 + 0.001 * seed
     if aux is not None:
         value += 0.05 * (math.log2(aux) - math.log2(best_aux)) ** 2
     return value
@@ -143,12 +148,17 @@ def fake_training(monkeypatch):
                 on_result(run, Diverged("diverged: validation loss nan"))
                 continue
             final = _loss(run.name, opt.lr, aux, run.seed, run.spec.model.d_model)
+            middle = final + 0.5
+            if run.name in EARLY_OPTIMA:
+                middle = _loss(run.name, opt.lr, aux, run.seed, run.spec.model.d_model,
+                               best_lr=EARLY_OPTIMA[run.name], floor=1.0)  # fmt: skip
             if "test half" in data.source:
                 final += 0.01  # the test half reads a little higher
+                middle += 0.01
             steps = [0, 5, 10]
             on_result(run, RunResult(
                 optimizer=run.name, seed=run.seed, steps=10, final_val_loss=final,
-                val_steps=steps, val_losses=[5.5, final + 0.5, final], val_times=[0, 1, 2],
+                val_steps=steps, val_losses=[5.5, middle, final], val_times=[0, 1, 2],
                 train_time_s=2.0, optimizer_time_s=0.5, optimizer_share=0.25,
                 optimizer_state_bytes=0, tokens_per_s=1000.0, n_params=123,
                 device="cpu", out_dir=str(run.run_dir)))  # fmt: skip
@@ -396,6 +406,52 @@ def test_on_repeated_data_the_tables_show_where_curves_bottom_out(tmp_path, fake
     assert "lowest (step)" not in ladder_report([summary])
 
 
+def test_scoring_by_the_lowest_point_tunes_for_early_stopping_and_rescores_a_ledger(
+        tmp_path, monkeypatch, fake_training):  # fmt: skip
+    # Muon's curve is lowest mid-run at lr 0.16 (four times its final optimum, 0.04).
+    monkeypatch.setitem(EARLY_OPTIMA, "muon", 0.16)
+    final = TuneProtocol(separate_aux=False)
+    lowest = TuneProtocol(separate_aux=False, score="lowest")
+    by_final = run_tune(*_specs(final), final, out=tmp_path / "a", log=lambda *_: None)
+    assert by_final["settings"]["shared"]["muon"]["lr"] == 0.04
+    n = len(fake_training)
+    fresh = run_tune(*_specs(lowest), lowest, out=tmp_path / "b", log=lambda *_: None)
+    muon = fresh["settings"]["shared"]["muon"]
+    # The x2 search steps up past its grid (0.02, 0.04, 0.08) to 0.16, brackets it with 0.32,
+    # and the refinement keeps it; the score is the mean of the two seeds' lowest points.
+    assert muon["lr"] == 0.16
+    expect = [_loss("muon", 0.16, fresh["shared_aux"], s, best_lr=0.16, floor=1.0)
+              for s in (0, 1)]  # fmt: skip
+    assert muon["validation_score"] == pytest.approx(sum(expect) / 2)
+    # NorMuon's curve has no dip: its lowest point is its final loss, so its setting stays.
+    assert fresh["settings"]["shared"]["normuon"] == {
+        **by_final["settings"]["shared"]["normuon"],
+        "validation_score": fresh["settings"]["shared"]["normuon"]["validation_score"]}
+    runs = sorted((r["seed"], r["lowest_loss"]) for r in fresh["tuning_runs"]
+                  if r["optimizer"] == "muon" and r["lr"] == 0.16
+                  and r["adamw_lr"] == muon["adamw_lr"])  # fmt: skip
+    assert [loss for _, loss in runs] == pytest.approx(expect)
+    text = tune_tables(fresh)
+    assert "scored each seed by the lowest point" in text
+    assert "| seeds' lowest losses | score |" in text
+    # The lowest-point column shows though the text was read less than once.
+    assert fresh["budget"]["passes"] < 1 and "lowest during training (step)" in text
+    assert "On repeated data" not in text
+    # Rescoring: the first folder resumed with --score lowest keeps every training it has and
+    # trains only what the new searches ask for, to the same settings as the fresh run.
+    trained_fresh = len(fake_training) - n
+    before = len(fake_training)
+    again = run_tune(*_specs(lowest), lowest, out=tmp_path / "a", resume=True,
+                     log=lambda *_: None)  # fmt: skip
+    assert again["settings"] == fresh["settings"]
+    assert 0 < len(fake_training) - before < trained_fresh
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["protocol"]["score"] == (
+        "lowest")
+    # A width sweep does not mix scores: the two summaries are two groups, not one point twice.
+    report = transfer_report([by_final, again])
+    assert report.count("scored by each curve's lowest point") == 1
+
+
 def test_ladder_report_tables_and_figure(tmp_path, fake_training):
     protocol = TuneProtocol(separate_aux=False)
     summary = run_tune(*_specs(protocol), protocol, out=tmp_path / "t", log=lambda *_: None)
@@ -618,11 +674,11 @@ def test_a_folder_from_before_a_protocol_field_resumes(tmp_path, fake_training):
 
 def test_tune_check_command(tmp_path, capsys, fake_training):
     out = tmp_path / "check"
-    assert main(["tune", "--preset", "cpu-smoke", "--check", "--optimizers", "muon,normuon",
-                 "--set", "muon.lr=0.04", "--set", "normuon.lr=0.06", "--set",
-                 "muon.adamw_lr=0.004", "--set", "normuon.adamw_lr=0.016", "--seeds", "2",
-                 "--out", str(out),
-                 "--no-progress"]) == 0  # fmt: skip
+    args = ["tune", "--preset", "cpu-smoke", "--check", "--optimizers", "muon,normuon",
+            "--set", "muon.lr=0.04", "--set", "normuon.lr=0.06", "--set",
+            "muon.adamw_lr=0.004", "--set", "normuon.adamw_lr=0.016", "--seeds", "2",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main([*args, "--score", "lowest"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["protocol"]["tune_aux"] is False and summary["lr_start"] == {
         "muon": 0.04, "normuon": 0.06}
@@ -630,10 +686,20 @@ def test_tune_check_command(tmp_path, capsys, fake_training):
     assert summary["trainings"] == 2 * 3 * 2 + 2 * 2
     printed = capsys.readouterr().out
     assert "muon 0.04 held; normuon 0.06 held." in printed
+    # No curve dips below its end here: scored by the lowest point, the check is the same.
+    assert summary["protocol"]["score"] == "lowest"
     # One embeddings/head lr for both: NorMuon's own setting is named as unused.
     assert ("note: every matrix optimizer trains at embeddings/head lr 0.004 (muon.adamw_lr); "
             "normuon.adamw_lr=0.016 is not used") in printed
     assert {r["adamw_lr"] for r in summary["tuning_runs"]} == {0.004}
+    # A resume that names no --score keeps the folder's (and trains nothing); one that names
+    # another rescores.
+    n = len(fake_training)
+    assert main([*args, "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["protocol"]["score"] == "lowest"
+    assert main([*args, "--resume", "--score", "final"]) == 0
+    assert json.loads((out / "summary.json").read_text())["protocol"]["score"] == "final"
+    assert len(fake_training) == n
 
 
 # ------------------------------------------------------------------ the command, for real

@@ -153,6 +153,12 @@ def _parser() -> argparse.ArgumentParser:
                         "(default 3)")
     u.add_argument("--max-extend", type=_non_negative_int, default=3, metavar="K",
                    help="grid steps a search may take past a grid edge (default 3)")
+    u.add_argument("--score", choices=("final", "lowest"), default=None,
+                   help="what each tuning seed is scored by: its final validation loss "
+                        "(default), or the lowest point of its validation curve, the loss early "
+                        "stopping keeps (for text read many times, where the final loss ranks "
+                        "overfitting); --resume keeps the folder's unless another is named, "
+                        "which rescores the ledger")
     u.add_argument("--no-separate-aux", action="store_true",
                    help="skip the second table (each matrix optimizer's own embeddings/head lr)")
     u.add_argument("--check", action="store_true",
@@ -404,11 +410,14 @@ def _run(args, say) -> int:
 
 
 def _tune(args, cfg, say, progress) -> int:
-    from .harness.tune import TuneProtocol, resolve_tune, run_tune, write_tune_plot
+    from .harness.tune import TuneProtocol, resolve_tune, run_tune, saved_score, write_tune_plot
 
+    # A resume keeps the folder's score unless one is named: another one rescores the ledger.
+    score = args.score or (saved_score(args.out) if args.resume else None) or "final"
     choices = {"tune_seeds": tuple(range(args.tune_seeds)),
                "final_seeds": tuple(range(args.first_seed, args.first_seed + args.seeds)),
-               "grid_points": args.grid_points, "max_extend": args.max_extend}  # fmt: skip
+               "grid_points": args.grid_points, "max_extend": args.max_extend,
+               "score": score}  # fmt: skip
     if args.check:
         protocol = TuneProtocol.check(**choices)
     else:
@@ -420,7 +429,10 @@ def _tune(args, cfg, say, progress) -> int:
     if passes > 1:
         say(f"note: each training reads its {data.train.numel():,} training tokens {passes:.1f} "
             f"times; past one pass the losses measure overfitting as well as optimization "
-            f"(a larger corpus, or fewer tokens per parameter, stays in the paper's regime)")
+            f"(a larger corpus, or fewer tokens per parameter, stays in the paper's regime"
+            + ("" if protocol.score == "lowest" else
+               "; --score lowest tunes for the lowest point of each curve instead")
+            + ")")
     start = time.perf_counter()
     summary = run_tune(spec, final_spec, data, final_data, protocol, out=args.out,
                        jobs=args.jobs, resume=args.resume, overwrite=args.overwrite,

@@ -34,6 +34,7 @@ from .tune import (
     _grid_name,
     _is_check,
     _run_scores,
+    _score_rule,
     _trainings_line,
 )
 
@@ -130,6 +131,7 @@ class _SweepGroup(NamedTuple):
     tokens_per_step: int
     update_scale: tuple[tuple[str, str], ...]
     tune_seeds: tuple[int, ...]
+    score: str  # final or lowest validation loss: scores of one kind only are compared
     held: tuple[tuple[str, int], ...]  # :data:`HELD` of the axis, (name, value) pairs
 
 
@@ -138,7 +140,7 @@ def _group_key(summary: dict[str, Any], axis: str) -> _SweepGroup:
                        tokens_per_step=summary["budget"]["tokens_per_step"],
                        update_scale=tuple(sorted(summary.get("update_scale", {}).items())),
                        tune_seeds=tuple(summary.get("protocol", {}).get("tune_seeds", ())),
-                       held=_held(summary, axis))  # fmt: skip
+                       score=_score_rule(summary), held=_held(summary, axis))  # fmt: skip
 
 
 def _search_kind(summary: dict[str, Any]) -> str:
@@ -221,6 +223,8 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
         scale_text = ", ".join(f"{n} `{v}`" for n, v in scales.items()) or "—"
         held = ", ".join(_HELD_FORMAT[name].format(v) for name, v in key.held)
         title = f"{_corpus(rows[0])}, {held}; update scale: {scale_text}"
+        if key.score != "final":
+            title += f"; scored by each curve's {key.score} point"
         if lines:
             lines.append("")
         lines += [f"**{title}.** Validation score (mean of the tuning seeds) of each matrix lr "
@@ -229,7 +233,8 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
                   "", "| optimizer | lr | " + " | ".join(f"{axis} {x:,}" for x in points) + " |",
                   "|---|---|" + "---|" * len(points)]  # fmt: skip
         curves = {name: _on_one_lattice([_run_scores(s["tuning_runs"], name, s["aux_start"],
-                                                     phase="lr") for s in rows])
+                                                     phase="lr", score=key.score)
+                                         for s in rows])
                   for name in names}  # fmt: skip
         for name in names:
             bests = [_finite_best(c) for c in curves[name]]

@@ -10,7 +10,10 @@ the matrix update. The protocol here:
    (validation), every reported number on the second (test), which tuning never saw.
 2. **Scores.** A tuning point (optimizer, lr, embeddings/head lr) is trained with every seed of
    :attr:`TuneProtocol.tune_seeds` (at least 2) and scored by the mean of their final
-   validation losses; a seed that diverges makes the score infinite.
+   validation losses; a seed that diverges makes the score infinite. On text read many times
+   the final loss also counts how far a run has overfit by its end; :attr:`TuneProtocol.score`
+   ``"lowest"`` scores each seed by the lowest point of its validation curve instead (the loss
+   early stopping would keep).
 3. **Searches.** Each search is a grid of ``grid_points`` values x``grid_factor`` apart around
    the preset's value, stepped past an edge (at most ``max_extend`` times) while the best value
    lies on it, then refined x``refine_factor`` (sqrt 2) on either side of the best
@@ -87,6 +90,23 @@ BASELINE = "muon"
 PAPER_SAVINGS_VS_MUON = {124e6: 1 - 1 / 1.06, 350e6: 1 - 1 / 1.15, 1.1e9: 0.1131}
 
 
+#: The ways a tuning seed can be scored (:attr:`TuneProtocol.score`).
+SCORES = ("final", "lowest")
+
+
+def training_loss(record: dict[str, Any], score: str = "final") -> float:
+    """A ledger record's (or a summary tuning run's) loss under ``score``: the final validation
+    loss, or the lowest point of its validation curve; inf for a diverged training."""
+    if record["diverged"]:
+        return math.inf
+    if score == "lowest":
+        # Summaries keep the lowest point, ledger records the whole curve.
+        if "lowest_loss" in record:
+            return record["lowest_loss"]
+        return min(record["val_losses"])
+    return record["final_loss"]
+
+
 def _value(x: float) -> float:
     """A grid value rounded to 6 significant digits: the same number whichever product made it,
     and the number its folder name shows."""
@@ -120,6 +140,12 @@ class TuneProtocol:
     tune_aux: bool = True
     """Search the shared embeddings/head/gains lr (step b). False keeps the baseline's
     configured value for every matrix optimizer: a check of settings carried over."""
+    score: str = "final"
+    """What a tuning seed contributes to its point's score: ``"final"``, its last validation
+    loss; ``"lowest"``, the lowest point of its validation curve (read every
+    ``train.val_every`` steps): the loss early stopping keeps, for budgets that read the text
+    many times, where the final loss ranks how far each setting has overfit by the end. The
+    reported test losses are final losses either way, with each curve's lowest point beside."""
 
     @classmethod
     def check(cls, **changes: Any) -> TuneProtocol:
@@ -153,6 +179,8 @@ class TuneProtocol:
         if self.separate_aux and not self.tune_aux:
             raise ValueError("separate_aux=True needs tune_aux=True: each matrix optimizer's own "
                              "embeddings/head lr is chosen among the values that search tried")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.grid_points == 1 and self.refine_factor == 1:
             raise ValueError("grid_points=1 with refine_factor=1 trains only the configured lr "
                              "and compares it with nothing: a check needs grid_points >= 3")
@@ -309,13 +337,14 @@ class _Tuner:
         return self.protocol.tune_seeds if split == "validation" else self.protocol.final_seeds
 
     def score(self, point: Point) -> float | None:
-        """Mean final loss over the split's seeds; inf if one diverged; None until all ran."""
+        """Mean loss (final or lowest: the protocol's ``score``) over the split's seeds; inf if
+        one diverged; None until all ran."""
         losses = []
         for seed in self._seeds(point.split):
             record = self.ledger.get(point, seed)
             if record is None:
                 return None
-            losses.append(math.inf if record["diverged"] else record["final_loss"])
+            losses.append(training_loss(record, self.protocol.score))
         return sum(losses) / len(losses)
 
     def _lr_scores(self, optimizer: str, adamw_lr: float | None) -> dict[float, float]:
@@ -488,8 +517,9 @@ class _Tuner:
             "own_aux": self.own_aux,
             "settings": settings,
             "finals": finals,
-            "tuning_runs": [{k: r[k] for k in ("optimizer", "lr", "adamw_lr", "seed", "phase",
-                                                "final_loss", "diverged")}
+            "tuning_runs": [{**{k: r[k] for k in ("optimizer", "lr", "adamw_lr", "seed", "phase",
+                                                   "final_loss", "diverged")},
+                             "lowest_loss": None if r["diverged"] else min(r["val_losses"])}
                             for r in records if r["split"] == "validation"],  # fmt: skip
             "trainings": len(records),
             "train_time_s": sum(r.get("train_time_s", 0.0) for r in done),
@@ -596,17 +626,22 @@ class SearchEdge:
 
 
 def _run_scores(runs: Iterable[dict[str, Any]], optimizer: str, adamw_lr: float | None,
-                phase: str | None = None) -> dict[float, float]:
+                phase: str | None = None, score: str = "final") -> dict[float, float]:
     """lr -> score of a summary's tuning runs of ``optimizer`` at embeddings/head lr
     ``adamw_lr`` (``phase``: only the runs first trained in that phase, e.g. ``"lr"``, the x2
-    search without the sqrt 2 refinement): the mean final loss over the seeds run, inf where one
-    diverged."""
+    search without the sqrt 2 refinement): the mean loss (``score``: final or lowest) over the
+    seeds run, inf where one diverged."""
     losses: dict[float, list[float]] = {}
     for r in runs:
         if (r["optimizer"] == optimizer and r["adamw_lr"] == adamw_lr
                 and (phase is None or r.get("phase") == phase)):  # fmt: skip
-            losses.setdefault(r["lr"], []).append(math.inf if r["diverged"] else r["final_loss"])
+            losses.setdefault(r["lr"], []).append(training_loss(r, score))
     return {lr: sum(v) / len(v) for lr, v in losses.items()}
+
+
+def _score_rule(summary: dict[str, Any]) -> str:
+    """The summary's :attr:`TuneProtocol.score` (older summaries: ``"final"``)."""
+    return summary.get("protocol", {}).get("score", "final")
 
 
 def search_edges(summary: dict[str, Any]) -> list[SearchEdge]:
@@ -633,7 +668,8 @@ def search_edges(summary: dict[str, Any]) -> list[SearchEdge]:
 
     edges: list[SearchEdge] = []
     for name in shared:
-        first = _run_scores(runs, name, None if name == "adamw" else summary.get("aux_start"))
+        first = _run_scores(runs, name, None if name == "adamw" else summary.get("aux_start"),
+                            score=_score_rule(summary))
         if first:
             edge("lr", name, _best_of(first), first)
     judges = set(summary.get("judges") or [])
@@ -707,7 +743,8 @@ def _check_line(summary: dict[str, Any]) -> str:
     verdicts = []
     for name, st in summary["settings"].get("shared", {}).items():
         aux = None if name == "adamw" else summary.get("aux_start")
-        scores = _run_scores(summary["tuning_runs"], name, aux, phase="lr")
+        scores = _run_scores(summary["tuning_runs"], name, aux, phase="lr",
+                             score=_score_rule(summary))
         centre = summary.get("lr_start", {}).get(name)
         if centre not in scores or st["lr"] not in scores:
             continue
@@ -737,10 +774,14 @@ def tune_tables(summary: dict[str, Any]) -> str:
              f"tuning seeds ({_seeds(summary['protocol']['tune_seeds'])}), final seeds "
              f"({_seeds(summary['protocol']['final_seeds'])}); shared embeddings/head lr "
              f"{_lr(summary['shared_aux'])} ({_aux_origin(summary)})."]
+    rule = _score_rule(summary)
+    if rule == "lowest":
+        lines[-1] += (" Tuning scored each seed by the lowest point of its validation curve "
+                      "(`--score lowest`: the loss early stopping keeps).")
     if _is_check(summary):
         lines += ["", _check_line(summary)]
     # Past one pass the final loss ranks overfitting too: show where each curve bottomed out.
-    repeated = _repeats_data(budget)
+    repeated = _repeats_data(budget) or rule == "lowest"
     explained = False  # the lowest-point column, said once
     titles = {"shared": "shared embeddings/head/gains lr (the fair table)",
               "separate": "each matrix optimizer's own embeddings/head/gains lr"}  # fmt: skip
@@ -767,10 +808,11 @@ def tune_tables(summary: dict[str, Any]) -> str:
             )
         if repeated and not explained:
             explained = True
-            lines += ["", "On repeated data the final loss also counts how far a run has "
-                          "overfit: *lowest during training* is the lowest point of the "
-                          "seed-mean test curve and the step it comes at; a final loss far "
-                          "above it, from an early step, is overfitting, not slow learning."]
+            lines += ["", ("On repeated data the final loss also counts how far a run has "
+                           "overfit: " if _repeats_data(budget) else "")
+                      + "*lowest during training* is the lowest point of the seed-mean test "
+                        "curve and the step it comes at; a final loss far above it, from an "
+                        "early step, is overfitting, not slow learning."]
         if analysis["vs_muon"]:
             lines += ["", "| vs Muon | test loss difference | Welch t (df) | Welch p | "
                       "paired t (df) | paired p |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -780,14 +822,14 @@ def tune_tables(summary: dict[str, Any]) -> str:
                              f"| {w['p']:.3f} | {pt['t']:.2f} ({pt['df']}) | {pt['p']:.3f} |")
     lines += _edge_lines(summary)
     lines += ["", "Every tuning run (validation half; score = mean over the tuning seeds):", "",
-              "| optimizer | lr | emb/head lr | phase | seeds' final losses | score |",
+              f"| optimizer | lr | emb/head lr | phase | seeds' {rule} losses | score |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     grouped: dict[tuple, list[dict[str, Any]]] = {}
     for r in summary["tuning_runs"]:
         grouped.setdefault((r["optimizer"], r["lr"], r["adamw_lr"]), []).append(r)
     for (name, lr, aux), rs in sorted(grouped.items(), key=lambda kv: (
             kv[0][0], kv[0][2] or 0.0, kv[0][1])):  # fmt: skip
-        losses = [math.inf if r["diverged"] else r["final_loss"] for r in rs]
+        losses = [training_loss(r, rule) for r in rs]
         cells = ", ".join("diverged" if math.isinf(x) else f"{x:.4f}" for x in losses)
         lines.append(f"| {name} | {lr:g} | {_lr(aux)} | {rs[0]['phase']} | {cells} | "
                      f"{sum(losses) / len(losses):.4f} |")
@@ -806,14 +848,15 @@ def write_tune_plot(summary: dict[str, Any], path: str | Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     shared = summary["settings"].get("shared", {})
     for name, st in shared.items():
-        scores = _run_scores(summary["tuning_runs"], name, st["adamw_lr"])
+        scores = _run_scores(summary["tuning_runs"], name, st["adamw_lr"],
+                             score=_score_rule(summary))
         xs = sorted(scores)
         ys = [scores[x] for x in xs]
         left.plot(xs, [y if math.isfinite(y) else float("nan") for y in ys], marker="o",
                   label=name)  # fmt: skip
     left.set_xscale("log")
     left.set_xlabel("lr (matrix lr for Muon/NorMuon)")
-    left.set_ylabel("validation loss, mean of tuning seeds")
+    left.set_ylabel(f"validation loss ({_score_rule(summary)}), mean of tuning seeds")
     for name, o in summary["finals"].get("shared", {"optimizers": {}})["optimizers"].items():
         if not o.get("diverged"):
             right.plot(o["val_steps"], o["val_mean"], label=f"{name} ({o['mean']:.3f})")
@@ -896,10 +939,22 @@ def _earlier_wall_time(path: Path) -> float:
         return 0.0  # no (readable) summary yet: the ledger has the trainings either way
 
 
+def saved_score(out: str | Path) -> str | None:
+    """The :attr:`TuneProtocol.score` a tune folder ran with (``"final"`` for a folder from
+    before the field), or None without a readable ``config.json``: what a ``--resume`` that
+    does not name a ``--score`` keeps, so that leaving it out does not rescore the ledger."""
+    try:
+        saved = json.loads((Path(out) / "config.json").read_text())
+        return str(saved["protocol"].get("score", "final"))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
 #: Protocol fields a resumed protocol may change: every training in the ledger stays valid
 #: (other final seeds add trainings; a larger ``max_extend`` lets a search that stopped on its
-#: edge go on from the same scores).
-RESUMABLE_CHANGES = ("final_seeds", "max_extend")
+#: edge go on from the same scores; another ``score`` rescores the ledger's trainings, and its
+#: searches go on from the new scores, training only what they then ask for).
+RESUMABLE_CHANGES = ("final_seeds", "max_extend", "score")
 _PROTOCOL_DEFAULTS = json.loads(json.dumps(TuneProtocol().to_json()))  # lists, as read back
 
 
