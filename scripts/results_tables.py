@@ -31,8 +31,9 @@ PAGE = ROOT / "docs" / "results.md"
 RECORDS = ROOT / "docs" / "results"
 BLOCK = re.compile(r"(<!-- tables: (?P<group>[\w-]+) -->\n)(?P<body>.*?)(<!-- end tables -->)",
                    flags=re.S)  # fmt: skip
-#: Groups shown optimizer by optimizer (final test loss, savings, tests against Muon).
-PER_OPTIMIZER = {"ablations"}
+#: Groups shown optimizer by optimizer (final test loss, savings, tests against Muon): the
+#: ablations, and rungs retuned for early stopping (``--score lowest``).
+PER_OPTIMIZER = {"ablations", "early-stop"}
 #: Sweeps (:func:`normuon.harness.transfer.transfer_report`): the axis of each group and the
 #: figure ``--write`` draws for it.
 TRANSFER = {
