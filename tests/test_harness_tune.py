@@ -73,6 +73,20 @@ def test_search_steps_past_an_edge_only_while_the_best_is_there():
     assert best == pytest.approx(0.005 / math.sqrt(2), rel=1e-5)
 
 
+def test_search_has_its_own_steps_on_each_side():
+    # A ledger rescored another way: the old score stepped up twice (0.16, 0.32), the new one's
+    # optimum lies far below the grid. The steps up do not spend those down.
+    far_below = _bowl(0.0001)
+    scores = {v: far_below(v) for v in (0.02, 0.04, 0.08, 0.16, 0.32)}
+    best = None
+    for _ in range(10):
+        missing, best = search_next(0.04, scores, **{**SEARCH, "refine": 1.0})
+        if not missing:
+            break
+        scores.update({v: far_below(v) for v in missing})
+    assert best == min(scores) == 0.0025  # 3 steps down, as a fresh search takes
+
+
 def test_search_all_diverged_goes_down_and_ties_go_to_the_smaller_value():
     best, scores = _run_search(lambda x: math.inf, 0.04, **SEARCH)
     assert 0.0025 in scores and 0.00125 not in scores  # 3 steps down, then refined
@@ -450,6 +464,13 @@ def test_scoring_by_the_lowest_point_tunes_for_early_stopping_and_rescores_a_led
     # A width sweep does not mix scores: the two summaries are two groups, not one point twice.
     report = transfer_report([by_final, again])
     assert report.count("scored by each curve's lowest point") == 1
+    lowest_group = report.split("scored by each curve's lowest point")[1]
+    assert "| muon | 0.16 | **" in lowest_group  # the best of the lowest-point scores
+    # The ladder tables mark a rung tuned by the lowest point, and keep it out of the lr spread
+    # of the rungs tuned by the final loss.
+    ladder = ladder_report([by_final, again])
+    assert "| cpu-smoke (`--score lowest`) |" in ladder
+    assert "(`--score lowest`): tuned lr max/min" not in ladder
 
 
 def test_ladder_report_tables_and_figure(tmp_path, fake_training):
@@ -672,7 +693,9 @@ def test_a_folder_from_before_a_protocol_field_resumes(tmp_path, fake_training):
         run_tune(*_specs(fixed), fixed, out=tmp_path / "a", resume=True, log=lambda *_: None)
 
 
-def test_tune_check_command(tmp_path, capsys, fake_training):
+def test_tune_check_command(tmp_path, capsys, monkeypatch, fake_training):
+    # Muon's curve is lowest mid-run at 0.08, twice its final optimum (the carried 0.04).
+    monkeypatch.setitem(EARLY_OPTIMA, "muon", 0.08)
     out = tmp_path / "check"
     args = ["tune", "--preset", "cpu-smoke", "--check", "--optimizers", "muon,normuon",
             "--set", "muon.lr=0.04", "--set", "normuon.lr=0.06", "--set",
@@ -682,24 +705,37 @@ def test_tune_check_command(tmp_path, capsys, fake_training):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["protocol"]["tune_aux"] is False and summary["lr_start"] == {
         "muon": 0.04, "normuon": 0.06}
-    # Both carried values are the surface's optima: 3 values x 2 seeds each, then 2 x 2 finals.
-    assert summary["trainings"] == 2 * 3 * 2 + 2 * 2
+    # NorMuon's carried value is its optimum: 3 values; Muon's check steps on twice to 0.08 and
+    # brackets it with 0.113; 2 seeds each, then 2 x 2 finals.
+    assert summary["trainings"] == (3 + 5) * 2 + 2 * 2
     printed = capsys.readouterr().out
-    assert "muon 0.04 held; normuon 0.06 held." in printed
-    # No curve dips below its end here: scored by the lowest point, the check is the same.
+    # Scored by the lowest point, Muon's check moves two sqrt 2 steps up; NorMuon's curve has
+    # no dip, so its check holds.
+    assert "muon 0.04 moved to 0.08 (x2, scoring 0.1000 lower)" in printed
+    assert "normuon 0.06 held." in printed
     assert summary["protocol"]["score"] == "lowest"
     # One embeddings/head lr for both: NorMuon's own setting is named as unused.
     assert ("note: every matrix optimizer trains at embeddings/head lr 0.004 (muon.adamw_lr); "
             "normuon.adamw_lr=0.016 is not used") in printed
     assert {r["adamw_lr"] for r in summary["tuning_runs"]} == {0.004}
     # A resume that names no --score keeps the folder's (and trains nothing); one that names
-    # another rescores.
+    # another rescores: Muon's check returns to 0.04, whose final seeds are all it trains.
     n = len(fake_training)
     assert main([*args, "--resume"]) == 0
     assert json.loads((out / "summary.json").read_text())["protocol"]["score"] == "lowest"
-    assert main([*args, "--resume", "--score", "final"]) == 0
-    assert json.loads((out / "summary.json").read_text())["protocol"]["score"] == "final"
     assert len(fake_training) == n
+    assert main([*args, "--resume", "--score", "final"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"]["score"] == "final"
+    assert summary["settings"]["shared"]["muon"]["lr"] == 0.04
+    assert fake_training[n:] == [("muon", 0.04, 0.004, s, fake_training[-1][4]) for s in
+                                 (100, 101)]  # fmt: skip
+    # What a folder ran with: "final" from before the field, None without a config.json.
+    config = json.loads((out / "config.json").read_text())
+    del config["protocol"]["score"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert tune_mod.saved_score(out) == "final"
+    assert tune_mod.saved_score(tmp_path / "nowhere") is None
 
 
 # ------------------------------------------------------------------ the command, for real

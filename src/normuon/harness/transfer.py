@@ -268,7 +268,8 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
             _exponent_text(name, axis, points, curves[name]) for name in names)
             + ". (A best lr that moves by less than its search's grid factor is within one "
             "grid step; the vertices resolve less.)", "", _trainings_line(rows)]  # fmt: skip
-        panels.append(([f"{n}, {scales.get(n, '?')}\n{title.split(';')[0]}" for n in names],
+        corpus_held = title.split(";")[0] + ("" if key.score == "final" else f", {key.score}")
+        panels.append(([f"{n}, {scales.get(n, '?')}\n{corpus_held}" for n in names],
                        rows, names, curves))  # fmt: skip
     if plot:
         _plot_transfer(panels, axis, Path(plot))

@@ -15,8 +15,8 @@ the matrix update. The protocol here:
    ``"lowest"`` scores each seed by the lowest point of its validation curve instead (the loss
    early stopping would keep).
 3. **Searches.** Each search is a grid of ``grid_points`` values x``grid_factor`` apart around
-   the preset's value, stepped past an edge (at most ``max_extend`` times) while the best value
-   lies on it, then refined x``refine_factor`` (sqrt 2) on either side of the best
+   the preset's value, stepped past an edge (at most ``max_extend`` times each way) while the
+   best value lies on it, then refined x``refine_factor`` (sqrt 2) on either side of the best
    (:func:`search_next`).
 
    - *AdamW*: its one lr.
@@ -119,7 +119,7 @@ class TuneProtocol:
 
     tune_seeds: tuple[int, ...] = (0, 1)
     """Seeds every tuning point is trained with (at least 2); its score is the mean of their
-    final validation losses."""
+    validation losses (final or lowest: :attr:`score`)."""
     final_seeds: tuple[int, ...] = (100, 101, 102)
     """Fresh seeds (none of ``tune_seeds``) the tuned settings are retrained with and scored on
     the test half (at least 2, for intervals and tests)."""
@@ -130,7 +130,7 @@ class TuneProtocol:
     refine_factor: float = math.sqrt(2)
     """Ratio of the refinement values to the best grid value (1 turns refinement off)."""
     max_extend: int = 3
-    """Grid steps a search may add past an edge while its best value lies on that edge."""
+    """Grid steps a search may add past each edge while its best value lies on that edge."""
     aux_judges: tuple[str, ...] = ("muon", "normuon")
     """Matrix optimizers whose mean score chooses the shared embeddings/head/gains lr (those of
     them selected; every selected matrix optimizer when none is)."""
@@ -221,11 +221,13 @@ def search_next(
     lattice = {k: at(k) for k in range(-half - max_extend, half + max_extend + 1)
                if at(k) in scores}  # fmt: skip
     best_k = min(lattice, key=lambda k: (scores[lattice[k]], lattice[k]))
-    # A one-point grid has no edge to step past: it is refined only.
-    if points > 1 and len(lattice) - points < max_extend:
-        if best_k == max(lattice):
+    # A one-point grid has no edge to step past: it is refined only. Each side has its own
+    # max_extend steps: scored one way a search only ever steps one way, but a ledger rescored
+    # another way (TuneProtocol.score) may hold steps up when the new best lies below the grid.
+    if points > 1:
+        if best_k == max(lattice) and best_k < half + max_extend:
             return [at(best_k + 1)], None
-        if best_k == min(lattice):
+        if best_k == min(lattice) and best_k > -half - max_extend:
             return [at(best_k - 1)], None
     best = lattice[best_k]
     if refine > 1:
@@ -1050,6 +1052,13 @@ def _trainings_line(summaries: Sequence[dict[str, Any]]) -> str:
             f"of training (evaluation excluded).")
 
 
+def _preset_cell(summary: dict[str, Any]) -> str:
+    """A rung's preset for the ladder tables, marked where tuning scored the lowest points (its
+    lrs were chosen for early stopping, not for the final loss)."""
+    rule = _score_rule(summary)
+    return summary["preset"] + ("" if rule == "final" else f" (`--score {rule}`)")
+
+
 def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None = None) -> str:
     """Markdown tables across :func:`run_tune` summaries (corpora x model sizes): NorMuon
     against Muon under the shared-aux protocol and under separate tuning, and the tuned lrs per
@@ -1071,7 +1080,7 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
         saving = _pct(fair["optimizers"].get("normuon", {}).get("vs_muon"))
         sep = s["finals"].get("separate", {}).get("vs_muon", {}).get("normuon")
         lines.append(
-            f"| {_corpus(s)} | {s['preset']} | {s['n_params']:,} | "
+            f"| {_corpus(s)} | {_preset_cell(s)} | {s['n_params']:,} | "
             f"{s['budget']['achieved_tokens_per_param']:.1f} | "
             f"{_fmt_passes(s['budget'].get('passes'))} | {' | '.join(cells)} | {saving} | "
             f"{'—' if not test else format(test['paired']['p'], '.3f')} | "
@@ -1088,7 +1097,7 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
         for s in repeated:
             fair = s["finals"].get("shared", {"optimizers": {}})["optimizers"]
             cells = [_lowest_cell(fair.get(n)) for n in ("adamw", "muon", "normuon")]
-            lines.append(f"| {_corpus(s)} | {s['preset']} | "
+            lines.append(f"| {_corpus(s)} | {_preset_cell(s)} | "
                          f"{_fmt_passes(s['budget']['passes'])} | {s['budget']['steps']:,} | "
                          f"{' | '.join(cells)} |")
     lines += ["", "Tuned learning rates (shared protocol; matrix lr for Muon and NorMuon):", "",
@@ -1102,7 +1111,7 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
         lrs = [_marked_lr(st[n]["lr"], [e for e in edges if e.optimizer == n]) if n in st
                else "—" for n in ("adamw", "muon", "normuon")]  # fmt: skip
         aux = _marked_lr(s["shared_aux"], [e for e in edges if e.search == "aux"])
-        lines.append(f"| {_corpus(s)} | {s['preset']} | {s['n_params']:,} | "
+        lines.append(f"| {_corpus(s)} | {_preset_cell(s)} | {s['n_params']:,} | "
                      f"{' | '.join(lrs)} | {aux} |")
     if any_edge:
         lines += ["", "(edge): the x2 search (or sqrt 2 check) behind that value (a matrix lr's: "
@@ -1110,9 +1119,10 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
                       "it tried, its steps past the grid spent, so a better value may lie "
                       "beyond it."]
     # Learning-rate transfer: how far each optimizer's tuned lr moves across the sizes of one
-    # corpus (1.0: it stays put; the grid resolution is sqrt 2 = 1.41).
-    for corpus in sorted({_corpus(s) for s in rows}):
-        sized = [s for s in rows if _corpus(s) == corpus]
+    # corpus (1.0: it stays put; the grid resolution is sqrt 2 = 1.41), among rungs tuned by
+    # the same score only.
+    for corpus, rule in sorted({(_corpus(s), _score_rule(s)) for s in rows}):
+        sized = [s for s in rows if _corpus(s) == corpus and _score_rule(s) == rule]
         if len(sized) < 2:
             continue
         spreads = []
@@ -1122,7 +1132,8 @@ def ladder_report(summaries: Sequence[dict[str, Any]], plot: str | Path | None =
             if len(lrs) > 1:
                 spreads.append(f"{name} {max(lrs) / min(lrs):.2f}x")
         if spreads:
-            lines += ["", f"{corpus}: tuned lr max/min across {len(sized)} sizes: "
+            scored = "" if rule == "final" else f" (`--score {rule}`)"
+            lines += ["", f"{corpus}{scored}: tuned lr max/min across {len(sized)} sizes: "
                           + ", ".join(spreads) + "."]
     lines += ["", _trainings_line(rows)]
     if plot:
