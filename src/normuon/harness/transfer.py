@@ -222,7 +222,8 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
         scales = dict(key.update_scale)
         scale_text = ", ".join(f"{n} `{v}`" for n, v in scales.items()) or "—"
         held = ", ".join(_HELD_FORMAT[name].format(v) for name, v in key.held)
-        title = f"{_corpus(rows[0])}, {held}; update scale: {scale_text}"
+        corpus_held = f"{_corpus(rows[0])}, {held}"
+        title = f"{corpus_held}; update scale: {scale_text}"
         if key.score != "final":
             title += f"; scored by each curve's {key.score} point"
         if lines:
@@ -268,8 +269,8 @@ def transfer_report(summaries: Sequence[dict[str, Any]], axis: str = "width",
             _exponent_text(name, axis, points, curves[name]) for name in names)
             + ". (A best lr that moves by less than its search's grid factor is within one "
             "grid step; the vertices resolve less.)", "", _trainings_line(rows)]  # fmt: skip
-        corpus_held = title.split(";")[0] + ("" if key.score == "final" else f", {key.score}")
-        panels.append(([f"{n}, {scales.get(n, '?')}\n{corpus_held}" for n in names],
+        scored = "" if key.score == "final" else f", {key.score}"
+        panels.append(([f"{n}, {scales.get(n, '?')}\n{corpus_held}{scored}" for n in names],
                        rows, names, curves))  # fmt: skip
     if plot:
         _plot_transfer(panels, axis, Path(plot))

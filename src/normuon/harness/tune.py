@@ -782,8 +782,9 @@ def tune_tables(summary: dict[str, Any]) -> str:
                       "(`--score lowest`: the loss early stopping keeps).")
     if _is_check(summary):
         lines += ["", _check_line(summary)]
-    # Past one pass the final loss ranks overfitting too: show where each curve bottomed out.
-    repeated = _repeats_data(budget) or rule == "lowest"
+    # Past one pass the final loss ranks overfitting too, and a lowest-point score tuned for
+    # the bottom of each curve: show where each curve bottomed out.
+    show_lowest = _repeats_data(budget) or rule == "lowest"
     explained = False  # the lowest-point column, said once
     titles = {"shared": "shared embeddings/head/gains lr (the fair table)",
               "separate": "each matrix optimizer's own embeddings/head/gains lr"}  # fmt: skip
@@ -793,22 +794,22 @@ def tune_tables(summary: dict[str, Any]) -> str:
             lines += ["", "Each matrix optimizer's own best embeddings/head/gains lr is the "
                           "shared one: the separate-tuning table is the same."]  # fmt: skip
             continue
-        lowest_header = " lowest during training (step) |" if repeated else ""
+        lowest_header = " lowest during training (step) |" if show_lowest else ""
         lines += ["", f"Final test loss, {titles[kind]}:", "",
                   "| optimizer | lr | emb/head lr | validation score | test loss (mean ± 95% CI) "
                   f"|{lowest_header} saving vs AdamW | saving vs Muon |",
-                  "|---|---|---|---|---|" + "---|" * (3 if repeated else 2)]  # fmt: skip
+                  "|---|---|---|---|---|" + "---|" * (3 if show_lowest else 2)]  # fmt: skip
         for name, st in settings.items():
             o = analysis["optimizers"][name]
             loss = _final_cell(o)
-            lowest = f" {_lowest_cell(o)} |" if repeated else ""
+            lowest = f" {_lowest_cell(o)} |" if show_lowest else ""
             lines.append(
                 f"| {name} | {st['lr']:g} | {_lr(st['adamw_lr'])} | "
                 f"{st['validation_score']:.4f} | {loss} |{lowest} "
                 f"{'—' if name == 'adamw' else _pct(o.get('vs_adamw'))} | "
                 f"{'—' if name in ('adamw', BASELINE) else _pct(o.get('vs_muon'))} |"
             )
-        if repeated and not explained:
+        if show_lowest and not explained:
             explained = True
             lines += ["", ("On repeated data the final loss also counts how far a run has "
                            "overfit: " if _repeats_data(budget) else "")
