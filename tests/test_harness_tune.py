@@ -152,8 +152,10 @@ def fake_training(monkeypatch):
     lr >= 0.5 diverges."""
     trained: list[tuple] = []
 
-    def fake_train_all(runs, data, options, *, on_result, diverged_ok, **_):
+    def fake_train_all(runs, data, options, *, on_result, diverged_ok, held_out, **_):
         assert diverged_ok
+        # The log names the split each final loss is read on: finals read the test half.
+        assert held_out == ("test" if "test half" in data.source else "val")
         for run in runs:
             opt = run.spec.optimizers[run.name]
             aux = None if run.name == "adamw" else opt.adamw_lr

@@ -249,12 +249,14 @@ def _train_all(
     log,
     diverged_ok: bool = False,
     on_result=None,
+    held_out: str = "val",
 ) -> dict[_Run, RunResult | Diverged]:
     """Every run's result: finished ones read back (``resume``), the others trained here
     (``jobs == 1``) or in worker processes. ``diverged_ok``: a run that diverges gives a
     :class:`Diverged` result and the others go on (a tuning grid's high end); otherwise its
     FloatingPointError ends them all. ``on_result(run, result)`` is called as each one is
-    done (read back or trained), before the rest finish."""
+    done (read back or trained), before the rest finish. ``held_out`` names the split each
+    final loss is read on in the log lines (``normuon tune``'s final trainings read test)."""
 
     def report(run: _Run, r: RunResult | Diverged) -> None:
         if on_result is not None:
@@ -263,7 +265,7 @@ def _train_all(
         if isinstance(r, Diverged):
             log(f"{label:8s} seed {run.seed}: diverged ({r.message})")
             return
-        log(f"{label:8s} seed {r.seed}: final val loss {r.final_val_loss:.4f}, "
+        log(f"{label:8s} seed {r.seed}: final {held_out} loss {r.final_val_loss:.4f}, "
             f"{r.train_time_s:.1f}s, optimizer step {100 * r.optimizer_share:.1f}%")
 
     done: dict[_Run, RunResult] = {}

@@ -389,7 +389,8 @@ class _Tuner:
 
         _train_all(list(runs), data, self.options, jobs=self.jobs, resume=True,
                    progress=self.progress, log=lambda line: self.log(f"  {line}"),
-                   diverged_ok=True, on_result=keep)  # fmt: skip
+                   diverged_ok=True, on_result=keep,
+                   held_out="test" if phase == "final" else "val")  # fmt: skip
 
     def drive(self, phase: str, requests: Callable[[], list[Point]]) -> None:
         """Train what ``requests`` asks for until it asks for nothing."""
