@@ -1148,8 +1148,8 @@ def _plot_ladder(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    missed = False
-    for corpus in sorted({_corpus(s) for s in rows}):
+    missed, labelled = False, 0
+    for k, corpus in enumerate(sorted({_corpus(s) for s in rows})):
         xs, ys, es, misses, notes = [], [], [], [], []
         for s in rows:
             if _corpus(s) != corpus:
@@ -1171,8 +1171,10 @@ def _plot_ladder(rows: Sequence[dict[str, Any]], path: Path) -> None:
         if misses:
             missed = True
             ax.plot(misses, [0.0] * len(misses), "v", color=color, mfc="none", ms=9)
+        labelled += bool(notes)
         for x, text in notes:
-            ax.annotate(text, (x, 0.0), textcoords="offset points", xytext=(6, -14),
+            # One row of labels per corpus, so two corpora's labels at one size do not overlap.
+            ax.annotate(text, (x, 0.0), textcoords="offset points", xytext=(6, -14 - 9 * k),
                         fontsize=7, color=color)  # fmt: skip
     if missed:
         ax.plot([], [], "v", color="gray", mfc="none",
@@ -1182,6 +1184,10 @@ def _plot_ladder(rows: Sequence[dict[str, Any]], path: Path) -> None:
             label="the paper (124M, 350M: Muon-rescale; 1.1B: to AdamW's loss)")
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_xscale("log")
+    if labelled:
+        # Room under the zero line for the rows of pass labels.
+        low, high = ax.get_ylim()
+        ax.set_ylim(min(low, -0.07 * (high - low) * labelled), high)
     ax.set_xlabel("parameters")
     ax.set_ylabel("NorMuon's saving in steps vs Muon (%)")
     ax.grid(alpha=0.3, which="both")
