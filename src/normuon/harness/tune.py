@@ -1149,7 +1149,7 @@ def _plot_ladder(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     missed, labelled = False, 0
-    for k, corpus in enumerate(sorted({_corpus(s) for s in rows})):
+    for corpus in sorted({_corpus(s) for s in rows}):
         xs, ys, es, misses, notes = [], [], [], [], []
         for s in rows:
             if _corpus(s) != corpus:
@@ -1171,11 +1171,11 @@ def _plot_ladder(rows: Sequence[dict[str, Any]], path: Path) -> None:
         if misses:
             missed = True
             ax.plot(misses, [0.0] * len(misses), "v", color=color, mfc="none", ms=9)
-        labelled += bool(notes)
         for x, text in notes:
             # One row of labels per corpus, so two corpora's labels at one size do not overlap.
-            ax.annotate(text, (x, 0.0), textcoords="offset points", xytext=(6, -14 - 9 * k),
-                        fontsize=7, color=color)  # fmt: skip
+            ax.annotate(text, (x, 0.0), textcoords="offset points",
+                        xytext=(6, -14 - 9 * labelled), fontsize=7, color=color)  # fmt: skip
+        labelled += bool(notes)
     if missed:
         ax.plot([], [], "v", color="gray", mfc="none",
                 label="not reached: NorMuon ends above Muon's final loss")  # fmt: skip
