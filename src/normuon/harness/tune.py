@@ -382,7 +382,9 @@ class _Tuner:
         if not runs:
             return
         self.log(f"[{phase}] {len(runs)} trainings ({len({*runs.values()})} settings)")
-        data = self.data if phase != "final" else self.final_data
+        # Final trainings read the test half; every other phase tunes on the validation half.
+        final = phase == "final"
+        data = self.final_data if final else self.data
 
         def keep(run: _Run, result: Any) -> None:
             self.ledger.add(_record(runs[run], run.seed, phase, result))
@@ -390,7 +392,7 @@ class _Tuner:
         _train_all(list(runs), data, self.options, jobs=self.jobs, resume=True,
                    progress=self.progress, log=lambda line: self.log(f"  {line}"),
                    diverged_ok=True, on_result=keep,
-                   held_out="test" if phase == "final" else "val")  # fmt: skip
+                   held_out="test" if final else "val")  # fmt: skip
 
     def drive(self, phase: str, requests: Callable[[], list[Point]]) -> None:
         """Train what ``requests`` asks for until it asks for nothing."""
